@@ -1,3 +1,446 @@
-"""Frozen configuration dataclasses (filled in by the engine work)."""
+"""Settings as data: frozen dataclasses whose defaults are the documented defaults.
 
-__all__: list[str] = []
+CLI flags, widget values and TOML files all go through one door, ``from_mapping()``:
+
+    cfg = PredictConfig.from_mapping({"tile": "256", "overlap": 0.5, "outputs": "mask,boundary"})
+    cfg = PredictConfig.from_mapping(load_toml("run.toml", section="predict"))
+
+``from_mapping`` coerces strings (as they come from a command line or a text field) to the
+field's type, routes flat keys to nested configs (``tile`` -> ``tiling.tile``), rejects unknown
+keys and values outside a field's choices with one :class:`~napari_medseg.errors.ConfigError`
+sentence. Values in a mapping equal to ``None`` mean "not given" and keep the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+
+__all__ = [
+    "BLEND_MODES",
+    "NORMALIZATION_MODES",
+    "OUTPUT_NAMES",
+    "PRECISIONS",
+    "ConfigBase",
+    "NormalizationConfig",
+    "TilingConfig",
+    "PredictConfig",
+    "InferenceConfig",
+    "config_from_mapping",
+    "load_toml",
+]
+
+#: Ways overlapping tiles are merged: a gaussian taper, a plain average, or each pixel
+#: taken from the one tile whose centre region owns it.
+BLEND_MODES = ("gaussian", "constant", "crop")
+#: Intensity normalizations (see :mod:`napari_medseg.engine.normalization`).
+NORMALIZATION_MODES = ("percentile", "minmax", "zscore", "window", "meanstd", "none")
+#: What ``predict`` can produce.
+OUTPUT_NAMES = ("mask", "boundary", "probabilities", "instances", "variance")
+#: Compute precisions; ``auto`` follows the device policy of ``engine.precision``.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f"}
+_NONE = {"none", "auto", "null", ""}
+
+C = TypeVar("C", bound="ConfigBase")
+
+
+def _choices(*values: str) -> dict[str, Any]:
+    return {"choices": tuple(values)}
+
+
+class ConfigBase:
+    """Mixin of the config dataclasses: ``from_mapping``, ``to_dict`` and ``replace``."""
+
+    @classmethod
+    def from_mapping(cls: type[C], mapping: Mapping[str, Any] | None = None, **extra: Any) -> C:
+        """Build the config from a (possibly nested, possibly flat) mapping of settings.
+
+        Args:
+            mapping: settings by field name; strings are coerced to the field's type.
+            **extra: more settings, applied after ``mapping``.
+
+        Raises:
+            ConfigError: an unknown key or an invalid value.
+        """
+        merged = dict(mapping or {})
+        merged.update(extra)
+        return config_from_mapping(cls, merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON/TOML-friendly dict (tuples become lists, nested configs dicts)."""
+        return _plain(dataclasses.asdict(self))  # type: ignore[call-overload]
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with ``changes`` applied (coerced and validated like ``from_mapping``)."""
+        current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        current.update(changes)
+        return config_from_mapping(type(self), current)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class NormalizationConfig(ConfigBase):
+    """How image intensities are mapped before the network sees them.
+
+    Statistics are computed once over the whole image (a regular subsample for large ones),
+    never per tile, so tiles agree at their seams.
+
+    Attributes:
+        mode: ``percentile`` maps the ``low``/``high`` percentiles to 0/1; ``minmax`` maps the
+            minimum/maximum to 0/1; ``zscore`` subtracts the mean and divides by the standard
+            deviation; ``window`` maps the fixed values ``low``/``high`` to 0/1 (CT windows);
+            ``meanstd`` uses the fixed ``mean``/``std`` per channel; ``none`` casts to float.
+        low: lower percentile (``percentile``) or value (``window``).
+        high: upper percentile (``percentile``) or value (``window``).
+        per_channel: statistics per channel (True) or over all channels together.
+        clip: clip the result to [0, 1] (``percentile``, ``minmax``, ``window``).
+        mean: per-channel means for ``meanstd`` (one value broadcasts).
+        std: per-channel standard deviations for ``meanstd``.
+    """
+
+    mode: str = field(default="percentile", metadata=_choices(*NORMALIZATION_MODES))
+    low: float = 1.0
+    high: float = 99.8
+    per_channel: bool = True
+    clip: bool = False
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode == "percentile" and not 0.0 <= self.low < self.high <= 100.0:
+            raise ConfigError(
+                f"Percentiles must satisfy 0 <= low < high <= 100, not {self.low} and {self.high}."
+            )
+        if self.mode == "window" and not self.low < self.high:
+            raise ConfigError(f"A window needs low < high, not {self.low} and {self.high}.")
+        if self.mode == "meanstd":
+            if not self.mean or not self.std:
+                raise ConfigError("Normalization 'meanstd' needs both mean and std values.")
+            if any(s <= 0 for s in self.std):
+                raise ConfigError("Normalization 'meanstd' needs std values above zero.")
+
+
+@dataclass(frozen=True)
+class TilingConfig(ConfigBase):
+    """How an image is cut into tiles and the tiles merged back.
+
+    Attributes:
+        tile: tile side in pixels (one int for every spatial axis, or one per axis); None
+            uses the network's ``preferred_tile``. Rounded down to the network's divisor and
+            clamped to the image (a tile larger than the image is simply made smaller).
+        overlap: fraction of a tile shared with its neighbour, in [0, 1).
+        blend: merge of probabilities and variance (``gaussian``, ``constant`` or ``crop``).
+        boundary_blend: merge of the boundary head; ``crop`` keeps thin lines sharp.
+        sigma_scale: gaussian sigma as a fraction of the tile side (0.125, like nnU-Net and
+            MONAI).
+        min_weight: floor of the gaussian weights relative to the centre (1e-3, like MONAI),
+            so pixels seen only by tile borders still get a finite average.
+        padding: how an image smaller than a tile is padded (``reflect``, ``edge``,
+            ``constant``).
+    """
+
+    tile: int | tuple[int, ...] | None = None
+    overlap: float = 0.25
+    blend: str = field(default="gaussian", metadata=_choices(*BLEND_MODES))
+    boundary_blend: str = field(default="crop", metadata=_choices(*BLEND_MODES))
+    sigma_scale: float = 0.125
+    min_weight: float = 1e-3
+    padding: str = field(default="reflect", metadata=_choices("reflect", "edge", "constant"))
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfigError(f"Overlap must be a fraction in [0, 1), not {self.overlap}.")
+        tiles = (self.tile,) if isinstance(self.tile, int) else (self.tile or ())
+        if any(int(t) < 1 for t in tiles):
+            raise ConfigError(f"Tile sides must be positive, not {self.tile}.")
+        if not self.sigma_scale > 0:
+            raise ConfigError(f"sigma_scale must be positive, not {self.sigma_scale}.")
+        if not 0.0 < self.min_weight <= 1.0:
+            raise ConfigError(f"min_weight must be in (0, 1], not {self.min_weight}.")
+
+
+@dataclass(frozen=True)
+class PredictConfig(ConfigBase):
+    """Everything ``engine.inference.predict`` needs besides the image and the network.
+
+    Attributes:
+        tiling: tile size, overlap and blending.
+        normalization: intensity normalization; None (or ``"auto"`` in a mapping) uses the
+            checkpoint's (model card's) normalization, else percentile 1-99.8 per channel. A
+            mode name (``"percentile"``, ``"none"``...) stands for that mode's defaults.
+        device: ``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
+        precision: ``auto`` (bf16 where the CPU/GPU runs it natively, fp16 on older CUDA, fp32
+            elsewhere), or a fixed ``fp32``/``bf16``/``fp16``.
+        batch_size: tiles per forward pass; None picks 2 on CPU and fits the free memory on a
+            GPU (from the one-batch probe).
+        channels_last: channels-last memory format; None uses it on CPU and CUDA.
+        axes: the image's axes, letters from ``TICZYX`` as in ``io.ImageMeta`` (``YX``,
+            ``YXC``, ``CYX``, ``ZYX``, ``CZYX``, ``TYX``...); None takes them from the reader's
+            metadata or guesses (with a notice). ``T`` and ``I`` axes are iterated over.
+        axis: the axis a 2D network slices a volume along (``Z``, ``Y`` or ``X``).
+        volume_mode: ``slices`` (along ``axis``) or ``orthogonal`` (YX, ZX and ZY passes
+            averaged, 3x the cost; reports the agreement of the planes).
+        channels: ``auto`` converts grey <-> RGB when the network needs it (with a notice);
+            ``grey``/``rgb`` force the conversion first.
+        tta: flip test-time augmentation (4 passes in 2D, 8 for 3D networks); also gives the
+            ``variance`` output.
+        outputs: any of ``mask``, ``boundary``, ``probabilities``, ``instances``, ``variance``.
+        probabilities_dtype: ``float16``, or ``uint8`` scaled to 0..255.
+        threshold: foreground threshold on the probability of a one-class (sigmoid) network.
+        boundary_threshold: threshold on the boundary head's probability.
+        instance_min_size: smallest instance seed kept, in pixels.
+        store: a zarr folder the outputs are streamed into (and resumed from); None keeps
+            the outputs in memory.
+        resume: continue a run the store holds (finished slices are skipped).
+        overwrite: replace a store that holds a different run instead of stopping.
+        oom_fallback: on GPU out-of-memory, retry with a smaller batch and tile, then the CPU.
+    """
+
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    normalization: NormalizationConfig | None = None
+    device: str = "auto"
+    precision: str = field(default="auto", metadata=_choices(*PRECISIONS))
+    batch_size: int | None = None
+    channels_last: bool | None = None
+    axes: str | None = None
+    axis: str = field(default="Z", metadata=_choices("Z", "Y", "X"))
+    volume_mode: str = field(default="slices", metadata=_choices("slices", "orthogonal"))
+    channels: str = field(default="auto", metadata=_choices("auto", "grey", "rgb"))
+    tta: bool = False
+    outputs: tuple[str, ...] = ("mask",)
+    probabilities_dtype: str = field(default="float16", metadata=_choices("float16", "uint8"))
+    threshold: float = 0.5
+    boundary_threshold: float = 0.5
+    instance_min_size: int = 8
+    store: str | None = None
+    resume: bool = True
+    overwrite: bool = False
+    oom_fallback: bool = True
+
+    def __post_init__(self) -> None:
+        bad = [o for o in self.outputs if o not in OUTPUT_NAMES]
+        if bad:
+            raise ConfigError(
+                f"Unknown output {bad[0]!r}; choose from: {', '.join(OUTPUT_NAMES)}."
+            )
+        if not self.outputs:
+            raise ConfigError(f"Ask for at least one output: {', '.join(OUTPUT_NAMES)}.")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, not {self.batch_size}.")
+        for name in ("threshold", "boundary_threshold"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise ConfigError(f"{name} must be between 0 and 1, not {value}.")
+        if self.axes is not None:
+            axes = self.axes.upper()
+            if len(set(axes)) != len(axes) or set(axes) - set("TICZYX") or not {"Y", "X"} <= set(axes):
+                raise ConfigError(
+                    f"Axes {self.axes!r} are not valid; use distinct letters from T, I, C, Z, "
+                    "Y, X (Y and X required), e.g. 'YX', 'YXC' or 'ZYX'."
+                )
+            object.__setattr__(self, "axes", axes)
+
+
+#: The name the issue uses for the same settings.
+InferenceConfig = PredictConfig
+
+
+# --- from_mapping machinery ---------------------------------------------------------------
+
+
+def _is_config(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp) and issubclass(tp, ConfigBase)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Turn ``value`` into something of type ``hint`` or raise a ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        members = typing.get_args(hint)
+        if NormalizationConfig in members and isinstance(value, str) and (
+                value.strip().lower() in NORMALIZATION_MODES):
+            # "none" is a normalization mode here, not "not given".
+            return NormalizationConfig.from_mapping({"mode": value.strip().lower()})
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
+            if type(None) in members:
+                return None
+        errors: list[ConfigError] = []
+        # Try the most specific member first: a string "256,320" is a tuple, "256" an int.
+        ordered = sorted(
+            (m for m in members if m is not type(None)),
+            key=lambda m: 0 if (isinstance(value, str) and "," in value) == (
+                typing.get_origin(m) is tuple) else 1,
+        )
+        for member in ordered:
+            try:
+                return _coerce(value, member, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if _is_config(hint):
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, str) and hint is NormalizationConfig:
+            return NormalizationConfig.from_mapping({"mode": value.strip().lower()})
+        if isinstance(value, Mapping):
+            return hint.from_mapping(value)
+        raise ConfigError(f"{where} must be a table of settings, not {value!r}.")
+    if origin is tuple:
+        args = typing.get_args(hint)
+        items = value
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            items = [value]
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, not {value!r}.")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in items)
+        if len(items) != len(args):
+            raise ConfigError(f"{where} needs {len(args)} values, not {len(items)}.")
+        return tuple(_coerce(v, a, where) for v, a in zip(items, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{where} must be true or false, not {value!r}.")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a whole number, not {value!r}.")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be a whole number, not {value!r}.")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, not {value!r}.")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be a number, not {value!r}.")
+    if hint is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise ConfigError(f"{where} must be text, not {value!r}.")
+    return value
+
+
+def config_from_mapping(cls: type[C], mapping: Mapping[str, Any]) -> C:
+    """Build the frozen dataclass ``cls`` from a mapping; see the module docstring.
+
+    Keys that are not fields of ``cls`` but are fields of one of its nested configs are
+    routed there (``tile`` -> ``tiling.tile``). Dashes in keys are read as underscores.
+
+    Raises:
+        ConfigError: an unknown key, a value of the wrong type, or a value outside the
+            field's choices.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    nested = {name: hints[name] for name in fields if _is_config(hints[name])}
+    own: dict[str, Any] = {}
+    routed: dict[str, dict[str, Any]] = {name: {} for name in nested}
+    for raw_key, value in mapping.items():
+        key = str(raw_key).replace("-", "_")
+        if value is None and key not in fields:
+            continue
+        if key in fields:
+            own[key] = value
+            continue
+        target = next(
+            (n for n, tp in nested.items() if key in {f.name for f in dataclasses.fields(tp)}),
+            None,
+        )
+        if target is None:
+            valid = sorted(set(fields) | {
+                f.name for tp in nested.values() for f in dataclasses.fields(tp)})
+            raise ConfigError(
+                f"Unknown setting {raw_key!r} for {cls.__name__}; valid settings: "
+                f"{', '.join(valid)}."
+            )
+        routed[target][key] = value
+    kwargs: dict[str, Any] = {}
+    for name, value in own.items():
+        if value is None and name in nested:
+            continue
+        where = f"{cls.__name__}.{name}"
+        coerced = _coerce(value, hints[name], where) if value is not None else None
+        if value is None and type(None) not in typing.get_args(hints[name]):
+            continue  # None means "not given": keep the default
+        choices = fields[name].metadata.get("choices")
+        if choices and coerced is not None:
+            if isinstance(coerced, str):
+                # Accept any letter case; the choices are stored in their canonical case.
+                match = {c.lower(): c for c in choices}.get(coerced.strip().lower())
+                if match is None:
+                    raise ConfigError(
+                        f"{where} must be one of {', '.join(choices)}, not {value!r}."
+                    )
+                coerced = match
+        kwargs[name] = coerced
+    for name, sub in routed.items():
+        if not sub:
+            continue
+        base = kwargs.get(name)
+        if base is None:
+            base = fields[name].default_factory() if fields[name].default_factory is not \
+                dataclasses.MISSING else nested[name]()  # type: ignore[misc]
+        kwargs[name] = base.replace(**sub)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - a programming error, not a user's
+        raise ConfigError(f"Invalid settings for {cls.__name__}: {exc}.") from None
+
+
+def load_toml(path: str | Path, section: str | None = None) -> dict[str, Any]:
+    """Read a TOML file (optionally one ``[section]`` of it) into a plain dict.
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or lacks the section.
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"The settings file {path} does not exist.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"The settings file {path} is not valid TOML ({exc}).") from None
+    if section is None:
+        return data
+    if section not in data:
+        raise ConfigError(f"The settings file {path} has no [{section}] table.")
+    return dict(data[section])

@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "InputShapeError",
     "CancelledError",
+    "ConfigError",
 ]
 
 
@@ -56,3 +57,7 @@ class InputShapeError(MedsegError, ValueError):
 
 class CancelledError(MedsegError):
     """A long operation was cancelled by the user."""
+
+
+class ConfigError(MedsegError, ValueError):
+    """A setting (CLI flag, widget value, TOML key) is unknown or has an invalid value."""

@@ -1,0 +1,127 @@
+"""Batched, geometry-consistent augmentation of training patches (torch, on the training device).
+
+Image and targets get the same geometric transform: flips, rot90 (square patches), a random
+scale (zoom about the centre), and an optional smooth elastic deformation. Intensity changes
+(gain, offset, gamma, noise) touch the image only. Masks are resampled with nearest neighbour.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["AugmentConfig", "augment_batch"]
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Which augmentations run, and how strong.
+
+    Attributes:
+        flips: random horizontal and vertical flips.
+        rot90: random multiples of 90 degrees (square patches only).
+        scale: (low, high) zoom factors; (1, 1) disables.
+        intensity: random gain, offset and gamma on the image.
+        noise_std: std of additive Gaussian noise (in normalised units); 0 disables.
+        elastic: smooth elastic deformation strength in pixels; 0 disables.
+    """
+
+    flips: bool = True
+    rot90: bool = True
+    scale: tuple[float, float] = (0.8, 1.25)
+    intensity: bool = True
+    noise_std: float = 0.03
+    elastic: float = 0.0
+
+
+def _grid(size: tuple[int, int], scales: Tensor, coarse: Tensor | None, elastic: float) -> Tensor:
+    """Sampling grid N x H x W x 2 for a zoom by ``scales`` plus an optional elastic field."""
+    h, w = size
+    n = scales.shape[0]
+    theta = torch.zeros(n, 2, 3, device=scales.device)
+    theta[:, 0, 0] = 1.0 / scales
+    theta[:, 1, 1] = 1.0 / scales
+    grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
+    if coarse is not None:
+        field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
+        norm = torch.tensor([w, h], device=scales.device, dtype=field.dtype)
+        grid = grid + field.permute(0, 2, 3, 1) * (2.0 * elastic / norm)
+    return grid
+
+
+def augment_batch(
+    image: Tensor,
+    targets: dict[str, Tensor],
+    config: AugmentConfig,
+    generator: torch.Generator,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Augment a batch in place of a copy.
+
+    Args:
+        image: N x C x H x W float.
+        targets: maps of shape N x H' x W' (H' = s * H for super-resolution targets) or
+            N x C x H' x W' (``"image_hr"``); integer maps are resampled with nearest neighbour.
+        config: what to apply.
+        generator: the CPU random generator (seeded by the caller).
+
+    Returns:
+        the augmented image and targets (new tensors).
+    """
+    n = image.shape[0]
+    out_t = dict(targets)
+
+    def geo(fn):
+        nonlocal image
+        image = fn(image)
+        for key, value in out_t.items():
+            out_t[key] = fn(value[:, None])[:, 0] if value.dim() == 3 else fn(value)
+
+    if config.flips:
+        for dim in (-1, -2):
+            flip = torch.rand(n, generator=generator) < 0.5
+            if flip.any():
+                idx = flip.nonzero().flatten().to(image.device)
+
+                def do_flip(t, idx=idx, dim=dim):
+                    t = t.clone()
+                    t[idx] = t[idx].flip(dim)
+                    return t
+
+                geo(do_flip)
+    if config.rot90 and image.shape[-1] == image.shape[-2]:
+        k = int(torch.randint(0, 4, (1,), generator=generator))
+        if k:
+            geo(lambda t: torch.rot90(t, k, dims=(-2, -1)))
+    lo, hi = config.scale
+    if hi > lo or config.elastic > 0:
+        log_s = torch.empty(n).uniform_(math.log(lo), math.log(hi), generator=generator)
+        scales = torch.exp(log_s).to(image.device)
+        coarse = None
+        if config.elastic > 0:
+            coarse = torch.randn(n, 2, 5, 5, generator=generator).to(image.device)
+
+        def warp(t: Tensor, mode: str) -> Tensor:
+            grid = _grid(tuple(t.shape[-2:]), scales, coarse, config.elastic)
+            return F.grid_sample(t, grid, mode=mode, padding_mode="reflection",
+                                 align_corners=False)
+
+        image = warp(image.float(), "bilinear")
+        for key, value in out_t.items():
+            if value.dim() == 3:
+                out_t[key] = warp(value[:, None].float(), "nearest")[:, 0].to(value.dtype)
+            else:
+                out_t[key] = warp(value.float(), "bilinear")
+    if config.intensity:
+        gain = torch.empty(n, 1, 1, 1).uniform_(0.8, 1.2, generator=generator).to(image.device)
+        offset = torch.empty(n, 1, 1, 1).uniform_(-0.1, 0.1, generator=generator).to(image.device)
+        image = image * gain + offset
+        if "image_hr" in out_t:
+            out_t["image_hr"] = out_t["image_hr"] * gain + offset
+    if config.noise_std > 0:
+        noise = torch.randn(image.shape, generator=generator).to(image.device)
+        image = image + config.noise_std * noise
+    return image, out_t

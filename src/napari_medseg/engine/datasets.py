@@ -1,0 +1,260 @@
+"""Training data: image/mask pairs from folders, split by image, sampled as patches.
+
+A *sample* is one 2D plane: an image ``C x H x W`` (float32, already normalised) with its class
+mask ``H x W`` (int64) and, for instance data, a boundary map between touching objects. A 3D
+stack contributes one sample per slice; its slices form contiguous *groups*, so a validation
+split never shares a slice (or a neighbouring block of slices) with training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ImageReadError, InputShapeError
+from .boundaries import boundary_from_labels
+
+__all__ = [
+    "Sample",
+    "find_pairs",
+    "to_channels_first",
+    "load_samples",
+    "split_samples",
+    "PatchSampler",
+    "data_hash",
+]
+
+
+@dataclass
+class Sample:
+    """One 2D training plane.
+
+    Attributes:
+        image: C x H x W float32, normalised.
+        mask: H x W int64 class indices.
+        boundary: H x W uint8 boundary between instances (None for non-instance data).
+        name: file stem, with ``@z`` for a slice of a stack.
+        group: split unit (a file, or a block of neighbouring slices).
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    boundary: np.ndarray | None
+    name: str
+    group: str
+
+
+def find_pairs(images: str | Path, masks: str | Path, pattern: str = "*") -> list[tuple[Path, Path]]:
+    """Image and mask files matched by file stem (``a.tif`` <-> ``a.tif`` or ``a_mask.tif``).
+
+    Raises:
+        ImageReadError: a folder is missing or no pair matched.
+    """
+    from ..io import is_supported
+
+    images, masks = Path(images), Path(masks)
+    for folder in (images, masks):
+        if not folder.is_dir():
+            raise ImageReadError(f"{folder} is not a folder.")
+    by_stem: dict[str, Path] = {}
+    for m in sorted(masks.glob(pattern)):
+        if m.is_file() and is_supported(m):
+            by_stem[_stem(m)] = m
+            if _stem(m).endswith("_mask"):
+                by_stem[_stem(m)[: -len("_mask")]] = m
+    pairs = [
+        (p, by_stem[_stem(p)])
+        for p in sorted(images.glob(pattern))
+        if p.is_file() and is_supported(p) and _stem(p) in by_stem
+    ]
+    if not pairs:
+        raise ImageReadError(
+            f"No image in {images} has a mask of the same name in {masks}."
+        )
+    return pairs
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".ome.tiff", ".ome.tif", ".ome.zarr"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def to_channels_first(array: np.ndarray, axes: str) -> tuple[np.ndarray, str]:
+    """Reorder an image to ``C`` + spatial axes (``CYX`` or ``CZYX``), adding C if missing.
+
+    Args:
+        array: the image as read.
+        axes: its axes string (``"YX"``, ``"YXC"``, ``"ZYX"``, ``"CZYX"`` ...).
+    """
+    axes = axes.upper()
+    extra = [a for a in axes if a not in "CZYX"]
+    for a in extra:  # T or I of length 1 only
+        if array.shape[axes.index(a)] != 1:
+            raise InputShapeError(
+                f"An image with a {a} axis of length {array.shape[axes.index(a)]} cannot be "
+                "used as training data; split it into single images first."
+            )
+        array = np.take(array, 0, axis=axes.index(a))
+        axes = axes.replace(a, "")
+    if "C" not in axes:
+        array, axes = array[None], "C" + axes
+    spatial = [a for a in "ZYX" if a in axes]
+    order = [axes.index("C")] + [axes.index(a) for a in spatial]
+    return np.transpose(array, order), "C" + "".join(spatial)
+
+
+def _match_channels(image: np.ndarray, in_channels: int, name: str) -> np.ndarray:
+    c = image.shape[0]
+    if c == in_channels:
+        return image
+    if in_channels == 1 and c in (3, 4):
+        return image[:3].mean(axis=0, keepdims=True)
+    if in_channels == 3 and c == 1:
+        return np.repeat(image, 3, axis=0)
+    if in_channels == 3 and c == 4:
+        return image[:3]
+    raise InputShapeError(f"{name} has {c} channels but the network takes {in_channels}.")
+
+
+def load_samples(
+    pairs: Iterable[tuple[Path, Path]],
+    in_channels: int,
+    normalize: Callable[[np.ndarray], np.ndarray],
+    instances: bool | None = None,
+    block: int = 4,
+) -> list[Sample]:
+    """Read image/mask pairs into 2D samples.
+
+    Args:
+        pairs: (image, mask) paths.
+        in_channels: channels the network takes (RGB <-> grey converted as needed).
+        normalize: maps a C x ... image to normalised float32 (the model card's normalisation).
+        instances: treat masks as instance labels (foreground + boundary targets); None decides
+            per file: more than one non-zero label means instances.
+        block: slices of a stack per split group.
+    """
+    from ..io import read_image
+
+    samples: list[Sample] = []
+    for img_path, mask_path in pairs:
+        image, meta = read_image(img_path)
+        mask, mmeta = read_image(mask_path)
+        image, axes = to_channels_first(np.asarray(image), meta.axes)
+        mask = np.asarray(mask)
+        if mask.ndim == image.ndim:  # a mask stored with a channel axis
+            mask = mask[..., 0] if mmeta.axes.endswith("C") else mask[0]
+        if mask.shape != image.shape[1:]:
+            raise InputShapeError(
+                f"{mask_path.name} has shape {mask.shape} but its image {img_path.name} has "
+                f"{image.shape[1:]}."
+            )
+        image = _match_channels(normalize(image.astype(np.float32)), in_channels, img_path.name)
+        is_instance = instances if instances is not None else int(mask.max()) > 1
+        planes = [(image, mask, "")] if image.ndim == 3 else [
+            (image[:, z], mask[z], f"@{z}") for z in range(image.shape[1])
+        ]
+        for i, (img2d, m2d, suffix) in enumerate(planes):
+            boundary = boundary_from_labels(m2d) if is_instance else None
+            cls = (m2d > 0).astype(np.int64) if is_instance else m2d.astype(np.int64)
+            group = _stem(img_path) + (f"#{i // block}" if suffix else "")
+            samples.append(Sample(np.ascontiguousarray(img2d, np.float32), cls, boundary,
+                                  _stem(img_path) + suffix, group))
+    return samples
+
+
+def split_samples(
+    samples: Sequence[Sample], val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Split by group (never a group on both sides); at least one group on each side."""
+    groups = sorted({s.group for s in samples})
+    if len(groups) < 2 or val_fraction <= 0:
+        return list(samples), []
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(groups))
+    n_val = min(len(groups) - 1, max(1, round(val_fraction * len(groups))))
+    val_groups = {groups[i] for i in order[:n_val]}
+    return ([s for s in samples if s.group not in val_groups],
+            [s for s in samples if s.group in val_groups])
+
+
+class PatchSampler:
+    """Random patches with foreground balance, padded (reflect) when an image is smaller.
+
+    Args:
+        samples: training samples.
+        patch: patch side (input resolution x ``scale`` = the target's side).
+        fg_fraction: probability that a patch is centred on a foreground pixel.
+        seed: random seed.
+    """
+
+    def __init__(self, samples: Sequence[Sample], patch: int, fg_fraction: float = 0.5,
+                 seed: int = 0):
+        if not samples:
+            raise InputShapeError("There are no training samples.")
+        self.samples = list(samples)
+        self.patch = int(patch)
+        self.fg_fraction = fg_fraction
+        self.rng = np.random.default_rng(seed)
+        self._fg = [np.argwhere(s.mask > 0) for s in self.samples]
+
+    def _pad(self, s: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        h, w = s.mask.shape
+        ph, pw = max(0, self.patch - h), max(0, self.patch - w)
+        if not ph and not pw:
+            return s.image, s.mask, s.boundary
+        pads = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+        img = np.pad(s.image, ((0, 0), *pads), mode="reflect" if min(h, w) > 1 else "edge")
+        mask = np.pad(s.mask, pads, mode="constant")
+        bnd = None if s.boundary is None else np.pad(s.boundary, pads, mode="constant")
+        return img, mask, bnd
+
+    def draw(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+        """``n`` patches: images N x C x P x P, masks N x P x P, boundaries (or None), valid.
+
+        ``valid`` (N x P x P float32) is 0 on padding, so losses ignore it.
+        """
+        imgs, masks, bnds, valids = [], [], [], []
+        any_boundary = any(s.boundary is not None for s in self.samples)
+        for _ in range(n):
+            i = int(self.rng.integers(len(self.samples)))
+            s = self.samples[i]
+            img, mask, bnd = self._pad(s)
+            h, w = mask.shape
+            oy = (self.patch - s.mask.shape[0]) // 2 if s.mask.shape[0] < self.patch else 0
+            ox = (self.patch - s.mask.shape[1]) // 2 if s.mask.shape[1] < self.patch else 0
+            valid = np.zeros((h, w), np.float32)
+            valid[max(oy, 0): max(oy, 0) + s.mask.shape[0], max(ox, 0): max(ox, 0) + s.mask.shape[1]] = 1
+            fg = self._fg[i]
+            if len(fg) and self.rng.random() < self.fg_fraction:
+                cy, cx = fg[int(self.rng.integers(len(fg)))] + (max(oy, 0), max(ox, 0))
+                y0 = int(np.clip(cy - self.patch // 2, 0, h - self.patch))
+                x0 = int(np.clip(cx - self.patch // 2, 0, w - self.patch))
+            else:
+                y0 = int(self.rng.integers(0, h - self.patch + 1))
+                x0 = int(self.rng.integers(0, w - self.patch + 1))
+            sl = (slice(y0, y0 + self.patch), slice(x0, x0 + self.patch))
+            imgs.append(img[(slice(None), *sl)])
+            masks.append(mask[sl])
+            valids.append(valid[sl])
+            if any_boundary:
+                bnds.append(bnd[sl] if bnd is not None else np.zeros_like(mask[sl], np.uint8))
+        return (np.stack(imgs), np.stack(masks), np.stack(bnds) if any_boundary else None,
+                np.stack(valids))
+
+
+def data_hash(pairs: Iterable[tuple[Path, Path]]) -> str:
+    """A short sha256 over the training files' names and bytes (checkpoint lineage)."""
+    h = hashlib.sha256()
+    for img, mask in pairs:
+        for p in (img, mask):
+            h.update(p.name.encode())
+            if p.is_file():
+                h.update(p.read_bytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,203 @@
+"""Intensity normalization: statistics fitted once per image, applied tile by tile.
+
+The statistics (percentiles, min/max, mean/std) are computed over the whole image, from a
+regular subsample when it is large (at most ``max_samples`` values per channel, taken from
+evenly spaced slices), never per tile, so neighbouring tiles see the same mapping and no seam
+appears. :func:`fit_normalization` returns a :class:`NormalizationStats` (a per-channel
+``offset`` and ``scale``: ``y = (x - offset) / scale``), which :meth:`NormalizationStats.apply`
+applies to any block of the image. Training uses :func:`normalize` on whole images.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import NormalizationConfig
+from ..errors import InputShapeError
+
+__all__ = [
+    "DEFAULT_NORMALIZATION",
+    "NormalizationStats",
+    "sample_values",
+    "fit_normalization",
+    "normalize",
+]
+
+#: Percentile 1-99.8 per channel: the default when neither the user nor the model card says.
+DEFAULT_NORMALIZATION = NormalizationConfig()
+
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class NormalizationStats:
+    """A fitted normalization: ``y = (x - offset) / scale`` per channel, optionally clipped.
+
+    Attributes:
+        offset: one value per channel.
+        scale: one value per channel (> 0).
+        clip: clip the result to [0, 1].
+    """
+
+    offset: tuple[float, ...]
+    scale: tuple[float, ...]
+    clip: bool = False
+
+    def apply(self, block: np.ndarray, channel_axis: int = 0) -> np.ndarray:
+        """Normalize a block (float32 out).
+
+        Args:
+            block: C x ... with the channel axis at ``channel_axis``.
+            channel_axis: where the channels are.
+        """
+        x = np.asarray(block, dtype=np.float32)
+        shape = [1] * x.ndim
+        shape[channel_axis] = len(self.offset)
+        offset = np.asarray(self.offset, np.float32).reshape(shape)
+        scale = np.asarray(self.scale, np.float32).reshape(shape)
+        y = (x - offset) / scale
+        if self.clip:
+            np.clip(y, 0.0, 1.0, out=y)
+        return y
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form (stored in a resumable zarr store)."""
+        return {"offset": list(self.offset), "scale": list(self.scale), "clip": self.clip}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> NormalizationStats:
+        """Inverse of :meth:`to_dict`."""
+        return cls(tuple(data["offset"]), tuple(data["scale"]), bool(data.get("clip", False)))
+
+
+def sample_values(
+    image, channel_axis: int | None, max_samples: int = 2_000_000
+) -> np.ndarray:
+    """A regular subsample of an image, one row of values per channel (float64).
+
+    Reads at most about ``max_samples`` values per channel: evenly spaced positions along the
+    slowest non-channel axis, then a pixel stride along the others. Works on numpy, zarr and
+    dask arrays without loading them whole.
+
+    Args:
+        image: array-like.
+        channel_axis: index of the channel axis, or None.
+
+    Returns:
+        C x M array of samples.
+    """
+    shape = tuple(int(s) for s in image.shape)
+    axes = [a for a in range(len(shape)) if a != channel_axis]
+    n = math.prod(shape[a] for a in axes)
+    c_axis = channel_axis
+    if n <= max_samples:
+        data = np.asarray(image[...])
+    elif len(axes) >= 3:
+        # A volume: up to 32 evenly spaced slices along the slowest axis, strided inside.
+        first = axes[0]
+        chosen = np.unique(np.linspace(0, shape[first] - 1, min(32, shape[first])).round())
+        rest = math.prod(shape[a] for a in axes[1:])
+        stride = max(1, math.ceil((rest * len(chosen) / max_samples) ** (1 / (len(axes) - 1))))
+        blocks = []
+        for i in chosen.astype(int):
+            sl: list[slice | int] = [slice(None)] * len(shape)
+            sl[first] = int(i)
+            for a in axes[1:]:
+                sl[a] = slice(0, None, stride)
+            blocks.append(np.asarray(image[tuple(sl)]))
+        data = np.stack(blocks, axis=0)
+        if channel_axis is not None:
+            c_axis = channel_axis + (0 if channel_axis > first else 1)
+    else:
+        # A plane: one strided read.
+        stride = max(1, math.ceil((n / max_samples) ** (1 / len(axes))))
+        sl = [slice(None)] * len(shape)
+        for a in axes:
+            sl[a] = slice(0, None, stride)
+        data = np.asarray(image[tuple(sl)])
+    if c_axis is None:
+        return data.reshape(1, -1).astype(np.float64)
+    data = np.moveaxis(data, c_axis, 0)
+    return data.reshape(data.shape[0], -1).astype(np.float64)
+
+
+def fit_normalization(
+    samples: np.ndarray, config: NormalizationConfig | None = None
+) -> NormalizationStats:
+    """Fit a normalization to samples of an image.
+
+    Args:
+        samples: C x M values (see :func:`sample_values`).
+        config: the normalization to fit; None is percentile 1-99.8 per channel.
+
+    Raises:
+        InputShapeError: the samples hold NaN or infinite values.
+    """
+    config = config or DEFAULT_NORMALIZATION
+    samples = np.asarray(samples, dtype=np.float64)
+    if samples.ndim == 1:
+        samples = samples[None]
+    if not np.isfinite(samples).all():
+        raise InputShapeError(
+            "The image contains NaN or infinite pixels; replace them (e.g. with 0) first."
+        )
+    channels = samples.shape[0]
+    groups = [samples[c] for c in range(channels)] if config.per_channel else [samples.ravel()]
+    offsets: list[float] = []
+    scales: list[float] = []
+    clip = bool(config.clip)
+    mode = config.mode
+    for values in groups:
+        if mode == "percentile":
+            lo, hi = np.percentile(values, [config.low, config.high])
+        elif mode == "minmax":
+            lo, hi = float(values.min()), float(values.max())
+        elif mode == "window":
+            lo, hi = config.low, config.high
+        elif mode == "zscore":
+            lo, hi = float(values.mean()), float(values.mean() + values.std())
+        elif mode == "none":
+            lo, hi = 0.0, 1.0
+        elif mode == "meanstd":
+            lo, hi = 0.0, 1.0  # replaced below
+        else:  # pragma: no cover - config validates the mode
+            raise ValueError(f"unknown normalization {mode!r}")
+        offsets.append(float(lo))
+        scales.append(max(float(hi) - float(lo), _EPS))
+    if not config.per_channel:
+        offsets *= channels
+        scales *= channels
+    if mode == "meanstd":
+        mean = list(config.mean) * (channels if len(config.mean) == 1 else 1)
+        std = list(config.std) * (channels if len(config.std) == 1 else 1)
+        if len(mean) != channels or len(std) != channels:
+            raise InputShapeError(
+                f"The normalization gives {len(config.mean)} mean values for an image with "
+                f"{channels} channels."
+            )
+        offsets, scales = [float(m) for m in mean], [float(s) for s in std]
+    if mode in ("zscore", "meanstd", "none"):
+        clip = False
+    return NormalizationStats(tuple(offsets), tuple(scales), clip)
+
+
+def normalize(
+    image: np.ndarray,
+    config: NormalizationConfig | None = None,
+    channel_axis: int | None = None,
+) -> np.ndarray:
+    """Normalize a whole image in memory (float32), as the network saw it in training.
+
+    Args:
+        image: any axes; ``channel_axis`` names the channel axis (None: one channel).
+        config: the normalization; None is percentile 1-99.8 per channel.
+        channel_axis: index of the channel axis, or None.
+    """
+    image = np.asarray(image)
+    stats = fit_normalization(sample_values(image, channel_axis), config)
+    if channel_axis is None:
+        return stats.apply(image[None], 0)[0]
+    return stats.apply(image, channel_axis)

@@ -1,0 +1,147 @@
+"""From merged probabilities to the outputs users keep: masks, boundaries, instances, scores.
+
+Per-pixel steps (:func:`mask_from_probabilities`, :func:`quantize_probabilities`,
+:func:`boundary_from_probability`) run on each band of rows as the stitcher finishes it;
+steps that need a whole plane or volume (:func:`derive_boundary`, :func:`instances`,
+:func:`z_consistency`) run once it is written.
+
+Probabilities have the class axis first: ``K x (spatial)``; with K == 1 it holds the
+foreground probability of a sigmoid network.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from .boundaries import boundary_from_labels, instances_from_mask
+
+__all__ = [
+    "mask_dtype",
+    "mask_from_probabilities",
+    "quantize_probabilities",
+    "dequantize_probabilities",
+    "boundary_from_probability",
+    "derive_boundary",
+    "instances",
+    "z_consistency",
+    "dice",
+]
+
+
+def mask_dtype(num_classes: int) -> np.dtype:
+    """The label dtype for K classes (uint8 up to 255 classes, else uint16)."""
+    return np.dtype(np.uint8 if num_classes <= 255 else np.uint16)
+
+
+def mask_from_probabilities(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Class labels from probabilities.
+
+    Args:
+        probs: K x (spatial). K == 1: foreground probability (label 1 above ``threshold``);
+            K > 1: class probabilities (label = argmax, 0 = background).
+        threshold: foreground threshold for K == 1.
+    """
+    probs = np.asarray(probs)
+    if probs.shape[0] == 1:
+        return (probs[0] > threshold).astype(np.uint8)
+    return probs.argmax(axis=0).astype(mask_dtype(probs.shape[0]))
+
+
+def quantize_probabilities(probs: np.ndarray, dtype: str = "float16") -> np.ndarray:
+    """Store probabilities compactly: ``float16``, or ``uint8`` scaled to 0..255 (rounded)."""
+    probs = np.asarray(probs, dtype=np.float32)
+    if dtype == "float16":
+        return probs.astype(np.float16)
+    if dtype == "uint8":
+        return np.clip(np.rint(probs * 255.0), 0, 255).astype(np.uint8)
+    raise ValueError(f"unknown probability dtype {dtype!r}")
+
+
+def dequantize_probabilities(stored: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`quantize_probabilities` (float32; uint8 loses < 0.002)."""
+    stored = np.asarray(stored)
+    if stored.dtype == np.uint8:
+        return stored.astype(np.float32) / 255.0
+    return stored.astype(np.float32)
+
+
+def boundary_from_probability(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """A binary boundary map (uint8, 1 = boundary) from a boundary head's probability."""
+    return (np.asarray(prob) > threshold).astype(np.uint8)
+
+
+def derive_boundary(labels: np.ndarray) -> np.ndarray:
+    """A boundary map for a network without a boundary head, from its mask or instances.
+
+    Uses :func:`~napari_medseg.engine.boundaries.boundary_from_labels` (a two-pixel band on
+    each contour; touching instances get a line between them; the image edge is not one).
+    """
+    return boundary_from_labels(labels)
+
+
+def instances(
+    mask: np.ndarray, boundary: np.ndarray | None = None, min_size: int = 8
+) -> np.ndarray:
+    """Instance labels: watershed seeded by the mask minus the boundary.
+
+    Args:
+        mask: class labels or a binary mask (> 0 is foreground), YX or ZYX.
+        boundary: boundary probability or binary map of the same shape (> 0.5 is boundary);
+            None when the network has no boundary head (seeds are the connected components).
+        min_size: smallest seed kept, in pixels.
+
+    Returns:
+        int32 labels, 0 = background.
+    """
+    with warnings.catch_warnings():
+        # scikit-image 0.26 deprecates remove_small_objects(min_size=...) and warns on a
+        # single seed; neither changes the result.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message="Only one label was provided")
+        return instances_from_mask(mask, boundary, min_size=min_size)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Dice overlap of two binary maps; None when both are empty."""
+    a = np.asarray(a) > 0
+    b = np.asarray(b) > 0
+    total = int(a.sum()) + int(b.sum())
+    if total == 0:
+        return None
+    return 2.0 * int((a & b).sum()) / total
+
+
+def z_consistency(mask, axis: int = 0) -> float | None:
+    """How much consecutive slices of a slice-wise prediction agree.
+
+    The mean Dice of the foreground of each slice with the next along ``axis`` (pairs where
+    both are empty are skipped). 1.0 means every slice continues the last; sudden changes
+    between slices lower it. Reads one slice at a time (works on zarr arrays).
+
+    Args:
+        mask: labels (> 0 foreground) with the slicing axis at ``axis``.
+        axis: the axis the 2D network sliced along.
+
+    Returns:
+        The score in [0, 1], or None for fewer than two slices or an empty prediction.
+    """
+    n = mask.shape[axis]
+    if n < 2:
+        return None
+
+    def take(i: int) -> np.ndarray:
+        key = [slice(None)] * len(mask.shape)
+        key[axis] = i
+        return np.asarray(mask[tuple(key)]) > 0
+
+    scores = []
+    prev = take(0)
+    for i in range(1, n):
+        cur = take(i)
+        d = dice(prev, cur)
+        if d is not None:
+            scores.append(d)
+        prev = cur
+    return float(np.mean(scores)) if scores else None

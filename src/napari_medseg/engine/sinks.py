@@ -1,0 +1,167 @@
+"""Where prediction outputs go: numpy arrays in memory, or a zarr store written as it goes.
+
+A :class:`ZarrSink` receives each band of rows as the stitcher finishes it, so a volume larger
+than memory is predicted with memory for one slice's band. After each finished slice it
+records the slice in the store's attributes; running the same prediction into the same store
+again skips those slices (resume). The attributes also hold a fingerprint of the run (image
+shape and dtype, network and weights, settings that change the result): a store holding a
+different run is never mixed with this one.
+
+Store layout (zarr v3 group, readable by any zarr client)::
+
+    OUT.zarr/
+        mask            uint8/uint16, the image's axes without C (in-plane axes x scale)
+        probabilities   float16 or uint8, K x (mask axes)
+        boundary        uint8
+        variance        float16
+        instances       int32
+        attrs["napari_medseg"] = {"format", "fingerprint", "finished": [...], "complete", ...}
+
+Each array's attributes give its ``axes`` (e.g. ``"ZYX"``, ``"KZYX"``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ImageWriteError
+
+__all__ = ["STORE_FORMAT", "OutputSink", "MemorySink", "ZarrSink"]
+
+STORE_FORMAT = "napari-medseg-prediction"
+_KEY = "napari_medseg"
+
+
+class OutputSink:
+    """Arrays by output name, plus the record of finished planes."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, Any] = {}
+        self.finished: set[int] = set()
+
+    def create(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: Any,
+        chunks: tuple[int, ...] | None = None,
+        axes: str | None = None,
+    ) -> Any:
+        """The array ``name`` (created zero-filled, or reopened when resuming)."""
+        raise NotImplementedError
+
+    def mark_finished(self, plane: int) -> None:
+        """Record that plane ``plane`` is written."""
+        self.finished.add(int(plane))
+
+    def close(self, complete: bool, info: dict | None = None) -> None:
+        """Record the end of the run (``complete`` False when cancelled)."""
+
+
+class MemorySink(OutputSink):
+    """Outputs as numpy arrays in memory."""
+
+    def create(self, name, shape, dtype, chunks=None, axes=None):
+        array = self.arrays.get(name)
+        if array is None or array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+            array = np.zeros(shape, dtype)
+            self.arrays[name] = array
+        return array
+
+
+class ZarrSink(OutputSink):
+    """Outputs streamed into a zarr v3 group, resumable.
+
+    Args:
+        path: the store folder (``.zarr``); created when absent.
+        fingerprint: identifies the run; a store with another fingerprint is not reused.
+        resume: reuse the finished planes of a store with the same fingerprint.
+        overwrite: replace a store that holds another run (or anything else).
+
+    Raises:
+        ImageWriteError: the path holds something else and ``overwrite`` is False.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        fingerprint: str,
+        resume: bool = True,
+        overwrite: bool = False,
+    ) -> None:
+        import zarr
+
+        super().__init__()
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.resumed = False
+        fresh = True
+        if self.path.exists():
+            attrs = _read_attrs(self.path)
+            if attrs is not None and attrs.get("fingerprint") == fingerprint and resume:
+                fresh = False
+            elif not overwrite and (attrs is not None or any(self.path.iterdir())):
+                what = "another prediction run" if attrs is not None else "other data"
+                raise ImageWriteError(
+                    f"The store {self.path} holds {what}; choose another output path or "
+                    "allow overwriting it."
+                )
+        if fresh:
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            self.group = zarr.open_group(str(self.path), mode="w")
+            self._attrs = {"format": STORE_FORMAT, "version": 1, "fingerprint": fingerprint,
+                           "finished": [], "complete": False}
+            self.group.attrs[_KEY] = self._attrs
+        else:
+            self.group = zarr.open_group(str(self.path), mode="a")
+            self._attrs = dict(self.group.attrs[_KEY])
+            self.finished = {int(i) for i in self._attrs.get("finished", [])}
+            self.resumed = bool(self.finished)
+
+    def create(self, name, shape, dtype, chunks=None, axes=None):
+        shape = tuple(int(s) for s in shape)
+        if name in self.group:
+            array = self.group[name]
+            if tuple(array.shape) == shape and array.dtype == np.dtype(dtype):
+                self.arrays[name] = array
+                return array
+        if chunks is None:
+            chunks = tuple(min(s, 1024) for s in shape)
+        array = self.group.create_array(
+            name, shape=shape, dtype=np.dtype(dtype), chunks=tuple(chunks), fill_value=0,
+            overwrite=True, attributes={"axes": axes} if axes else None,
+        )
+        self.arrays[name] = array
+        return array
+
+    def mark_finished(self, plane: int) -> None:
+        super().mark_finished(plane)
+        self._attrs["finished"] = sorted(self.finished)
+        self.group.attrs[_KEY] = self._attrs
+
+    def close(self, complete: bool, info: dict | None = None) -> None:
+        self._attrs["complete"] = bool(complete)
+        if info:
+            self._attrs["run"] = json.loads(json.dumps(info, default=str))
+        self.group.attrs[_KEY] = self._attrs
+
+
+def _read_attrs(path: Path) -> dict | None:
+    """The napari-medseg attributes of a zarr group at ``path``, or None."""
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        return None
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    attrs = data.get("attributes", {}).get(_KEY)
+    if isinstance(attrs, dict) and attrs.get("format") == STORE_FORMAT:
+        return attrs
+    return None

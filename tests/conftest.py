@@ -1,0 +1,32 @@
+"""Shared fixtures: a small synthetic CT with 0.7 x 0.7 x 2.5 mm voxels, as NIfTI and DICOM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_medseg.io.synthetic import ct_phantom, write_dicom_series, write_nifti_volume
+
+#: (dz, dy, dx) of the synthetic CT, millimetres.
+CT_SPACING = (2.5, 0.7, 0.7)
+CT_SHAPE = (8, 40, 48)
+
+
+@pytest.fixture(scope="session")
+def ct_volume() -> tuple[np.ndarray, np.ndarray]:
+    """``(volume, mask)``: ZYX int16 HU and ZYX uint8 lesion mask, 8 x 40 x 48."""
+    return ct_phantom(CT_SHAPE, CT_SPACING)
+
+
+@pytest.fixture
+def dicom_dir(tmp_path, ct_volume):
+    """A folder holding the synthetic CT as a DICOM series (files in shuffled order)."""
+    folder = tmp_path / "ct_dicom"
+    write_dicom_series(folder, ct_volume[0], CT_SPACING)
+    return folder
+
+
+@pytest.fixture
+def nifti_path(tmp_path, ct_volume):
+    """The synthetic CT as ``ct.nii.gz`` with a diagonal affine."""
+    return write_nifti_volume(tmp_path / "ct.nii.gz", ct_volume[0], CT_SPACING, origin=(5.0, -3.0, 2.0))
