@@ -199,6 +199,25 @@ def test_paper_3d_parameter_count_matches_the_released_model():
     assert round(_count(model.sr_tail) / 1e6, 3) == 0.065
 
 
+@pytest.mark.parametrize(
+    ("dims", "shape", "seg_only", "full"),
+    [(2, (1, 1, 256, 256), 19.3, 40.7), (3, (1, 1, 48, 48, 48), 52.2, 147.9)],
+)
+def test_paper_macs_match_the_spec(dims, shape, seg_only, full):
+    """Spec 3.5/3.8: GMACs of the eval (seg-only) path and of the training graph, counted on the
+    meta device (no arithmetic runs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = create_model("sasrnet", "paper", 1, 1, spatial_dims=dims)
+        x = torch.empty(shape)
+    for training, expected in ((False, seg_only), (True, full)):
+        model.train(training)
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+        assert counter.get_total_flops() / 2e9 == pytest.approx(expected, abs=0.05)
+
+
 def test_tiny_matches_the_minimal_variant_and_is_fast():
     assert abs(_count(_tiny(1, 3)) - 77_000) < 1_000  # spec 3.12: about 77K
     model = _tiny(1, 2).train()

@@ -11,6 +11,7 @@ import json
 import platform
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from ._version import __version__
 from .errors import MedsegError
@@ -83,13 +84,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
         {"network": n, "variants": list_variants(n), "summary": get_entry(n).summary}
         for n in list_models()
     ]
-    weights: list[dict] = []
-    try:
-        from .engine.checkpoints import list_shipped_weights
-    except ImportError:
-        list_shipped_weights = None
-    if list_shipped_weights is not None:
-        weights = list_shipped_weights()
+    from .engine.checkpoints import list_shipped_weights
+
+    weights = list_shipped_weights()
     if args.json:
         print(json.dumps({"networks": networks, "weights": weights}, indent=2))
         return 0
@@ -100,6 +97,343 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for w in weights:
         print(f"  {w['tag']:<28} {w['network']}/{w['variant']} on {w['dataset']}")
     return 0
+
+
+# --- predict ------------------------------------------------------------------------------
+
+_FORMAT_SUFFIX = {"tif": ".tif", "nii": ".nii.gz", "zarr": ".zarr"}
+
+
+def _stem(path: Path) -> str:
+    """The file name without its image suffix (``a.ome.tif`` -> ``a``)."""
+    from .io import supported_suffixes
+
+    name = path.name
+    for suffix in sorted(supported_suffixes(), key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """Image paths from files and folders, plus notices about skipped entries."""
+    from .errors import ImageReadError
+    from .io import is_supported
+
+    found: list[Path] = []
+    skipped: list[str] = []
+    for text in inputs:
+        path = Path(text)
+        if not path.exists():
+            raise ImageReadError(f"The input {path} does not exist.")
+        if path.is_dir() and not is_supported(path):
+            children = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+            for child in children:
+                if is_supported(child):
+                    found.append(child)
+                else:
+                    skipped.append(f"skipping {child.name}: not an image napari-medseg reads")
+        else:
+            found.append(path)
+    if not found:
+        raise ImageReadError(f"No images found in {', '.join(inputs)}.")
+    return found, skipped
+
+
+def _output_paths(
+    inputs: list[Path], out: Path, fmt: str, outputs: Sequence[str]
+) -> list[dict[str, Path]]:
+    """Per input: output name -> path (``mask`` at ``<stem>.<ext>``, others suffixed)."""
+    from .io import supported_suffixes
+
+    ext = _FORMAT_SUFFIX[fmt]
+    single_file = len(inputs) == 1 and any(
+        out.name.lower().endswith(s) for s in supported_suffixes(write=True))
+    plans = []
+    for path in inputs:
+        if single_file:
+            folder, stem = out.parent, _stem(out)
+            ext_here = out.name[len(stem):]
+        else:
+            folder, stem, ext_here = out, _stem(path), ext
+        names = {"mask": folder / f"{stem}{ext_here}"}
+        for name in outputs:
+            if name != "mask":
+                names[name] = folder / f"{stem}_{name}{ext_here}"
+        plans.append(names)
+    stems = [p["mask"] for p in plans]
+    if len(set(stems)) != len(stems):
+        from .errors import ConfigError
+
+        raise ConfigError("Two inputs have the same name stem; their outputs would overwrite "
+                          "each other, so predict them into separate folders.")
+    return plans
+
+
+def _scaled_meta(meta, plane_axes: str, scale: int):
+    """The reader's metadata for an output ``scale`` times finer in the in-plane axes."""
+    import numpy as np
+
+    if scale == 1:
+        return meta
+    spatial = meta.spatial_axes
+    spacing = tuple(s / scale if a in plane_axes else s for a, s in zip(spatial, meta.spacing))
+    # The first output voxel's centre lies a quarter voxel (for x2) before the input's.
+    origin = tuple(o - (s - s / scale) / 2 if a in plane_axes else o
+                   for a, o, s in zip(spatial, meta.origin, meta.spacing))
+    affine = None
+    if meta.affine is not None:
+        m = np.eye(4)
+        for i, a in enumerate("XYZ"):
+            if a in plane_axes:
+                m[i, i] = 1.0 / scale
+                m[i, 3] = -(scale - 1) / (2.0 * scale)
+        affine = np.asarray(meta.affine) @ m
+    return meta.replace(spacing=spacing, origin=origin, affine=affine)
+
+
+def _write_result(result, paths: dict[str, Path], meta, fmt: str) -> list[Path]:
+    """Write each in-memory output of ``result`` next to the mask."""
+    import numpy as np
+
+    from .io import ImageMeta, write_image, write_labels
+
+    written = []
+    label_meta = meta.without_channels() if meta is not None else None
+    out_meta = _scaled_meta(label_meta, result.plan.plane_axes, result.scale) \
+        if label_meta is not None else None
+    for name, array in result.outputs.items():
+        path = paths[name]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = np.asarray(array)
+        if name in ("mask", "boundary", "instances"):
+            written.append(write_labels(path, data, out_meta))
+            continue
+        axes = result.axes[name]
+        if data.dtype == np.float16:
+            data = data.astype(np.float32)  # neither OME-TIFF nor NIfTI holds half floats
+        img_meta = ImageMeta(axes=axes) if out_meta is None else out_meta.replace(
+            axes=axes,
+            spacing=out_meta.spacing, origin=out_meta.origin, units=out_meta.units)
+        written.append(write_image(path, data, img_meta))
+    return written
+
+
+def _build_model(args: argparse.Namespace, first_channels: int, err) -> tuple[object, str]:
+    """The network: from --weights, or randomly initialised from --model (loudly)."""
+    from .errors import ConfigError
+
+    if args.weights:
+        from .engine.checkpoints import resolve_weights
+
+        model, info = resolve_weights(args.weights)
+        if args.model and args.model != info.network:
+            raise ConfigError(f"The weights {args.weights!r} are for network {info.network!r}, "
+                              f"not {args.model!r}; drop --model or pick matching weights.")
+        if args.variant and args.variant != info.variant:
+            raise ConfigError(f"The weights {args.weights!r} are for variant {info.variant!r}, "
+                              f"not {args.variant!r}.")
+        return model, f"{info.network}/{info.variant} with weights {info.tag or args.weights}"
+    if not args.model:
+        raise ConfigError("Give --model NAME (see `napari-medseg models`) or --weights TAG|PATH.")
+    from .models import create_model
+
+    variant = args.variant or "lite"
+    in_channels = first_channels if first_channels in (1, 3) else 1
+    model = create_model(args.model, variant=variant, in_channels=in_channels,
+                         num_classes=args.classes)
+    print(f"WARNING: no --weights given: {args.model!r} ({variant}) is RANDOMLY INITIALISED; "
+          "its output is meaningless. Pass --weights TAG (see `napari-medseg models`) or a "
+          "checkpoint path.", file=err)
+    return model, f"{args.model}/{variant} (random weights)"
+
+
+def _predict_config(args: argparse.Namespace):
+    from .config import PredictConfig, load_toml
+
+    settings: dict = load_toml(args.config, section="predict") if args.config else {}
+    flags = {
+        "tile": args.tile, "overlap": args.overlap, "blend": args.blend,
+        "device": args.device, "batch_size": args.batch_size, "axis": args.axis,
+        "precision": args.precision, "outputs": args.outputs, "channels": args.channels,
+        "normalization": args.normalization, "probabilities_dtype": args.probabilities_dtype,
+    }
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    if args.tta:
+        settings["tta"] = True
+    if args.orthogonal:
+        settings["volume_mode"] = "orthogonal"
+    return PredictConfig.from_mapping(settings)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import signal
+
+    from .engine.inference import plan_prediction, predict_iter
+    from .engine.progress import (
+        CancelToken,
+        FinishedEvent,
+        NoticeEvent,
+        PlaneEvent,
+        PlanEvent,
+        TilesEvent,
+    )
+    from .errors import MedsegError
+    from .io import read_image
+
+    err = sys.stderr
+    quiet = args.quiet
+    config = _predict_config(args)
+    inputs, skipped = _collect_inputs(args.inputs)
+    for line in skipped:
+        print(f"napari-medseg: notice: {line}", file=err)
+    out = Path(args.output)
+    plans = _output_paths(inputs, out, args.format, config.outputs)
+    model = None
+    failures = 0
+    token = CancelToken()
+
+    def on_sigint(signum, frame):  # first Ctrl-C: stop after the batch; second: abort
+        if token.cancelled:
+            raise KeyboardInterrupt
+        token.cancel()
+        print("\nnapari-medseg: stopping after the current batch (Ctrl-C again to abort)",
+              file=err)
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    try:
+        for path, paths in zip(inputs, plans):
+            try:
+                image, meta = read_image(path)
+                if model is None:
+                    channels = image.shape[meta.axes.index("C")] if "C" in meta.axes else 1
+                    model, described = _build_model(args, channels, err)
+                    if not quiet:
+                        print(f"napari-medseg: model {described}", file=err)
+                cfg = config
+                if args.format == "zarr":
+                    cfg = config.replace(store=str(paths["mask"]), overwrite=args.overwrite)
+                if args.plan_only:
+                    plan = plan_prediction(image, model, cfg, meta=meta)
+                    print(f"{path.name}:\n{plan.describe()}")
+                    continue
+                result = None
+                bar = None
+                for event in predict_iter(image, model, cfg, meta=meta, cancel=token):
+                    if isinstance(event, PlanEvent) and not quiet:
+                        if not event.probed:
+                            print(f"napari-medseg: {path.name}: plan\n  "
+                                  + event.plan.describe().replace("\n", "\n  "), file=err)
+                        elif event.plan.seconds is not None:
+                            print(f"  estimated time {_seconds(event.plan.seconds)} "
+                                  "(one-batch probe)", file=err)
+                    elif isinstance(event, NoticeEvent):
+                        tag = "WARNING" if event.level == "warning" else "napari-medseg: notice"
+                        print(f"{tag}: {event.message}", file=err)
+                    elif isinstance(event, TilesEvent) and not quiet:
+                        if bar is None:
+                            from tqdm import tqdm
+
+                            bar = tqdm(total=event.total, unit="tile", file=err,
+                                       desc=path.name[:24], leave=False, dynamic_ncols=True)
+                        bar.total = max(bar.total, event.total)
+                        bar.update(event.done - bar.n)
+                    elif isinstance(event, PlaneEvent) and bar is not None:
+                        bar.set_postfix_str(f"slice {event.plane + 1}/{event.planes}")
+                    elif isinstance(event, FinishedEvent):
+                        result = event.result
+                if bar is not None:
+                    bar.close()
+                assert result is not None
+                if result.cancelled:
+                    kept = (f"the finished slices are kept in {paths['mask']}"
+                            if args.format == "zarr" else "nothing was written")
+                    print(f"napari-medseg: {path.name}: cancelled; {kept}.", file=err)
+                    return 130
+                if args.format == "zarr":
+                    written = [paths["mask"]]
+                else:
+                    written = _write_result(result, paths, meta, args.format)
+                if not quiet:
+                    extra = ""
+                    if result.stats.get("z_consistency") is not None:
+                        extra += f", z-consistency {result.stats['z_consistency']:.3f}"
+                    if result.stats.get("plane_agreement") is not None:
+                        extra += f", plane agreement {result.stats['plane_agreement']:.3f}"
+                    print(f"napari-medseg: {path.name} -> "
+                          f"{', '.join(str(w) for w in written)} "
+                          f"({result.stats['seconds']:.1f} s{extra})", file=err)
+            except MedsegError as exc:
+                if len(inputs) == 1 or model is None:
+                    raise
+                failures += 1
+                print(f"napari-medseg: error: {path.name}: {exc}", file=err)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if failures:
+        print(f"napari-medseg: {failures} of {len(inputs)} input(s) failed.", file=err)
+        return 2
+    return 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _seconds(s: float) -> str:
+    from .engine.plan import format_seconds
+
+    return format_seconds(s)
+
+
+def _add_predict(sub) -> argparse.ArgumentParser:
+    from .config import BLEND_MODES, OUTPUT_NAMES, PRECISIONS
+
+    p = sub.add_parser(
+        "predict", help="segment images (files or folders) with a network",
+        description="Segment images tile by tile. Several inputs or a folder go to the output "
+                    "folder as <stem>.tif (mask) and <stem>_<output>.tif beside it.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output folder (or one file name for a single input)")
+    p.add_argument("--model", help="network name (see `napari-medseg models`)")
+    p.add_argument("--variant", help="network variant (tiny, lite, paper; default lite)")
+    p.add_argument("--weights", metavar="TAG|PATH",
+                   help="shipped weights tag or a checkpoint path; without it the network is "
+                        "randomly initialised")
+    p.add_argument("--classes", type=int, default=2,
+                   help="classes of a randomly initialised network (default 2)")
+    p.add_argument("--tile", help="tile side in pixels (default: the network's)")
+    p.add_argument("--overlap", help="tile overlap fraction (default 0.25)")
+    p.add_argument("--blend", choices=BLEND_MODES, help="tile blending (default gaussian)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--batch-size", help="tiles per forward pass (default: automatic)")
+    p.add_argument("--axis", help="axis a 2D network slices volumes along (Z, Y or X)")
+    p.add_argument("--orthogonal", action="store_true",
+                   help="average YX, ZX and ZY slicing (volumes, 3x the time)")
+    p.add_argument("--tta", action="store_true",
+                   help="flip test-time augmentation (4x the time in 2D)")
+    p.add_argument("--precision", choices=PRECISIONS, help="compute precision (default auto)")
+    p.add_argument("--outputs", help=f"comma-separated, from {','.join(OUTPUT_NAMES)} "
+                                     "(default mask)")
+    p.add_argument("--format", choices=tuple(_FORMAT_SUFFIX), default="tif",
+                   help="output format (default tif; zarr streams and resumes)")
+    p.add_argument("--channels", choices=("auto", "grey", "rgb"),
+                   help="convert the image's channels (default auto: grey <-> RGB as needed)")
+    p.add_argument("--normalization",
+                   help="percentile, minmax, zscore, none ... (default: the model card's)")
+    p.add_argument("--probabilities-dtype", choices=("float16", "uint8"))
+    p.add_argument("--config", metavar="TOML", help="settings file with a [predict] table")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a zarr output that holds another run")
+    p.add_argument("--plan-only", action="store_true",
+                   help="print the tile plan (with a one-batch probe) and stop")
+    p.add_argument("-q", "--quiet", action="store_true", help="no plan and no progress bar")
+    return p
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
@@ -119,6 +453,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     p = sub.add_parser("models", help="list networks, variants and shipped weights")
     p.add_argument("--json", action="store_true", help="print JSON")
     commands["models"] = _cmd_models
+
+    _add_predict(sub)
+    commands["predict"] = _cmd_predict
 
     return parser, commands
 

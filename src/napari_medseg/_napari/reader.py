@@ -4,13 +4,19 @@
 at most a few bytes; it imports neither torch nor any imaging library), never raises, and
 returns None for paths it does not handle.
 
-Error policy (napari 0.9): when the returned reader function fails, it raises the project's
-:class:`~napari_medseg.errors.ImageReadError` carrying one sentence that names the file and
-the problem. napari wraps it in its ``ReaderPluginError`` and shows the message to the user
-(a notification, or the reader-choice dialog when another plugin could try the file); the
-traceback stays behind a "show traceback" button. Returning an empty list instead would
-make napari report "no data" without saying why, and swallowing the error would hide it
-from ``viewer.open`` in scripts, so raising is the better of napari's two options.
+Error policy (checked against napari 0.9.2): when the returned reader function fails, it
+raises the project's :class:`~napari_medseg.errors.ImageReadError`, one sentence naming the
+file and the problem. What a person then sees:
+
+* File > Open or drag and drop: napari wraps the error in its ``ReaderPluginError`` and opens
+  its reader dialog, whose text ends with ``ImageReadError: <our sentence>``, offering the
+  other readers (napari's builtins claim every extension, so there always is one); no
+  traceback is shown;
+* ``viewer.open(path, plugin="napari-medseg")`` in a script raises our ImageReadError as is.
+
+Returning an empty list instead would make napari say only "returned no data", and catching
+the error to show a notification ourselves would hide it from scripts, so raising is the better
+of napari's options. ``scripts/screenshot_readers.py`` saves a picture of that dialog.
 """
 
 from __future__ import annotations

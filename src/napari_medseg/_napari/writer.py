@@ -43,10 +43,10 @@ def _viewer_source_meta(shape: tuple[int, ...], attributes: Mapping[str, Any]) -
         return None
     if viewer is None:
         return None
-    scale = np.asarray(attributes.get("scale") if attributes.get("scale") is not None else np.ones(len(shape)))
-    translate = np.asarray(
-        attributes.get("translate") if attributes.get("translate") is not None else np.zeros(len(shape))
-    )
+    scale = attributes.get("scale")
+    scale = np.ones(len(shape)) if scale is None else np.asarray(scale)
+    translate = attributes.get("translate")
+    translate = np.zeros(len(shape)) if translate is None else np.asarray(translate)
     found: list[ImageMeta] = []
     for layer in viewer.layers:
         meta = getattr(layer, "metadata", {}).get(META_KEY)

@@ -91,6 +91,8 @@ __all__ = [
 MAX_AUTO_BATCH = 32
 #: Fraction of a GPU's free memory the automatic batch size may fill.
 GPU_MEMORY_FRACTION = 0.6
+#: Out-of-memory recovery halves the tile while it stays at least this big.
+MIN_OOM_TILE = 32
 
 
 class OutOfMemory(MedsegError, MemoryError):
@@ -326,6 +328,8 @@ class _Run:
         samples = sample_values(self.image, self.layout.channel_axis)
         samples = convert_channels(samples, conv)
         self.stats = fit_normalization(samples, self.norm_config)
+        # The image's identity for resuming: a hash of the same regular subsample.
+        self.content_id = hashlib.sha256(np.ascontiguousarray(samples).tobytes()).hexdigest()
         # Device and precision.
         import torch
 
@@ -389,6 +393,7 @@ class _Run:
         data = {
             "shape": list(self.image.shape), "dtype": str(np.dtype(self.image.dtype)),
             "axes": self.layout.axes, "plane_axes": self.layout.plane_axes,
+            "content": self.content_id, "source": str(getattr(self.meta, "source", "") or ""),
             "network": self.spec.network, "variant": self.spec.variant,
             "weights": _weights_id(self.model), "config": cfg,
             "normalization": self.stats.to_dict(),
@@ -414,6 +419,8 @@ class _Run:
         self.arrays["mask"] = self.sink.create("mask", out_shape,
                                                postprocess.mask_dtype(self.K), chunks, out_axes)
         self.axes_of["mask"] = out_axes
+        if isinstance(self.sink, ZarrSink):
+            self.sink.describe_image("mask", out_axes, *self._out_geometry(lay))
         if "probabilities" in wanted:
             dtype = np.float16 if cfg.probabilities_dtype == "float16" else np.uint8
             self.arrays["probabilities"] = self.sink.create(
@@ -427,6 +434,19 @@ class _Run:
             self.arrays["variance"] = self.sink.create("variance", out_shape, np.float16,
                                                        chunks, out_axes)
             self.axes_of["variance"] = out_axes
+
+    def _out_geometry(self, lay: Layout) -> tuple[tuple[float, ...] | None, tuple | None]:
+        """Spacing and units per label-output axis, from the reader's metadata if any."""
+        meta_spacing = getattr(self.meta, "spacing", None)
+        meta_axes = getattr(self.meta, "spatial_axes", None)
+        if not meta_spacing or not meta_axes:
+            return None, None
+        lookup = dict(zip(meta_axes, meta_spacing))
+        units = dict(zip(meta_axes, getattr(self.meta, "units", ()) or ()))
+        spacing = tuple(
+            float(lookup.get(a, 1.0)) / (self.scale if a in lay.plane_axes else 1)
+            for a in lay.out_axes)
+        return spacing, tuple(units.get(a) for a in lay.out_axes)
 
     def _band_bytes(self, grid: TileGrid) -> int:
         row = grid.out_tile[0] * math.prod(p * grid.scale for p in grid.padded[1:])
@@ -603,7 +623,8 @@ class _Run:
         tile = self.grid.tile
         smaller = tuple(max(self.spec.min_size, t // 2) for t in tile)
         smaller = tuple(self.spec.valid_size(s) if s % self.spec.divisor else s for s in smaller)
-        if cfg.oom_fallback and smaller != tile and min(smaller) >= min(64, min(tile)):
+        floor = max(self.spec.min_size, MIN_OOM_TILE)
+        if cfg.oom_fallback and smaller != tile and min(smaller) >= floor:
             self.tile_request = smaller
             self.grid = self._grid(smaller, self.layout)
             self.current_grid = self.grid
@@ -907,7 +928,7 @@ def predict_iter(
         OutOfMemory: not even one small tile fits (after the CPU fallback, if allowed).
     """
     config = _config(config, settings)
-    run = _Run(image, model, config, meta, cancel or CancelToken())
+    run = _Run(image, model, config, meta, cancel if cancel is not None else CancelToken())
     try:
         result = yield from run.run()
     finally:

@@ -20,6 +20,7 @@ from ..errors import InputShapeError
 
 __all__ = [
     "DEFAULT_NORMALIZATION",
+    "MAX_SAMPLES",
     "NormalizationStats",
     "sample_values",
     "fit_normalization",
@@ -28,6 +29,8 @@ __all__ = [
 
 #: Percentile 1-99.8 per channel: the default when neither the user nor the model card says.
 DEFAULT_NORMALIZATION = NormalizationConfig()
+#: Values per channel read to fit the statistics (a regular subsample beyond this).
+MAX_SAMPLES = 2_000_000
 
 _EPS = 1e-6
 
@@ -74,7 +77,7 @@ class NormalizationStats:
 
 
 def sample_values(
-    image, channel_axis: int | None, max_samples: int = 2_000_000
+    image, channel_axis: int | None, max_samples: int | None = None
 ) -> np.ndarray:
     """A regular subsample of an image, one row of values per channel (float64).
 
@@ -85,10 +88,12 @@ def sample_values(
     Args:
         image: array-like.
         channel_axis: index of the channel axis, or None.
+        max_samples: the budget; None uses :data:`MAX_SAMPLES`.
 
     Returns:
         C x M array of samples.
     """
+    max_samples = int(max_samples or MAX_SAMPLES)
     shape = tuple(int(s) for s in image.shape)
     axes = [a for a in range(len(shape)) if a != channel_axis]
     n = math.prod(shape[a] for a in axes)

@@ -63,9 +63,6 @@ class CancelToken:
         if self._event.is_set():
             raise CancelledError("The operation was cancelled.")
 
-    def __bool__(self) -> bool:  # `if token:` reads as "is cancelled"
-        return self.cancelled
-
 
 @dataclass(frozen=True)
 class ProgressEvent:

@@ -17,7 +17,10 @@ Store layout (zarr v3 group, readable by any zarr client)::
         instances       int32
         attrs["napari_medseg"] = {"format", "fingerprint", "finished": [...], "complete", ...}
 
-Each array's attributes give its ``axes`` (e.g. ``"ZYX"``, ``"KZYX"``).
+Each array's attributes give its axes (``attrs["napari_medseg"]["axes"]``, e.g. ``"ZYX"``,
+``"CZYX"``), and the group carries OME-Zarr 0.4 ``multiscales`` metadata naming ``mask`` as its
+image, so ``napari_medseg.io.read_image("OUT.zarr")`` opens the mask with its geometry and
+``read_image("OUT.zarr/probabilities")`` any other output.
 """
 
 from __future__ import annotations
@@ -135,10 +138,41 @@ class ZarrSink(OutputSink):
             chunks = tuple(min(s, 1024) for s in shape)
         array = self.group.create_array(
             name, shape=shape, dtype=np.dtype(dtype), chunks=tuple(chunks), fill_value=0,
-            overwrite=True, attributes={"axes": axes} if axes else None,
+            overwrite=True, attributes={_KEY: {"axes": axes}} if axes else None,
         )
         self.arrays[name] = array
         return array
+
+    def describe_image(
+        self,
+        name: str,
+        axes: str,
+        spacing: tuple[float, ...] | None = None,
+        units: tuple[str | None, ...] | None = None,
+    ) -> None:
+        """Name array ``name`` the group's image in OME-Zarr 0.4 ``multiscales`` metadata.
+
+        Args:
+            name: the array (``"mask"``).
+            axes: its axes, letters from ``TICZYX``.
+            spacing: physical size per axis (1 for non-spatial axes); None for pixels.
+            units: unit per axis (None where unknown).
+        """
+        kinds = {"T": "time", "C": "channel", "I": None, "Z": "space", "Y": "space", "X": "space"}
+        ngff_axes = []
+        for i, a in enumerate(axes):
+            entry: dict[str, Any] = {"name": a.lower()}
+            if kinds[a]:
+                entry["type"] = kinds[a]
+            if units and units[i] and kinds[a] == "space":
+                entry["unit"] = units[i]
+            ngff_axes.append(entry)
+        scale = [float(v) for v in (spacing or (1.0,) * len(axes))]
+        self.group.attrs["multiscales"] = [{
+            "version": "0.4", "name": name, "axes": ngff_axes,
+            "datasets": [{"path": name, "coordinateTransformations": [
+                {"type": "scale", "scale": scale}]}],
+        }]
 
     def mark_finished(self, plane: int) -> None:
         super().mark_finished(plane)

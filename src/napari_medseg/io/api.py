@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import ImageReadError, ImageWriteError, MedsegError
 from .detect import FORMATS, WRITE_SUFFIXES, detect_format, format_from_name
 from .metadata import ImageMeta
+from .messages import brief
 
 __all__ = ["read_image", "read_levels", "write_labels", "write_image", "default_axes"]
 
@@ -81,7 +82,7 @@ def read_image(
         raise ImageReadError(f"{p} is too large to load into memory.") from exc
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one sentence, no traceback
         raise ImageReadError(
-            f"{p} could not be read as {FORMATS[fmt]} ({type(exc).__name__}: {exc})."
+            f"{p} could not be read as {FORMATS[fmt]} ({brief(exc)})."
         ) from exc
     if data.ndim != meta.ndim:
         raise ImageReadError(f"{p} decoded to shape {data.shape}, which does not fit axes {meta.axes!r}.")
@@ -117,7 +118,7 @@ def read_levels(path: str | os.PathLike) -> tuple[list[Any], list[ImageMeta]]:
         raise
     except Exception as exc:  # noqa: BLE001
         raise ImageReadError(
-            f"{p} could not be read as {FORMATS[fmt]} ({type(exc).__name__}: {exc})."
+            f"{p} could not be read as {FORMATS[fmt]} ({brief(exc)})."
         ) from exc
 
 
@@ -173,7 +174,8 @@ def _as_labels(path: Path, labels: Any) -> Any:
         return labels
     if np.issubdtype(dtype, np.floating):
         values = np.asarray(labels)
-        if np.all(np.isfinite(values)) and np.all(values == np.round(values)) and (values.size == 0 or values.min() >= 0):
+        whole = np.all(np.isfinite(values)) and np.all(values == np.round(values))
+        if whole and (values.size == 0 or values.min() >= 0):
             hi = int(values.max()) if values.size else 0
             return values.astype(np.uint8 if hi <= 255 else np.uint16 if hi <= 65535 else np.uint32)
     raise ImageWriteError(
@@ -201,7 +203,7 @@ def _write(path: Path, data: Any, meta: ImageMeta, fmt: str, labels: bool, **kwa
     except MedsegError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise ImageWriteError(f"Cannot write {path}: {type(exc).__name__}: {exc}.") from exc
+        raise ImageWriteError(f"Cannot write {path}: {brief(exc)}.") from exc
 
 
 def write_labels(

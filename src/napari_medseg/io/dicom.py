@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import ImageReadError
 from .detect import dicom_files_in
 from .metadata import ImageMeta, geometry_from_affine
+from .messages import brief
 
 __all__ = ["read_dicom", "list_series", "LPS_TO_RAS"]
 
@@ -115,14 +116,17 @@ def _pixels(path: Path) -> tuple[np.ndarray, Any]:
     try:
         ds = pydicom.dcmread(str(path), force=True)
     except Exception as exc:  # noqa: BLE001
-        raise ImageReadError(f"The DICOM file {path} cannot be read: {exc}.") from exc
+        raise ImageReadError(f"The DICOM file {path} cannot be read ({brief(exc)}).") from exc
     try:
         return np.asarray(ds.pixel_array), ds
     except Exception as exc:  # noqa: BLE001 - missing decoders, truncated pixel data ...
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        hint = f" (transfer syntax {syntax}; a decoder such as pylibjpeg or gdcm may be needed)" if syntax else ""
+        hint = (
+            f" (transfer syntax {syntax}; a decoder such as pylibjpeg or gdcm may be needed)"
+            if syntax else ""
+        )
         raise ImageReadError(
-            f"The pixel data of the DICOM file {path} cannot be decoded{hint}: {exc}."
+            f"The pixel data of the DICOM file {path} cannot be decoded{hint} ({brief(exc)})."
         ) from exc
 
 
@@ -238,7 +242,9 @@ def read_dicom(path: str | os.PathLike, series: str | None = None) -> tuple[np.n
         intercepts.append(float(ds.get("RescaleIntercept", 0.0) or 0.0))
     shapes = {s.shape for s in stack}
     if len(shapes) > 1:
-        raise ImageReadError(f"The DICOM series {uid} in {folder} decodes to images of shapes {sorted(shapes)}.")
+        raise ImageReadError(
+            f"The DICOM series {uid} in {folder} decodes to images of shapes {sorted(shapes)}."
+        )
     data = _rescale(stack, slopes, intercepts)
     extra.update(_series_facts(first, slopes, intercepts))
     rgb = data.ndim == 4
@@ -275,7 +281,8 @@ def _series_facts(ds: Any, slopes: list[float], intercepts: list[float]) -> dict
         value = ds.get(key)
         if value is not None:
             try:
-                facts[name] = float(value[0] if hasattr(value, "__len__") and not isinstance(value, str) else value)
+                many = hasattr(value, "__len__") and not isinstance(value, str)
+                facts[name] = float(value[0] if many else value)
             except (TypeError, ValueError):
                 pass
     return facts
@@ -285,7 +292,9 @@ def _read_multiframe(path: Path, uid: str) -> tuple[np.ndarray, ImageMeta]:
     """An enhanced (multi-frame) DICOM file: frames along the slice normal."""
     pixels, ds = _pixels(path)
     if pixels.ndim != 3:
-        raise ImageReadError(f"The multi-frame DICOM file {path} is not a grey-level volume (shape {pixels.shape}).")
+        raise ImageReadError(
+            f"The multi-frame DICOM file {path} is not a grey-level volume (shape {pixels.shape})."
+        )
     shared = ds.get("SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     pixel_spacing = iop = None

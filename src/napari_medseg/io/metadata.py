@@ -104,7 +104,8 @@ class ImageMeta:
         affine: 4 x 4 voxel ``(x, y, z)`` -> RAS+ millimetre matrix for NIfTI and DICOM
             sources, None otherwise (see the module docstring).
         source: the file or folder the array was read from, if any.
-        channel_axis: index of the ``C`` axis in ``axes``, or None.
+        channel_axis: index of the ``C`` axis in ``axes``, or None (derived from ``axes``;
+            a value passed in is ignored).
         rgb: True when the last axis holds 3 (RGB) or 4 (RGBA) colour samples to display as
             colour.
         extra: format-specific facts: DICOM rescale slope/intercept and series UID, NIfTI
@@ -201,9 +202,7 @@ class ImageMeta:
         return tuple(next(it) if a in SPATIAL_AXES else 0.0 for a in self.axes)
 
     def replace(self, **changes: Any) -> ImageMeta:
-        """A copy with some fields changed (``dataclasses.replace``)."""
-        if "axes" in changes and "channel_axis" not in changes:
-            changes["channel_axis"] = None
+        """A copy with some fields changed (``dataclasses.replace``; ``channel_axis`` follows ``axes``)."""
         return dataclasses.replace(self, **changes)
 
     def without_channels(self) -> ImageMeta:

@@ -10,8 +10,10 @@ images are marked with ``intent_code`` NIFTI_INTENT_LABEL, and read back as labe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import numpy as np
 
 from ..errors import ImageReadError, ImageWriteError
 from .metadata import MAX_NDIM, ImageMeta, affine_from_geometry, geometry_from_affine, normalize_unit
+from .messages import brief
 
 __all__ = ["read_nifti", "write_nifti"]
 
@@ -47,29 +50,41 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
 
     p = Path(path)
     try:
-        img = nib.load(str(p))
-        header = img.header
-        shape = tuple(int(n) for n in img.shape)
-        affine = np.asarray(img.affine, dtype=np.float64)
+        with _quiet(nib):  # nibabel logs the header fixes it makes; we report problems ourselves
+            img = nib.load(str(p))
+            header = img.header
+            shape = tuple(int(n) for n in img.shape)
+            affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds for bad headers
+        if p.name.lower().endswith(".gz") and _gzip_truncated(p):
+            raise ImageReadError(f"{p} is truncated: its gzip stream ends early.") from exc
         raise ImageReadError(
-            f"{p} has a broken NIfTI header and cannot be read ({type(exc).__name__}: {exc})."
+            f"{p} has a broken NIfTI header and cannot be read ({brief(exc)})."
         ) from exc
     if not shape or any(n <= 0 for n in shape):
         raise ImageReadError(f"{p} has a broken NIfTI header: its dimensions are {shape}.")
+    _check_raw_header(p, nib)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ImageReadError(
             f"{p} has a broken NIfTI header: its voxel-to-world affine is singular or not "
             "finite (check pixdim and the qform/sform fields)."
         )
+    if not p.name.lower().endswith(".gz"):
+        offset = int(getattr(img.dataobj, "offset", header["vox_offset"]))
+        needed = offset + int(np.prod(shape)) * header.get_data_dtype().itemsize
+        size = p.stat().st_size
+        if size < needed:
+            raise ImageReadError(
+                f"{p} is truncated: its header describes {needed} bytes but the file holds {size}."
+            )
     try:
         data = np.asanyarray(img.dataobj)
     except (EOFError, zlib.error) as exc:
-        raise ImageReadError(f"{p} is truncated: the compressed data ends early ({exc}).") from exc
+        raise ImageReadError(f"{p} is truncated: the compressed data ends early ({brief(exc)}).") from exc
     except Exception as exc:  # noqa: BLE001
         raise ImageReadError(
-            f"The voxel data of {p} cannot be read ({type(exc).__name__}: {exc}); the file is "
-            "probably truncated."
+            f"The voxel data of {p} cannot be read ({brief(exc)}); the file is "
+            "probably truncated or damaged."
         ) from exc
     letters = _NIFTI_LETTERS[: data.ndim]
     if data.ndim > len(_NIFTI_LETTERS):
@@ -99,10 +114,11 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
     }
     if int(header["intent_code"]) == _INTENT_LABEL:
         extra["labels"] = True
-    slope, inter = header.get_slope_inter()
-    if slope is not None:
-        extra["scl_slope"] = float(slope)
-        extra["scl_inter"] = float(inter or 0.0)
+    # nibabel moves scl_slope/scl_inter from the header to the array proxy on load
+    slope = float(getattr(img.dataobj, "slope", 1.0))
+    inter = float(getattr(img.dataobj, "inter", 0.0))
+    if slope != 1.0 or inter != 0.0:
+        extra["scl_slope"], extra["scl_inter"] = slope, inter
     descrip = header["descrip"].tobytes().rstrip(b"\x00").decode("latin-1").strip()
     if descrip:
         extra["descrip"] = descrip
@@ -111,6 +127,53 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
         affine=affine, source=str(p), extra=extra,
     )
     return data, meta
+
+
+@contextlib.contextmanager
+def _quiet(nib: Any) -> Iterator[None]:
+    """Silence nibabel's global logger for the duration of a load."""
+    logger = nib.imageglobals.logger
+    disabled = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+def _gzip_truncated(path: Path) -> bool:
+    """True when a gzip file's stream ends before its end marker (a cut-off download)."""
+    import gzip
+
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 20):
+                pass
+    except (EOFError, zlib.error, OSError):
+        return True
+    return False
+
+
+def _check_raw_header(path: Path, nib: Any) -> None:
+    """Refuse what nibabel silently repairs: voxel sizes <= 0 when no sform gives the geometry."""
+    opener = nib.openers.ImageOpener(str(path))
+    with opener as fh:
+        raw = nib.Nifti1Header.from_fileobj(fh, check=False) if _is_nifti1(fh) else None
+    if raw is None or int(raw["sform_code"]) > 0:
+        return
+    ndim = int(raw["dim"][0])
+    pixdim = [float(v) for v in raw["pixdim"][1 : 1 + min(ndim, 3)]]
+    if any(not np.isfinite(v) or v <= 0 for v in pixdim):
+        raise ImageReadError(
+            f"{path} has a broken NIfTI header: its voxel sizes (pixdim) are {pixdim}, and "
+            "without an sform there is no other geometry to use."
+        )
+
+
+def _is_nifti1(fh: Any) -> bool:
+    head = fh.read(348)
+    fh.seek(0)
+    return len(head) == 348 and head[344:347] in (b"n+1", b"ni1")
 
 
 def _tidy(values: tuple[float, ...]) -> tuple[float, ...]:
@@ -183,5 +246,5 @@ def write_nifti(path: str | os.PathLike, array: Any, meta: ImageMeta) -> Path:
         p.parent.mkdir(parents=True, exist_ok=True)
         nib.save(img, str(p))
     except Exception as exc:  # noqa: BLE001
-        raise ImageWriteError(f"Cannot write {p}: {type(exc).__name__}: {exc}.") from exc
+        raise ImageWriteError(f"Cannot write {p}: {brief(exc)}.") from exc
     return p

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import ImageReadError, ImageWriteError
 from .metadata import ImageMeta
+from .messages import brief
 
 __all__ = ["read_raster", "write_raster"]
 
@@ -47,7 +48,7 @@ def read_raster(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
     except UnidentifiedImageError as exc:
         raise ImageReadError(f"{p} is not a readable PNG/JPEG/BMP image.") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"{p} is truncated or damaged and cannot be decoded ({exc}).") from exc
+        raise ImageReadError(f"{p} is truncated or damaged and cannot be decoded ({brief(exc)}).") from exc
     if data.dtype == bool:
         data = data.astype(np.uint8)
     extra: dict[str, Any] = {"format": "raster", "pil_mode": mode, "pil_format": fmt}
@@ -86,10 +87,14 @@ def write_raster(path: str | os.PathLike, array: Any, meta: ImageMeta) -> Path:
     if meta.spatial_dims != 2 or data.ndim not in (2, 3) or "T" in meta.axes or "I" in meta.axes:
         raise ImageWriteError(f"Cannot write {p}: PNG holds one 2-D image, not axes {meta.axes!r}.")
     if data.ndim == 3 and not (data.shape[-1] in (3, 4) and data.dtype == np.uint8):
-        raise ImageWriteError(f"Cannot write {p}: colour PNGs need uint8 RGB or RGBA, got {data.dtype} {data.shape}.")
+        raise ImageWriteError(
+            f"Cannot write {p}: colour PNGs need uint8 RGB or RGBA, got {data.dtype} {data.shape}."
+        )
     if data.ndim == 2 and data.dtype not in (np.uint8, np.uint16):
         if not np.issubdtype(data.dtype, np.integer):
-            raise ImageWriteError(f"Cannot write {p}: PNG holds integers, got {data.dtype}; use TIFF instead.")
+            raise ImageWriteError(
+                f"Cannot write {p}: PNG holds integers, got {data.dtype}; use TIFF instead."
+            )
         lo, hi = (int(data.min()), int(data.max())) if data.size else (0, 0)
         if lo < 0 or hi > 65535:
             raise ImageWriteError(
@@ -100,5 +105,5 @@ def write_raster(path: str | os.PathLike, array: Any, meta: ImageMeta) -> Path:
         p.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.ascontiguousarray(data)).save(p, format="PNG")
     except Exception as exc:  # noqa: BLE001
-        raise ImageWriteError(f"Cannot write {p}: {type(exc).__name__}: {exc}.") from exc
+        raise ImageWriteError(f"Cannot write {p}: {brief(exc)}.") from exc
     return p

@@ -87,7 +87,9 @@ def sample_path(name: str, mask: bool = False) -> Path:
         raise ImageReadError(f"There is no sample called {name!r}; choose one of {', '.join(SAMPLES)}.")
     path = samples_dir() / (sample.mask if mask else sample.image)
     if not path.is_file():
-        raise ImageReadError(f"The sample file {path} is missing from this installation; reinstall napari-medseg.")
+        raise ImageReadError(
+            f"The sample file {path} is missing from this installation; reinstall napari-medseg."
+        )
     return path
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import ImageReadError, ImageWriteError
 from .metadata import MAX_NDIM, SPATIAL_AXES, ImageMeta, normalize_unit
+from .messages import brief
 
 __all__ = ["read_tiff", "write_tiff", "LAZY_BYTES"]
 
@@ -86,15 +87,15 @@ def _ome_geometry(xml: str) -> dict[str, Any]:
     return out
 
 
-def _resolution_spacing(page: Any) -> tuple[dict[str, float], str | None]:
-    """Pixel size from the X/YResolution tags (pixels per unit) and the unit name."""
+def _resolution_spacing(page: Any) -> dict[str, float]:
+    """Pixel size along X and Y from the X/YResolution tags (pixels per unit); {} if unset."""
     try:
         xres, yres = page.get_resolution()
     except Exception:  # noqa: BLE001 - missing or malformed tags mean "unknown"
-        return {}, None
+        return {}
     if not xres or not yres:
-        return {}, None
-    return {"X": 1.0 / float(xres), "Y": 1.0 / float(yres)}, None
+        return {}
+    return {"X": 1.0 / float(xres), "Y": 1.0 / float(yres)}
 
 
 def _geometry(tif: Any, series: Any, axes: str) -> tuple[tuple, tuple, tuple, dict]:
@@ -121,7 +122,7 @@ def _geometry(tif: Any, series: Any, axes: str) -> tuple[tuple, tuple, tuple, di
             stored = {}
     elif tif.is_imagej and tif.imagej_metadata:
         ij = tif.imagej_metadata
-        res, _ = _resolution_spacing(page)
+        res = _resolution_spacing(page)
         ij_unit = normalize_unit(ij.get("unit"))
         size.update(res)
         if ij.get("spacing"):
@@ -131,7 +132,7 @@ def _geometry(tif: Any, series: Any, axes: str) -> tuple[tuple, tuple, tuple, di
     else:
         res_unit = getattr(page, "resolutionunit", None)
         if int(res_unit or 1) == 3:  # centimetre
-            res, _ = _resolution_spacing(page)
+            res = _resolution_spacing(page)
             size.update({k: v * 1e4 for k, v in res.items()})
             unit.update({k: "micrometer" for k in res})
     spacing = tuple(size.get(a, 1.0) if size.get(a, 0) > 0 else 1.0 for a in spatial)
@@ -186,7 +187,7 @@ def read_tiff(path: str | os.PathLike, level: int | None = None) -> tuple[Any, I
         tif = tifffile.TiffFile(p)
     except Exception as exc:  # noqa: BLE001 - tifffile raises many kinds
         raise ImageReadError(
-            f"{p} is not a readable TIFF file ({type(exc).__name__}: {exc}); "
+            f"{p} is not a readable TIFF file ({brief(exc)}); "
             "it may be truncated or damaged."
         ) from exc
     with tif:
@@ -214,7 +215,7 @@ def read_tiff(path: str | os.PathLike, level: int | None = None) -> tuple[Any, I
                 data = chosen.asarray()
         except Exception as exc:  # noqa: BLE001
             raise ImageReadError(
-                f"The image data of {p} cannot be decoded ({type(exc).__name__}: {exc}); "
+                f"The image data of {p} cannot be decoded ({brief(exc)}); "
                 "the file is probably damaged."
             ) from exc
         spacing, origin, units, stored = _geometry(tif, series, axes)
@@ -305,7 +306,7 @@ def write_tiff(path: str | os.PathLike, array: Any, meta: ImageMeta) -> Path:
             p, data, ome=True, photometric=photometric, metadata=md, compression="zlib", **kwargs
         )
     except Exception as exc:  # noqa: BLE001
-        raise ImageWriteError(f"Cannot write {p}: {type(exc).__name__}: {exc}.") from exc
+        raise ImageWriteError(f"Cannot write {p}: {brief(exc)}.") from exc
     return p
 
 

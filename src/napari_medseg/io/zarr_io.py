@@ -15,6 +15,7 @@ form ``image.zarr/labels/<name>`` adds the label image to that image's ``labels`
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from ..errors import ImageReadError, ImageWriteError
 from .metadata import MAX_NDIM, SPATIAL_AXES, ImageMeta, normalize_unit
+from .messages import brief
 
 __all__ = ["read_zarr", "read_zarr_levels", "write_zarr", "NGFF_VERSION"]
 
@@ -39,7 +41,7 @@ def _open(path: Path) -> Any:
         return zarr.open(str(path), mode="r")
     except Exception as exc:  # noqa: BLE001 - zarr raises many kinds
         raise ImageReadError(
-            f"{path} cannot be opened as a zarr store ({type(exc).__name__}: {exc})."
+            f"{path} cannot be opened as a zarr store ({brief(exc)})."
         ) from exc
 
 
@@ -106,8 +108,21 @@ def _too_many_dims(path: Path, axes: str, shape: tuple[int, ...]) -> ImageReadEr
     )
 
 
-def _resolve(path: Path) -> tuple[list[Any], str, list[np.ndarray], list[np.ndarray], list, dict, dict]:
-    """(level arrays, letters, per-level scales, translations, units, attrs, stored meta)."""
+@dataclass
+class _Store:
+    """What a zarr path holds, before squeezing: one entry per level or per axis."""
+
+    arrays: list[Any]  # zarr arrays, full resolution first
+    letters: str  # our axis letter per array axis
+    scales: list[np.ndarray]  # per level, per axis
+    translations: list[np.ndarray]  # per level, per axis
+    units: list[str | None]  # per axis
+    attrs: dict  # the group's (or array's) attributes
+    stored: dict  # our ImageMeta JSON, {} if absent
+
+
+def _resolve(path: Path) -> _Store:
+    """Find the image in a zarr path: an NGFF multiscale group, a group of one array, an array."""
     import zarr
 
     node = _open(path)
@@ -122,7 +137,7 @@ def _resolve(path: Path) -> tuple[list[Any], str, list[np.ndarray], list[np.ndar
                 f"{path} holds a {node.ndim}-D array; napari-medseg reads 2-D to 4-D images."
             )
         ndim = node.ndim
-        return [node], letters, [np.ones(ndim)], [np.zeros(ndim)], [None] * ndim, attrs, stored
+        return _Store([node], letters, [np.ones(ndim)], [np.zeros(ndim)], [None] * ndim, attrs, stored)
     ngff = _ngff(attrs)
     multiscales = ngff.get("multiscales")
     if not multiscales:
@@ -151,14 +166,17 @@ def _resolve(path: Path) -> tuple[list[Any], str, list[np.ndarray], list[np.ndar
     letters = _axis_letters(axes_md, path) if axes_md else _guess_axes(arrays[0].shape)
     if len(letters) != ndim:
         raise ImageReadError(f"{path} has {len(letters)} axes in its metadata but a {ndim}-D array.")
-    units = [normalize_unit(a.get("unit")) if isinstance(a, dict) else None for a in (axes_md or [{}] * ndim)]
+    units = [
+        normalize_unit(a.get("unit")) if isinstance(a, dict) else None
+        for a in (axes_md or [{}] * ndim)
+    ]
     g_scale, g_trans = _transform(ms.get("coordinateTransformations"), ndim)
     scales, translations = [], []
     for ds in datasets:
         s, t = _transform(ds.get("coordinateTransformations"), ndim)
         scales.append(s * g_scale)
         translations.append(t * g_scale + g_trans)
-    return arrays, letters, scales, translations, units, attrs, stored
+    return _Store(arrays, letters, scales, translations, units, attrs, stored)
 
 
 def read_zarr_levels(path: str | os.PathLike) -> tuple[list[Any], list[ImageMeta]]:
@@ -179,22 +197,25 @@ def read_zarr_levels(path: str | os.PathLike) -> tuple[list[Any], list[ImageMeta
     import dask.array as da
 
     p = Path(path)
-    arrays, letters, scales, translations, units, attrs, stored = _resolve(p)
+    found = _resolve(p)
+    arrays, letters, stored = found.arrays, found.letters, found.stored
+    scales, translations, units = found.scales, found.translations, found.units
     shape0 = tuple(arrays[0].shape)
     keep = [i for i, (a, n) in enumerate(zip(letters, shape0)) if n > 1 or a in "YX"]
     axes = "".join(letters[i] for i in keep)
     if len(axes) > MAX_NDIM:
         raise _too_many_dims(p, axes, tuple(shape0[i] for i in keep))
     spatial = [i for i in keep if letters[i] in SPATIAL_AXES]
-    ngff = _ngff(attrs)
-    is_labels = "image-label" in ngff
+    is_labels = "image-label" in _ngff(found.attrs)
     label_names = _label_names(p)
     levels: list[Any] = []
     metas: list[ImageMeta] = []
     stored_ok = bool(stored) and stored.get("axes") and len(stored["axes"]) == len(axes)
     for lvl, arr in enumerate(arrays):
         if arr.ndim != len(letters):
-            raise ImageReadError(f"{p}: pyramid level {lvl} has {arr.ndim} axes, level 0 has {len(letters)}.")
+            raise ImageReadError(
+                f"{p} is inconsistent: pyramid level {lvl} has {arr.ndim} axes, level 0 has {len(letters)}."
+            )
         data = da.from_zarr(arr)
         data = data.reshape(tuple(arr.shape[i] for i in keep)) if len(keep) != arr.ndim else data
         lvl_axes = axes
@@ -217,7 +238,7 @@ def read_zarr_levels(path: str | os.PathLike) -> tuple[list[Any], list[ImageMeta
             "format": "zarr",
             "level": lvl,
             "n_levels": len(arrays),
-            "ngff_version": _ngff_version(attrs),
+            "ngff_version": _ngff_version(found.attrs),
             "labels": is_labels,
         })
         if label_names:
@@ -327,7 +348,9 @@ def write_zarr(
     p = Path(path)
     if p.exists() and not (p.is_dir() and any((p / m).exists() for m in ("zarr.json", ".zgroup", ".zarray"))):
         if not (p.is_dir() and not any(p.iterdir())):
-            raise ImageWriteError(f"Cannot write {p}: it exists and is not a zarr store, so it was left alone.")
+            raise ImageWriteError(
+                f"Cannot write {p}: it exists and is not a zarr store, so it was left alone."
+            )
     if n_levels < 1:
         raise ImageWriteError(f"Cannot write {p}: n_levels must be at least 1, got {n_levels}.")
     data = array
@@ -354,7 +377,9 @@ def write_zarr(
             index = tuple(slice(None, None, factor) if a in "YX" else slice(None) for a in ngff_axes)
             level_data = data[index]
             lvl_chunks = tuple(min(c, n) for c, n in zip(chunks, level_data.shape))
-            arr = group.create_array(str(lvl), shape=level_data.shape, dtype=level_data.dtype, chunks=lvl_chunks)
+            arr = group.create_array(
+                str(lvl), shape=level_data.shape, dtype=level_data.dtype, chunks=lvl_chunks
+            )
             if hasattr(level_data, "store") and hasattr(level_data, "dask"):
                 # one dask chunk per zarr chunk: no two tasks ever write the same chunk
                 level_data.rechunk(lvl_chunks).store(arr, lock=False)
@@ -391,7 +416,7 @@ def write_zarr(
     except ImageWriteError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise ImageWriteError(f"Cannot write {p}: {type(exc).__name__}: {exc}.") from exc
+        raise ImageWriteError(f"Cannot write {p}: {brief(exc)}.") from exc
     return p
 
 

@@ -130,9 +130,10 @@ def _attend(attn: nn.Module, tokens: Tensor, key_valid: Tensor | None) -> Tensor
         mask = torch.zeros(key_valid.shape, dtype=q.dtype, device=q.device)
         mask = mask.masked_fill(~key_valid, float("-inf"))[:, None, None, :]
         bias = mask if bias is None else bias + mask
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
-    )
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    out = attn.attn_drop(logits.softmax(dim=-1)) @ v
     out = out.transpose(1, 2).reshape(b, n, heads * dim_head)
     return attn.proj_drop(attn.proj(out))
 

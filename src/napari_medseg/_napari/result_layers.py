@@ -1,0 +1,411 @@
+"""The one module that turns engine results into napari layers (and undoes it).
+
+Output layers are named after the image: ``<image> mask`` (Labels), ``<image> boundary``
+(Labels), ``<image> instances`` (Labels), ``<image> probabilities`` and ``<image> TTA
+variance`` (Image), ``<image> tiles`` (Shapes, the tile plan). They always span the whole
+image (times the network's output scale in-plane), with the image layer's scale, translate,
+units, axis labels and affine, so that runs on single slices or visible regions accumulate
+in the same layers. A re-run writes into the existing layers; every overwritten block is
+copied first into a :class:`LayerChange` of the session's undo step, so a user's edits can
+be brought back. Layer data are replaced in place and the layers refreshed; napari's own
+paint history of a Labels layer is reset after such a write (it would otherwise undo into
+stale pixels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..engine.postprocess import dequantize_probabilities
+from ..engine.regions import Region, finished_keys, output_geometry, whole_region
+from ..errors import InputShapeError
+from .layers import META_KEY, meta_from_layer
+from .session import Edit, ProbabilityCache, SegmentSession
+
+__all__ = [
+    "OUTPUT_SUFFIXES",
+    "LayerChange",
+    "output_name",
+    "image_axes",
+    "image_array",
+    "image_shape",
+    "output_kwargs",
+    "apply_run",
+    "apply_masks",
+    "apply_array",
+    "undo",
+    "draw_tiles",
+    "owned_layer_names",
+]
+
+#: Layer name suffix of each output.
+OUTPUT_SUFFIXES = {
+    "mask": "mask",
+    "boundary": "boundary",
+    "instances": "instances",
+    "probabilities": "probabilities",
+    "variance": "TTA variance",
+    "tiles": "tiles",
+}
+_LABEL_OUTPUTS = ("mask", "boundary", "instances")
+_BOUNDARY_COLORS = {None: (1.0, 0.0, 1.0, 1.0), 0: (0.0, 0.0, 0.0, 0.0),
+                    1: (1.0, 0.85, 0.1, 1.0)}
+
+
+@dataclass
+class LayerChange:
+    """What one write did to a layer, enough to undo it.
+
+    Attributes:
+        name: the layer's name.
+        key: the index written (None when the whole data was set or the layer created).
+        previous: the data there before (None for a created layer).
+        created: the layer did not exist before.
+    """
+
+    name: str
+    key: tuple | None
+    previous: np.ndarray | None
+    created: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the snapshot."""
+        return 0 if self.previous is None else int(self.previous.nbytes)
+
+
+def output_name(image_name: str, output: str) -> str:
+    """``"cells"``, ``"mask"`` -> ``"cells mask"``."""
+    return f"{image_name} {OUTPUT_SUFFIXES[output]}"
+
+
+def owned_layer_names(image_name: str) -> set[str]:
+    """Names of every output layer of an image."""
+    return {output_name(image_name, o) for o in OUTPUT_SUFFIXES}
+
+
+def image_axes(layer: Any) -> str:
+    """The axes of an image layer's data (``YX``, ``ZYX``, ``YXC`` for RGB ...).
+
+    Read from the metadata the napari-medseg reader stored, else guessed from the number of
+    dimensions (``YX``, ``ZYX``, ``TZYX``).
+
+    Raises:
+        InputShapeError: the layer has more dimensions than can be told apart.
+    """
+    try:
+        return meta_from_layer(layer).axes
+    except (ValueError, TypeError):
+        raise InputShapeError(
+            f"Cannot tell the axes of the {layer.ndim}-D layer {layer.name!r}; "
+            "napari-medseg segments YX, ZYX and TZYX images (RGB too).") from None
+
+
+def image_array(layer: Any) -> Any:
+    """The full-resolution data of an image layer (level 0 of a pyramid)."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
+def image_shape(layer: Any) -> tuple[int, ...]:
+    """The non-channel shape of an image layer (what its outputs span at scale 1)."""
+    shape = tuple(int(s) for s in image_array(layer).shape)
+    return shape[:-1] if getattr(layer, "rgb", False) else shape
+
+
+def output_kwargs(image_layer: Any, factor: int = 1, lead: int = 0) -> dict[str, Any]:
+    """Geometry arguments of an output layer of ``image_layer``.
+
+    Args:
+        image_layer: the segmented image.
+        factor: output side / input side in-plane (2 for a super-resolving network).
+        lead: extra leading axes of the output (1 for per-class probabilities).
+    """
+    scale, translate = output_geometry(image_layer.scale, image_layer.translate, factor)
+    kwargs: dict[str, Any] = {
+        "scale": (1.0,) * lead + scale,
+        "translate": (0.0,) * lead + translate,
+    }
+    labels = tuple(getattr(image_layer, "axis_labels", ()) or ())
+    if len(labels) == len(scale):
+        kwargs["axis_labels"] = ("class",) * lead + labels
+    units = getattr(image_layer, "units", None)
+    if units is not None and len(tuple(units)) == len(scale):
+        kwargs["units"] = ("pixel",) * lead + tuple(str(u) for u in units)
+    affine = np.asarray(image_layer.affine.affine_matrix)
+    if not np.allclose(affine, np.eye(affine.shape[0])) and lead == 0:
+        kwargs["affine"] = affine
+    try:
+        meta = meta_from_layer(image_layer).without_channels()
+        if factor != 1 and meta.spacing:
+            n = len(meta.spacing) - 2
+            spacing = tuple(meta.spacing[:n]) + tuple(s / factor for s in meta.spacing[n:])
+            origin = tuple(meta.origin[:n]) + tuple(
+                o + s * (0.5 / factor - 0.5) for o, s in zip(meta.origin[n:], meta.spacing[n:]))
+            meta = meta.replace(spacing=spacing, origin=origin, affine=None)
+        if lead == 0:
+            kwargs["metadata"] = {META_KEY: meta}
+    except (ValueError, TypeError):
+        pass
+    return kwargs
+
+
+def _ensure(viewer: Any, image_layer: Any, output: str, shape: Sequence[int], dtype: Any,
+            factor: int, changes: list[LayerChange], lead: int = 0) -> Any:
+    """The output layer, created (full of zeros) or re-shaped when it does not fit."""
+    name = output_name(image_layer.name, output)
+    shape = tuple(int(s) for s in shape)
+    kwargs = output_kwargs(image_layer, factor, lead)
+    if name in viewer.layers:
+        layer = viewer.layers[name]
+        data = layer.data
+        if tuple(np.shape(data)) == shape and isinstance(data, np.ndarray) and (
+                data.flags.writeable):
+            return layer
+        changes.append(LayerChange(name, None, np.asarray(data).copy()))
+        layer.data = np.zeros(shape, dtype)
+        for attr in ("scale", "translate"):
+            setattr(layer, attr, kwargs[attr])
+        return layer
+    changes.append(LayerChange(name, None, None, created=True))
+    data = np.zeros(shape, dtype)
+    if output in _LABEL_OUTPUTS:
+        layer = viewer.add_labels(data, name=name, **kwargs)
+        if output == "boundary":
+            from napari.utils.colormaps import DirectLabelColormap
+
+            layer.colormap = DirectLabelColormap(color_dict=_BOUNDARY_COLORS)
+            layer.opacity = 0.9
+        elif output == "instances":
+            layer.opacity = 0.6
+        else:
+            layer.opacity = 0.5
+    else:
+        if output == "variance":
+            layer = viewer.add_image(data, name=name, colormap="magma", blending="additive",
+                                     contrast_limits=(0.0, 0.1), **kwargs)
+        else:
+            layer = viewer.add_image(data, name=name, colormap="viridis", opacity=0.6,
+                                     blending="translucent", contrast_limits=(0.0, 1.0),
+                                     **kwargs)
+    return layer
+
+
+def _write(layer: Any, key: tuple, values: np.ndarray, changes: list[LayerChange]) -> None:
+    data = layer.data
+    changes.append(LayerChange(layer.name, key, np.array(data[key], copy=True)))
+    data[key] = values
+
+
+def _refresh(layers: Sequence[Any]) -> None:
+    for layer in layers:
+        reset = getattr(layer, "_reset_history", None)
+        if reset is not None:
+            reset()
+        layer.refresh()
+
+
+def apply_run(
+    viewer: Any,
+    image_layer: Any,
+    result: Any,
+    region: Region,
+    session: SegmentSession,
+    show_probabilities: bool,
+    show_variance: bool,
+    has_boundary_head: bool = False,
+) -> Edit:
+    """Write a prediction into the image's output layers and record the undo step.
+
+    Args:
+        viewer: the napari viewer.
+        image_layer: the segmented image.
+        result: the engine's ``PredictionResult`` for ``region`` of the image.
+        region: the part of the image (non-channel axes) that was predicted.
+        session: the widget's session (probability cache, undo stack).
+        show_probabilities: add or update the probabilities layer.
+        show_variance: add or update the TTA variance layer.
+        has_boundary_head: the network predicts its own boundary (a new threshold then
+            leaves the boundary layer alone).
+
+    Returns:
+        The recorded undo step (already pushed on the session).
+    """
+    factor = int(result.scale)
+    full_out = whole_region(image_shape(image_layer)).output(factor).shape
+    out_region = region.output(factor)
+    axes = result.axes["mask"]
+    mask = result["mask"]
+    stack_axes = result.plan.stack_axes if result.plan is not None else ""
+    keys = (finished_keys(axes, mask.shape, stack_axes, result.planes_done)
+            if result.cancelled else [(slice(None),) * len(mask.shape)])
+    edit = Edit("run", image=image_layer.name)
+    touched = []
+    for output in _LABEL_OUTPUTS:
+        if output not in result:
+            continue
+        values = result[output]
+        layer = _ensure(viewer, image_layer, output, full_out, values.dtype, factor,
+                        edit.changes)
+        for key in keys:
+            _write(layer, out_region.offset(key), np.asarray(values[key]), edit.changes)
+        touched.append(layer)
+    num_classes = int(result["probabilities"].shape[0]) if "probabilities" in result else None
+    if "probabilities" in result and show_probabilities:
+        probs = result["probabilities"]
+        lead = 0 if num_classes == 1 else 1
+        shape = full_out if lead == 0 else (num_classes,) + tuple(full_out)
+        layer = _ensure(viewer, image_layer, "probabilities", shape, np.float32, factor,
+                        edit.changes, lead)
+        for key in keys:
+            source = probs[(0,) + key] if lead == 0 else probs[(slice(None),) + key]
+            target = out_region.offset(key)
+            if lead:
+                target = (slice(None),) + target
+            _write(layer, target, dequantize_probabilities(source), edit.changes)
+        touched.append(layer)
+    if "variance" in result and show_variance:
+        layer = _ensure(viewer, image_layer, "variance", full_out, np.float32, factor,
+                        edit.changes)
+        var = result["variance"]
+        for key in keys:
+            _write(layer, out_region.offset(key), np.asarray(var[key], np.float32),
+                   edit.changes)
+        touched.append(layer)
+    if num_classes == 1:
+        session.update_cache(image_layer.name, full_out, axes, 1, has_boundary_head,
+                             out_region, result["probabilities"], keys, edit)
+    session.last_region[image_layer.name] = out_region
+    session.push(edit)
+    _refresh(touched)
+    return edit
+
+
+def apply_masks(
+    viewer: Any,
+    image_layer: Any,
+    blocks: Sequence[tuple[tuple, np.ndarray, np.ndarray | None]],
+    session: SegmentSession,
+    label: str,
+) -> Edit:
+    """Write re-thresholded masks (and derived boundaries) into the output layers.
+
+    Args:
+        viewer: the napari viewer.
+        image_layer: the image the outputs belong to.
+        blocks: ``(index, mask, boundary or None)`` as ``SegmentSession.rethreshold`` gives.
+        session: the session (the undo step is pushed on it).
+        label: name of the undo step.
+    """
+    edit = Edit(label, image=None)
+    cache: ProbabilityCache | None = session.cache_for(image_layer.name)
+    touched = []
+    for output, pos in (("mask", 1), ("boundary", 2)):
+        name = output_name(image_layer.name, output)
+        if name not in viewer.layers:
+            continue
+        layer = viewer.layers[name]
+        if cache is not None and tuple(np.shape(layer.data)) != cache.out_shape:
+            continue  # the user replaced the layer's data; leave it alone
+        wrote = False
+        for block in blocks:
+            values = block[pos]
+            if values is None:
+                continue
+            _write(layer, block[0], values, edit.changes)
+            wrote = True
+        if wrote:
+            touched.append(layer)
+    session.push(edit)
+    _refresh(touched)
+    return edit
+
+
+def apply_array(
+    viewer: Any,
+    image_layer: Any,
+    output: str,
+    data: np.ndarray,
+    session: SegmentSession,
+    label: str,
+) -> Edit:
+    """Replace a whole output layer (boundary from mask, instances) as one undoable step.
+
+    Args:
+        viewer: the napari viewer.
+        image_layer: the image the output belongs to.
+        output: ``"boundary"`` or ``"instances"``.
+        data: the new layer data (the label outputs' shape).
+        session: the session (the undo step is pushed on it).
+        label: name of the undo step.
+    """
+    edit = Edit(label)
+    factor = max(1, int(round(data.shape[-1] / max(1, image_shape(image_layer)[-1]))))
+    layer = _ensure(viewer, image_layer, output, data.shape, data.dtype, factor, edit.changes)
+    _write(layer, (slice(None),) * data.ndim, data, edit.changes)
+    session.push(edit)
+    _refresh([layer])
+    return edit
+
+
+def undo(viewer: Any, edit: Edit) -> list[str]:
+    """Restore the layers an undo step changed (removing the layers it created).
+
+    Returns:
+        Names of the layers restored or removed.
+    """
+    names = []
+    touched = {}
+    for change in reversed(edit.changes):
+        if change.name not in viewer.layers:
+            continue
+        layer = viewer.layers[change.name]
+        if change.created:
+            viewer.layers.remove(layer)
+            touched.pop(change.name, None)
+        elif change.key is None:
+            layer.data = change.previous
+            touched[change.name] = layer
+        else:
+            layer.data[change.key] = change.previous
+            touched[change.name] = layer
+        if change.name not in names:
+            names.append(change.name)
+    _refresh(list(touched.values()))
+    return names
+
+
+def draw_tiles(viewer: Any, image_layer: Any, plan: Any, region: Region) -> Any:
+    """Draw a tile plan's tiles as rectangles in a Shapes layer over the image.
+
+    Args:
+        viewer: the napari viewer.
+        image_layer: the image the plan is for.
+        plan: a :class:`~napari_medseg.engine.plan.TilePlan` of ``region``.
+        region: the part of the image the plan covers (its in-plane offset places tiles).
+
+    Returns:
+        The ``<image> tiles`` Shapes layer (2D, shown on every slice).
+    """
+    y0, x0 = region.start[-2:]
+    rects = []
+    seen = set()
+    for lo, hi in plan.grid.boxes():
+        box = (lo[-2] + y0, lo[-1] + x0, hi[-2] + y0, hi[-1] + x0)
+        if box in seen:
+            continue
+        seen.add(box)
+        a, b, c, d = box
+        rects.append(np.array([[a - 0.5, b - 0.5], [c - 0.5, d - 0.5]], float))
+    scale = tuple(image_layer.scale)[-2:]
+    translate = tuple(image_layer.translate)[-2:]
+    name = output_name(image_layer.name, "tiles")
+    edge = max(scale) * 1.0
+    if name in viewer.layers:
+        viewer.layers.remove(viewer.layers[name])
+    return viewer.add_shapes(
+        rects, shape_type="rectangle", name=name, edge_color="cyan", face_color="transparent",
+        edge_width=edge, scale=scale, translate=translate, opacity=0.8)

@@ -1,0 +1,293 @@
+"""Thread-worker glue: engine jobs in napari thread workers, cancellable progress, messages.
+
+Every job the Segment widget starts (a prediction, a plan, a re-threshold, metrics, boundary
+tools) runs in a napari ``thread_worker`` through :func:`start_job`. Jobs never raise into
+Qt: each returns a :class:`JobOutcome` carrying either its value or one sentence for the
+user (:func:`error_message`), so the widget shows a notification instead of napari's
+"error in thread" traceback dialog.
+
+A prediction is a generator worker (:class:`CancellableWorker`) whose ``quit()`` -- called by
+napari's status-bar task cancel or when the viewer closes -- sets the engine's
+:class:`~napari_medseg.engine.progress.CancelToken` instead of aborting the generator, so the
+engine stops after the current batch and *returns* what it finished. :class:`RunProgress` is
+napari's cancellable progress bar (activity dock), wired to the same token.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+from napari.qt.threading import FunctionWorker, GeneratorWorker, create_worker
+from napari.utils.progress import cancelable_progress
+
+from ..engine.progress import CancelToken, ProgressEvent, StageEvent
+from ..engine.regions import stack_blocks
+from ..errors import MedsegError
+
+__all__ = [
+    "JobOutcome",
+    "RunResult",
+    "error_message",
+    "CancellableWorker",
+    "RunProgress",
+    "start_job",
+    "run_job",
+    "plan_job",
+    "threshold_job",
+    "metrics_job",
+    "boundary_job",
+    "instances_job",
+]
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What a job returned: a value, or a sentence saying why it failed.
+
+    Attributes:
+        value: the job's result (None on error).
+        error: one sentence for a notification, or None.
+        exception: the exception behind ``error`` (for logs and tests).
+        seconds: wall time of the job.
+    """
+
+    value: Any = None
+    error: str | None = None
+    exception: BaseException | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when the job succeeded."""
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The value of a prediction job.
+
+    Attributes:
+        result: the engine's ``PredictionResult``.
+        spec: the network's ``ModelSpec``.
+    """
+
+    result: Any
+    spec: Any
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def error_message(exc: BaseException) -> str:
+    """One sentence a person can act on, for any exception a job met.
+
+    Project errors carry their own sentence; out-of-memory errors get advice; anything else
+    is named in one line (never a traceback).
+    """
+    if isinstance(exc, MedsegError) and str(exc).strip():
+        text = str(exc).strip()
+    elif _is_out_of_memory(exc):
+        text = ("Out of memory: choose a smaller tile, turn TTA off, segment the current slice "
+                "or pick the CPU.")
+    else:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        text = f"Unexpected {type(exc).__name__}" + (f": {detail}" if detail else "") + "."
+    text = text.splitlines()[0]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class CancellableWorker(GeneratorWorker):
+    """A generator worker whose ``quit()`` cancels the engine's token (keeps the result).
+
+    Attributes:
+        cancel_token: the token the running engine generator checks between batches.
+    """
+
+    cancel_token: CancelToken | None = None
+
+    def quit(self) -> None:  # noqa: D102 - documented on the class
+        if self.cancel_token is not None:
+            self.cancel_token.cancel()
+        else:
+            super().quit()
+
+
+class RunProgress(cancelable_progress):
+    """napari's cancellable progress bar whose Cancel button cancels at once.
+
+    (``cancelable_progress`` calls its callback only when it wraps an iterable; here the bar
+    is driven by the engine's events.)
+    """
+
+    def cancel(self) -> None:  # noqa: D102
+        super().cancel()
+        if self.cancel_callback is not None:
+            self.cancel_callback()
+
+    def set_done(self, done: int, total: int) -> None:
+        """Show ``done`` of ``total`` steps."""
+        if total and total != self.total:
+            self.total = total
+        step = int(done) - int(self.n)
+        if step:
+            self.update(step)
+
+
+def start_job(
+    func: Callable[..., Any],
+    *args: Any,
+    on_done: Callable[[JobOutcome], None],
+    on_yield: Callable[[Any], None] | None = None,
+    cancel_token: CancelToken | None = None,
+    **kwargs: Any,
+) -> FunctionWorker | GeneratorWorker:
+    """Run a job in a napari thread worker.
+
+    Args:
+        func: a function or generator function returning a :class:`JobOutcome`.
+        *args: its arguments.
+        on_done: called (main thread) with the outcome.
+        on_yield: called (main thread) with each yielded event (generator jobs).
+        cancel_token: the token ``worker.quit()`` sets (generator jobs).
+        **kwargs: its keyword arguments.
+
+    Returns:
+        The started worker.
+    """
+    is_gen = inspect.isgeneratorfunction(func)
+    worker = create_worker(func, *args, _start_thread=False, _ignore_errors=True,
+                           _worker_class=CancellableWorker if is_gen else FunctionWorker,
+                           **kwargs)
+    if is_gen:
+        worker.cancel_token = cancel_token
+        if on_yield is not None:
+            worker.yielded.connect(on_yield)
+    worker.returned.connect(on_done)
+    worker.start()
+    return worker
+
+
+def _guard(func: Callable[..., Any], *args: Any, **kwargs: Any) -> JobOutcome:
+    t0 = time.perf_counter()
+    try:
+        value = func(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - turned into a sentence for the user
+        return JobOutcome(error=error_message(exc), exception=exc,
+                          seconds=time.perf_counter() - t0)
+    return JobOutcome(value=value, seconds=time.perf_counter() - t0)
+
+
+# --- jobs (run in worker threads) -------------------------------------------------------
+
+
+def run_job(session: Any, choice: Any, variant: str, in_channels: int, image: Any,
+            config: Any, cancel: CancelToken) -> Generator[ProgressEvent, None, JobOutcome]:
+    """Load the network and predict ``image``, yielding the engine's events.
+
+    Args:
+        session: the widget's :class:`~.session.SegmentSession`.
+        choice: the :class:`~.session.WeightsChoice`.
+        variant: the variant of an untrained network.
+        in_channels: the image's channels (for an untrained network).
+        image: the region of the image to predict (numpy, dask or zarr).
+        config: the :class:`~napari_medseg.config.PredictConfig`.
+        cancel: the token the engine checks between batches.
+    """
+    from ..engine.inference import predict_iter
+
+    t0 = time.perf_counter()
+    try:
+        yield StageEvent(message="Loading the network.", stage="loading")
+        model = session.load_model(choice, variant, in_channels)
+        with session.model_lock:
+            result = yield from predict_iter(image, model, config, cancel=cancel)
+    except Exception as exc:  # noqa: BLE001 - turned into a sentence for the user
+        return JobOutcome(error=error_message(exc), exception=exc,
+                          seconds=time.perf_counter() - t0)
+    return JobOutcome(value=RunResult(result, model.spec), seconds=time.perf_counter() - t0)
+
+
+def plan_job(session: Any, choice: Any, variant: str, in_channels: int, image: Any,
+             config: Any, probe: bool = False) -> JobOutcome:
+    """The tile plan of a run (``probe`` runs one batch to measure time and memory).
+
+    Returns:
+        An outcome whose value is ``(plan, spec)``.
+    """
+
+    def work():
+        from ..engine.inference import plan_prediction
+
+        model = session.load_model(choice, variant, in_channels)
+        with session.model_lock:
+            plan = plan_prediction(image, model, config, probe=probe)
+        return plan, model.spec
+
+    return _guard(work)
+
+
+def threshold_job(session: Any, image_name: str, threshold: float) -> JobOutcome:
+    """Re-derive the masks of an image from its cached probabilities."""
+    return _guard(session.rethreshold, image_name, threshold)
+
+
+def metrics_job(prediction: Any, reference: Any, axes: str, num_classes: int,
+                spacing: Any) -> JobOutcome:
+    """Per-class Dice, IoU, HD95 and boundary F1 of a prediction against a reference."""
+    from ..engine.regions import region_metrics
+
+    return _guard(region_metrics, prediction, reference, axes, num_classes, spacing)
+
+
+def boundary_job(mask: Any, axes: str) -> JobOutcome:
+    """A boundary map (uint8) from a label image, per ``T``/``I`` block."""
+
+    def work():
+        import numpy as np
+
+        from ..engine.postprocess import derive_boundary
+
+        mask_ = np.asarray(mask)
+        out = np.zeros(mask_.shape, np.uint8)
+        for key in stack_blocks(axes, mask_.shape):
+            out[key] = derive_boundary(mask_[key])
+        return out
+
+    return _guard(work)
+
+
+def instances_job(mask: Any, boundary: Any, axes: str, min_size: int = 8) -> JobOutcome:
+    """Instance labels (int32) from a mask split by a boundary map (watershed)."""
+
+    def work():
+        import numpy as np
+
+        from ..engine.postprocess import instances
+
+        mask_ = np.asarray(mask)
+        bnd = None if boundary is None else np.asarray(boundary)
+        if bnd is not None and bnd.shape != mask_.shape:
+            from ..errors import InputShapeError
+
+            raise InputShapeError(
+                f"The boundary layer has shape {bnd.shape} but the mask has {mask_.shape}; "
+                "derive the boundary from the mask first.")
+        out = np.zeros(mask_.shape, np.int32)
+        offset = 0
+        for key in stack_blocks(axes, mask_.shape):
+            block = instances(mask_[key], None if bnd is None else bnd[key], min_size)
+            if offset:
+                block = np.where(block > 0, block + offset, 0)
+            out[key] = block
+            offset = int(out.max())
+        return out
+
+    return _guard(work)

@@ -1,0 +1,347 @@
+"""The Segment dock widget in a real napari viewer (pytest-qt, under Xvfb), tiny networks."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from napari_medseg.engine.boundaries import boundary_from_labels  # noqa: E402
+from napari_medseg.engine.progress import PlaneEvent  # noqa: E402
+from napari_medseg.engine.regions import region_metrics  # noqa: E402
+
+pytestmark = pytest.mark.gui
+
+NETWORK = "unet_sharp"
+TIMEOUT = 60_000  # ms; a 2-core machine shared with others
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """Empty user and weights folders, so the weights list holds only what a test puts."""
+    home = tmp_path / "home"
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(home))
+    monkeypatch.setenv("NAPARI_MEDSEG_WEIGHTS", str(weights))
+    return tmp_path
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """The sentences the widget showed as error notifications."""
+    from napari_medseg._napari import segment_widget
+
+    shown: list[str] = []
+    monkeypatch.setattr(segment_widget, "show_error", shown.append)
+    return shown
+
+
+def _widget(viewer, qtbot):
+    from napari_medseg._napari.segment_widget import SegmentWidget
+
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment")
+    qtbot.addWidget(widget) if False else None  # the dock owns it
+    return widget
+
+
+def _choose(widget, weights_label=None, variant="tiny", tile=64, network=NETWORK):
+    from napari_medseg._napari.session import RANDOM_INIT
+
+    widget.network_combo.setCurrentText(network)
+    widget.weights_combo.setCurrentText(weights_label or RANDOM_INIT)
+    if widget.variant_combo.isEnabled():
+        widget.variant_combo.setCurrentText(variant)
+    widget.device_combo.setCurrentIndex(widget.device_combo.findData("cpu"))
+    widget.tile_spin.setValue(tile)
+
+
+def _settle(qtbot, widget, timeout=TIMEOUT):
+    """Wait until no job of the widget runs (runs, plans, thresholds, tools, metrics)."""
+    qtbot.waitUntil(lambda: not widget.busy and not widget.running, timeout=timeout)
+
+
+def _run(qtbot, widget, timeout=TIMEOUT):
+    worker = widget.run()
+    assert worker is not None, widget.last_error
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
+    _settle(qtbot, widget)
+    assert widget.last_outcome is not None
+    return widget.last_outcome
+
+
+def test_widget_builds_and_shows_a_plan(make_napari_viewer, qtbot, env):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((70, 90), np.float32), name="cells")
+    widget = _widget(viewer, qtbot)
+    from napari_medseg._napari.session import RANDOM_INIT
+    from napari_medseg.models import list_models
+
+    assert widget.image_combo.currentText() == "cells"
+    assert [widget.network_combo.itemText(i) for i in range(widget.network_combo.count())] \
+        == list_models()
+    labels = [widget.weights_combo.itemText(i) for i in range(widget.weights_combo.count())]
+    assert labels[-1] == RANDOM_INIT
+    # No weights installed here: random init is chosen, with the loud warning shown.
+    assert widget.current_weights().untrained
+    assert not widget.untrained_label.isHidden()
+    assert widget.device_combo.findData("cpu") >= 0
+    assert [widget.scope_combo.itemData(i) for i in range(3)] == ["slice", "visible", "whole"]
+    _choose(widget)
+    qtbot.waitUntil(lambda: "tiles of" in widget.plan_label.text(), timeout=TIMEOUT)
+    text = widget.plan_label.text()
+    assert "Memory ~" in text and "64x64" in text
+    # Measure time runs one batch and puts a time estimate in the plan.
+    widget.measure_button.click()
+    qtbot.waitUntil(lambda: "ms per tile pass" in widget.plan_label.text(), timeout=TIMEOUT)
+    # Draw tiles: one rectangle per tile of the plan.
+    widget.tiles_button.click()
+    qtbot.waitUntil(lambda: "cells tiles" in viewer.layers, timeout=TIMEOUT)
+    plan = widget._plan[0]
+    assert len(viewer.layers["cells tiles"].data) == plan.tiles_per_plane
+    _settle(qtbot, widget)
+
+
+def test_run_2d_creates_layers_with_scale_then_threshold_and_undo(
+        make_napari_viewer, qtbot, env):
+    viewer = make_napari_viewer()
+    image = np.random.default_rng(1).random((64, 80), np.float32)
+    viewer.add_image(image, name="cells", scale=(0.5, 0.25), translate=(10.0, -4.0))
+    widget = _widget(viewer, qtbot)
+    _choose(widget)
+    widget.probs_check.setChecked(True)
+    outcome = _run(qtbot, widget)
+    assert outcome.ok, outcome.error
+    mask = viewer.layers["cells mask"]
+    boundary = viewer.layers["cells boundary"]
+    probs = viewer.layers["cells probabilities"]
+    from napari.layers import Image, Labels
+
+    assert isinstance(mask, Labels) and isinstance(boundary, Labels)
+    assert isinstance(probs, Image)
+    for layer in (mask, boundary, probs):
+        assert layer.data.shape == (64, 80)
+        np.testing.assert_allclose(layer.scale, (0.5, 0.25))
+        np.testing.assert_allclose(layer.translate, (10.0, -4.0))
+    p = np.asarray(probs.data)
+    assert 0 < p.min() and p.max() < 1
+    np.testing.assert_array_equal(mask.data, (p > 0.5).astype(np.uint8))
+    np.testing.assert_array_equal(boundary.data, boundary_from_labels(mask.data))
+
+    # A new threshold re-derives the mask from the cached probabilities (no new run).
+    runs = widget.session.cached_models()
+    before = mask.data.copy()
+    threshold = float(np.quantile(p, 0.3))
+    widget.threshold_slider.setValue(round(threshold, 2))
+    qtbot.waitUntil(lambda: "threshold" in widget.status_label.text(), timeout=TIMEOUT)
+    _settle(qtbot, widget)
+    t = round(threshold, 2)
+    cached = widget.session.cache_for("cells").probs[0].astype(np.float32)
+    np.testing.assert_array_equal(mask.data, (cached > t).astype(np.uint8))
+    assert not np.array_equal(mask.data, before)
+    np.testing.assert_array_equal(boundary.data, boundary_from_labels(mask.data))
+    assert widget.session.cached_models() == runs
+    # Undo brings the previous mask back.
+    widget.undo_button.click()
+    np.testing.assert_array_equal(mask.data, before)
+
+
+def test_run_3d_volume_then_slice_keeps_other_slices_and_undo_restores_edits(
+        make_napari_viewer, qtbot, env):
+    viewer = make_napari_viewer()
+    vol = np.random.default_rng(2).random((3, 48, 64), np.float32)
+    viewer.add_image(vol, name="stack", scale=(2.0, 0.5, 0.5))
+    widget = _widget(viewer, qtbot)
+    _choose(widget, tile=32)
+    widget.probs_check.setChecked(True)
+    assert widget.scope_combo.currentText() == "whole volume"
+    outcome = _run(qtbot, widget)
+    assert outcome.ok, outcome.error
+    mask = viewer.layers["stack mask"]
+    assert mask.data.shape == (3, 48, 64)
+    np.testing.assert_allclose(mask.scale, (2.0, 0.5, 0.5))
+    assert viewer.layers["stack probabilities"].data.shape == (3, 48, 64)
+    assert (viewer.layers["stack probabilities"].data > 0).all()
+
+    # The user paints on slice 1 and 2; a run on the current slice (1) overwrites only it.
+    mask.data[1, :5, :5] = 7
+    mask.data[2, :5, :5] = 7
+    edited = mask.data.copy()
+    viewer.dims.set_current_step(0, 1)
+    widget.scope_combo.setCurrentIndex(widget.scope_combo.findData("slice"))
+    assert widget.region(viewer.layers["stack"]).start == (1, 0, 0)
+    outcome = _run(qtbot, widget)
+    assert outcome.ok, outcome.error
+    assert outcome.value.result["mask"].shape == (1, 48, 64)
+    assert (mask.data[2, :5, :5] == 7).all()         # another slice: untouched
+    assert not (mask.data[1, :5, :5] == 7).all()     # the run's slice: overwritten
+    widget.undo()
+    np.testing.assert_array_equal(mask.data, edited)  # the user's edit is back
+
+
+def test_visible_region_writes_only_the_visible_box(make_napari_viewer, qtbot, env):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(3).random((96, 96), np.float32), name="img")
+    widget = _widget(viewer, qtbot)
+    _choose(widget, tile=32)
+    widget.probs_check.setChecked(True)
+    widget.scope_combo.setCurrentIndex(widget.scope_combo.findData("visible"))
+    layer = viewer.layers["img"]
+    layer.corner_pixels = np.array([[40, 8], [79, 47]])  # what a zoomed canvas sets
+    region = widget.region(layer)
+    assert (region.start, region.stop) == ((40, 8), (80, 48))
+    outcome = _run(qtbot, widget)
+    assert outcome.ok, outcome.error
+    probs = viewer.layers["img probabilities"].data
+    inside = np.zeros(probs.shape, bool)
+    inside[40:80, 8:48] = True
+    assert (probs[inside] > 0).all() and (probs[~inside] == 0).all()
+
+
+def test_cancel_stops_within_a_batch_and_keeps_finished_slices(
+        make_napari_viewer, qtbot, env):
+    viewer = make_napari_viewer()
+    vol = np.random.default_rng(4).random((6, 64, 64), np.float32)
+    viewer.add_image(vol, name="vol")
+    widget = _widget(viewer, qtbot)
+    _choose(widget, tile=32)
+    widget.probs_check.setChecked(True)
+    _settle(qtbot, widget)
+    worker = widget.run()
+    assert worker is not None
+    seen: list[int] = []
+
+    def on_event(event):
+        if isinstance(event, PlaneEvent) and not seen:
+            seen.append(event.plane)
+            widget.run_button.click()  # the Run button is Cancel while running
+
+    worker.yielded.connect(on_event)
+    assert widget.run_button.text() == "Cancel"
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    result = widget.last_outcome.value.result
+    assert result.cancelled
+    done = set(result.planes_done)
+    assert 1 <= len(done) < 6
+    # One batch at most after the request: the engine stops before the next plane ends.
+    assert len(done) <= 2
+    probs = viewer.layers["vol probabilities"].data
+    for z in range(6):
+        assert ((probs[z] > 0).all() if z in done else (probs[z] == 0).all()), z
+    assert widget.run_button.text() == "Run"
+    _settle(qtbot, widget)
+
+
+def test_event_loop_stays_responsive_during_a_volume_run(make_napari_viewer, qtbot, env):
+    """Records the longest gap between 10 ms timer ticks while a volume is segmented."""
+    from qtpy.QtCore import QTimer
+
+    viewer = make_napari_viewer(show=True)
+    vol = np.random.default_rng(5).random((8, 128, 128), np.float32)
+    viewer.add_image(vol, name="vol")
+    widget = _widget(viewer, qtbot)
+    _choose(widget, tile=64)
+    _settle(qtbot, widget)
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    qtbot.wait(100)
+    t0 = time.perf_counter()
+    outcome = _run(qtbot, widget)
+    seconds = time.perf_counter() - t0
+    timer.stop()
+    assert outcome.ok, outcome.error
+    gaps = np.diff(ticks) * 1000
+    print(f"\nGUI stall during an 8x128x128 run ({seconds:.1f} s, "
+          f"{outcome.value.result.stats['forward_passes']} tile passes): longest gap "
+          f"{gaps.max():.0f} ms, 99th percentile {np.percentile(gaps, 99):.0f} ms, "
+          f"median {np.median(gaps):.0f} ms over {len(gaps)} ticks")
+    assert len(gaps) > 10  # the event loop kept ticking while the worker ran
+
+
+def test_boundary_tools_and_metrics_table(make_napari_viewer, qtbot, env):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(6).random((64, 64), np.float32), name="img")
+    ref = np.zeros((64, 64), np.int32)
+    ref[5:25, 5:25] = 1
+    ref[30:60, 30:50] = 2
+    viewer.add_labels(ref, name="truth")
+    widget = _widget(viewer, qtbot)
+    _choose(widget)
+    assert _run(qtbot, widget).ok
+    mask = viewer.layers["img mask"]
+    # The user draws two touching squares; the boundary tool follows the edit.
+    mask.data[...] = 0
+    mask.data[10:30, 10:20] = 1
+    mask.data[10:30, 20:30] = 1
+    widget.boundary_from_mask()
+    _settle(qtbot, widget)
+    np.testing.assert_array_equal(viewer.layers["img boundary"].data,
+                                  boundary_from_labels(mask.data))
+    # Instances from mask + a boundary line between the squares: two objects.
+    bnd = viewer.layers["img boundary"]
+    bnd.data[...] = 0
+    bnd.data[10:30, 19:21] = 1
+    widget.instances_from_mask()
+    _settle(qtbot, widget)
+    inst = viewer.layers["img instances"].data
+    assert inst.max() == 2 and len(np.unique(inst[10:30, 10:18])) == 1
+    assert inst[15, 12] != inst[15, 27]
+    # Metrics against the reference (instances binarized for a one-class network).
+    widget.reference_combo.setCurrentText("truth")
+    _settle(qtbot, widget)
+    assert widget.metrics_table.rowCount() == 1
+    want = region_metrics(mask.data, ref, "YX", 1, (1.0, 1.0))[1]
+    assert widget.metrics_table.item(0, 1).text() == f"{want['dice']:.3f}"
+    assert widget.metrics_table.item(0, 2).text() == f"{want['iou']:.3f}"
+    assert widget.metrics_table.item(0, 3).text() == f"{want['hd95']:.2f}"
+    # Undo the instances step removes the layer it created.
+    widget.undo()
+    assert "img instances" not in viewer.layers
+
+
+def test_errors_are_one_sentence_notifications(make_napari_viewer, qtbot, env, errors):
+    import torch
+
+    from napari_medseg.engine.checkpoints import save_checkpoint
+    from napari_medseg.models import create_model
+
+    # A user checkpoint for 2-channel images, and a model card whose weights are missing.
+    folder = env / "home" / "checkpoints"
+    torch.manual_seed(0)
+    save_checkpoint(create_model(NETWORK, "tiny", 2, 1), folder / "two_channels")
+    cards = env / "models"
+    cards.mkdir()
+    (cards / "missing.yaml").write_text(
+        f"tag: {NETWORK}-missing\nnetwork: {NETWORK}\nvariant: lite\ndataset: nowhere\n"
+        "weights: missing.safetensors\nsha256: '0'\nconfig: {in_channels: 1, num_classes: 1}\n"
+        "normalization: null\nmetrics: {}\n")
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(7).random((64, 64), np.float32), name="img")
+    widget = _widget(viewer, qtbot)
+    widget.network_combo.setCurrentText(NETWORK)
+    labels = [widget.weights_combo.itemText(i) for i in range(widget.weights_combo.count())]
+    mine = next(t for t in labels if t.startswith("two_channels"))
+    missing = next(t for t in labels if "not installed" in t)
+
+    _choose(widget, weights_label=mine)
+    assert not widget.variant_combo.isEnabled()  # fixed by the checkpoint
+    outcome = _run(qtbot, widget)
+    assert not outcome.ok
+    assert errors and errors[-1] == outcome.error
+    assert "channel" in errors[-1] and "\n" not in errors[-1] and "Traceback" not in errors[-1]
+    assert "img mask" not in viewer.layers
+    assert widget.run_button.text() == "Run" and widget.run_button.isEnabled()
+
+    _choose(widget, weights_label=missing)
+    outcome = _run(qtbot, widget)
+    assert not outcome.ok and "not installed" in errors[-1]
+    assert "img mask" not in viewer.layers
+    _settle(qtbot, widget)
