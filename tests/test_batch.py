@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -74,12 +75,10 @@ def checkpoint(tmp_path_factory) -> tuple[Path, str]:
     return folder / "tiny.safetensors", str(info.sha256)
 
 
-@pytest.fixture
-def folder(tmp_path) -> Path:
+def _make_folder(src: Path) -> Path:
     """Three good images (TIFF with spacing, PNG, RGB TIFF), a truncated TIFF, text named
     .tif, a notes.txt and a hidden file."""
-    src = tmp_path / "in"
-    src.mkdir()
+    src.mkdir(parents=True)
     meta = ImageMeta(axes="YX", spacing=(0.5, 0.25), units=("micrometer", "micrometer"))
     write_image(src / "a.tif", _blobs((64, 64), 1), meta)
     write_image(src / "b.png", _blobs((64, 64), 2))
@@ -91,6 +90,22 @@ def folder(tmp_path) -> Path:
     (src / "notes.txt").write_text("acquired on Tuesday\n")
     (src / ".DS_Store").write_bytes(b"\x00\x01")
     return src
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """A folder of this test's own (see :func:`_make_folder`)."""
+    return _make_folder(tmp_path / "in")
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, checkpoint):
+    """One local run over a shared folder: ``(folder, out, events, summary)``; read only."""
+    root = tmp_path_factory.mktemp("shared")
+    src = _make_folder(root / "in")
+    events, summary = _drain(run_folder_iter(src, root / "out", weights=str(checkpoint[0]),
+                                             **FAST))
+    return src, root / "out", events, summary
 
 
 def _drain(gen):
@@ -148,10 +163,9 @@ def test_find_images_names_outputs_and_ignores_what_it_cannot_read(folder, tmp_p
 # --- a local run ---------------------------------------------------------------------------
 
 
-def test_run_reports_bad_files_and_predicts_the_rest(folder, tmp_path, checkpoint):
+def test_run_reports_bad_files_and_predicts_the_rest(local_run, checkpoint):
     ckpt, sha = checkpoint
-    out = tmp_path / "out"
-    events, summary = _drain(run_folder_iter(folder, out, weights=str(ckpt), **FAST))
+    folder, out, events, summary = local_run
 
     assert isinstance(summary, BatchSummary)
     assert (summary.total, summary.done, summary.failed, summary.ignored, summary.skipped) == \
@@ -204,37 +218,39 @@ def test_run_reports_bad_files_and_predicts_the_rest(folder, tmp_path, checkpoin
 def test_rerun_skips_finished_files_and_redoes_changed_ones(folder, tmp_path, checkpoint):
     ckpt, _ = checkpoint
     out = tmp_path / "out"
-    run_folder(folder, out, weights=str(ckpt), **FAST)
+    some = {"weights": str(ckpt), "pattern": "[abf]*", **FAST}  # a.tif, b.png, fake.tif
+    run_folder(folder, out, **some)
     first = {p.name: p.stat().st_mtime_ns for p in out.glob("*_mask.tif")}
+    assert len(first) == 2
 
-    events, again = _drain(run_folder_iter(folder, out, weights=str(ckpt), **FAST))
-    assert (again.done, again.skipped, again.failed) == (0, 3, 2)  # bad files are retried
-    assert any(isinstance(e, NoticeEvent) and "Skipped 3 file(s)" in e.message for e in events)
+    events, again = _drain(run_folder_iter(folder, out, **some))
+    assert (again.done, again.skipped, again.failed) == (0, 2, 1)  # the bad file is retried
+    assert any(isinstance(e, NoticeEvent) and "Skipped 2 file(s)" in e.message for e in events)
     assert {e.name for e in events if isinstance(e, FileEvent) and e.status == "skipped"} == \
-        set(GOOD)
+        {"a.tif", "b.png"}
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*_mask.tif")} == first
     manifest = json.loads((out / MANIFEST_NAME).read_text())
-    assert manifest["skipped"] == 3 and manifest["summary"]["skipped"] == 3
-    assert [r["skipped"] for r in manifest["runs"]] == [0, 3]
+    assert manifest["skipped"] == 2 and manifest["summary"]["skipped"] == 2
+    assert [r["skipped"] for r in manifest["runs"]] == [0, 2]
 
     # A changed input is predicted again; so is everything after a change of settings.
     os.utime(folder / "b.png", ns=(1, 1))
-    assert run_folder(folder, out, weights=str(ckpt), **FAST).done == 1
-    assert run_folder(folder, out, weights=str(ckpt), overlap=0.5, **FAST).done == 3
-    assert run_folder(folder, out, weights=str(ckpt), overlap=0.5, **FAST).skipped == 3
-    assert run_folder(folder, out, weights=str(ckpt), overlap=0.5, force=True, **FAST).done == 3
-    # A missing output is predicted again.
+    assert run_folder(folder, out, **some).done == 1
+    assert run_folder(folder, out, **{**some, "overlap": 0.5}).done == 2
+    # A missing output is predicted again; force predicts what is finished.
     (out / "a_mask.tif").unlink()
-    redo = run_folder(folder, out, weights=str(ckpt), overlap=0.5, **FAST)
-    assert (redo.done, redo.skipped) == (1, 2)
+    redo = run_folder(folder, out, **{**some, "overlap": 0.5})
+    assert (redo.done, redo.skipped) == (1, 1)
+    forced = run_folder(folder, out, **{**some, "overlap": 0.5, "pattern": "b*", "force": True})
+    assert (forced.done, forced.skipped) == (1, 0)
 
 
 def test_cancel_stops_cleanly_and_leaves_no_half_written_output(tmp_path, checkpoint):
     ckpt, _ = checkpoint
     src = tmp_path / "in"
     src.mkdir()
-    for i in range(3):
-        write_image(src / f"img{i}.tif", _blobs((128, 128), 10 + i))
+    for i in range(3):  # two 64x64 tiles each
+        write_image(src / f"img{i}.tif", _blobs((64, 112), 10 + i))
     out = tmp_path / "out"
     token = CancelToken()
     events = []
@@ -360,14 +376,15 @@ def test_label_meta_follows_a_super_resolved_output():
 # --- parallel runs --------------------------------------------------------------------------
 
 
-def test_threads_give_the_same_outputs_with_one_model_per_worker(folder, tmp_path, checkpoint):
+def test_threads_give_the_same_outputs_with_one_model_per_worker(local_run, tmp_path,
+                                                                checkpoint):
     ckpt, _ = checkpoint
-    local = run_folder(folder, tmp_path / "local", weights=str(ckpt), **FAST)
+    folder, local_out, _, local = local_run
     threads = run_folder(folder, tmp_path / "threads", weights=str(ckpt), workers=2, **FAST)
     assert threads.executor["kind"] == "threads"
     assert (threads.done, threads.failed, threads.ignored) == (local.done, local.failed,
                                                                local.ignored)
-    a, b = _masks(tmp_path / "local"), _masks(tmp_path / "threads")
+    a, b = _masks(local_out), _masks(tmp_path / "threads")
     for name in GOOD:
         np.testing.assert_array_equal(a[name], b[name])
     workers = {f["worker"] for f in threads.files.values() if f.get("worker")}
@@ -375,17 +392,17 @@ def test_threads_give_the_same_outputs_with_one_model_per_worker(folder, tmp_pat
 
 
 @pytest.mark.slow
-def test_dask_local_cluster_gives_the_same_outputs_as_a_local_run(folder, tmp_path,
+def test_dask_local_cluster_gives_the_same_outputs_as_a_local_run(local_run, tmp_path,
                                                                    checkpoint):
     ckpt, sha = checkpoint
-    local = run_folder(folder, tmp_path / "local", weights=str(ckpt), **FAST)
+    folder, local_out, _, local = local_run
     events, dask = _drain(run_folder_iter(folder, tmp_path / "dask", weights=str(ckpt),
                                           dask_local=2, **FAST))
     assert dask.executor["kind"] == "dask-local"
     assert dask.executor["scheduler"].startswith("tcp://127.0.0.1:")  # loopback only
     assert (dask.done, dask.failed, dask.ignored, dask.total) == (3, 2, 1, 5)
     assert set(dask.failures) == set(local.failures)
-    a, b = _masks(tmp_path / "local"), _masks(tmp_path / "dask")
+    a, b = _masks(local_out), _masks(tmp_path / "dask")
     for name in GOOD:
         np.testing.assert_array_equal(a[name], b[name])
     assert any(0 < m.mean() < 1 for m in a.values())  # real masks, not all one class
@@ -397,3 +414,41 @@ def test_dask_local_cluster_gives_the_same_outputs_as_a_local_run(folder, tmp_pa
     assert manifest["executor"]["kind"] == "dask-local"
     assert manifest["weights"]["sha256"] == sha and manifest["state"] == "finished"
     assert _partials(tmp_path / "dask") == []
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def test_cli_batch_exit_status_progress_and_skips(local_run, tmp_path, checkpoint, capsys):
+    from napari_medseg.cli import main
+
+    ckpt, _ = checkpoint
+    folder, local_out, _, _ = local_run
+    out = tmp_path / "out"
+    shutil.copytree(local_out, out)  # as if this command had run before
+    argv = ["batch", str(folder), str(out), "--weights", str(ckpt), "--device", "cpu",
+            "--precision", "fp32", "--tile", "64"]
+    assert main(argv) == 1  # the two bad files fail again
+    captured = capsys.readouterr()
+    assert "Skipped 3 file(s)" in captured.err
+    assert "error: corrupt.tif:" in captured.err and "error: fake.tif:" in captured.err
+    assert "ignoring notes.txt" in captured.err
+    assert "0 predicted, 3 skipped (finished earlier), 2 failed" in captured.out
+    assert json.loads((out / MANIFEST_NAME).read_text())["skipped"] == 3
+
+    assert main(argv + ["--pattern", "[ab]*", "-q"]) == 0  # only good files: success
+    assert main(["batch", str(folder), str(tmp_path / "x"), "--device", "cpu"]) == 2
+    assert "Give the weights" in capsys.readouterr().err
+
+
+def test_cli_batch_random_weights_warn(local_run, tmp_path, capsys):
+    from napari_medseg.cli import main
+
+    folder = local_run[0]
+    code = main(["batch", str(folder), str(tmp_path / "out"), "--model", "msa2net",
+                 "--variant", "tiny", "--pattern", "a.tif", "--format", "nii", "-q",
+                 "--device", "cpu", "--tile", "64"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "WARNING: No trained weights: msa2net/tiny has RANDOM weights" in err
+    assert (tmp_path / "out" / "a_mask.nii.gz").is_file()

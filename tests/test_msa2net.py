@@ -57,7 +57,9 @@ def _tiny(in_channels: int = 1, num_classes: int = 3, **overrides):
 # --------------------------------------------------------------------------- MASAG
 
 
-@pytest.mark.parametrize(("channels", "expected"), [(96, 113_287), (192, 447_751), (384, 1_780_231)])
+@pytest.mark.parametrize(
+    ("channels", "expected"), [(96, 113_287), (192, 447_751), (384, 1_780_231)]
+)
 def test_masag_parameter_counts(channels, expected):
     assert _count(MASAG(channels)) == expected
 
@@ -106,7 +108,8 @@ def test_masag_matches_spec_equations():
 
     def bn(layer, t):
         return F.batch_norm(
-            t, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps
+            t, layer.running_mean, layer.running_var, layer.weight, layer.bias,
+            False, 0.0, layer.eps,
         )
 
     with torch.no_grad():
@@ -417,7 +420,9 @@ def test_boundary_dou_perfect_prediction_and_valid_mask():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(1, 2, 16, 16, generator=gen, requires_grad=True)
     ones = torch.ones(1, 16, 16)
-    torch.testing.assert_close(boundary_dou_loss(logits, mask, ones), boundary_dou_loss(logits, mask))
+    torch.testing.assert_close(
+        boundary_dou_loss(logits, mask, ones), boundary_dou_loss(logits, mask)
+    )
     valid = ones.clone()
     valid[0, :, 10:] = 0
     base = boundary_dou_loss(logits, mask, valid)

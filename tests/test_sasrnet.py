@@ -74,6 +74,16 @@ def test_mask_is_exactly_twice_the_input(h, w, in_channels, num_classes):
     assert out["mask"].shape == (2, num_classes, 2 * h, 2 * w)
 
 
+def test_bad_inputs_raise_a_clear_error():
+    model = _tiny(1, 1).eval()
+    with pytest.raises(InputShapeError, match="divisible by 8"):
+        model(torch.randn(1, 1, 32, 36))
+    with pytest.raises(InputShapeError, match="input channel"):
+        model(torch.randn(1, 3, 32, 32))
+    with pytest.raises(InputShapeError, match="N x C x H x W"):
+        model(torch.randn(1, 1, 16, 16, 16))
+
+
 def test_training_outputs_shapes():
     model = _tiny(3, 2).train()
     out = model(torch.randn(2, 3, 32, 48))

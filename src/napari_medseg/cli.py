@@ -436,6 +436,129 @@ def _add_predict(sub) -> argparse.ArgumentParser:
     return p
 
 
+# --- batch --------------------------------------------------------------------------------
+
+
+def _batch_config(args: argparse.Namespace):
+    from .config import BatchConfig, load_toml
+
+    settings: dict = load_toml(args.config, section="batch") if args.config else {}
+    flags = {
+        "weights": args.weights, "model": args.model, "variant": args.variant,
+        "num_classes": args.classes, "pattern": args.pattern, "format": args.format,
+        "output": args.output_kind, "device": args.device, "workers": args.workers,
+        "scheduler": args.scheduler, "dask_local": args.dask_local, "tile": args.tile,
+        "overlap": args.overlap, "batch_size": args.batch_size, "precision": args.precision,
+    }
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    for flag in ("recursive", "force", "tta"):
+        if getattr(args, flag):
+            settings[flag] = True
+    return BatchConfig.from_mapping(settings)
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    import signal
+
+    from .engine.batch import FileEvent, run_folder_iter
+    from .engine.progress import CancelToken, FinishedEvent, NoticeEvent
+
+    err = sys.stderr
+    config = _batch_config(args)
+    token = CancelToken()
+    bar = None
+    summary = None
+
+    def say(line: str) -> None:
+        (bar.write if bar is not None else print)(line, file=err)
+
+    def on_sigint(signum, frame):  # first Ctrl-C: stop cleanly; second: abort
+        if token.cancelled:
+            raise KeyboardInterrupt
+        token.cancel()
+        say("napari-medseg: stopping after the current batch of tiles (Ctrl-C again to abort)")
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    try:
+        for event in run_folder_iter(args.input, args.output, config, cancel=token):
+            if isinstance(event, NoticeEvent):
+                say(f"{'WARNING' if event.level == 'warning' else 'napari-medseg: notice'}: "
+                    f"{event.message}")
+            elif isinstance(event, FileEvent):
+                if event.status == "failed":
+                    say(f"napari-medseg: error: {event.name}: {event.error}")
+                elif event.status == "ignored":
+                    say(f"napari-medseg: notice: ignoring {event.name}: {event.error}")
+                if bar is None and not args.quiet and event.total:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=event.total, unit="file", file=err, dynamic_ncols=True,
+                               desc="batch")
+                if bar is not None:
+                    bar.update(event.finished - bar.n)
+                    if event.status == "running":
+                        bar.set_postfix_str(event.name[-32:])
+            elif isinstance(event, FinishedEvent):
+                summary = event.result
+    finally:
+        if bar is not None:
+            bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    assert summary is not None
+    print(f"napari-medseg: {summary.line()}")
+    print(f"napari-medseg: manifest {summary.manifest}")
+    if summary.was_cancelled:
+        return 130
+    return 1 if summary.failed else 0
+
+
+def _add_batch(sub) -> argparse.ArgumentParser:
+    from .config import BATCH_FORMATS, BATCH_OUTPUTS, PRECISIONS
+
+    p = sub.add_parser(
+        "batch", help="segment every image in a folder (resumable, optionally on Dask)",
+        description="Segment every image in IN_DIR into OUT_DIR as <name>_mask.<ext>, with a "
+                    "manifest run.json. A re-run skips the files an earlier run finished with "
+                    "the same weights and settings; unreadable files are reported and the "
+                    "rest go on.",
+        epilog="Exit status: 0 all images done, 1 some failed, 2 the run could not start, "
+               "130 cancelled.",
+    )
+    p.add_argument("input", metavar="IN_DIR", help="folder of images")
+    p.add_argument("output", metavar="OUT_DIR", help="folder for the outputs and run.json")
+    p.add_argument("--weights", metavar="TAG|PATH",
+                   help="shipped weights tag (see `napari-medseg models`) or a checkpoint path")
+    p.add_argument("--model", help="without --weights: a network built with RANDOM weights "
+                                   "(to test a pipeline only)")
+    p.add_argument("--variant", help="variant of --model (default lite)")
+    p.add_argument("--classes", type=int, help="classes of --model (default 2)")
+    p.add_argument("--pattern", help="glob the file names must match (default *)")
+    p.add_argument("--recursive", action="store_true", help="also look in sub-folders")
+    p.add_argument("--format", choices=tuple(BATCH_FORMATS), help="output format (default tif)")
+    p.add_argument("--output-kind", choices=BATCH_OUTPUTS,
+                   help="label image written per input (default mask)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--workers", type=int,
+                   help="files predicted at once in this process, one model each (default 1)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="run on an existing Dask cluster (tcp://HOST:PORT); its workers "
+                            "must see the folders at the same paths")
+    where.add_argument("--dask-local", type=int, metavar="N",
+                       help="start a local Dask cluster of N worker processes (loopback)")
+    p.add_argument("--tile", help="tile side in pixels (default: the network's)")
+    p.add_argument("--overlap", help="tile overlap fraction (default 0.25)")
+    p.add_argument("--batch-size", help="tiles per forward pass (default: automatic)")
+    p.add_argument("--precision", choices=PRECISIONS, help="compute precision (default auto)")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--force", action="store_true",
+                   help="predict every file again, even those finished earlier")
+    p.add_argument("--config", metavar="TOML", help="settings file with a [batch] table")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     """The argument parser and the command table."""
     parser = argparse.ArgumentParser(
@@ -456,6 +579,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 
     _add_predict(sub)
     commands["predict"] = _cmd_predict
+
+    _add_batch(sub)
+    commands["batch"] = _cmd_batch
 
     return parser, commands
 

@@ -35,6 +35,8 @@ __all__ = [
     "InferenceConfig",
     "config_from_mapping",
     "load_toml",
+    "AugmentConfig",
+    "TrainConfig",
 ]
 
 #: Ways overlapping tiles are merged: a gaussian taper, a plain average, or each pixel
@@ -534,3 +536,111 @@ class BatchConfig(ConfigBase):
 
 
 __all__ += ["BATCH_FORMATS", "BATCH_OUTPUTS", "BatchConfig"]
+
+
+@dataclass(frozen=True)
+class AugmentConfig(ConfigBase):
+    """Training augmentations (:mod:`napari_medseg.engine.augment`), and how strong.
+
+    Attributes:
+        flips: random horizontal and vertical flips.
+        rot90: random multiples of 90 degrees (square patches only).
+        scale: (low, high) zoom factors; (1, 1) disables.
+        intensity: random gain and offset on the image.
+        noise_std: std of additive Gaussian noise (in normalised units); 0 disables.
+        elastic: smooth elastic deformation strength in pixels; 0 disables.
+    """
+
+    flips: bool = True
+    rot90: bool = True
+    scale: tuple[float, float] = (0.8, 1.25)
+    intensity: bool = True
+    noise_std: float = 0.03
+    elastic: float = 0.0
+
+    def __post_init__(self) -> None:
+        lo, hi = self.scale
+        if not 0 < lo <= hi:
+            raise ConfigError(f"The scale range must satisfy 0 < low <= high, not {self.scale}.")
+
+
+@dataclass(frozen=True)
+class TrainConfig(ConfigBase):
+    """Settings of ``napari-medseg train`` (:mod:`napari_medseg.engine.train`).
+
+    Attributes:
+        network: registry name of the network.
+        variant: ``tiny``, ``lite`` or ``paper``.
+        in_channels: image channels the network takes; 0 takes them from the first image
+            (RGBA counts as RGB). Grey <-> RGB images are converted to fit.
+        num_classes: K; 2 = background + foreground with softmax (the default for binary and
+            instance masks), 1 = one sigmoid logit.
+        model_overrides: extra fields of the network's config.
+        patch: training patch side at the target (mask) resolution.
+        batch_size: patches per step.
+        steps: optimisation steps at most.
+        lr: peak learning rate (AdamW), reached after ``warmup_steps``; cosine decay to
+            ``min_lr`` over the run.
+        min_lr: final learning rate.
+        warmup_steps: linear warm-up steps.
+        weight_decay: AdamW weight decay.
+        grad_clip: gradient-norm clip.
+        val_fraction: fraction of images (or slice blocks of a stack) held out.
+        max_val_images: cap on validation images (speed on a CPU); 0 = no cap.
+        val_every: steps between validations.
+        patience: validations without improvement before stopping early; 0 never stops.
+        fg_fraction: probability that a patch is centred on a foreground pixel.
+        augment: the augmentations.
+        normalization: the intensity normalization (recorded in the checkpoint).
+        instances: treat masks as instance labels (foreground + boundary targets); None
+            decides per file.
+        pattern: glob of the files to use in the folders.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` autocast.
+        max_minutes: stop after this many minutes (the best checkpoint is kept); 0 = no limit.
+        freeze_encoder: train only the decoder and heads.
+        resume: continue from the ``.train-state`` files beside the output, if present.
+        seed: random seed of the split, the sampling, the augmentation and the init.
+        dataset: name recorded in the checkpoint (default: the image folder's parent name).
+        checkpoint_dtype: ``float16`` (shipped weights) or ``float32``.
+    """
+
+    network: str = "unet_sharp"
+    variant: str = "lite"
+    in_channels: int = 0
+    num_classes: int = 2
+    model_overrides: dict = field(default_factory=dict)
+    patch: int = 256
+    batch_size: int = 8
+    steps: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 50
+    weight_decay: float = 1e-4
+    grad_clip: float = 5.0
+    val_fraction: float = 0.2
+    max_val_images: int = 24
+    val_every: int = 100
+    patience: int = 8
+    fg_fraction: float = 0.5
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig())
+    normalization: NormalizationConfig | None = None
+    instances: bool | None = None
+    pattern: str = "*"
+    device: str = "auto"
+    precision: str = field(default="auto", metadata=_choices(*PRECISIONS))
+    max_minutes: float = 0.0
+    freeze_encoder: bool = False
+    resume: bool = True
+    seed: int = 0
+    dataset: str = ""
+    checkpoint_dtype: str = field(default="float16", metadata=_choices("float16", "float32"))
+
+    def __post_init__(self) -> None:
+        for name in ("patch", "batch_size", "steps", "val_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}.")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), not {self.val_fraction}.")
+        if not self.lr > 0:
+            raise ConfigError(f"The learning rate must be positive, not {self.lr}.")

@@ -70,6 +70,7 @@ from .worker import (
     JobOutcome,
     RunProgress,
     boundary_job,
+    guard_llvm_clash,
     instances_job,
     metrics_job,
     plan_job,
@@ -165,6 +166,7 @@ class SegmentWidget(QWidget):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
+        guard_llvm_clash()  # before the networks import torch._dynamo (see the function)
         self.viewer = napari_viewer
         self.session = SegmentSession()
         self._workers: set[Any] = set()

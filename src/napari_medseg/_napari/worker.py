@@ -16,6 +16,7 @@ napari's cancellable progress bar (activity dock), wired to the same token.
 from __future__ import annotations
 
 import inspect
+import sys
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from ..engine.regions import stack_blocks
 from ..errors import MedsegError
 
 __all__ = [
+    "guard_llvm_clash",
     "JobOutcome",
     "RunResult",
     "error_message",
@@ -42,6 +44,33 @@ __all__ = [
     "boundary_job",
     "instances_job",
 ]
+
+
+def guard_llvm_clash() -> bool:
+    """Keep Triton from loading into a process whose OpenGL driver already loaded LLVM.
+
+    Mesa's software renderer (llvmpipe, used under Xvfb, in VMs and on machines without a
+    GPU driver) maps its own libLLVM when napari creates its canvas. Triton's extension,
+    which CUDA builds of torch import through ``torch._dynamo`` (timm -> torchvision), bundles
+    another LLVM, and loading it afterwards crashes the process (a segmentation fault in
+    LLVM's static initialisers). The plugin never compiles with Triton, so when libLLVM is
+    already mapped and Triton is not yet loaded, Triton is marked unavailable
+    (``sys.modules["triton"] = None``: torch then reports it missing).
+
+    Returns:
+        True when Triton was blocked.
+    """
+    if "triton" in sys.modules or not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
+            mapped = fh.read()
+    except OSError:
+        return False
+    if "libLLVM" not in mapped:
+        return False
+    sys.modules["triton"] = None  # type: ignore[assignment]
+    return True
 
 
 @dataclass(frozen=True)

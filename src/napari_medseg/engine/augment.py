@@ -8,34 +8,14 @@ scale (zoom about the centre), and an optional smooth elastic deformation. Inten
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import AugmentConfig
+
 __all__ = ["AugmentConfig", "augment_batch"]
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Which augmentations run, and how strong.
-
-    Attributes:
-        flips: random horizontal and vertical flips.
-        rot90: random multiples of 90 degrees (square patches only).
-        scale: (low, high) zoom factors; (1, 1) disables.
-        intensity: random gain, offset and gamma on the image.
-        noise_std: std of additive Gaussian noise (in normalised units); 0 disables.
-        elastic: smooth elastic deformation strength in pixels; 0 disables.
-    """
-
-    flips: bool = True
-    rot90: bool = True
-    scale: tuple[float, float] = (0.8, 1.25)
-    intensity: bool = True
-    noise_std: float = 0.03
-    elastic: float = 0.0
 
 
 def _grid(size: tuple[int, int], scales: Tensor, coarse: Tensor | None, elastic: float) -> Tensor:

@@ -805,8 +805,8 @@ def _weights(config: BatchConfig) -> tuple[WeightsSource, Any, list[NoticeEvent]
     model = _build_random(src)
     src = WeightsSource(**{**src.__dict__, "sha256": _state_sha256(model)})
     notices.append(NoticeEvent(
-        message=f"WARNING: no trained weights: {config.model}/{config.variant} has RANDOM "
-                "weights, so its masks are meaningless; use this only to test a pipeline.",
+        message=f"No trained weights: {config.model}/{config.variant} has RANDOM weights, "
+                "so its masks are meaningless; use this only to test a pipeline.",
         level="warning"))
     return src, model, notices
 
@@ -913,6 +913,9 @@ def run_folder_iter(
     if config.scheduler or config.dask_local:
         executor = {"kind": "dask-local" if config.dask_local else "dask",
                     "workers": config.dask_local, "scheduler": config.scheduler}
+        if config.workers > 1:
+            yield NoticeEvent(message=f"workers={config.workers} is ignored on Dask: each "
+                                      "worker thread of the cluster runs one file at a time.")
     elif config.workers > 1:
         executor = {"kind": "threads", "workers": config.workers}
     counts = {"done": 0, "failed": 0, "model_loads": 1 if executor["kind"] == "local" else 0}

@@ -41,7 +41,8 @@ class MASAG(nn.Module):
         super().__init__()
         c = int(channels)
         self.channels = c
-        # 1. local context of x: DW 3x3 -> BN -> ReLU -> dense dilated 3x3 -> BN -> ReLU -> 1x1 -> BN
+        # 1. local context of x: DW 3x3 -> BN -> ReLU -> dense dilated 3x3 -> BN -> ReLU
+        #    -> 1x1 -> BN
         self.local_dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
         self.local_dw_norm = nn.BatchNorm2d(c)
         self.local_dilated = nn.Conv2d(c, c, 3, padding=2, dilation=2)

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..errors import InputShapeError
@@ -109,7 +108,9 @@ class MSA2NetConfig:
                 f"channel_heads={self.channel_heads}."
             )
         if len(tuple(self.stem_widths)) != 2 or self.partition_size < 1:
-            raise InputShapeError("MSA²Net needs 2 stem widths and a partition size of at least 1.")
+            raise InputShapeError(
+                "MSA²Net needs 2 stem widths and a partition size of at least 1."
+            )
         if self.decoder_depth < 1:
             raise InputShapeError("MSA²Net needs at least one block per decoder stage.")
         if self.loss not in LOSSES:
@@ -132,7 +133,8 @@ class DecoderStage(nn.Module):
         mlp_ratio: MLP expansion inside the blocks.
 
     Shapes:
-        d: N×H×W×C (channels-last), skip: N×C×H×W. Output N×2H×2W×C/2 (N×4H×4W×C if final).
+        d: N×H×W×C (channels-last), skip: N×C×H×W.
+        Output: N×2H×2W×C/2 (N×4H×4W×C if final).
     """
 
     def __init__(
@@ -233,7 +235,7 @@ class MSA2Net(SegmentationNetwork):
             config.rel_pos_dim,
         )
         self.expand3 = PatchExpand(dims[3], dims[2], scale=2)
-        kw = dict(
+        kw: dict[str, Any] = dict(
             depth=config.decoder_depth,
             channel_heads=config.channel_heads,
             mlp_ratio=config.mlp_ratio,

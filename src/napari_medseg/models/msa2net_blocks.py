@@ -11,7 +11,8 @@
 * :class:`LKABlock` (large-kernel attention + conv MLP), used at 1/8 and 1/4 (spec 1.8).
 * :class:`PatchExpand` (×2 and the final ×4 expansion, spec 1.9).
 
-Axes: "N×C×H×W" is channels-first, "N×H×W×C" channels-last, "N×L×C" tokens (L = H·W, row-major).
+Axes: "N×C×H×W" is channels-first, "N×H×W×C" channels-last, "N×L×C" tokens
+(L = H·W, row-major).
 """
 
 from __future__ import annotations

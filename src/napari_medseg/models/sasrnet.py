@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InputShapeError
 from .base import SegmentationNetwork
 from .registry import register_network
 from .sasrnet_blocks import (
@@ -245,7 +246,27 @@ class SASRNet(SegmentationNetwork):
         """
         return self._run(x, full=self.training)
 
+    def _check_input(self, x: Tensor) -> None:
+        dims = self.config.spatial_dims
+        if x.dim() != dims + 2:
+            axes = "N x C x H x W" if dims == 2 else "N x C x D x H x W"
+            raise InputShapeError(
+                f"SASR-Net ({dims}D) takes a batch {axes}, got a tensor with {x.dim()} dimensions."
+            )
+        if x.shape[1] != self.config.in_channels:
+            raise InputShapeError(
+                f"SASR-Net was built for {self.config.in_channels} input channel(s), "
+                f"got {x.shape[1]}."
+            )
+        step = 2 ** (len(self.encoder) - 1)
+        if any(int(s) % step for s in x.shape[2:]):
+            raise InputShapeError(
+                f"SASR-Net needs every spatial side divisible by {step}, got "
+                f"{' x '.join(str(int(s)) for s in x.shape[2:])}; pad or crop the image."
+            )
+
     def _run(self, x: Tensor, full: bool) -> dict[str, Any]:
+        self._check_input(x)
         features = self.encode(x)
         seg, seg_gates = self.seg_decoder(features)
         logits_lr = self.seg_head(seg)
