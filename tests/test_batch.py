@@ -322,18 +322,22 @@ def test_formats_zarr_and_nifti_keep_geometry(folder, tmp_path, checkpoint):
         assert _partials(out) == []
 
 
-def test_random_weights_warn_loudly_and_are_the_same_each_run(folder, tmp_path):
+def test_random_weights_warn_loudly_and_recursive_keeps_sub_folders(folder, tmp_path):
+    sub = folder / "sub"
+    sub.mkdir()
+    write_image(sub / "d.tif", _blobs((64, 64), 4))
     out = tmp_path / "out"
-    events, summary = _drain(run_folder_iter(folder, out, model="msa2net", variant="tiny",
-                                             pattern="a.tif", **FAST))
+    some = {"model": "msa2net", "variant": "tiny", "pattern": "[ad].tif", "recursive": True,
+            **FAST}
+    events, summary = _drain(run_folder_iter(folder, out, **some))
     warnings = [e for e in events if isinstance(e, NoticeEvent) and e.level == "warning"]
     assert any("RANDOM" in e.message for e in warnings)
-    assert summary.done == 1
+    assert summary.done == 2 and (out / "sub" / "d_mask.tif").is_file()
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["weights"]["random"] is True and manifest["weights"]["network"] == "msa2net"
+    assert set(manifest["files"]) == {"a.tif", "sub/d.tif"}
     # Seeded: a second run builds the same weights (same sha256), so it skips.
-    assert run_folder(folder, out, model="msa2net", variant="tiny", pattern="a.tif",
-                      **FAST).skipped == 1
+    assert run_folder(folder, out, **some).skipped == 2
 
 
 def test_bad_settings_are_one_sentence(folder, tmp_path, checkpoint):
@@ -452,3 +456,23 @@ def test_cli_batch_random_weights_warn(local_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "WARNING: No trained weights: msa2net/tiny has RANDOM weights" in err
     assert (tmp_path / "out" / "a_mask.nii.gz").is_file()
+
+
+def test_scheduler_address_submits_to_an_existing_cluster(local_run, tmp_path, checkpoint):
+    distributed = pytest.importorskip("distributed")
+
+    ckpt, _ = checkpoint
+    folder, local_out, _, _ = local_run
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  protocol="tcp://", host="127.0.0.1",
+                                  dashboard_address=None) as cluster:
+        summary = run_folder(folder, tmp_path / "out", weights=str(ckpt),
+                             scheduler=cluster.scheduler_address, **FAST)
+    assert summary.executor == {"kind": "dask", "scheduler": cluster.scheduler_address,
+                                "workers": 1}
+    assert (summary.done, summary.failed) == (3, 2)
+    a, b = _masks(local_out), _masks(tmp_path / "out")
+    for name in GOOD:
+        np.testing.assert_array_equal(a[name], b[name])
+    # Two worker threads, one model each at most.
+    assert 1 <= summary.model_loads <= 2

@@ -604,10 +604,10 @@ class SegmentWidget(QWidget):
 
     def _start(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         """Start a job in a thread worker and keep it referenced until it finishes."""
-        worker = start_job(func, *args, **kwargs)
-        self._workers.add(worker)
-        worker.finished.connect(functools.partial(self._workers.discard, worker))
-        return worker
+        token = object()
+        self._workers.add(token)
+        return start_job(func, *args, on_finished=functools.partial(
+            self._workers.discard, token), **kwargs)
 
     @property
     def busy(self) -> bool:

@@ -35,8 +35,12 @@ Where the work runs:
 
 Each worker (thread) loads the model once and keeps it for the following files (a cache
 per thread, keyed by the weights' sha256). Files are submitted as tasks, results gathered as
-they complete, and the manifest is only ever written here, by the driver. Two runs must not
-share an output folder at the same time.
+they complete, and the manifest is only ever written here, by the driver. On a Dask cluster,
+cancel drops the files not yet started; a file already running on a worker cannot be
+interrupted, is recorded as cancelled and predicted again by the next run. Two runs must not
+share an output folder at the same time (a run removes the temporary files it finds).
+
+Each image's outputs are held in memory until written (one image at a time per worker).
 """
 
 from __future__ import annotations
@@ -118,7 +122,8 @@ class FileEvent(ProgressEvent):
     Attributes:
         name: the file's path relative to the input folder (``"sub/a.tif"``).
         status: one of :data:`STATUSES`.
-        index: the file's position in the run (0-based, sorted by name).
+        index: the file's position in the run (0-based, sorted by name; -1 for an ignored
+            file).
         total: number of images in the run (ignored files not counted).
         finished: images finished so far (done, skipped or failed).
         seconds: time the file took (read, predict, write), when finished.
@@ -354,7 +359,7 @@ def _scan(folder: Path, root: Path, pattern: str, recursive: bool, exclude: Path
                     entry, limit=1):
                 if _matches(rel, entry.name, pattern):
                     found.append((rel, entry, None))
-            elif recursive:
+            elif recursive and not entry.is_symlink():  # no loops through links
                 _scan(entry, root, pattern, recursive, exclude, found)
             continue
         if not _matches(rel, entry.name, pattern):
@@ -694,6 +699,7 @@ def _run_threads(tasks: list[FileTask], workers: int, cancel: CancelToken,
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medseg-batch")
+    stopped_early = True
     try:
         futures = {pool.submit(process_file, t, cancel): t for t in tasks}
         for task in tasks[:workers]:
@@ -712,7 +718,10 @@ def _run_threads(tasks: list[FileTask], workers: int, cancel: CancelToken,
                 if started < len(tasks) and not cancel.cancelled:
                     yield running(tasks[started].name)
                     started += 1
+        stopped_early = False
     finally:
+        if stopped_early:  # the caller dropped the run: stop the running files too
+            cancel.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -812,12 +821,18 @@ def _weights(config: BatchConfig) -> tuple[WeightsSource, Any, list[NoticeEvent]
 
 
 def _clean_partials(out_dir: Path) -> int:
+    """Remove the temporary outputs an interrupted run left; returns how many.
+
+    Zarr stores (finished outputs) are not walked into: their chunks are many.
+    """
     n = 0
-    for path in list(out_dir.rglob(f"{PARTIAL_PREFIX}*")):
-        if any(part.startswith(PARTIAL_PREFIX) for part in path.relative_to(out_dir).parts[:-1]):
-            continue  # inside a partial folder that goes as a whole
-        _remove(path)
-        n += 1
+    for folder, dirs, names in os.walk(out_dir):
+        for name in [d for d in dirs if d.startswith(PARTIAL_PREFIX)] + [
+                f for f in names if f.startswith(PARTIAL_PREFIX)]:
+            _remove(Path(folder) / name)
+            n += 1
+        dirs[:] = [d for d in dirs if not d.startswith(PARTIAL_PREFIX)
+                   and not d.lower().endswith(".zarr")]
     return n
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ __all__ = [
     "StepEvent",
     "ValidationEvent",
     "TrainResult",
+    "LoopState",
+    "optimise_iter",
     "train_iter",
     "train",
     "validate",
@@ -148,7 +150,8 @@ def make_batch(
 def validate(model, samples: Iterable[Sample], spec, device: str, precision: str) -> float:
     """Mean foreground Dice of whole-image tiled predictions on already normalised samples.
 
-    A super-resolution network gets each image downsampled by its output scale, so its
+    A sample with a ``valid`` map (H x W, fine-tuning regions) is scored on its valid pixels
+    only. A super-resolution network gets each image downsampled by its output scale, so its
     prediction comes back at the reference's size.
     """
     from .inference import predict
@@ -171,8 +174,143 @@ def validate(model, samples: Iterable[Sample], spec, device: str, precision: str
         if pred.shape != ref.shape:
             pred = pred[: ref.shape[0], : ref.shape[1]]
             ref = ref[: pred.shape[0], : pred.shape[1]]
+        valid = getattr(s, "valid", None)
+        if valid is not None:  # a fine-tuning region: score only its pixels
+            keep = valid[: pred.shape[0], : pred.shape[1]] > 0
+            pred, ref = pred[keep], ref[keep]
         scores.append(dice(pred > 0, ref > 0))
     return float(np.mean(scores)) if scores else float("nan")
+
+
+@dataclass
+class LoopState:
+    """Counters of an optimisation loop; what a resumed run continues from.
+
+    Attributes:
+        step: optimisation steps done.
+        best: best validation score so far (the loop improves on it).
+        best_step: the step it was reached at (0: not yet, or the starting weights).
+        bad: validations since the last improvement.
+        history: one row per step (``step``, ``loss``, ``lr``, ``wall_s``, ``val_dice``).
+    """
+
+    step: int = 0
+    best: float = -1.0
+    best_step: int = 0
+    bad: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def optimise_iter(
+    model,
+    sampler,
+    val_samples: list[Sample],
+    config,
+    optimizer,
+    trainable: list,
+    *,
+    device: torch.device,
+    policy,
+    generator: torch.Generator,
+    cancel: CancelToken,
+    state: LoopState,
+    on_best: Callable[[int, float, float], None],
+    after_validation: Callable[[LoopState], None] | None = None,
+    validate_fn: Callable[..., float] | None = None,
+) -> Generator[ProgressEvent, None, tuple[str, int]]:
+    """The optimisation loop shared by training and fine-tuning; yields events.
+
+    Each step: learning rate from the schedule (:func:`_lr_at`), a batch from ``sampler``
+    (:func:`make_batch`: augmentation, SR downsampling), the network's own loss, AdamW with
+    gradient clipping. Every ``config.val_every`` steps (and after the last) the model is
+    scored on ``val_samples`` (or by minus its recent loss when there are none); a new best
+    calls ``on_best``; ``config.patience`` validations without improvement stop early.
+
+    Args:
+        model: the network (moved to ``device`` already).
+        sampler: draws patches (``draw(n)`` as :class:`~.datasets.PatchSampler`).
+        val_samples: held-out samples (may be empty).
+        config: a ``TrainConfig`` or ``FinetuneConfig``: ``steps``, ``lr``, ``min_lr``,
+            ``warmup_steps``, ``batch_size``, ``augment``, ``grad_clip``, ``val_every``,
+            ``patience`` and ``max_minutes`` are read.
+        optimizer: the optimizer over ``trainable``.
+        trainable: the parameters that get gradients (clipped together).
+        device: the training device.
+        policy: the precision policy (autocast).
+        generator: the augmentation's random generator.
+        cancel: checked before every step.
+        state: counters to continue from; updated in place.
+        on_best: called as ``on_best(step, score, wall_s)`` when a validation sets a new best.
+        after_validation: called with ``state`` after every validation.
+        validate_fn: ``validate_fn(model, samples, spec, device, precision) -> score``;
+            default :func:`validate`.
+
+    Returns:
+        ``(stopped, steps_done)``; ``stopped`` is ``"finished"``, ``"early_stop"``,
+        ``"time_limit"`` or ``"cancelled"``.
+    """
+    spec = model.spec
+    score_fn = validate_fn or validate
+    history = state.history
+    t0 = time.perf_counter()
+    wall_before = history[-1]["wall_s"] if history else 0.0
+    stopped = "finished"
+    model.train()
+    step = state.step
+    for step in range(state.step, config.steps):
+        if cancel.cancelled:
+            stopped = "cancelled"
+            break
+        elapsed = time.perf_counter() - t0
+        if config.max_minutes and elapsed > 60 * config.max_minutes:
+            stopped = "time_limit"
+            break
+        lr = _lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, targets = make_batch(sampler, config, spec.output_scale, generator, device)
+        if device.type in ("cpu", "cuda"):
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, policy):
+            out = model(x)
+        loss, parts = compute_loss(out, targets, spec)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+        optimizer.step()
+        row = {"step": step + 1, "loss": float(loss.detach()), "lr": lr,
+               "wall_s": round(wall_before + time.perf_counter() - t0, 2)}
+        history.append(row)
+        yield StepEvent(step=step + 1, steps=config.steps, loss=row["loss"], parts=parts, lr=lr,
+                        elapsed_s=time.perf_counter() - t0)
+        last = step + 1 == config.steps
+        if (step + 1) % config.val_every == 0 or last:
+            if val_samples:
+                score = score_fn(model, val_samples, spec, str(device), policy.name)
+                model.train()
+            else:
+                score = -float(np.mean([h["loss"] for h in history[-config.val_every:]]))
+            improved = score > state.best
+            if improved:
+                state.best, state.best_step, state.bad = score, step + 1, 0
+                on_best(step + 1, score, row["wall_s"])
+            else:
+                state.bad += 1
+            history[-1]["val_dice"] = score
+            yield ValidationEvent(f"step {step + 1}: validation Dice {score:.4f}",
+                                  step=step + 1, dice=score, best=state.best,
+                                  improved=improved)
+            state.step = step + 1
+            if after_validation is not None:
+                after_validation(state)
+            if config.patience and state.bad >= config.patience:
+                stopped = "early_stop"
+                step += 1
+                break
+    else:
+        step = config.steps
+    state.step = step
+    return stopped, step
 
 
 def _state_path(output: Path) -> Path:
@@ -343,60 +481,18 @@ def train_iter(
 
     t0 = time.perf_counter()
     wall_before = history[-1]["wall_s"] if history else 0.0
-    stopped = "finished"
     yield StageEvent(f"Training {spec.network}/{spec.variant} on {device} ({policy.name}).",
                      stage="training")
-    model.train()
-    step = start
-    for step in range(start, config.steps):
-        if cancel.cancelled:
-            stopped = "cancelled"
-            break
-        elapsed = time.perf_counter() - t0
-        if config.max_minutes and elapsed > 60 * config.max_minutes:
-            stopped = "time_limit"
-            break
-        lr = _lr_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, targets = make_batch(sampler, config, spec.output_scale, generator, device)
-        if device.type in ("cpu", "cuda"):
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, policy):
-            out = model(x)
-        loss, parts = compute_loss(out, targets, spec)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-        optimizer.step()
-        row = {"step": step + 1, "loss": float(loss.detach()), "lr": lr,
-               "wall_s": round(wall_before + time.perf_counter() - t0, 2)}
-        history.append(row)
-        yield StepEvent(step=step + 1, steps=config.steps, loss=row["loss"], parts=parts, lr=lr,
-                        elapsed_s=time.perf_counter() - t0)
-        last = step + 1 == config.steps
-        if (step + 1) % config.val_every == 0 or last:
-            if val_s:
-                score = validate(model, val_s, spec, str(device), policy.name)
-                model.train()
-            else:
-                score = -float(np.mean([h["loss"] for h in history[-config.val_every:]]))
-            improved = score > best
-            if improved:
-                best, best_step, bad = score, step + 1, 0
-                save_best(step + 1, score, row["wall_s"])
-            else:
-                bad += 1
-            history[-1]["val_dice"] = score
-            yield ValidationEvent(f"step {step + 1}: validation Dice {score:.4f}",
-                                  step=step + 1, dice=score, best=best, improved=improved)
-            _save_state(output, model, optimizer, step + 1, best, best_step, bad, history)
-            if config.patience and bad >= config.patience:
-                stopped = "early_stop"
-                step += 1
-                break
-    else:
-        step = config.steps
+    state = LoopState(start, best, best_step, bad, history)
+
+    def keep_state(st: LoopState) -> None:
+        _save_state(output, model, optimizer, st.step, st.best, st.best_step, st.bad, st.history)
+
+    stopped, step = yield from optimise_iter(
+        model, sampler, val_s, config, optimizer, trainable, device=device, policy=policy,
+        generator=generator, cancel=cancel, state=state, on_best=save_best,
+        after_validation=keep_state)
+    best, best_step, history = state.best, state.best_step, state.history
     if best_step == 0:  # nothing validated yet (cancelled early): keep what we have
         save_best(step, float("nan"), wall_before + time.perf_counter() - t0)
     log = output.with_name(output.stem + ".log.jsonl")

@@ -60,9 +60,10 @@ __all__ = [
 
 #: Training output: the pointwise projection of the x2 mask logits, N x C_img x H' x W' (FA loss).
 TRAIN_SEG_FEATURES = "seg_features"
-#: Training output: gate maps of the segmentation decoder at input resolution, N x 3G x H x W.
+#: Training output: gate maps of the segmentation decoder at input resolution, N x L*G x H x W
+#: (L decoder levels, G = 1 + len(dilations) gates per SDC block: 3 x 4 = 12 by default).
 TRAIN_GATES_SEG = "gates_seg"
-#: Training output: gate maps of the image-SR decoder at input resolution, N x 3G x H x W.
+#: Training output: gate maps of the image-SR decoder at input resolution, N x L*G x H x W.
 TRAIN_GATES_SR = "gates_sr"
 
 
@@ -149,7 +150,8 @@ class SASRNet(SegmentationNetwork):
     ``forward(x)`` with x the low-resolution image N x C_img x (spatial) returns, in eval mode,
     ``{"mask": N x K x (2 * spatial)}`` logits. In training mode it adds ``"sr_image"``
     (N x C_img x (2 * spatial)), ``"seg_features"`` (projected mask logits, same shape as the SR
-    image), ``"gates_seg"`` and ``"gates_sr"`` (N x 3G x (spatial), G = 1 + len(dilations)).
+    image), ``"gates_seg"`` and ``"gates_sr"`` (N x L*G x (spatial): L = len(widths) - 1 decoder levels,
+    G = 1 + len(dilations) gates per level; 12 by default).
     """
 
     def __init__(self, config: SASRNetConfig) -> None:

@@ -1,0 +1,94 @@
+"""The dtype policy, and bf16 autocast agreeing with fp32 for every registered network.
+
+The agreement test runs each network's tiny variant with random weights (no trained weights
+ship yet) on a real image, the bundled DSB2018 nuclei sample. Random weights make mask
+agreement a weak check: their probabilities hover near 0.5 and some heads are nearly constant.
+So it checks the mask logits themselves (relative RMS error against their spread; measured
+at most 0.016 on this CPU, msa2net the largest) as well as the probabilities and argmax
+the engine produces (measured: mean |dp| <= 0.003, >= 99.6 % argmax agreement).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg import resources
+from napari_medseg.engine import precision
+from napari_medseg.engine.inference import predict
+from napari_medseg.engine.normalization import normalize
+from napari_medseg.engine.precision import autocast, resolve_precision
+from napari_medseg.errors import ConfigError
+from napari_medseg.models import create_model, list_models
+
+CPU = torch.device("cpu")
+
+
+def test_auto_follows_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", CPU).name == "bf16"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", CPU).name == "fp32"
+    emulated = resolve_precision("bf16", CPU)
+    assert emulated.name == "bf16" and "emulated" in emulated.notice
+
+
+@pytest.mark.parametrize("capability,expected", [((9, 0), "bf16"), ((8, 0), "bf16"),
+                                                 ((7, 5), "fp16"), ((6, 1), "fp32")])
+def test_auto_on_cuda_follows_the_compute_capability(monkeypatch, capability, expected):
+    monkeypatch.setattr(precision, "cuda_capability", lambda device: capability)
+    assert resolve_precision("auto", torch.device("cuda", 0)).name == expected
+
+
+def test_mps_and_explicit_choices():
+    assert resolve_precision("auto", torch.device("mps")).name == "fp32"
+    assert resolve_precision("fp32", CPU).dtype is None
+    assert resolve_precision("fp16", CPU).notice  # honoured, with a warning
+    assert resolve_precision("BF16", CPU).dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="Precision 'int8'"):
+        resolve_precision("int8", CPU)
+
+
+def test_this_cpu_flag_reader_matches_proc_cpuinfo():
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        pytest.skip("no /proc/cpuinfo")
+    precision.cpu_has_native_bf16.cache_clear()
+    expected = "avx512_bf16" in info.read_text() or "amx_bf16" in info.read_text()
+    assert precision.cpu_has_native_bf16() == expected
+
+
+@pytest.fixture(scope="module")
+def nuclei():
+    from napari_medseg.io import read_image
+
+    path = resources.samples_dir() / "nuclei.tif"
+    if not path.is_file():
+        pytest.skip("the bundled nuclei sample is not there yet")
+    image = np.asarray(read_image(path)[0])
+    return image[:128, :128] if image.ndim == 2 else image[:128, :128, 0]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_bf16_autocast_agrees_with_fp32(name, nuclei):
+    torch.manual_seed(0)
+    model = create_model(name, variant="tiny", in_channels=1, num_classes=2).eval()
+    # 1. The mask logits, relative to their spread over the image.
+    x = torch.from_numpy(normalize(nuclei))[None, None]
+    with torch.inference_mode():
+        ref = model(x)["mask"].float()
+        with autocast(CPU, resolve_precision("bf16", CPU)):
+            low = model(x)["mask"].float()
+    spread = float(ref.std())
+    rel = float((ref - low).pow(2).mean().sqrt()) / max(spread, 1e-6)
+    assert rel < 0.05, f"{name}: relative RMS logit error {rel:.4f} (spread {spread:.3g})"
+    # 2. What the engine outputs: probabilities and the argmax mask.
+    a = predict(nuclei, model, precision="fp32", outputs="probabilities,mask")
+    b = predict(nuclei, model, precision="bf16", outputs="probabilities,mask")
+    assert b.stats["precision"] == "bf16"
+    dp = np.abs(a["probabilities"].astype(np.float32) - b["probabilities"].astype(np.float32))
+    assert dp.mean() < 0.01 and np.percentile(dp, 99) < 0.05, (name, dp.mean(), dp.max())
+    assert (a["mask"] == b["mask"]).mean() > 0.99
