@@ -559,6 +559,143 @@ def _add_batch(sub) -> argparse.ArgumentParser:
     return p
 
 
+# --- finetune -----------------------------------------------------------------------------
+
+
+def _finetune_config(args: argparse.Namespace):
+    from .config import FinetuneConfig, load_toml
+
+    settings: dict = load_toml(args.config, section="finetune") if args.config else {}
+    flags = {
+        "steps": args.steps, "lr": args.lr, "device": args.device, "precision": args.precision,
+        "batch_size": args.batch_size, "patch": args.patch, "val_fraction": args.val_fraction,
+        "max_minutes": args.max_minutes, "seed": args.seed,
+    }
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    if args.freeze_encoder:
+        settings["freeze_encoder"] = True
+    return FinetuneConfig.from_mapping(settings)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    import signal
+
+    from .engine.checkpoints import resolve_weights
+    from .engine.finetune import finetune_iter, samples_from_folders
+    from .engine.progress import CancelToken, FinishedEvent, NoticeEvent, StageEvent
+    from .engine.train import StepEvent, ValidationEvent
+
+    err = sys.stderr
+    config = _finetune_config(args)
+    model, info = resolve_weights(args.weights)
+    spec = model.spec
+    samples, files_hash = samples_from_folders(
+        args.images, args.masks, num_classes=spec.num_classes, in_channels=spec.in_channels,
+        normalization=info.normalization_config(), config=config,
+        output_scale=spec.output_scale, pattern=args.pattern or "*")
+    if not args.quiet:
+        print(f"napari-medseg: fine-tuning {info.network}/{info.variant} "
+              f"({info.tag or args.weights}) on {len(samples)} image plane(s)", file=err)
+    token = CancelToken()
+    bar = None
+    result = None
+
+    def say(line: str) -> None:
+        (bar.write if bar is not None else print)(line, file=err)
+
+    def on_sigint(signum, frame):  # first Ctrl-C: stop and keep the best; second: abort
+        if token.cancelled:
+            raise KeyboardInterrupt
+        token.cancel()
+        say("napari-medseg: stopping after this step; the best weights so far are kept "
+            "(Ctrl-C again to abort)")
+
+    data = {"images": str(args.images), "masks": str(args.masks), "data_hash": files_hash}
+    previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    try:
+        for event in finetune_iter(model, samples, config, cancel=token, output=args.output,
+                                   data=data):
+            if isinstance(event, NoticeEvent):
+                say(f"{'WARNING' if event.level == 'warning' else 'napari-medseg: notice'}: "
+                    f"{event.message}")
+            elif isinstance(event, StepEvent):
+                if bar is None and not args.quiet:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=event.steps, unit="step", file=err, dynamic_ncols=True,
+                               desc="fine-tune")
+                if bar is not None:
+                    bar.update(event.step - bar.n)
+                    bar.set_postfix_str(f"loss {event.loss:.4f}")
+            elif isinstance(event, ValidationEvent) and not args.quiet:
+                say(f"napari-medseg: {event.message}" + (" (best)" if event.improved else ""))
+            elif isinstance(event, StageEvent) and not args.quiet:
+                say(f"napari-medseg: {event.message}")
+            elif isinstance(event, FinishedEvent):
+                result = event.result
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                print(f"napari-medseg: {event.message}", file=err)
+    finally:
+        if bar is not None:
+            bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    assert result is not None
+    def finite(x: float) -> float | None:
+        return None if x != x else round(float(x), 4)  # NaN (no validation) -> null
+
+    summary = {
+        "checkpoint": str(result.checkpoint), "parent": info.sha256,
+        "val_dice_before": finite(result.baseline_dice), "val_dice": finite(result.best_dice),
+        "best_step": result.best_step, "steps_done": result.steps_done,
+        "stopped": result.stopped, "seconds": round(result.seconds, 1),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"napari-medseg: wrote {result.checkpoint} (use it with --weights "
+              f"{result.checkpoint})")
+    return 0
+
+
+def _add_finetune(sub) -> argparse.ArgumentParser:
+    from .config import PRECISIONS
+
+    p = sub.add_parser(
+        "finetune", help="fine-tune weights on corrected masks (image/mask folders)",
+        description="Fine-tune a checkpoint or shipped weights on image/mask pairs matched by "
+                    "file name (a.tif <-> a.tif or a_mask.tif). One image in four is held "
+                    "out for the validation Dice; the best weights are kept and written to "
+                    "CKPT with their lineage (parent, data hash, settings, metrics). Ctrl-C "
+                    "stops and keeps the best weights so far.",
+    )
+    p.add_argument("--weights", required=True, metavar="BASE",
+                   help="shipped weights tag (see `napari-medseg models`) or a checkpoint path")
+    p.add_argument("--images", required=True, metavar="DIR", help="folder of images")
+    p.add_argument("--masks", required=True, metavar="DIR",
+                   help="folder of masks (class or instance labels) named like the images")
+    p.add_argument("-o", "--output", required=True, metavar="CKPT",
+                   help="the fine-tuned checkpoint (.safetensors; the .json goes beside it)")
+    p.add_argument("--steps", help="optimisation steps at most (default 200)")
+    p.add_argument("--lr", help="peak learning rate (default 3e-4)")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="train only the decoder and heads")
+    p.add_argument("--batch-size", help="patches per step (default 4)")
+    p.add_argument("--patch", help="patch side in pixels (default 128)")
+    p.add_argument("--val-fraction", help="fraction of images held out (default 0.25)")
+    p.add_argument("--max-minutes", help="stop after this many minutes, keeping the best")
+    p.add_argument("--seed", help="random seed (default 0)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--precision", choices=PRECISIONS, help="compute precision (default auto)")
+    p.add_argument("--pattern", help="glob the file names must match (default *)")
+    p.add_argument("--config", metavar="TOML", help="settings file with a [finetune] table")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     """The argument parser and the command table."""
     parser = argparse.ArgumentParser(
@@ -579,6 +716,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 
     _add_predict(sub)
     commands["predict"] = _cmd_predict
+
+    _add_finetune(sub)
+    commands["finetune"] = _cmd_finetune
 
     _add_batch(sub)
     commands["batch"] = _cmd_batch

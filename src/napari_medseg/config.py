@@ -644,3 +644,89 @@ class TrainConfig(ConfigBase):
             raise ConfigError(f"val_fraction must be in [0, 1), not {self.val_fraction}.")
         if not self.lr > 0:
             raise ConfigError(f"The learning rate must be positive, not {self.lr}.")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(ConfigBase):
+    """Settings of fine-tuning on a user's corrections (:mod:`napari_medseg.engine.finetune`,
+    ``napari-medseg finetune`` and the Fine-tune widget).
+
+    The defaults fit a CPU: a plain run on a handful of 256 x 320 images takes a few minutes.
+
+    Attributes:
+        steps: optimisation steps at most.
+        lr: peak learning rate (AdamW), lower than training from scratch; linear warm-up,
+            cosine decay to ``min_lr``.
+        min_lr: final learning rate.
+        warmup_steps: linear warm-up steps.
+        weight_decay: AdamW weight decay.
+        grad_clip: gradient-norm clip.
+        batch_size: patches per step.
+        patch: patch side at the target (mask) resolution.
+        freeze_encoder: train only the decoder and heads (``model.encoder_parameters()``
+            stay fixed).
+        replay: fraction of the patches drawn from earlier samples (replay against
+            forgetting) when there are any; 0 turns replay off.
+        max_replay: earlier samples used for replay at most (the most recent first).
+        margin: pixels around each changed area that count in the loss.
+        context: image pixels around a region that the network sees but the loss ignores.
+        min_changed: changed areas smaller than this many pixels are ignored (stray clicks).
+        slice_gap: regions on slices at most this far apart that overlap in-plane form one
+            group of the split (never on both sides).
+        val_fraction: fraction of the groups (regions, slices or images) held out.
+        val_every: steps between validations.
+        patience: validations without improvement before stopping early; 0 never stops.
+        augment: flips, rot90 and intensity changes (no zoom by default).
+        instances: treat labels as instances (foreground + boundary targets); None decides
+            by the labels (more than one non-zero value means instances).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` autocast.
+        max_minutes: stop after this many minutes (the best weights are kept); 0 = no limit.
+        seed: random seed of the split, the sampling and the augmentation.
+        checkpoint_dtype: ``float32`` (default: fine-tuning steps are small) or ``float16``.
+    """
+
+    steps: int = 200
+    lr: float = 3e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 10
+    weight_decay: float = 1e-4
+    grad_clip: float = 5.0
+    batch_size: int = 4
+    patch: int = 128
+    freeze_encoder: bool = False
+    replay: float = 0.25
+    max_replay: int = 64
+    margin: int = 16
+    context: int = 32
+    min_changed: int = 4
+    slice_gap: int = 1
+    val_fraction: float = 0.25
+    val_every: int = 20
+    patience: int = 4
+    augment: AugmentConfig = field(
+        default_factory=lambda: AugmentConfig(scale=(1.0, 1.0), noise_std=0.02))
+    instances: bool | None = None
+    device: str = "auto"
+    precision: str = field(default="auto", metadata=_choices(*PRECISIONS))
+    max_minutes: float = 0.0
+    seed: int = 0
+    checkpoint_dtype: str = field(default="float32", metadata=_choices("float16", "float32"))
+
+    def __post_init__(self) -> None:
+        for name in ("patch", "batch_size", "steps", "val_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}.")
+        for name in ("margin", "context", "min_changed", "slice_gap", "max_replay",
+                     "warmup_steps", "patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, not {getattr(self, name)}.")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), not {self.val_fraction}.")
+        if not 0.0 <= self.replay < 1.0:
+            raise ConfigError(f"replay must be a fraction in [0, 1), not {self.replay}.")
+        if not self.lr > 0:
+            raise ConfigError(f"The learning rate must be positive, not {self.lr}.")
+
+
+__all__ += ["FinetuneConfig"]

@@ -2,7 +2,11 @@
 
 Output layers are named after the image: ``<image> mask`` (Labels), ``<image> boundary``
 (Labels), ``<image> instances`` (Labels), ``<image> probabilities`` and ``<image> TTA
-variance`` (Image), ``<image> tiles`` (Shapes, the tile plan). They always span the whole
+variance`` (Image), ``<image> tiles`` (Shapes, the tile plan). Each carries a marker in its
+metadata (``OUTPUT_KEY``: the image's name and the output), and the marker, not the name,
+finds it again: a renamed output keeps receiving runs, and a user's own layer that happens
+to have the name (a sample's reference labels, say) is never written to; napari then gives
+the new output a free name (``"<image> mask [1]"``). They always span the whole
 image (times the network's output scale in-plane), with the image layer's scale, translate,
 units, axis labels and affine, so that runs on single slices or visible regions accumulate
 in the same layers. A re-run writes into the existing layers; every overwritten block is
@@ -27,7 +31,10 @@ from .layers import META_KEY, meta_from_layer
 from .session import Edit, ProbabilityCache, SegmentSession
 
 __all__ = [
+    "OUTPUT_KEY",
     "OUTPUT_SUFFIXES",
+    "find_output",
+    "is_output",
     "LayerChange",
     "output_name",
     "image_axes",
@@ -42,6 +49,8 @@ __all__ = [
     "owned_layer_names",
 ]
 
+#: Metadata key marking an output layer: ``{"image": <image name>, "output": <output>}``.
+OUTPUT_KEY = "napari_medseg_output"
 #: Layer name suffix of each output.
 OUTPUT_SUFFIXES = {
     "mask": "mask",
@@ -61,13 +70,13 @@ class LayerChange:
     """What one write did to a layer, enough to undo it.
 
     Attributes:
-        name: the layer's name.
+        layer: the layer.
         key: the index written (None when the whole data was set or the layer created).
         previous: the data there before (None for a created layer).
         created: the layer did not exist before.
     """
 
-    name: str
+    layer: Any
     key: tuple | None
     previous: np.ndarray | None
     created: bool = False
@@ -83,9 +92,27 @@ def output_name(image_name: str, output: str) -> str:
     return f"{image_name} {OUTPUT_SUFFIXES[output]}"
 
 
-def owned_layer_names(image_name: str) -> set[str]:
-    """Names of every output layer of an image."""
-    return {output_name(image_name, o) for o in OUTPUT_SUFFIXES}
+def is_output(layer: Any, image_name: str | None = None) -> bool:
+    """True for an output layer (of ``image_name``, when given)."""
+    mark = (getattr(layer, "metadata", None) or {}).get(OUTPUT_KEY)
+    if not isinstance(mark, dict):
+        return False
+    return image_name is None or mark.get("image") == image_name
+
+
+def find_output(viewer: Any, image_name: str, output: str) -> Any:
+    """The output layer of an image (by its marker), or None."""
+    for layer in viewer.layers:
+        mark = (getattr(layer, "metadata", None) or {}).get(OUTPUT_KEY)
+        if isinstance(mark, dict) and mark.get("image") == image_name and (
+                mark.get("output") == output):
+            return layer
+    return None
+
+
+def owned_layer_names(viewer: Any, image_name: str) -> set[str]:
+    """Names of the output layers of an image now in the viewer."""
+    return {layer.name for layer in viewer.layers if is_output(layer, image_name)}
 
 
 def image_axes(layer: Any) -> str:
@@ -116,13 +143,15 @@ def image_shape(layer: Any) -> tuple[int, ...]:
     return shape[:-1] if getattr(layer, "rgb", False) else shape
 
 
-def output_kwargs(image_layer: Any, factor: int = 1, lead: int = 0) -> dict[str, Any]:
+def output_kwargs(image_layer: Any, factor: int = 1, lead: int = 0,
+                  output: str | None = None) -> dict[str, Any]:
     """Geometry arguments of an output layer of ``image_layer``.
 
     Args:
         image_layer: the segmented image.
         factor: output side / input side in-plane (2 for a super-resolving network).
         lead: extra leading axes of the output (1 for per-class probabilities).
+        output: the output's name, stored in the layer's marker.
     """
     scale, translate = output_geometry(image_layer.scale, image_layer.translate, factor)
     kwargs: dict[str, Any] = {
@@ -138,6 +167,10 @@ def output_kwargs(image_layer: Any, factor: int = 1, lead: int = 0) -> dict[str,
     affine = np.asarray(image_layer.affine.affine_matrix)
     if not np.allclose(affine, np.eye(affine.shape[0])) and lead == 0:
         kwargs["affine"] = affine
+    metadata: dict[str, Any] = {}
+    if output is not None:
+        metadata[OUTPUT_KEY] = {"image": image_layer.name, "output": output}
+    kwargs["metadata"] = metadata
     try:
         meta = meta_from_layer(image_layer).without_channels()
         if factor != 1 and meta.spacing:
@@ -147,7 +180,7 @@ def output_kwargs(image_layer: Any, factor: int = 1, lead: int = 0) -> dict[str,
                 o + s * (0.5 / factor - 0.5) for o, s in zip(meta.origin[n:], meta.spacing[n:]))
             meta = meta.replace(spacing=spacing, origin=origin, affine=None)
         if lead == 0:
-            kwargs["metadata"] = {META_KEY: meta}
+            metadata[META_KEY] = meta
     except (ValueError, TypeError):
         pass
     return kwargs
@@ -158,19 +191,18 @@ def _ensure(viewer: Any, image_layer: Any, output: str, shape: Sequence[int], dt
     """The output layer, created (full of zeros) or re-shaped when it does not fit."""
     name = output_name(image_layer.name, output)
     shape = tuple(int(s) for s in shape)
-    kwargs = output_kwargs(image_layer, factor, lead)
-    if name in viewer.layers:
-        layer = viewer.layers[name]
+    kwargs = output_kwargs(image_layer, factor, lead, output)
+    layer = find_output(viewer, image_layer.name, output)
+    if layer is not None:
         data = layer.data
         if tuple(np.shape(data)) == shape and isinstance(data, np.ndarray) and (
                 data.flags.writeable):
             return layer
-        changes.append(LayerChange(name, None, np.asarray(data).copy()))
+        changes.append(LayerChange(layer, None, np.asarray(data).copy()))
         layer.data = np.zeros(shape, dtype)
         for attr in ("scale", "translate"):
             setattr(layer, attr, kwargs[attr])
         return layer
-    changes.append(LayerChange(name, None, None, created=True))
     data = np.zeros(shape, dtype)
     if output in _LABEL_OUTPUTS:
         layer = viewer.add_labels(data, name=name, **kwargs)
@@ -191,12 +223,13 @@ def _ensure(viewer: Any, image_layer: Any, output: str, shape: Sequence[int], dt
             layer = viewer.add_image(data, name=name, colormap="viridis", opacity=0.6,
                                      blending="translucent", contrast_limits=(0.0, 1.0),
                                      **kwargs)
+    changes.append(LayerChange(layer, None, None, created=True))
     return layer
 
 
 def _write(layer: Any, key: tuple, values: np.ndarray, changes: list[LayerChange]) -> None:
     data = layer.data
-    changes.append(LayerChange(layer.name, key, np.array(data[key], copy=True)))
+    changes.append(LayerChange(layer, key, np.array(data[key], copy=True)))
     data[key] = values
 
 
@@ -304,10 +337,9 @@ def apply_masks(
     cache: ProbabilityCache | None = session.cache_for(image_layer.name)
     touched = []
     for output, pos in (("mask", 1), ("boundary", 2)):
-        name = output_name(image_layer.name, output)
-        if name not in viewer.layers:
+        layer = find_output(viewer, image_layer.name, output)
+        if layer is None:
             continue
-        layer = viewer.layers[name]
         if cache is not None and tuple(np.shape(layer.data)) != cache.out_shape:
             continue  # the user replaced the layer's data; leave it alone
         wrote = False
@@ -357,23 +389,23 @@ def undo(viewer: Any, edit: Edit) -> list[str]:
     Returns:
         Names of the layers restored or removed.
     """
-    names = []
-    touched = {}
+    names: list[str] = []
+    touched: dict[int, Any] = {}
     for change in reversed(edit.changes):
-        if change.name not in viewer.layers:
+        layer = change.layer
+        if layer not in viewer.layers:
             continue
-        layer = viewer.layers[change.name]
+        if layer.name not in names:
+            names.append(layer.name)
         if change.created:
             viewer.layers.remove(layer)
-            touched.pop(change.name, None)
+            touched.pop(id(layer), None)
         elif change.key is None:
             layer.data = change.previous
-            touched[change.name] = layer
+            touched[id(layer)] = layer
         else:
             layer.data[change.key] = change.previous
-            touched[change.name] = layer
-        if change.name not in names:
-            names.append(change.name)
+            touched[id(layer)] = layer
     _refresh(list(touched.values()))
     return names
 
@@ -402,10 +434,11 @@ def draw_tiles(viewer: Any, image_layer: Any, plan: Any, region: Region) -> Any:
         rects.append(np.array([[a - 0.5, b - 0.5], [c - 0.5, d - 0.5]], float))
     scale = tuple(image_layer.scale)[-2:]
     translate = tuple(image_layer.translate)[-2:]
-    name = output_name(image_layer.name, "tiles")
-    edge = max(scale) * 1.0
-    if name in viewer.layers:
-        viewer.layers.remove(viewer.layers[name])
+    old = find_output(viewer, image_layer.name, "tiles")
+    if old is not None:
+        viewer.layers.remove(old)
     return viewer.add_shapes(
-        rects, shape_type="rectangle", name=name, edge_color="cyan", face_color="transparent",
-        edge_width=edge, scale=scale, translate=translate, opacity=0.8)
+        rects, shape_type="rectangle", name=output_name(image_layer.name, "tiles"),
+        edge_color="cyan", face_color="transparent", edge_width=max(scale), scale=scale,
+        translate=translate, opacity=0.8,
+        metadata={OUTPUT_KEY: {"image": image_layer.name, "output": "tiles"}})

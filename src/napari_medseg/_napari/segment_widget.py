@@ -402,16 +402,9 @@ class SegmentWidget(QWidget):
             self.session.forget(layer.name)
         self._refresh_layers()
 
-    def _owned_names(self) -> set[str]:
-        names: set[str] = set()
-        for layer in self.viewer.layers:
-            names |= result_layers.owned_layer_names(layer.name)
-        return names
-
     def _refresh_layers(self, *_: Any) -> None:
-        owned = self._owned_names()
         images = [lay.name for lay in self.viewer.layers
-                  if isinstance(lay, Image) and lay.name not in owned]
+                  if isinstance(lay, Image) and not result_layers.is_output(lay)]
         current = self.image_combo.currentText()
         if current not in images:
             active = self.viewer.layers.selection.active
@@ -424,9 +417,8 @@ class SegmentWidget(QWidget):
             self.image_combo.setCurrentText(current)
         self.image_combo.blockSignals(False)
         image = self.image_combo.currentText()
-        mine = result_layers.owned_layer_names(image) if image else set()
         labels = [lay.name for lay in self.viewer.layers
-                  if isinstance(lay, Labels) and lay.name not in mine]
+                  if isinstance(lay, Labels) and not result_layers.is_output(lay, image)]
         ref = self.reference_combo.currentText()
         self.reference_combo.blockSignals(True)
         self.reference_combo.clear()
@@ -799,8 +791,9 @@ class SegmentWidget(QWidget):
                     f"({result.stats.get('precision', '?')}, "
                     f"{result.stats.get('forward_passes', '?')} tile passes).")
             self.threshold_slider.setEnabled(int(spec.num_classes) == 1)
-            self.viewer.layers.selection.active = self.viewer.layers[
-                result_layers.output_name(image_name, "mask")]
+            mask = result_layers.find_output(self.viewer, image_name, "mask")
+            if mask is not None:
+                self.viewer.layers.selection.active = mask
             if self.reference_combo.currentText() != _NONE:
                 self.update_metrics()
         finally:
@@ -855,8 +848,7 @@ class SegmentWidget(QWidget):
 
     # ----------------------------------------------------------- boundary tools --------
     def _label_layer(self, image: Image, output: str) -> Labels | None:
-        name = result_layers.output_name(image.name, output)
-        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        layer = result_layers.find_output(self.viewer, image.name, output)
         return layer if isinstance(layer, Labels) else None
 
     def boundary_from_mask(self) -> Any:
@@ -864,7 +856,7 @@ class SegmentWidget(QWidget):
         image = self.current_image()
         mask = self._label_layer(image, "mask") if image is not None else None
         if mask is None:
-            self._error("Segment the image first (or name a Labels layer '<image> mask').")
+            self._error("Segment the image first; the boundary tools work on its mask layer.")
             return None
         axes = result_layers.image_axes(image).replace("C", "")
         self.status_label.setText("Deriving the boundary from the mask…")
@@ -877,7 +869,7 @@ class SegmentWidget(QWidget):
         image = self.current_image()
         mask = self._label_layer(image, "mask") if image is not None else None
         if mask is None:
-            self._error("Segment the image first (or name a Labels layer '<image> mask').")
+            self._error("Segment the image first; the boundary tools work on its mask layer.")
             return None
         boundary = self._label_layer(image, "boundary")
         axes = result_layers.image_axes(image).replace("C", "")

@@ -604,7 +604,7 @@ def process_file(task: FileTask, cancel: CancelToken | None = None) -> dict:
         return {"name": task.name, "status": "failed", "error": _describe(exc),
                 "seconds": round(time.perf_counter() - t0, 4), "worker": _worker_id(),
                 "loaded": False, "notices": [], "stats": {}}
-    gen = _file_iter(task, model, cancel or CancelToken())
+    gen = _file_iter(task, model, cancel if cancel is not None else CancelToken())
     while True:
         try:
             next(gen)
@@ -874,7 +874,7 @@ def run_folder_iter(
         WeightsNotFoundError, CheckpointError: the weights cannot be loaded.
     """
     config = _config(config, settings)
-    cancel = cancel or CancelToken()
+    cancel = cancel if cancel is not None else CancelToken()
     t0 = time.perf_counter()
     started = _now()
     root = Path(in_dir).expanduser().resolve()
@@ -960,8 +960,7 @@ def run_folder_iter(
         manifest.write()
 
     def finished() -> int:
-        return sum(f["status"] in ("done", "skipped", "failed") for f in files.values()
-                   if f["status"] != "ignored")
+        return skipped + counts["done"] + counts["failed"]
 
     def event(name: str) -> FileEvent:
         entry = files[name]
@@ -974,7 +973,8 @@ def run_folder_iter(
             input_path=str(root / name), output_path=str(out / out_rel) if out_rel else None)
 
     def running(name: str) -> FileEvent:
-        files[name]["status"] = "running"
+        if files[name]["status"] == "pending":  # never over a result already recorded
+            files[name]["status"] = "running"
         return event(name)
 
     def record(outcome: dict) -> FileEvent:

@@ -128,7 +128,7 @@ def _attend(attn: nn.Module, tokens: Tensor, key_valid: Tensor | None) -> Tensor
         q, k, v = qkv.reshape(b, n, 3, heads, dim_head).transpose(1, 3).unbind(2)
     bias = attn.rel_pos.get_bias().to(q.dtype) if attn.rel_pos is not None else None
     if key_valid is not None:
-        mask = torch.zeros(key_valid.shape, dtype=q.dtype, device=q.device)
+        mask = torch.zeros_like(key_valid, dtype=q.dtype)
         mask = mask.masked_fill(~key_valid, float("-inf"))[:, None, None, :]
         bias = mask if bias is None else bias + mask
     logits = (q * attn.scale) @ k.transpose(-2, -1)
@@ -137,6 +137,20 @@ def _attend(attn: nn.Module, tokens: Tensor, key_valid: Tensor | None) -> Tensor
     out = attn.attn_drop(logits.softmax(dim=-1)) @ v
     out = out.transpose(1, 2).reshape(b, n, heads * dim_head)
     return attn.proj_drop(attn.proj(out))
+
+
+def _tracing() -> bool:
+    """True while the graph is being recorded for export (TorchScript trace, ONNX or dynamo).
+
+    Under tracing the map sizes are symbolic, so whether a map needs padding is not known:
+    :func:`_partition_attention` then always takes its pad-and-mask path (with zero padding
+    where none is needed), which computes the same values as the eager fast path.
+    """
+    return (
+        torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_compiling()
+    )
 
 
 def _partition_attention(layer: nn.Module, x: Tensor, size: int) -> Tensor:
@@ -150,23 +164,29 @@ def _partition_attention(layer: nn.Module, x: Tensor, size: int) -> Tensor:
     Returns:
         N×H×W×C. The map is zero-padded at the bottom/right to multiples of P, the padded
         tokens are excluded as keys, and the padding is cropped again.
+
+    Only P is a constant of the computation: the padded sizes, the number of groups and
+    the key mask follow the map size, so the graph traced for export (where the padded
+    path is always taken) stays valid at every H and W.
     """
     n, h, w, c = x.shape
-    hp, wp = (h + size - 1) // size * size, (w + size - 1) // size * size
+    pad_h, pad_w = (size - h % size) % size, (size - w % size) % size
     block = bool(layer.partition_block)
     part = partition_windows if block else partition_grid
     merge = merge_windows if block else merge_grid
+    padded = _tracing() or bool(pad_h) or bool(pad_w)
     key_valid = None
-    if (hp, wp) != (h, w):
-        x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
-        rows = torch.arange(hp, device=x.device) < h
-        cols = torch.arange(wp, device=x.device) < w
-        valid = (rows[:, None] & cols[None, :])[None, :, :, None]
-        key_valid = part(valid, size).reshape(-1, size * size).repeat(n, 1)
+    if padded:
+        # 1 on real tokens, 0 on padding, partitioned like the map: (N·groups)×P².
+        ones = torch.ones_like(x[..., :1])
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        key_valid = part(F.pad(ones, (0, 0, 0, pad_w, 0, pad_h)), size)
+        key_valid = key_valid.reshape(-1, size * size) > 0.5
+    hp, wp = x.shape[1], x.shape[2]
     groups = part(x, size)
     out = _attend(layer.attn, groups.reshape(-1, size * size, c), key_valid)
     out = merge(out.view(-1, size, size, c), size, hp, wp)
-    return out[:, :h, :w] if (hp, wp) != (h, w) else out
+    return out[:, :h, :w] if padded else out
 
 
 class MaxViTEncoder(nn.Module):

@@ -1,0 +1,335 @@
+"""Inference speed and memory: our engine against MONAI and against the raw forward pass.
+
+Prints one JSON object. For the lite variant of each network (random weights: speed does not
+depend on them), on a 2048 x 2048 image and a 32 x 512 x 512 volume (slice-wise), measured in
+one process, each the median of ``--repeats`` runs:
+
+* ``engine_s``: ``napari_medseg.engine.inference.predict`` with its defaults (the network's
+  tile, overlap 0.25, gaussian blending, the auto precision: bf16 on CPUs with AVX512-BF16,
+  channels-last, batch 2 on CPU), producing the mask;
+* ``monai_s``: MONAI's ``sliding_window_inference`` as a user would script it: fp32, the same
+  model, tile 256, overlap 0.25, gaussian blending, ``sw_batch_size=4`` (MONAI's tutorials),
+  percentile normalisation first and softmax/argmax after, the float output kept (for volumes
+  one slice at a time, collected into a float32 array);
+* ``raw_forward_s``: the floor: only the batched forward passes over exactly the tiles, batch
+  size, precision and memory format our engine used;
+* ``engine_fp32_s``: our engine forced to fp32 with tile 256 / overlap 0.25 (like for like
+  with MONAI: the tiling overhead);
+* ``peak_rss_mb`` / ``monai_peak_rss_mb``: the process's peak resident memory during the
+  engine's default run / MONAI's run (sampled every 2 ms by a thread).
+
+``--quick`` runs one lite network on the 2D case, once. ``--memory`` measures instead the peak
+memory of a slice-wise run over a zarr volume of ``--size-gib`` GiB (default 2), streamed into
+a zarr store: the input is never loaded whole, so the peak must stay far below its size.
+
+Usage::
+
+    python benchmarks/bench_inference.py --quick
+    python benchmarks/bench_inference.py                      # all networks, ~30 min on 2 cores
+    python benchmarks/bench_inference.py --memory --size-gib 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["main"]
+
+
+class RssSampler:
+    """Peak resident memory (MiB) of this process while the block runs."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        import psutil
+
+        self._proc = psutil.Process(os.getpid())
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float, object]:
+    """Median seconds and median peak RSS (MiB) of ``repeats`` calls, and the last result."""
+    import gc
+
+    seconds, peaks, result = [], [], None
+    for _ in range(repeats):
+        result = None
+        gc.collect()
+        with RssSampler() as rss:
+            t0 = time.perf_counter()
+            result = fn()
+            seconds.append(time.perf_counter() - t0)
+        peaks.append(rss.peak_mb)
+    return statistics.median(seconds), statistics.median(peaks), result
+
+
+def machine() -> dict:
+    """The machine the figures were taken on."""
+    import torch
+
+    from napari_medseg.engine.precision import cpu_has_native_bf16
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "avx512_bf16": cpu_has_native_bf16(), "torch": torch.__version__,
+        "python": platform.python_version(), "load_average": list(os.getloadavg()),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def synthetic_image(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Nuclei-like test data: bright blobs on a dark noisy background (uint16)."""
+    rng = np.random.default_rng(seed)
+    h, w = shape[-2:]
+    yy, xx = np.mgrid[:h, :w].astype(np.float32)
+    plane = np.full((h, w), 200.0, np.float32)
+    for _ in range(max(1, h * w // 4000)):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(5, 14)
+        plane += 2000.0 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+    if len(shape) == 2:
+        return (plane + rng.normal(0, 30, (h, w))).astype(np.uint16)
+    out = np.empty(shape, np.uint16)
+    for z in range(shape[0]):
+        shift = np.roll(plane, z, axis=1)
+        out[z] = np.clip(shift + rng.normal(0, 30, (h, w)), 0, 65535).astype(np.uint16)
+    return out
+
+
+def engine_run(image: np.ndarray, axes: str, model, **settings):
+    from napari_medseg.engine.inference import predict
+
+    return predict(image, model, axes=axes, **settings)
+
+
+def monai_run(image: np.ndarray, axes: str, model, tile: int = 256) -> np.ndarray:
+    """A user's MONAI script: normalise, sliding_window_inference (fp32, gaussian), argmax."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from napari_medseg.engine.normalization import normalize
+
+    def predictor(x):
+        return model(x)["mask"]
+
+    data = normalize(image)
+    planes = data[None] if axes == "YX" else data
+    scale = model.spec.output_scale
+    k = model.spec.num_classes
+    probs = np.empty((k, planes.shape[0], planes.shape[1] * scale, planes.shape[2] * scale),
+                     np.float32)
+    model.eval()
+    with torch.no_grad():
+        for z, plane in enumerate(planes):
+            x = torch.from_numpy(plane)[None, None]
+            logits = sliding_window_inference(x, (tile, tile), 4, predictor, overlap=0.25,
+                                              mode="gaussian")
+            probs[:, z] = torch.softmax(logits, dim=1)[0].numpy()
+    mask = probs.argmax(0).astype(np.uint8)
+    return mask[0] if axes == "YX" else mask
+
+
+def raw_forward_run(model, plan) -> float:
+    """Seconds of only the forward passes the engine ran (same tiles, batch, precision)."""
+    import torch
+
+    from napari_medseg.engine.precision import autocast, resolve_precision
+
+    device = torch.device("cpu")
+    policy = resolve_precision(plan.precision, device)
+    c = model.spec.in_channels
+    per_plane = plan.tiles_per_plane
+    sizes = []
+    for _ in range(plan.planes_todo * plan.passes):
+        full, rest = divmod(per_plane, plan.batch_size)
+        sizes += [plan.batch_size] * full + ([rest] if rest else [])
+    x_full = torch.randn((plan.batch_size, c) + tuple(plan.grid.tile))
+    if plan.channels_last:
+        model.to(memory_format=torch.channels_last)
+    total = 0.0
+    with torch.inference_mode(), autocast(device, policy):
+        for n in sizes:
+            x = x_full[:n]
+            if plan.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            t0 = time.perf_counter()
+            out = model(x)
+            out["mask"].float()
+            total += time.perf_counter() - t0
+    return total
+
+
+def bench_case(name: str, image: np.ndarray, axes: str, repeats: int) -> dict:
+    import torch
+
+    from napari_medseg.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, variant="lite", in_channels=1, num_classes=2).eval()
+    # Warm-up (kernel creation) on a crop, both precisions, and MONAI's import.
+    crop = image[..., :256, :256] if axes == "YX" else image[:1, :256, :256]
+    engine_run(crop, axes, model)
+    engine_run(crop, axes, model, precision="fp32")
+    monai_run(crop, axes, model)
+    engine_s, engine_rss, result = timed(lambda: engine_run(image, axes, model), repeats)
+    plan = result.plan
+    monai_s, monai_rss, monai_mask = timed(lambda: monai_run(image, axes, model), repeats)
+    raw = [raw_forward_run(model, plan) for _ in range(repeats)]
+    fp32_s, fp32_rss, fp32_result = timed(
+        lambda: engine_run(image, axes, model, precision="fp32", tile=256, overlap=0.25),
+        repeats)
+    agree = float((np.asarray(fp32_result["mask"]) == monai_mask).mean())
+    raw_s = statistics.median(raw)
+    return {
+        "network": name, "variant": "lite", "shape": list(image.shape), "axes": axes,
+        "engine_s": round(engine_s, 3), "monai_s": round(monai_s, 3),
+        "raw_forward_s": round(raw_s, 3), "engine_fp32_s": round(fp32_s, 3),
+        "peak_rss_mb": round(engine_rss, 1), "monai_peak_rss_mb": round(monai_rss, 1),
+        "engine_fp32_peak_rss_mb": round(fp32_rss, 1),
+        "engine_over_monai": round(engine_s / monai_s, 3),
+        "engine_over_raw_forward": round(engine_s / raw_s, 3),
+        "engine_fp32_over_monai": round(fp32_s / monai_s, 3),
+        "engine_plan": {"tile": list(plan.grid.tile), "tiles": plan.tiles,
+                        "batch_size": plan.batch_size, "precision": plan.precision,
+                        "channels_last": plan.channels_last},
+        "fp32_mask_agreement_with_monai": round(agree, 5),
+    }
+
+
+def memory_mode(name: str, size_gib: float, variant: str, tile: int) -> dict:
+    """Peak RSS of a slice-wise run over a zarr volume of ``size_gib`` streamed to zarr."""
+    import torch
+    import zarr
+
+    from napari_medseg.engine.inference import predict
+    from napari_medseg.models import create_model
+
+    side = 1024
+    depth = max(2, int(round(size_gib * 2**30 / (side * side * 4))))
+    work = Path(tempfile.mkdtemp(prefix="medseg-bench-"))
+    src = zarr.open_array(str(work / "in.zarr"), mode="w", shape=(depth, side, side),
+                          dtype=np.float32, chunks=(1, side, side))
+    plane = synthetic_image((side, side)).astype(np.float32)
+    t0 = time.perf_counter()
+    for z in range(depth):
+        src[z] = np.roll(plane, z, axis=0)
+    write_s = time.perf_counter() - t0
+    torch.manual_seed(0)
+    model = create_model(name, variant=variant, in_channels=1, num_classes=2).eval()
+    import gc
+
+    gc.collect()
+    with RssSampler() as rss:
+        t0 = time.perf_counter()
+        result = predict(src, model, axes="ZYX", tile=tile, outputs=("mask", "probabilities"),
+                         store=str(work / "out.zarr"), overwrite=True)
+        seconds = time.perf_counter() - t0
+    store_mb = sum(f.stat().st_size for f in (work / "out.zarr").rglob("*") if f.is_file())
+    return {
+        "network": name, "variant": variant, "tile": tile,
+        "input_shape": [depth, side, side], "input_dtype": "float32",
+        "input_gib": round(depth * side * side * 4 / 2**30, 3),
+        "input_write_s": round(write_s, 1), "seconds": round(seconds, 1),
+        "peak_rss_mb": round(rss.peak_mb, 1), "z_consistency": result.stats["z_consistency"],
+        "output_store_mb": round(store_mb / 2**20, 1), "work_dir": str(work),
+        "precision": result.stats["precision"], "tiles": result.plan.tiles,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="one lite network, the 2D case, one run")
+    parser.add_argument("--networks", help="comma-separated networks (default: all)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement")
+    parser.add_argument("--memory", action="store_true", help="the big-zarr memory mode")
+    parser.add_argument("--size-gib", type=float, default=2.0, help="volume size (--memory)")
+    parser.add_argument("--variant", default="lite", help="variant for --memory")
+    parser.add_argument("--tile", type=int, default=512, help="tile for --memory")
+    args = parser.parse_args(argv)
+
+    from napari_medseg.models import list_models
+
+    networks = args.networks.split(",") if args.networks else list_models()
+    report: dict = {"benchmark": "bench_inference", "machine": machine(),
+                    "monai_settings": {"roi_size": 256, "overlap": 0.25, "mode": "gaussian",
+                                       "sw_batch_size": 4, "precision": "fp32"}}
+    if args.memory:
+        name = networks[0] if args.networks else ("unet_sharp" if "unet_sharp" in networks
+                                                  else networks[0])
+        report["memory"] = memory_mode(name, args.size_gib, args.variant, args.tile)
+        print(json.dumps(report, indent=2))
+        return 0
+    if args.quick:
+        networks = networks[:1] if args.networks else (
+            ["unet_sharp"] if "unet_sharp" in networks else networks[:1])
+        args.repeats = 1
+    image2d = synthetic_image((2048, 2048))
+    volume = None if args.quick else synthetic_image((32, 512, 512), seed=1)
+    cases: dict = {}
+    for name in networks:
+        cases[name] = {"2d_2048x2048": bench_case(name, image2d, "YX", args.repeats)}
+        if volume is not None:
+            cases[name]["3d_32x512x512_slicewise"] = bench_case(name, volume, "ZYX",
+                                                                args.repeats)
+    report["repeats"] = args.repeats
+    report["cases"] = cases
+    goals = []
+    for per_net in cases.values():
+        for case in per_net.values():
+            goals.append({
+                "case": f"{case['network']} {case['shape']}",
+                "engine<=0.5xMONAI": case["engine_over_monai"] <= 0.5,
+                "engine<=1.1xraw": case["engine_over_raw_forward"] <= 1.1,
+                "engine_fp32<=MONAI": case["engine_fp32_over_monai"] <= 1.0,
+                "less_memory_than_MONAI": case["peak_rss_mb"] < case["monai_peak_rss_mb"],
+            })
+    report["goals"] = goals
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

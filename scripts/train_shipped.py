@@ -1,0 +1,168 @@
+"""Train a network on one of the shared data sets and ship it: weights + model card.
+
+    python scripts/train_shipped.py --network sa2net --dataset dsb2018_nuclei \
+        --data-root ../shared/data --minutes 25 [--variant lite] [--steps 3000]
+
+Writes ``weights/<tag>.safetensors`` (fp16) with its JSON description, evaluates the best
+checkpoint on the held-out images recorded in it (the validation split, by image or slice
+block), and writes the model card ``models/<tag>.yaml`` (network, variant, config, data and
+split, settings, device, wall time, validation metrics, sha256, data licence). Then run
+``python scripts/results_table.py`` to refresh the README's results table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Per data set: channels, normalisation, licence line, and what the mask means.
+DATASETS = {
+    "dsb2018_nuclei": {
+        "in_channels": 3, "instances": True, "patch": 256,
+        "normalization": {"mode": "percentile", "low": 1.0, "high": 99.8},
+        "licence": "CC0 1.0 (BBBC038 / Kaggle Data Science Bowl 2018, Caicedo et al. 2019)",
+        "target": "nucleus foreground (instances split by watershed at inference)",
+    },
+    "isbi2012_em": {
+        "in_channels": 1, "instances": False, "patch": 256,
+        "normalization": {"mode": "percentile", "low": 1.0, "high": 99.8},
+        "licence": "research use; cite Arganda-Carreras et al. 2015 and Cardona et al. 2010",
+        "target": "membranes (1) vs cell interior (0)",
+    },
+    "ph2_dermoscopy": {
+        "in_channels": 3, "instances": False, "patch": 256,
+        "normalization": {"mode": "percentile", "low": 1.0, "high": 99.8},
+        "licence": "PH2: free for research and benchmarking (Mendonca et al. 2013); non-commercial",
+        "target": "skin lesion",
+    },
+    "msd_lung_patches": {
+        "in_channels": 1, "instances": False, "patch": 48,
+        "normalization": {"mode": "none"},
+        "licence": "CC BY-SA 4.0 (Medical Segmentation Decathlon, Antonelli et al. 2022)",
+        "target": "lung tumour on 2 mm CT patches",
+    },
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from napari_medseg.config import PredictConfig, TrainConfig
+    from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
+    from napari_medseg.engine.evaluate import evaluate, format_table
+    from napari_medseg.engine.train import StepEvent, ValidationEvent, train_iter
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--network", required=True)
+    p.add_argument("--variant", default="lite")
+    p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--minutes", type=float, default=25.0)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--patch", type=int)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--tag")
+    p.add_argument("--override", action="append", default=[], help="network config KEY=VALUE")
+    p.add_argument("--work", default=None, help="folder for the training checkpoint")
+    args = p.parse_args(argv)
+
+    ds = DATASETS[args.dataset]
+    root = Path(args.data_root) / args.dataset
+    tag = args.tag or f"{args.network}_{args.variant}_{args.dataset.split('_')[0]}"
+    overrides = {}
+    for item in args.override:
+        key, value = item.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    cfg = TrainConfig.from_mapping({
+        "network": args.network, "variant": args.variant, "in_channels": ds["in_channels"],
+        "num_classes": 2, "patch": args.patch or ds["patch"], "batch_size": args.batch_size,
+        "steps": args.steps, "lr": args.lr, "val_every": args.val_every,
+        "max_minutes": args.minutes, "instances": ds["instances"],
+        "normalization": ds["normalization"], "dataset": args.dataset, "patience": 0,
+        "model_overrides": overrides, "resume": True,
+    })
+    work = Path(args.work or tempfile.mkdtemp(prefix=f"train_{tag}_"))
+    ckpt = work / tag
+    t0 = time.perf_counter()
+    gen = train_iter(root / "images", root / "masks", ckpt, cfg)
+    result = None
+    for event in gen:
+        if isinstance(event, StepEvent) and event.step % 10 == 0:
+            print(f"step {event.step}/{event.steps} loss {event.loss:.4f} lr {event.lr:.2e} "
+                  f"{event.elapsed_s:.0f}s", flush=True)
+        elif isinstance(event, ValidationEvent) or not isinstance(event, StepEvent):
+            print(event.message, flush=True)
+        result = getattr(event, "result", result)
+    wall = time.perf_counter() - t0
+
+    model, info = load_checkpoint(ckpt)
+    val_files = info.training_data.get("val_files", [])
+    with tempfile.TemporaryDirectory() as tmp:
+        vi, vm = Path(tmp) / "images", Path(tmp) / "masks"
+        vi.mkdir(), vm.mkdir()
+        for stem in val_files:
+            for src, dst in ((root / "images", vi), (root / "masks", vm)):
+                for f in src.glob(stem + ".*"):
+                    shutil.copy(f, dst / f.name)
+        scores = evaluate(model, vi, vm, PredictConfig(), instances=ds["instances"])
+    print(format_table(scores))
+    metrics = {k: (round(v, 4) if v == v else None) for k, v in scores.mean.items()}
+    metrics["split"] = "validation"
+    metrics["n_images"] = len(scores.rows)
+
+    weights_dir, models_dir = ROOT / "weights", ROOT / "models"
+    shipped = save_checkpoint(
+        model, weights_dir / tag, normalization=info.normalization, classes=("background", "foreground"),
+        training_data=info.training_data, settings=info.settings, metrics=metrics,
+        dtype="float16",
+    )
+    card = {
+        "tag": tag,
+        "network": info.network,
+        "variant": info.variant,
+        "dataset": args.dataset,
+        "task": ds["target"],
+        "in_channels": info.in_channels,
+        "num_classes": info.num_classes,
+        "classes": ["background", "foreground"],
+        "weights": f"{tag}.safetensors",
+        "sha256": shipped.sha256,
+        "size_mb": round((weights_dir / f"{tag}.safetensors").stat().st_size / 2**20, 2),
+        "config": info.config,
+        "normalization": info.normalization,
+        "training_data": {
+            "dataset": args.dataset,
+            "split": info.training_data.get("split"),
+            "train_files": len(info.training_data.get("train_files", [])),
+            "val_files": val_files,
+            "data_hash": info.training_data.get("data_hash"),
+            "licence": ds["licence"],
+        },
+        "settings": {
+            "steps": info.settings.get("steps_done"), "batch_size": cfg.batch_size,
+            "patch": cfg.patch, "optimizer": "AdamW, linear warm-up, cosine decay",
+            "lr": cfg.lr, "precision": info.settings.get("precision"),
+            "device": f"{info.settings.get('device')} ({platform.processor() or platform.machine()})",
+            "wall_time_min": round(wall / 60, 1),
+            "stopped": getattr(result, "stopped", None),
+        },
+        "metrics": metrics,
+    }
+    models_dir.mkdir(exist_ok=True)
+    (models_dir / f"{tag}.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+    print(json.dumps({"tag": tag, "metrics": metrics, "wall_min": round(wall / 60, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
