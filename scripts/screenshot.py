@@ -2,9 +2,9 @@
 
 Starts napari, opens the nuclei sample, docks the Segment widget (through the plugin's
 manifest, as a user would), draws the tile plan, runs the network (shipped weights if any,
-else an untrained network: its masks are meaningless, the screenshots show the interface),
-changes the threshold, splits instances, scores against the sample's labels, then segments
-the EM volume sample. Saves PNG files in ``--out``.
+else an untrained network: its masks are meaningless, and part of the mask is painted from
+the sample's labels as a stand-in for a user's corrections), derives the boundary and the instances from it, scores it against the sample's labels, then
+segments the EM volume sample. Saves PNG files in ``--out``.
 
 Needs a display; a virtual one works::
 
@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     """Take the screenshots."""
     parser = argparse.ArgumentParser(description="Screenshots of the Segment widget.")
     parser.add_argument("--out", required=True, help="folder for the PNG files")
-    parser.add_argument("--network", default="unet_sharp")
+    parser.add_argument("--network", default=None,
+                        help="network to use (default: the widget's, which prefers one "
+                        "with installed trained weights)")
     parser.add_argument("--variant", default="lite", help="variant of an untrained network")
     parser.add_argument("--size", type=int, nargs=2, default=(1600, 1000))
     args = parser.parse_args(argv)
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     import napari
+    import numpy as np
     from qtpy.QtWidgets import QApplication
 
     viewer = napari.Viewer(show=True, title="napari-medseg")
@@ -54,10 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     app = QApplication.instance()
     viewer.open_sample("napari-medseg", "nuclei")
     _dock, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
-    app.processEvents()
+    _wait(app, widget)  # the networks are listed in a worker
 
     widget.image_combo.setCurrentText("nuclei")
-    widget.network_combo.setCurrentText(args.network)
+    if args.network:
+        widget.network_combo.setCurrentText(args.network)
     if widget.current_weights().untrained:
         widget.variant_combo.setCurrentText(args.variant)
     widget.device_combo.setCurrentIndex(max(0, widget.device_combo.findData("cpu")))
@@ -73,30 +77,50 @@ def main(argv: list[str] | None = None) -> None:
 
     widget.run()
     _wait(app, widget)
-    tiles = [lay for lay in viewer.layers if lay.name == "nuclei tiles"]
-    for lay in tiles:
-        lay.visible = False
+    reference = viewer.layers["nuclei mask"]  # the sample's labels (not an output)
+    reference.visible = False
+    for lay in viewer.layers:
+        if lay.name == "nuclei tiles":
+            lay.visible = False
     widget.reference_combo.setCurrentText("nuclei mask")
     _wait(app, widget)
     viewer.screenshot(str(out / "2_result_2d.png"), canvas_only=False)
     widget.grab().save(str(out / "2_widget_after_run.png"))
 
-    widget.threshold_slider.setValue(0.45)
+    # With an untrained network (which finds nothing) the left part of the mask is painted
+    # from the sample's labels, a stand-in for a user's corrections. Then the boundary tools
+    # and the metrics follow the (edited) mask.
+    from napari_medseg._napari.result_layers import find_output
+
+    mask = find_output(viewer, "nuclei", "mask")
+    if widget.current_weights().untrained:
+        mask.data[:, :170] = (np.asarray(reference.data)[:, :170] > 0).astype(mask.data.dtype)
+        mask.refresh()
+    widget.boundary_from_mask()
     _wait(app, widget)
     widget.instances_from_mask()
     _wait(app, widget)
-    viewer.screenshot(str(out / "3_threshold_and_instances.png"), canvas_only=False)
+    widget.update_metrics()
+    for lay in viewer.layers:
+        if lay.name == "nuclei probabilities":
+            lay.visible = False
+    _wait(app, widget)
+    viewer.screenshot(str(out / "3_edited_boundary_instances.png"), canvas_only=False)
+    widget.grab().save(str(out / "3_widget_metrics.png"))
 
+    # The EM volume (its own units: nanometres), alone in the viewer.
+    viewer.layers.clear()
     viewer.open_sample("napari-medseg", "em_stack")
     app.processEvents()
-    for lay in list(viewer.layers):
-        lay.visible = lay.name.startswith("em_stack")
     widget.image_combo.setCurrentText("em_stack")
     widget.scope_combo.setCurrentIndex(widget.scope_combo.findData("whole"))
     widget.reference_combo.setCurrentText("em_stack mask")
     _wait(app, widget)
     widget.run()
     _wait(app, widget)
+    for lay in viewer.layers:
+        if lay.name == "em_stack probabilities":
+            lay.visible = False
     viewer.dims.set_current_step(0, 2)
     _wait(app, widget)
     viewer.screenshot(str(out / "4_result_volume.png"), canvas_only=False)

@@ -76,6 +76,16 @@ def test_predict_a_folder_skips_non_images(images, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["a.tif", "b.tif"]
 
 
+def test_an_unreadable_file_in_a_folder_is_reported_and_the_rest_done(images, tmp_path,
+                                                                      capsys):
+    (images / "0_broken.tif").write_bytes(b"II*\x00 this is not a TIFF")
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "predict", images, "-o", out, "--model", "analytic", "-q")
+    assert rc == 2
+    assert "0_broken.tif" in _one_error_line(err)
+    assert sorted(p.name for p in out.iterdir()) == ["a.tif", "b.tif"]
+
+
 def test_single_output_file_name(images, tmp_path, capsys):
     target = tmp_path / "res" / "seg.tif"
     rc, _, err = _run(capsys, "predict", images / "a.tif", "-o", target, "--model", "analytic",

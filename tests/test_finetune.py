@@ -66,11 +66,11 @@ def nuclei() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _edited(gt: np.ndarray) -> np.ndarray:
-    """A 'prediction' that differs from the truth in three separate boxes."""
+    """A 'prediction' that differs from the truth in every pixel of three separate boxes."""
     pred = (gt > 0).astype(np.uint8)
-    pred[20:50, 20:60] = 0
-    pred[150:170, 180:230] = 1
-    pred[200:240, 30:60] = 1
+    for box in ((slice(20, 50), slice(20, 60)), (slice(150, 170), slice(180, 230)),
+                (slice(200, 240), slice(30, 60))):
+        pred[box] = 1 - pred[box]
     return pred
 
 
@@ -337,16 +337,15 @@ def test_fine_tuning_learns_a_correction(monkeypatch):
     rng = np.random.default_rng(0)
     image = rng.normal(0.2, 0.05, (192, 192)).astype(np.float32)
     truth = np.zeros((192, 192), np.uint8)
-    for y, x in [(16, 16), (16, 120), (110, 20), (120, 130), (70, 80)]:
+    for y, x in [(16, 16), (16, 140), (130, 16), (130, 140), (72, 78)]:
         image[y:y + 28, x:x + 28] += 0.7
         truth[y:y + 28, x:x + 28] = 1
     model = _tiny()
-    cfg = FinetuneConfig.from_mapping(dict(FAST, steps=40, val_every=10, lr=5e-3, margin=6,
-                                           context=8, patience=0, val_fraction=0.4,
-                                           batch_size=4))
+    cfg = FinetuneConfig.from_mapping(dict(FAST, steps=12, val_every=6, lr=1e-2, margin=6,
+                                           context=8, patience=0, val_fraction=0.4))
     samples = samples_from_corrections(image, truth, num_classes=2, in_channels=1,
                                        prediction=np.zeros_like(truth), config=cfg)
-    assert len(samples) == 5
+    assert len(samples) == 5 and len({s.group for s in samples}) == 5
     result = finetune(model, samples, cfg)
     assert result.n_val == 2
     assert result.best_dice > max(0.6, result.baseline_dice + 0.2), result.history

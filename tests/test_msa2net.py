@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -179,6 +180,39 @@ def test_padded_partition_attention_matches_brute_force(kind):
         got = _partition_attention(layer, x, 8)
         ref = _reference_partition_attention(layer, x, 8)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["attn_block", "attn_grid"])
+def test_export_path_equals_eager_path(kind, monkeypatch):
+    """Under tracing the pad-and-mask path is always taken (the graph must hold at every
+    size); it must give exactly the eager result, with and without padding to do, and a
+    whole-network forward must not change either."""
+    import napari_medseg.models.msa2net_blocks as blocks
+
+    model = _tiny().eval()
+    layer = getattr(model.encoder.stages[1].blocks[0], kind)
+    inputs = [torch.randn(2, 16, 24, 16), torch.randn(2, 12, 20, 16)]  # no padding / padding
+    image = torch.randn(2, 1, 96, 64)
+    with torch.no_grad():
+        eager = [_partition_attention(layer, x, 8) for x in inputs]
+        eager_net = model(image)["mask"]
+        monkeypatch.setattr(blocks, "_tracing", lambda: True)
+        traced = [_partition_attention(layer, x, 8) for x in inputs]
+        traced_net = model(image)["mask"]
+    for a, b in zip(eager, traced):
+        assert torch.equal(a, b)
+    assert torch.equal(eager_net, traced_net)
+
+
+def test_trace_at_one_size_runs_at_another():
+    """A TorchScript trace at 64×64 (the ONNX exporter's tracer) reproduces eager at 96×128,
+    where the maps of two stages need padding that they did not need at 64×64 and back."""
+    model = _tiny().eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, torch.randn(2, 1, 64, 64), strict=False)
+        x = torch.randn(1, 1, 96, 128)
+        torch.testing.assert_close(traced(x)["mask"], model(x)["mask"], rtol=0, atol=1e-5)
 
 
 def _native_stage_features(encoder, x, partition: int):

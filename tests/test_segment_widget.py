@@ -45,8 +45,10 @@ def _widget(viewer, qtbot):
     from napari_medseg._napari.segment_widget import SegmentWidget
 
     widget = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Segment")
-    qtbot.addWidget(widget) if False else None  # the dock owns it
+    viewer.window.add_dock_widget(widget, name="Segment")  # the dock owns it
+    # The networks and devices are listed by a worker: the viewer stays responsive.
+    assert not widget.ready and not widget.run_button.isEnabled()
+    qtbot.waitUntil(lambda: widget.ready, timeout=TIMEOUT)
     return widget
 
 
@@ -87,12 +89,22 @@ def test_widget_builds_and_shows_a_plan(make_napari_viewer, qtbot, env):
         == list_models()
     labels = [widget.weights_combo.itemText(i) for i in range(widget.weights_combo.count())]
     assert labels[-1] == RANDOM_INIT
-    # No weights installed here: random init is chosen, with the loud warning shown.
+    # Installed trained weights are chosen first (their network too), else random init.
+    from napari_medseg.engine.checkpoints import list_shipped_weights
+
+    shipped = list_shipped_weights()
+    choice = widget.current_weights()
+    if shipped:
+        assert not choice.untrained and choice.source in {w["tag"] for w in shipped}
+        assert widget.untrained_label.isHidden() and not widget.variant_combo.isEnabled()
+    else:
+        assert choice.untrained
+    _choose(widget)
+    # Random init shows the loud warning and lets the variant be picked.
     assert widget.current_weights().untrained
-    assert not widget.untrained_label.isHidden()
+    assert not widget.untrained_label.isHidden() and widget.variant_combo.isEnabled()
     assert widget.device_combo.findData("cpu") >= 0
     assert [widget.scope_combo.itemData(i) for i in range(3)] == ["slice", "visible", "whole"]
-    _choose(widget)
     qtbot.waitUntil(lambda: "tiles of" in widget.plan_label.text(), timeout=TIMEOUT)
     text = widget.plan_label.text()
     assert "Memory ~" in text and "64x64" in text
@@ -182,6 +194,75 @@ def test_run_3d_volume_then_slice_keeps_other_slices_and_undo_restores_edits(
     assert not (mask.data[1, :5, :5] == 7).all()     # the run's slice: overwritten
     widget.undo()
     np.testing.assert_array_equal(mask.data, edited)  # the user's edit is back
+
+
+def test_shipped_weights_segment_a_grey_image(make_napari_viewer, qtbot, env):
+    """The shipped model card (when installed) loads, converts grey to RGB with a notice,
+    and gives a mask of the image's shape; a several-class network has no threshold."""
+    from napari_medseg.engine.checkpoints import list_shipped_weights
+    from napari_medseg.io.samples import load_sample
+
+    shipped = list_shipped_weights()
+    if not shipped:
+        pytest.skip("no trained weights are installed")
+    card = shipped[0]
+    image, _meta, labels = load_sample("nuclei")
+    crop = np.asarray(image)[:96, :96]
+    viewer = make_napari_viewer()
+    viewer.add_image(crop, name="nuc")
+    viewer.add_labels(np.asarray(labels)[:96, :96], name="truth")
+    widget = _widget(viewer, qtbot)
+    widget.network_combo.setCurrentText(card["network"])
+    index = next(i for i in range(widget.weights_combo.count())
+                 if widget.weights_combo.itemData(i).source == card["tag"])
+    widget.weights_combo.setCurrentIndex(index)
+    widget.device_combo.setCurrentIndex(widget.device_combo.findData("cpu"))
+    widget.probs_check.setChecked(True)
+    outcome = _run(qtbot, widget)
+    assert outcome.ok, outcome.error
+    result = outcome.value.result
+    assert any("grey to RGB" in n for n in result.notices) == (card["in_channels"] == 3)
+    from napari_medseg._napari.result_layers import find_output
+
+    mask = find_output(viewer, "nuc", "mask")
+    assert mask.data.shape == (96, 96)
+    # The foreground probability is one plain layer (no extra "class" axis in the viewer).
+    probs = find_output(viewer, "nuc", "probabilities")
+    assert probs.data.shape == (96, 96) and viewer.dims.ndim == 2
+    assert ((probs.data > 0.5) == (mask.data > 0)).mean() > 0.999
+    assert widget.threshold_slider.isEnabled() == (card["num_classes"] == 1)
+    widget.reference_combo.setCurrentText("truth")
+    _settle(qtbot, widget)
+    dice = float(widget.metrics_table.item(0, 1).text())
+    print(f"\nShipped {card['tag']} on a 96x96 crop of the nuclei sample: Dice {dice:.3f}")
+    assert dice > 0.5  # trained weights find the nuclei
+
+
+def test_rgb_image_with_an_upsampling_network(make_napari_viewer, qtbot, env):
+    """SASR-Net predicts at twice the resolution: layers get half the pixel size, and pixel
+    centres shifted so that the outputs cover exactly the image."""
+    viewer = make_napari_viewer()
+    rgb = (np.random.default_rng(8).random((40, 48, 3)) * 255).astype(np.uint8)
+    viewer.add_image(rgb, name="he", rgb=True, scale=(2.0, 2.0), translate=(5.0, 7.0))
+    widget = _widget(viewer, qtbot)
+    _choose(widget, network="sasrnet", tile=32)
+    outcome = _run(qtbot, widget)
+    assert outcome.ok, outcome.error
+    from napari_medseg._napari.result_layers import find_output
+
+    mask = find_output(viewer, "he", "mask")
+    assert mask.data.shape == (80, 96)
+    np.testing.assert_allclose(mask.scale, (1.0, 1.0))
+    np.testing.assert_allclose(mask.translate, (4.5, 6.5))
+    assert outcome.value.spec.in_channels == 3  # an untrained network follows the image
+    # The outputs cover the same world box as the image (pixel edges, not centres).
+    img = viewer.layers["he"]
+
+    def edges(layer):
+        half = np.asarray(layer.scale) / 2
+        return layer.extent.world + np.stack([-half, half])
+
+    np.testing.assert_allclose(edges(mask), edges(img))
 
 
 def test_visible_region_writes_only_the_visible_box(make_napari_viewer, qtbot, env):
@@ -364,3 +445,123 @@ def test_errors_are_one_sentence_notifications(make_napari_viewer, qtbot, env, e
     assert not outcome.ok and "not installed" in errors[-1]
     assert "img mask" not in viewer.layers
     _settle(qtbot, widget)
+
+
+# --- the pieces behind the widget (no viewer) -------------------------------------------
+
+
+def test_cancel_paths_set_the_engine_token(qtbot):
+    """napari's status-bar cancel (worker.quit) and activity-dock cancel both stop the
+    engine through its token, so the run returns what it finished instead of aborting."""
+    from napari_medseg._napari.worker import CancellableWorker, RunProgress
+    from napari_medseg.engine.progress import CancelToken
+
+    def gen():
+        yield 1
+
+    token = CancelToken()
+    worker = CancellableWorker(gen)
+    worker.cancel_token = token
+    worker.quit()
+    assert token.cancelled
+    token = CancelToken()
+    bar = RunProgress(total=4, cancel_callback=token.cancel)
+    bar.set_done(2, 4)
+    assert bar.n == 2
+    bar.cancel()
+    assert token.cancelled and bar.is_canceled
+    bar.close()
+
+
+def test_error_messages_are_one_sentence():
+    from napari_medseg._napari.worker import error_message
+    from napari_medseg.errors import InputShapeError
+
+    assert error_message(InputShapeError("The image is wrong; fix it.")) == \
+        "The image is wrong; fix it."
+    oom = error_message(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB\nmore"))
+    assert oom.startswith("Out of memory") and "\n" not in oom
+    other = error_message(ValueError("bad value\n  File x.py, line 3"))
+    assert other == "Unexpected ValueError: bad value."
+
+
+def test_settings_become_the_engine_config():
+    from napari_medseg._napari.session import RANDOM_INIT, RunSettings, WeightsChoice
+
+    choice = WeightsChoice("random", RANDOM_INIT, NETWORK, "")
+    s = RunSettings(choice, "tiny", "cpu", None, 0.5, "constant", 0.3, True, False, True,
+                    "ZYX")
+    cfg = s.config()
+    assert cfg.tiling.tile is None and cfg.tiling.overlap == 0.5
+    assert cfg.tiling.blend == "constant" and cfg.threshold == 0.3 and cfg.tta
+    assert cfg.axes == "ZYX" and cfg.device == "cpu"
+    # Probabilities are kept for a one-class network (the threshold re-derives masks).
+    assert cfg.outputs == ("mask", "boundary", "probabilities", "variance")
+    multi = WeightsChoice("checkpoint", "x", NETWORK, "lite", "/x.json", 1, 3)
+    s3 = RunSettings(multi, "lite", "cpu", 128, 0.25, "gaussian", 0.5, False, False, False,
+                     "YX")
+    assert s3.config().outputs == ("mask", "boundary")
+    from napari_medseg.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        RunSettings(choice, "tiny", "cpu", None, 1.5, "gaussian", 0.5, False, False, False,
+                    "YX").config()
+
+
+def test_session_cache_rethreshold_and_undo_of_the_cache():
+    from napari_medseg._napari.session import Edit, SegmentSession
+    from napari_medseg.engine.regions import Region
+
+    session = SegmentSession()
+    probs = np.linspace(0, 1, 2 * 4 * 4, dtype=np.float32).reshape(1, 2, 4, 4)
+    first = Edit("run")
+    session.update_cache("im", (3, 4, 4), "ZYX", 1, False, Region((0, 0, 0), (2, 4, 4)),
+                         probs, [(slice(None),) * 3], first)
+    session.push(first)
+    blocks = session.rethreshold("im", 0.5)
+    assert len(blocks) == 1
+    key, mask, boundary = blocks[0]
+    assert key == (slice(0, 2), slice(0, 4), slice(0, 4))
+    np.testing.assert_array_equal(mask, (probs[0].astype(np.float16) > 0.5))
+    assert boundary is not None and boundary.shape == mask.shape
+    # A cancelled run on slice 2 that finished nothing new leaves the covered list alone;
+    # a finished slice-2 run adds its region, and undo takes it off again.
+    second = Edit("run")
+    session.update_cache("im", (3, 4, 4), "ZYX", 1, False, Region((2, 0, 0), (3, 4, 4)),
+                         np.full((1, 1, 4, 4), 0.9, np.float32), [(slice(None),) * 3], second)
+    session.push(second)
+    assert len(session.cache_for("im").covered) == 2
+    assert session.pop() is second
+    cache = session.cache_for("im")
+    assert len(cache.covered) == 1 and (cache.probs[0, 2] == 0).all()
+    assert session.pop() is first and session.cache_for("im") is None
+    from napari_medseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="first"):
+        session.rethreshold("im", 0.5)
+
+
+def test_weights_choices_list_cards_checkpoints_and_random(env):
+    import torch
+
+    from napari_medseg._napari.session import RANDOM_INIT, SegmentSession, list_weight_choices
+    from napari_medseg.engine.checkpoints import save_checkpoint
+    from napari_medseg.models import create_model
+
+    torch.manual_seed(0)
+    save_checkpoint(create_model(NETWORK, "tiny", 1, 1), env / "home" / "checkpoints" / "mine")
+    choices = list_weight_choices(NETWORK)
+    assert [c.kind for c in choices] == ["checkpoint", "random"]
+    assert choices[0].label.startswith("mine") and choices[-1].label == RANDOM_INIT
+    assert list_weight_choices("banet")[-1].network == "banet"
+    session = SegmentSession(max_models=1)
+    a = session.load_model(choices[-1], "tiny", 1)
+    assert session.load_model(choices[-1], "tiny", 1) is a  # cached
+    b = session.load_model(choices[-1], "tiny", 1)
+    # Random init is reproducible (fixed seed): two builds agree.
+    fresh = SegmentSession().load_model(choices[-1], "tiny", 1)
+    for (k, v), (_, w) in zip(a.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(v, w), k
+    assert b is a
+    session.load_model(choices[0], "tiny", 1)
+    assert len(session.cached_models()) == 1  # least recently used dropped

@@ -305,11 +305,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         for path, paths in zip(inputs, plans):
             try:
                 image, meta = read_image(path)
-                if model is None:
-                    channels = image.shape[meta.axes.index("C")] if "C" in meta.axes else 1
-                    model, described = _build_model(args, channels, err)
-                    if not quiet:
-                        print(f"napari-medseg: model {described}", file=err)
+            except MedsegError as exc:
+                if len(inputs) == 1:
+                    raise
+                failures += 1
+                print(f"napari-medseg: error: {path.name}: {exc}", file=err)
+                continue
+            if model is None:  # an error here (unknown network, weights) stops the run
+                channels = image.shape[meta.axes.index("C")] if "C" in meta.axes else 1
+                model, described = _build_model(args, channels, err)
+                if not quiet:
+                    print(f"napari-medseg: model {described}", file=err)
+            try:
                 cfg = config
                 if args.format == "zarr":
                     cfg = config.replace(store=str(paths["mask"]), overwrite=args.overwrite)
@@ -364,7 +371,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                           f"{', '.join(str(w) for w in written)} "
                           f"({result.stats['seconds']:.1f} s{extra})", file=err)
             except MedsegError as exc:
-                if len(inputs) == 1 or model is None:
+                if len(inputs) == 1:
                     raise
                 failures += 1
                 print(f"napari-medseg: error: {path.name}: {exc}", file=err)

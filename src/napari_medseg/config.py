@@ -84,7 +84,8 @@ class ConfigBase:
 
     def replace(self: C, **changes: Any) -> C:
         """A copy with ``changes`` applied (coerced and validated like ``from_mapping``)."""
-        current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        fields = dataclasses.fields(self)  # type: ignore[arg-type]
+        current = {f.name: getattr(self, f.name) for f in fields}
         current.update(changes)
         return config_from_mapping(type(self), current)
 
@@ -252,7 +253,8 @@ class PredictConfig(ConfigBase):
                 raise ConfigError(f"{name} must be between 0 and 1, not {value}.")
         if self.axes is not None:
             axes = self.axes.upper()
-            if len(set(axes)) != len(axes) or set(axes) - set("TICZYX") or not {"Y", "X"} <= set(axes):
+            valid = set(axes) <= set("TICZYX") and {"Y", "X"} <= set(axes)
+            if len(set(axes)) != len(axes) or not valid:
                 raise ConfigError(
                     f"Axes {self.axes!r} are not valid; use distinct letters from T, I, C, Z, "
                     "Y, X (Y and X required), e.g. 'YX', 'YXC' or 'ZYX'."

@@ -1,8 +1,9 @@
 """The one module that turns engine results into napari layers (and undoes it).
 
 Output layers are named after the image: ``<image> mask`` (Labels), ``<image> boundary``
-(Labels), ``<image> instances`` (Labels), ``<image> probabilities`` and ``<image> TTA
-variance`` (Image), ``<image> tiles`` (Shapes, the tile plan). Each carries a marker in its
+(Labels), ``<image> instances`` (Labels), ``<image> probabilities`` (Image: the foreground
+of a one- or two-class network; ``<image> probabilities [class k]`` per class otherwise) and
+``<image> TTA variance`` (Image), ``<image> tiles`` (Shapes, the tile plan). Each carries a marker in its
 metadata (``OUTPUT_KEY``: the image's name and the output), and the marker, not the name,
 finds it again: a renamed output keeps receiving runs, and a user's own layer that happens
 to have the name (a sample's reference labels, say) is never written to; napari then gives
@@ -88,7 +89,10 @@ class LayerChange:
 
 
 def output_name(image_name: str, output: str) -> str:
-    """``"cells"``, ``"mask"`` -> ``"cells mask"``."""
+    """``"cells"``, ``"mask"`` -> ``"cells mask"``; ``"probabilities[2]"`` -> ``"cells
+    probabilities [class 2]"`` (one layer per class of a several-class network)."""
+    if output.startswith("probabilities[") and output.endswith("]"):
+        return f"{image_name} probabilities [class {output[len('probabilities['):-1]}]"
     return f"{image_name} {OUTPUT_SUFFIXES[output]}"
 
 
@@ -143,29 +147,25 @@ def image_shape(layer: Any) -> tuple[int, ...]:
     return shape[:-1] if getattr(layer, "rgb", False) else shape
 
 
-def output_kwargs(image_layer: Any, factor: int = 1, lead: int = 0,
+def output_kwargs(image_layer: Any, factor: int = 1,
                   output: str | None = None) -> dict[str, Any]:
     """Geometry arguments of an output layer of ``image_layer``.
 
     Args:
         image_layer: the segmented image.
         factor: output side / input side in-plane (2 for a super-resolving network).
-        lead: extra leading axes of the output (1 for per-class probabilities).
         output: the output's name, stored in the layer's marker.
     """
     scale, translate = output_geometry(image_layer.scale, image_layer.translate, factor)
-    kwargs: dict[str, Any] = {
-        "scale": (1.0,) * lead + scale,
-        "translate": (0.0,) * lead + translate,
-    }
+    kwargs: dict[str, Any] = {"scale": scale, "translate": translate}
     labels = tuple(getattr(image_layer, "axis_labels", ()) or ())
     if len(labels) == len(scale):
-        kwargs["axis_labels"] = ("class",) * lead + labels
+        kwargs["axis_labels"] = labels
     units = getattr(image_layer, "units", None)
     if units is not None and len(tuple(units)) == len(scale):
-        kwargs["units"] = ("pixel",) * lead + tuple(str(u) for u in units)
+        kwargs["units"] = tuple(str(u) for u in units)
     affine = np.asarray(image_layer.affine.affine_matrix)
-    if not np.allclose(affine, np.eye(affine.shape[0])) and lead == 0:
+    if not np.allclose(affine, np.eye(affine.shape[0])):
         kwargs["affine"] = affine
     metadata: dict[str, Any] = {}
     if output is not None:
@@ -179,19 +179,18 @@ def output_kwargs(image_layer: Any, factor: int = 1, lead: int = 0,
             origin = tuple(meta.origin[:n]) + tuple(
                 o + s * (0.5 / factor - 0.5) for o, s in zip(meta.origin[n:], meta.spacing[n:]))
             meta = meta.replace(spacing=spacing, origin=origin, affine=None)
-        if lead == 0:
-            metadata[META_KEY] = meta
+        metadata[META_KEY] = meta
     except (ValueError, TypeError):
         pass
     return kwargs
 
 
 def _ensure(viewer: Any, image_layer: Any, output: str, shape: Sequence[int], dtype: Any,
-            factor: int, changes: list[LayerChange], lead: int = 0) -> Any:
+            factor: int, changes: list[LayerChange]) -> Any:
     """The output layer, created (full of zeros) or re-shaped when it does not fit."""
     name = output_name(image_layer.name, output)
     shape = tuple(int(s) for s in shape)
-    kwargs = output_kwargs(image_layer, factor, lead, output)
+    kwargs = output_kwargs(image_layer, factor, output)
     layer = find_output(viewer, image_layer.name, output)
     if layer is not None:
         data = layer.data
@@ -228,16 +227,33 @@ def _ensure(viewer: Any, image_layer: Any, output: str, shape: Sequence[int], dt
 
 
 def _write(layer: Any, key: tuple, values: np.ndarray, changes: list[LayerChange]) -> None:
+    """Write ``values`` at ``key``, copying what was there first (unless the same step
+    created the layer: undoing it removes the layer)."""
     data = layer.data
-    changes.append(LayerChange(layer, key, np.array(data[key], copy=True)))
+    if not any(c.created and c.layer is layer for c in changes):
+        changes.append(LayerChange(layer, key, np.array(data[key], copy=True)))
     data[key] = values
+
+
+def _reset_paint_history(layer: Any) -> None:
+    """Drop napari's paint history of a Labels layer whose data we rewrote.
+
+    Its undo would otherwise put pre-run pixels back into the new data. napari drops the
+    history when a layer stops being editable; the mode the user was in is kept.
+    """
+    from napari.layers import Labels
+
+    if not isinstance(layer, Labels) or not layer.editable:
+        return
+    mode = layer.mode
+    layer.editable = False
+    layer.editable = True
+    layer.mode = mode
 
 
 def _refresh(layers: Sequence[Any]) -> None:
     for layer in layers:
-        reset = getattr(layer, "_reset_history", None)
-        if reset is not None:
-            reset()
+        _reset_paint_history(layer)
         layer.refresh()
 
 
@@ -265,7 +281,8 @@ def apply_run(
             leaves the boundary layer alone).
 
     Returns:
-        The recorded undo step (already pushed on the session).
+        The recorded undo step (already pushed on the session; empty, and not pushed, when
+        a cancelled run finished no slice).
     """
     factor = int(result.scale)
     full_out = whole_region(image_shape(image_layer)).output(factor).shape
@@ -276,7 +293,32 @@ def apply_run(
     keys = (finished_keys(axes, mask.shape, stack_axes, result.planes_done)
             if result.cancelled else [(slice(None),) * len(mask.shape)])
     edit = Edit("run", image=image_layer.name)
+    if not keys:  # cancelled before any slice finished: nothing to write
+        return edit
     touched = []
+    # Images first, so that the label layers are drawn over them.
+    num_classes = int(result["probabilities"].shape[0]) if "probabilities" in result else None
+    if "probabilities" in result and show_probabilities:
+        probs = result["probabilities"]
+        # One 2D/3D layer per foreground class (no extra "class" axis in the viewer): the
+        # foreground of a one- or two-class network, else each class 1..K-1.
+        classes = [num_classes - 1] if num_classes <= 2 else list(range(1, num_classes))
+        for k in classes:
+            output = "probabilities" if num_classes <= 2 else f"probabilities[{k}]"
+            layer = _ensure(viewer, image_layer, output, full_out, np.float32, factor,
+                            edit.changes)
+            for key in keys:
+                _write(layer, out_region.offset(key),
+                       dequantize_probabilities(probs[(k,) + key]), edit.changes)
+            touched.append(layer)
+    if "variance" in result and show_variance:
+        layer = _ensure(viewer, image_layer, "variance", full_out, np.float32, factor,
+                        edit.changes)
+        var = result["variance"]
+        for key in keys:
+            _write(layer, out_region.offset(key), np.asarray(var[key], np.float32),
+                   edit.changes)
+        touched.append(layer)
     for output in _LABEL_OUTPUTS:
         if output not in result:
             continue
@@ -285,28 +327,6 @@ def apply_run(
                         edit.changes)
         for key in keys:
             _write(layer, out_region.offset(key), np.asarray(values[key]), edit.changes)
-        touched.append(layer)
-    num_classes = int(result["probabilities"].shape[0]) if "probabilities" in result else None
-    if "probabilities" in result and show_probabilities:
-        probs = result["probabilities"]
-        lead = 0 if num_classes == 1 else 1
-        shape = full_out if lead == 0 else (num_classes,) + tuple(full_out)
-        layer = _ensure(viewer, image_layer, "probabilities", shape, np.float32, factor,
-                        edit.changes, lead)
-        for key in keys:
-            source = probs[(0,) + key] if lead == 0 else probs[(slice(None),) + key]
-            target = out_region.offset(key)
-            if lead:
-                target = (slice(None),) + target
-            _write(layer, target, dequantize_probabilities(source), edit.changes)
-        touched.append(layer)
-    if "variance" in result and show_variance:
-        layer = _ensure(viewer, image_layer, "variance", full_out, np.float32, factor,
-                        edit.changes)
-        var = result["variance"]
-        for key in keys:
-            _write(layer, out_region.offset(key), np.asarray(var[key], np.float32),
-                   edit.changes)
         touched.append(layer)
     if num_classes == 1:
         session.update_cache(image_layer.name, full_out, axes, 1, has_boundary_head,
@@ -434,6 +454,13 @@ def draw_tiles(viewer: Any, image_layer: Any, plan: Any, region: Region) -> Any:
         rects.append(np.array([[a - 0.5, b - 0.5], [c - 0.5, d - 0.5]], float))
     scale = tuple(image_layer.scale)[-2:]
     translate = tuple(image_layer.translate)[-2:]
+    kwargs: dict[str, Any] = {}
+    units = getattr(image_layer, "units", None)
+    if units is not None and len(tuple(units)) >= 2:
+        kwargs["units"] = tuple(str(u) for u in tuple(units)[-2:])
+    labels = tuple(getattr(image_layer, "axis_labels", ()) or ())
+    if len(labels) >= 2:
+        kwargs["axis_labels"] = labels[-2:]
     old = find_output(viewer, image_layer.name, "tiles")
     if old is not None:
         viewer.layers.remove(old)
@@ -441,4 +468,4 @@ def draw_tiles(viewer: Any, image_layer: Any, plan: Any, region: Region) -> Any:
         rects, shape_type="rectangle", name=output_name(image_layer.name, "tiles"),
         edge_color="cyan", face_color="transparent", edge_width=max(scale), scale=scale,
         translate=translate, opacity=0.8,
-        metadata={OUTPUT_KEY: {"image": image_layer.name, "output": "tiles"}})
+        metadata={OUTPUT_KEY: {"image": image_layer.name, "output": "tiles"}}, **kwargs)

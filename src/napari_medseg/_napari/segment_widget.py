@@ -70,6 +70,7 @@ from .worker import (
     JobOutcome,
     RunProgress,
     boundary_job,
+    catalog_job,
     guard_llvm_clash,
     instances_job,
     metrics_job,
@@ -101,16 +102,24 @@ class _DeviceCombo(QComboBox):
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        self.refresh()
+        self.ready = False
 
-    def refresh(self) -> None:
-        """Re-read the devices (GPU free memory changes as other programs run)."""
-        from ..engine.device import list_devices
+    def refresh(self, devices: list[dict] | None = None) -> None:
+        """Show ``devices`` (from ``engine.device.list_devices``), or re-read them.
 
+        Re-reading needs torch; before the first list arrives (read in a worker when the
+        widget opens) nothing is re-read.
+        """
+        if devices is None:
+            if not self.ready:
+                return
+            from ..engine.device import list_devices
+
+            devices = list_devices()
+        self.ready = True
         current = self.currentData()
         self.blockSignals(True)
         self.clear()
-        devices = list_devices()
         for dev in devices:
             name = dev["name"]
             if name == "cpu":
@@ -173,6 +182,9 @@ class SegmentWidget(QWidget):
         self._run_worker: Any = None
         self._run_token: CancelToken | None = None
         self._run_context: tuple | None = None
+        self._catalog: dict[str, list[str]] = {}
+        self._ready = False
+        self._warned_untrained: set[tuple[str, str]] = set()
         self.last_metrics: dict[int, dict[str, float]] | None = None
         self._progress: RunProgress | None = None
         self._plan_generation = 0
@@ -194,9 +206,37 @@ class SegmentWidget(QWidget):
         self._threshold_timer.timeout.connect(self._apply_threshold)
         self._connect()
         self._refresh_layers()
-        self._refresh_networks()
+        self.plan_label.setText("Loading the networks…")
+        # Importing the networks (torch, timm) takes seconds: done in a worker, so that
+        # opening the widget does not freeze the viewer.
+        self._start(catalog_job, on_done=self._on_catalog)
+
+    def _on_catalog(self, outcome: JobOutcome) -> None:
+        if not outcome.ok:
+            self.plan_label.setText(f"<span style='color:#ff6060'>{outcome.error}</span>")
+            self._error(outcome.error or "The networks could not be loaded.")
+            return
+        networks, devices = outcome.value
+        self._catalog = networks
+        self.device_combo.refresh(devices)
+        self.network_combo.blockSignals(True)
+        self.network_combo.clear()
+        self.network_combo.addItems(list(networks))
+        # Start on a network with trained weights installed, if there is one.
+        trained = next((n for n in networks if any(
+            c.installed and not c.untrained for c in list_weight_choices(n))), None)
+        if trained is not None:
+            self.network_combo.setCurrentText(trained)
+        self.network_combo.blockSignals(False)
+        self._ready = True
+        self._on_network_changed()
         self._update_enabled()
         self._schedule_plan()
+
+    @property
+    def ready(self) -> bool:
+        """True once the networks and devices are listed."""
+        return self._ready
 
     # ------------------------------------------------------------------ UI ----------
     def _build(self) -> None:
@@ -216,7 +256,13 @@ class SegmentWidget(QWidget):
         self.variant_combo.setToolTip(
             "Size of the network: tiny (tests), lite (CPU-friendly), paper (published). "
             "Fixed by trained weights.")
-        form.addRow("Network", _row(self.network_combo, QLabel("variant"), self.variant_combo))
+        self.network_combo.setMinimumContentsLength(10)
+        self.network_combo.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        network_row = _row(self.network_combo, QLabel("variant"), self.variant_combo)
+        network_row.layout().setStretch(0, 3)
+        network_row.layout().setStretch(2, 2)
+        form.addRow("Network", network_row)
         self.weights_combo = QComboBox()
         self.weights_combo.setSizeAdjustPolicy(
             QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
@@ -342,14 +388,19 @@ class SegmentWidget(QWidget):
         self.reference_combo.setToolTip("A reference Labels layer on the same grid as the "
                                         "mask; the scores update after each change.")
         self.metrics_button = QPushButton("Update")
-        lay.addWidget(_row(QLabel("Reference"), self.reference_combo, self.metrics_button))
+        self.reference_combo.setSizePolicy(QSizePolicy.Policy.Expanding,
+                                           QSizePolicy.Policy.Fixed)
+        row = _row(QLabel("Reference"), self.reference_combo, self.metrics_button)
+        row.layout().setStretch(1, 1)
+        lay.addWidget(row)
         self.metrics_table = QTableWidget(0, 5)
         self.metrics_table.setHorizontalHeaderLabels(["class", "Dice", "IoU", "HD95", "BF1"])
         self.metrics_table.verticalHeader().setVisible(False)
         self.metrics_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.metrics_table.horizontalHeader().setSectionResizeMode(
-            QHeaderView.ResizeMode.Stretch)
-        self.metrics_table.setMaximumHeight(110)
+        header = self.metrics_table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        header.setSectionResizeMode(3, QHeaderView.ResizeMode.ResizeToContents)
+        self.metrics_table.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
         self.metrics_table.setVisible(False)
         lay.addWidget(self.metrics_table)
         self.metrics_caption = QLabel("")
@@ -436,25 +487,14 @@ class SegmentWidget(QWidget):
         if self.reference_combo.currentText() != _NONE:
             self.update_metrics()
 
-    def _refresh_networks(self) -> None:
-        from ..models import list_models
-
-        self.network_combo.blockSignals(True)
-        self.network_combo.clear()
-        self.network_combo.addItems(list_models())
-        self.network_combo.blockSignals(False)
-        self._on_network_changed()
-
     def _on_network_changed(self, *_: Any) -> None:
-        from ..models import list_variants
-
         network = self.network_combo.currentText()
-        if not network:
+        if not network or not self._ready:
             return
         self.variant_combo.blockSignals(True)
         current = self.variant_combo.currentText()
         self.variant_combo.clear()
-        variants = list_variants(network)
+        variants = list(self._catalog.get(network, ()))
         self.variant_combo.addItems(variants)
         self.variant_combo.setCurrentText(current if current in variants else (
             "lite" if "lite" in variants else variants[0]))
@@ -517,7 +557,7 @@ class SegmentWidget(QWidget):
 
     def _update_enabled(self, *_: Any) -> None:
         running = self._run_worker is not None
-        has_image = self.current_image() is not None
+        has_image = self.current_image() is not None and self._ready
         for w in (self.image_combo, self.network_combo, self.weights_combo,
                   self.browse_button, self.device_combo, self.scope_combo, self.tile_spin,
                   self.overlap_spin, self.blend_combo, self.tta_check, self.measure_button,
@@ -608,12 +648,29 @@ class SegmentWidget(QWidget):
 
     # ---------------------------------------------------------------- plan -------------
     def _schedule_plan(self, *_: Any) -> None:
-        if self._run_worker is None:
+        if self._run_worker is None and self._ready:
             self._plan_timer.start()
 
     def _on_view_changed(self, *_: Any) -> None:
-        scope = self.scope_combo.currentData()
-        if scope == "visible" or (scope == "slice" and self._plan is not None):
+        """The slice or the camera moved: the region of a slice/visible scope follows.
+
+        A region of the same shape keeps its plan (only its position is shown again);
+        another shape gets a new plan (debounced).
+        """
+        if self.scope_combo.currentData() == "whole" or self.running or not self._ready:
+            return
+        image = self.current_image()
+        if image is None:
+            return
+        try:
+            region = self.region(image)
+        except MedsegError:
+            return
+        if self._plan is not None and self._plan[2] == image.name and (
+                self._plan[1].shape == region.shape) and not self._plan_timer.isActive():
+            self._plan = (self._plan[0], region, image.name)
+            self._show_plan(self._plan[0], region)
+        else:
             self._schedule_plan()
 
     def _update_plan(self, probe: bool = False) -> None:
@@ -634,9 +691,9 @@ class SegmentWidget(QWidget):
         generation = self._plan_generation
         self.plan_label.setText("Measuring one batch…" if probe else "Computing the plan…")
         self._start(plan_job, self.session, settings.weights, settings.variant,
-                  self._in_channels(image), self._crop(image, region), config, probe,
-                  on_done=functools.partial(self._on_plan_done, generation, settings, region,
-                                            image.name))
+                    self._in_channels(image), self._crop(image, region), config, probe,
+                    on_done=functools.partial(self._on_plan_done, generation, settings,
+                                              region, image.name))
 
     def _on_plan_done(self, generation: int, settings: RunSettings, region: Region,
                       image_name: str, outcome: JobOutcome) -> None:
@@ -710,7 +767,9 @@ class SegmentWidget(QWidget):
         self._run_token = token
         self._progress = RunProgress(total=0, desc=f"Segmenting {image.name}",
                                      cancel_callback=token.cancel)
-        if settings.weights.untrained:
+        untrained = (settings.weights.network, settings.variant)
+        if settings.weights.untrained and untrained not in self._warned_untrained:
+            self._warned_untrained.add(untrained)  # the widget's own warning stays shown
             show_warning(f"Segmenting {image.name!r} with an untrained "
                          f"{settings.weights.network} ({settings.variant}): the masks are "
                          "meaningless until it is trained.")
@@ -773,10 +832,15 @@ class SegmentWidget(QWidget):
             image = self.viewer.layers[image_name]
             from ..models.spec import HEAD_BOUNDARY
 
-            result_layers.apply_run(
+            edit = result_layers.apply_run(
                 self.viewer, image, result, region, self.session,
                 settings.show_probabilities, settings.show_variance,
                 has_boundary_head=HEAD_BOUNDARY in spec.heads)
+            if not edit.changes:
+                message = "Cancelled before any slice finished; nothing was written."
+                show_warning(message)
+                self.status_label.setText(message)
+                return
             self.session.num_classes[image_name] = int(spec.num_classes)
             seconds = result.stats.get("seconds", outcome.seconds)
             if result.cancelled:
@@ -791,6 +855,9 @@ class SegmentWidget(QWidget):
                     f"({result.stats.get('precision', '?')}, "
                     f"{result.stats.get('forward_passes', '?')} tile passes).")
             self.threshold_slider.setEnabled(int(spec.num_classes) == 1)
+            if int(spec.num_classes) == 1 and abs(
+                    float(self.threshold_slider.value()) - settings.threshold) > 1e-6:
+                self._threshold_timer.start()  # the slider moved during the run
             mask = result_layers.find_output(self.viewer, image_name, "mask")
             if mask is not None:
                 self.viewer.layers.selection.active = mask
@@ -817,7 +884,7 @@ class SegmentWidget(QWidget):
         self._threshold_busy = True
         threshold = round(float(self.threshold_slider.value()), 4)
         self._start(threshold_job, self.session, image.name, threshold,
-                  on_done=functools.partial(self._on_threshold_done, image.name, threshold))
+                    on_done=functools.partial(self._on_threshold_done, image.name, threshold))
 
     def _on_threshold_done(self, image_name: str, threshold: float,
                            outcome: JobOutcome) -> None:
@@ -954,8 +1021,80 @@ class SegmentWidget(QWidget):
                 item = QTableWidgetItem(text)
                 item.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
                 table.setItem(row, col, item)
+        rows = sum(table.rowHeight(r) for r in range(min(table.rowCount(), 6)))
+        table.setFixedHeight(table.horizontalHeader().height() + rows + 2 * table.frameWidth())
         table.setVisible(True)
         self.metrics_caption.setText(f"Over {region.describe(axes)} of the mask.")
+
+    # ------------------------------------------------- fine-tuning hook (issue 8) ------
+    def use_weights(self, source: str, image_name: str | None = None,
+                    scope: str | None = "visible") -> Any:
+        """Select weights and segment again (the Fine-tune widget calls this when it ends).
+
+        Args:
+            source: a checkpoint path (``.json``/``.safetensors``) or a model card's tag.
+            image_name: the image layer to segment; None keeps the current one.
+            scope: ``"slice"``, ``"visible"`` or ``"whole"`` for this run only; None uses
+                the widget's scope.
+
+        Returns:
+            The run's worker, or None when no run started (a run is going on, or an error
+            was shown).
+        """
+        from pathlib import Path
+
+        from ..engine.checkpoints import checkpoint_paths, list_model_cards
+
+        text = str(source)
+        weights_file, description = checkpoint_paths(text)
+        if weights_file.is_file() or description.is_file():
+            from .session import checkpoint_choice
+
+            try:
+                network = checkpoint_choice(text).network
+            except MedsegError as exc:
+                self._error(str(exc))
+                return None
+            self.network_combo.setCurrentText(network)
+            self._on_network_changed()  # the list again: the checkpoint may be new
+            wanted = {str(description), str(weights_file), str(Path(text))}
+            index = next((i for i in range(self.weights_combo.count())
+                          if getattr(self.weights_combo.itemData(i), "source", None) in wanted),
+                         None)
+            if index is None:
+                self.add_checkpoint(text)
+            else:
+                self.weights_combo.setCurrentIndex(index)
+        else:
+            card = next((c for c in list_model_cards() if c.tag == text), None)
+            if card is None:
+                self._error(f"Unknown weights {text!r}.")
+                return None
+            self.network_combo.setCurrentText(card.network)
+            index = next((i for i in range(self.weights_combo.count())
+                          if getattr(self.weights_combo.itemData(i), "source", None) == text),
+                         None)
+            if index is None:
+                self._error(f"The weights {text!r} are not in the list.")
+                return None
+            self.weights_combo.setCurrentIndex(index)
+        if image_name and image_name in [self.image_combo.itemText(i)
+                                         for i in range(self.image_combo.count())]:
+            self.image_combo.setCurrentText(image_name)
+        if self.running:
+            self.status_label.setText("New weights selected; run again when this run ends.")
+            return None
+        previous = self.scope_combo.currentIndex()
+        wanted_scope = self.scope_combo.findData(scope) if scope else -1
+        if wanted_scope >= 0:
+            self.scope_combo.blockSignals(True)
+            self.scope_combo.setCurrentIndex(wanted_scope)
+        try:
+            return self.run()
+        finally:
+            if wanted_scope >= 0:
+                self.scope_combo.setCurrentIndex(previous)
+                self.scope_combo.blockSignals(False)
 
     # ------------------------------------------------------------- messages -----------
     def _error(self, message: str) -> None:
@@ -965,7 +1104,20 @@ class SegmentWidget(QWidget):
         show_error(message)
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt override
-        """Cancel a running prediction when the widget closes."""
+        """Cancel a running prediction and let go of the viewer when the widget closes."""
         self.cancel()
+        self._disconnect()
         super().closeEvent(event)
+
+    def _disconnect(self) -> None:
+        layers = self.viewer.layers.events
+        pairs = [(layers.inserted, self._on_layer_inserted),
+                 (layers.removed, self._on_layer_removed),
+                 (layers.moved, self._refresh_layers),
+                 (self.viewer.dims.events.current_step, self._on_view_changed),
+                 (self.viewer.camera.events.zoom, self._on_view_changed),
+                 (self.viewer.camera.events.center, self._on_view_changed)]
+        pairs += [(layer.events.name, self._refresh_layers) for layer in self.viewer.layers]
+        for emitter, callback in pairs:
+            emitter.disconnect(callback)
 

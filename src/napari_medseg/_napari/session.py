@@ -110,10 +110,10 @@ def list_weight_choices(network: str) -> list[WeightsChoice]:
         if card.network != network:
             continue
         installed = card.weights_path() is not None
-        label = f"{card.tag} ({card.variant}, {card.dataset})"
+        label = card.tag
         if not installed:
             label += " - not installed"
-        detail = f"Shipped weights trained on {card.dataset}"
+        detail = f"Shipped {card.network} ({card.variant}) weights trained on {card.dataset}"
         if card.metrics:
             detail += f"; {_metric_text(card.metrics)}"
         choices.append(WeightsChoice("card", label, card.network, card.variant, card.tag,

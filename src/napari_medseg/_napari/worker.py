@@ -37,6 +37,7 @@ __all__ = [
     "CancellableWorker",
     "RunProgress",
     "start_job",
+    "catalog_job",
     "run_job",
     "plan_job",
     "threshold_job",
@@ -236,6 +237,22 @@ def _prewarm_layer_imports() -> None:
                 importlib.import_module(name)
             except ImportError:  # pragma: no cover - napari itself needs it
                 pass
+
+
+def catalog_job() -> JobOutcome:
+    """The registered networks with their variants, and the devices (imports torch).
+
+    Returns:
+        An outcome whose value is ``({network: [variants]}, list_devices())``.
+    """
+
+    def work():
+        from ..engine.device import list_devices
+        from ..models import list_models, list_variants
+
+        return {name: list_variants(name) for name in list_models()}, list_devices()
+
+    return _guard(work)
 
 
 def run_job(session: Any, choice: Any, variant: str, in_channels: int, image: Any,

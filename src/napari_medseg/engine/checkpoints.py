@@ -283,7 +283,8 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         try:
             data = json.loads(json_path.read_text(encoding="utf-8"))
         except ValueError:
-            raise CheckpointError(f"The checkpoint description {json_path} is not valid JSON.") from None
+            raise CheckpointError(
+                f"The checkpoint description {json_path} is not valid JSON.") from None
         info = CheckpointInfo.from_dict(data, source=f"checkpoint {json_path.name}")
         if info.weights and (json_path.parent / info.weights).is_file():
             return info
@@ -445,7 +446,8 @@ class ModelCard:
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as exc:
-            raise CheckpointError(f"The model card {path.name} is not readable YAML ({exc}).") from None
+            raise CheckpointError(
+                f"The model card {path.name} is not readable YAML ({exc}).") from None
         if not isinstance(data, dict):
             raise CheckpointError(f"The model card {path.name} is not a YAML mapping.")
         missing = [k for k in CARD_FIELDS if k not in data]

@@ -457,16 +457,15 @@ def samples_from_corrections(
         raise InputShapeError(
             f"The labels have shape {labels.shape} but the image ({axes}, {shape}) needs "
             f"{expected}{' (the network upsamples x' + str(scale) + ')' if scale > 1 else ''}.")
-    mask, instance_boundary = class_targets(labels, num_classes, config.instances)
+    instances = config.instances
+    if instances is None:  # decided once for the whole label image, applied per crop
+        instances = num_classes <= 2 and int(labels.max(initial=0)) > 1
     bnd = None
     if boundary is not None:
         bnd = np.asarray(boundary)
         if bnd.shape != labels.shape:
             raise InputShapeError(
                 f"The boundary layer has shape {bnd.shape} but the labels have {labels.shape}.")
-        bnd = (bnd > 0).astype(np.uint8)
-    elif instance_boundary is not None:
-        bnd = instance_boundary
     if prediction is not None:
         pred = np.asarray(prediction)
         changed = changed_mask(pred, labels, num_classes, predicted_boundary, boundary)
@@ -500,14 +499,19 @@ def samples_from_corrections(
         if scale > 1:  # at the target resolution; the training batch average-pools it back
             crop = np.repeat(np.repeat(crop, scale, axis=1), scale, axis=2)
         key = region.plane + (slice(y0, y1), slice(x0, x1))
+        # Targets per crop (2D boundaries: a 2D network never sees the neighbouring slices).
+        mask, crop_boundary = class_targets(labels[key], num_classes, instances)
+        if bnd is not None:
+            crop_boundary = (bnd[key] > 0).astype(np.uint8)
         valid = np.zeros((y1 - y0, x1 - x0), np.float32)
         by0, bx0, by1, bx1 = region.box
         valid[by0 - y0: by1 - y0, bx0 - x0: bx1 - x0] = 1.0
         where = "".join(f"{a}{p}," for a, p in zip(lead, region.plane))
         samples.append(RegionSample(
             image=np.ascontiguousarray(crop, np.float32),
-            mask=np.ascontiguousarray(mask[key]),
-            boundary=None if bnd is None else np.ascontiguousarray(bnd[key], np.uint8),
+            mask=np.ascontiguousarray(mask),
+            boundary=None if crop_boundary is None else np.ascontiguousarray(crop_boundary,
+                                                                               np.uint8),
             name=f"{name}@{where}Y{by0}-{by1},X{bx0}-{bx1}",
             group=f"{name}#g{group}",
             valid=valid, plane=region.plane, crop=(y0, x0, y1, x1)))
@@ -534,9 +538,10 @@ def prepare_corrections_iter(
         model: the network to fine-tune (its spec and normalization are used).
         config: the fine-tuning settings.
         axes: the image's axes (None: guessed).
-        prediction: ``"model"`` predicts the planes that hold labels with ``model`` and uses
-            the differences; an array uses it as the prediction; None uses every labelled
-            plane whole.
+        prediction: ``"model"`` predicts with ``model`` (a 2D image whole; of a volume, the
+            slices that hold labels: a slice the user emptied completely is not seen, pass
+            the prediction itself for that) and uses the differences; an array is used as
+            the prediction; None uses every labelled plane whole.
         boundary: a corrected boundary layer, or None.
         name: the image's name.
         cancel: checked between prediction batches.
@@ -575,9 +580,6 @@ def _predict_labelled(image, corrected, model, config, axes, want_boundary, canc
     outputs = ("mask", "boundary") if want_boundary else ("mask",)
     pred = np.zeros(labels.shape, np.int64)
     pbnd = np.zeros(labels.shape, np.uint8) if want_boundary else None
-    planes = [p for p in np.ndindex(*labels.shape[:-2]) if np.any(labels[p])]
-    if not planes:
-        return pred, pbnd
     cfg = PredictConfig.from_mapping({"device": config.device, "precision": config.precision,
                                       "outputs": ",".join(outputs)})
     if not label_axes[:-2]:
@@ -590,6 +592,7 @@ def _predict_labelled(image, corrected, model, config, axes, want_boundary, canc
             pbnd[...] = np.asarray(result["boundary"])
         return pred, pbnd
     lead = label_axes[:-2]
+    planes = [p for p in np.ndindex(*labels.shape[:-2]) if np.any(labels[p])]
     yield StageEvent(f"Predicting {len(planes)} labelled slice(s) with the starting weights "
                      "to find your changes.", stage="predicting")
     plane_axes = "".join(a for a in axes if a not in lead)
@@ -883,8 +886,10 @@ def finetune_iter(
     train_s, val_s = split_samples(samples, config.val_fraction, config.seed)
     replay = list(replay)[: config.max_replay] if config.replay > 0 else []
     groups = len({s.group for s in samples})
-    pixels = int(sum(float(np.sum(getattr(s, "valid", None) if getattr(s, "valid", None)
-                                    is not None else np.ones_like(s.mask))) for s in train_s))
+    pixels = 0
+    for s in train_s:
+        valid = getattr(s, "valid", None)
+        pixels += int(s.mask.size if valid is None else np.count_nonzero(valid))
     yield DataEvent(
         f"{len(samples)} region(s) in {groups} group(s): {len(train_s)} for training, "
         f"{len(val_s)} held out" + (f", {len(replay)} replayed" if replay else "") + ".",

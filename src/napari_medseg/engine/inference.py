@@ -56,14 +56,9 @@ from ..models.spec import HEAD_BOUNDARY, HEAD_MASK
 from . import postprocess
 from .device import free_memory, resolve_device
 from .layout import Layout, convert_channels, guess_axes
-from .normalization import (
-    DEFAULT_NORMALIZATION,
-    NormalizationStats,
-    fit_normalization,
-    sample_values,
-)
+from .normalization import DEFAULT_NORMALIZATION, fit_normalization, sample_values
 from .plan import ACTIVATION_BYTES_PER_PIXEL, TilePlan
-from .precision import PrecisionPolicy, autocast, resolve_precision
+from .precision import autocast, resolve_precision
 from .progress import (
     CancelledEvent,
     CancelToken,
@@ -331,8 +326,6 @@ class _Run:
         # The image's identity for resuming: a hash of the same regular subsample.
         self.content_id = hashlib.sha256(np.ascontiguousarray(samples).tobytes()).hexdigest()
         # Device and precision.
-        import torch
-
         self.device = resolve_device(cfg.device)
         self.policy = resolve_precision(cfg.precision, self.device)
         if self.policy.notice:
@@ -367,7 +360,7 @@ class _Run:
             self.auto_gpu_batch = False
         # Outputs.
         self._open_sink()
-        if self.sink is not None and getattr(self.sink, "resumed", False):
+        if getattr(self.sink, "resumed", False):
             yield self.notice(f"Resuming: {len(self.sink.finished)} of {self.layout.n_planes} "
                               "slice(s) are already in the store.")
         self.plan = self._make_plan()
@@ -393,7 +386,7 @@ class _Run:
         data = {
             "shape": list(self.image.shape), "dtype": str(np.dtype(self.image.dtype)),
             "axes": self.layout.axes, "plane_axes": self.layout.plane_axes,
-            "content": self.content_id, "source": str(getattr(self.meta, "source", "") or ""),
+            "content": self.content_id,
             "network": self.spec.network, "variant": self.spec.variant,
             "weights": _weights_id(self.model), "config": cfg,
             "normalization": self.stats.to_dict(),
@@ -457,7 +450,7 @@ class _Run:
 
     def _make_plan(self) -> TilePlan:
         lay = self.layout
-        todo = lay.n_planes - len(self.sink.finished) if self.sink is not None else lay.n_planes
+        todo = lay.n_planes - len(self.sink.finished)
         output_bytes = 0
         if isinstance(self.sink, MemorySink):
             output_bytes = sum(int(a.nbytes) for a in self.sink.arrays.values())

@@ -87,8 +87,14 @@ def channel_conversion(have: int, need: int, mode: str = "auto") -> str | None:
         return None
     conversion = steps.get((have, target)) if have != target else None
     if have != target and conversion is None:
+        if target == need:
+            raise InputShapeError(
+                f"The network expects {need} input channel(s) but the image has {have}; give "
+                "it an image with that many channels (grey and RGB images are converted "
+                "automatically with the channels setting 'auto')."
+            )
         raise InputShapeError(
-            f"The image has {have} channel(s) and cannot be converted to "
+            f"The image has {have} channel(s), which cannot be converted to "
             f"{'grey' if target == 1 else 'RGB'}; the network expects {need}."
         )
     if target != need:
@@ -184,7 +190,8 @@ class Layout:
             else:
                 plane = spatial
             if len(plane) != 2:
-                raise InputShapeError(f"A 2D network needs two in-plane axes; the image has {axes!r}.")
+                raise InputShapeError(
+                    f"A 2D network needs two in-plane axes; the image has {axes!r}.")
         stack = "".join(a for a in axes if a not in plane and a != "C")
         have = shape[axes.index("C")] if "C" in axes else 1
         conversion = channel_conversion(have, in_channels, channels)

@@ -342,8 +342,9 @@ def revert(entry: LineageEntry, entries: list[LineageEntry] | None = None,
            home: str | Path | None = None, root_source: str | None = None) -> str:
     """Make ``entry``'s parent the active member of its line; returns the parent's source.
 
-    The parent is a user checkpoint (its path), or the line's root; the root is found by its
-    sha256 among the model cards (its tag), else ``root_source`` must name it.
+    The parent is a user checkpoint (its path), or the line's root: found by its sha256
+    among the model cards (its tag), else by the ``parent_source`` fine-tuning recorded in
+    ``training_data`` (when that file still exists), else ``root_source`` must name it.
 
     Raises:
         CheckpointError: ``entry`` has no parent, or the parent cannot be found.
@@ -357,8 +358,11 @@ def revert(entry: LineageEntry, entries: list[LineageEntry] | None = None,
         source = parent.source
     else:
         tag = describe_source(entry.parent)
+        recorded = (entry.info.training_data or {}).get("parent_source")
         if not tag.startswith("weights ") and tag != "random init":
             source = tag
+        elif recorded and _is_checkpoint_with_sha(recorded, entry.parent):
+            source = str(recorded)
         elif root_source is not None:
             source = root_source
         else:
@@ -367,6 +371,14 @@ def revert(entry: LineageEntry, entries: list[LineageEntry] | None = None,
                 "checkpoints nor shipped weights; load it by its path instead.")
     set_active(entry.root or entry.parent, source, home, reason="reverted")
     return source
+
+
+def _is_checkpoint_with_sha(source: str, sha256: str) -> bool:
+    """True when ``source`` is a checkpoint on disk whose weights have ``sha256``."""
+    try:
+        return read_checkpoint_info(source).sha256 == sha256
+    except Exception:  # noqa: BLE001 - missing or unreadable: not usable
+        return False
 
 
 def autosave_labels(labels: Any, name: str, meta: Any = None,

@@ -83,7 +83,8 @@ class ZarrSink(OutputSink):
     Args:
         path: the store folder (``.zarr``); created when absent.
         fingerprint: identifies the run; a store with another fingerprint is not reused.
-        resume: reuse the finished planes of a store with the same fingerprint.
+        resume: reuse the finished planes of a store with the same fingerprint (False starts
+            that run over).
         overwrite: replace a store that holds another run (or anything else).
 
     Raises:
@@ -106,17 +107,21 @@ class ZarrSink(OutputSink):
         fresh = True
         if self.path.exists():
             attrs = _read_attrs(self.path)
-            if attrs is not None and attrs.get("fingerprint") == fingerprint and resume:
-                fresh = False
-            elif not overwrite and (attrs is not None or any(self.path.iterdir())):
+            same_run = attrs is not None and attrs.get("fingerprint") == fingerprint
+            if same_run:
+                fresh = not resume  # the same run: resume it, or start it over
+            elif not overwrite and (attrs is not None or not self.path.is_dir()
+                                    or any(self.path.iterdir())):
                 what = "another prediction run" if attrs is not None else "other data"
                 raise ImageWriteError(
                     f"The store {self.path} holds {what}; choose another output path or "
                     "allow overwriting it."
                 )
         if fresh:
-            if self.path.exists():
+            if self.path.is_dir():
                 shutil.rmtree(self.path)
+            elif self.path.exists():
+                self.path.unlink()
             self.group = zarr.open_group(str(self.path), mode="w")
             self._attrs = {"format": STORE_FORMAT, "version": 1, "fingerprint": fingerprint,
                            "finished": [], "complete": False}

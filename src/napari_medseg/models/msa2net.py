@@ -253,7 +253,7 @@ class MSA2Net(SegmentationNetwork):
                 f"MSA²Net expects an N×{self.config.in_channels}×H×W batch, "
                 f"got shape {tuple(x.shape)}."
             )
-        h, w = int(x.shape[-2]), int(x.shape[-1])
+        h, w = x.shape[-2], x.shape[-1]  # no int(): keeps the sizes symbolic under export
         if h % DIVISOR or w % DIVISOR or h < DIVISOR or w < DIVISOR:
             raise InputShapeError(
                 f"MSA²Net needs height and width that are multiples of {DIVISOR}, "

@@ -150,6 +150,7 @@ def _tracing() -> bool:
         torch.jit.is_tracing()
         or torch.onnx.is_in_onnx_export()
         or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
     )
 
 
@@ -170,7 +171,10 @@ def _partition_attention(layer: nn.Module, x: Tensor, size: int) -> Tensor:
     path is always taken) stays valid at every H and W.
     """
     n, h, w, c = x.shape
-    pad_h, pad_w = (size - h % size) % size, (size - w % size) % size
+    # Padded sides as (number of groups)·P: a form that stays a visible multiple of P when
+    # the sides are symbolic (torch.export), so the partition reshapes need no guards.
+    hp, wp = (h + size - 1) // size * size, (w + size - 1) // size * size
+    pad_h, pad_w = hp - h, wp - w
     block = bool(layer.partition_block)
     part = partition_windows if block else partition_grid
     merge = merge_windows if block else merge_grid
@@ -182,7 +186,6 @@ def _partition_attention(layer: nn.Module, x: Tensor, size: int) -> Tensor:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         key_valid = part(F.pad(ones, (0, 0, 0, pad_w, 0, pad_h)), size)
         key_valid = key_valid.reshape(-1, size * size) > 0.5
-    hp, wp = x.shape[1], x.shape[2]
     groups = part(x, size)
     out = _attend(layer.attn, groups.reshape(-1, size * size, c), key_valid)
     out = merge(out.view(-1, size, size, c), size, hp, wp)

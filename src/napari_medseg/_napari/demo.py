@@ -1,0 +1,67 @@
+"""The demo window: the sample, the demo's results as editable layers, the Segment widget docked.
+
+``napari-medseg demo`` segments the bundled nuclei sample headlessly, writes the outputs, and,
+when a display exists, starts this module in a new process (so the CLI never imports napari)::
+
+    python -m napari_medseg._napari.demo IMAGE [LABELS ...] [--weights TAG]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["open_demo", "main"]
+
+
+def open_demo(image: str | Path, labels: Sequence[str | Path] = (), weights: str | None = None):
+    """A viewer showing ``image`` (through the plugin's reader) and ``labels`` on top of it.
+
+    Args:
+        image: the image file.
+        labels: label files written by the demo (mask, boundary, instances).
+        weights: the weights tag to preselect in the Segment widget.
+
+    Returns:
+        the ``napari.Viewer``.
+    """
+    import napari
+    import numpy as np
+
+    from ..io import read_image
+    from .layers import layer_kwargs
+
+    viewer = napari.Viewer(title="napari-medseg demo")
+    array, meta = read_image(image)
+    kwargs = layer_kwargs(meta)
+    image_layer = viewer.add_image(array, **kwargs)
+    for path in labels:
+        data, _ = read_image(path)
+        viewer.add_labels(np.asarray(data), name=Path(path).stem.replace("_", " "),
+                          scale=image_layer.scale[-2:], translate=image_layer.translate[-2:],
+                          visible=not Path(path).stem.endswith("instances"),
+                          opacity=0.5)
+    _widget, segment = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
+    if weights and hasattr(segment, "select_weights"):
+        segment.select_weights(weights)
+    return viewer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Open the demo window and run napari's event loop."""
+    parser = argparse.ArgumentParser(prog="python -m napari_medseg._napari.demo")
+    parser.add_argument("image")
+    parser.add_argument("labels", nargs="*")
+    parser.add_argument("--weights")
+    args = parser.parse_args(argv)
+    import napari
+
+    open_demo(args.image, args.labels, args.weights)
+    napari.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
