@@ -703,6 +703,194 @@ def _add_finetune(sub) -> argparse.ArgumentParser:
     return p
 
 
+# --- train / eval / demo ------------------------------------------------------------------
+
+
+def _print_train_event(event, bar) -> None:
+    from .engine.train import StepEvent, ValidationEvent
+
+    if isinstance(event, StepEvent):
+        if bar is not None:
+            bar.total = event.steps
+            bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.1e}")
+            bar.update(event.step - bar.n)
+    elif isinstance(event, ValidationEvent):
+        _say(bar, event.message)
+    elif getattr(event, "message", ""):
+        _say(bar, event.message)
+
+
+def _say(bar, message: str) -> None:
+    if bar is not None:
+        bar.write(message)
+    else:
+        print(message, file=sys.stderr)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .config import TrainConfig, load_toml
+    from .engine.train import train_iter
+
+    settings: dict = load_toml(args.config, section="train") if args.config else {}
+    for key in ("model", "variant", "in_channels", "classes", "patch", "batch_size", "steps",
+                "lr", "val_fraction", "val_every", "patience", "device", "precision",
+                "minutes", "seed", "pattern", "freeze_encoder"):
+        value = getattr(args, key, None)
+        if value is not None:
+            settings[{"model": "network", "classes": "num_classes",
+                      "minutes": "max_minutes"}.get(key, key)] = value
+    if args.no_resume:
+        settings["resume"] = False
+    config = TrainConfig.from_mapping(settings)
+    bar = None if args.quiet else tqdm(total=config.steps, unit="step", dynamic_ncols=True)
+    result = None
+    try:
+        for event in train_iter(args.images, args.masks, args.output, config,
+                                parent=args.weights):
+            _print_train_event(event, bar)
+            result = getattr(event, "result", result)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"best checkpoint: {result.checkpoint} (validation Dice {result.best_dice:.4f} at step "
+          f"{result.best_step}; {result.stopped})")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .config import PredictConfig
+    from .engine.checkpoints import resolve_weights
+    from .engine.evaluate import evaluate_iter, format_table
+
+    model, _info = resolve_weights(args.weights, device=args.device or "cpu")
+    overrides = {k: v for k, v in {"tile": args.tile, "device": args.device,
+                                   "precision": args.precision}.items() if v is not None}
+    config = PredictConfig.from_mapping(overrides)
+    result = None
+    for event in evaluate_iter(model, args.images, args.masks, config, pattern=args.pattern):
+        if not args.json and not args.quiet and getattr(event, "message", ""):
+            print(event.message, file=sys.stderr)
+        result = getattr(event, "result", result)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(format_table(result))
+    return 0
+
+
+def _default_weights(dataset: str = "dsb2018_nuclei") -> str | None:
+    from .engine.checkpoints import list_shipped_weights
+
+    shipped = [w for w in list_shipped_weights() if w["dataset"] == dataset]
+    if not shipped:
+        return None
+    shipped.sort(key=lambda w: -(w.get("metrics") or {}).get("dice", 0.0))
+    return shipped[0]["tag"]
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import numpy as np
+
+    from .config import PredictConfig
+    from .engine.checkpoints import resolve_weights
+    from .engine.inference import predict
+    from .engine.metrics import dice
+    from .errors import WeightsNotFoundError
+    from .io import read_image, write_labels
+    from .io.samples import sample_path
+
+    tag = args.weights or _default_weights()
+    if tag is None:
+        raise WeightsNotFoundError(
+            "No nuclei weights are installed; train some with scripts/train_shipped.py or "
+            "pass --weights CHECKPOINT."
+        )
+    image_path = sample_path("nuclei")
+    image, meta = read_image(image_path)
+    model, info = resolve_weights(tag)
+    print(f"Segmenting {image_path.name} {tuple(image.shape)} with {tag} "
+          f"({info.network}/{info.variant}) ...")
+    result = predict(image, model, PredictConfig.from_mapping(
+        {"outputs": "mask,boundary,instances"}), meta=meta)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in ("mask", "boundary", "instances"):
+        path = out / (f"nuclei_{name}.tif")
+        write_labels(path, np.asarray(result[name]), meta)
+        written.append(path)
+    reference, _ = read_image(sample_path("nuclei", mask=True))
+    score = dice(np.asarray(result["mask"]) > 0, np.asarray(reference) > 0)
+    n = int(np.asarray(result["instances"]).max())
+    print(f"{n} nuclei, Dice {score:.3f} against the sample's annotation; "
+          f"{result.stats.get('seconds', float('nan')):.2f} s on {result.stats.get('device')} "
+          f"({result.stats.get('precision')}).")
+    for path in written:
+        print(f"wrote {path}")
+    if args.no_viewer or not os.environ.get("DISPLAY"):
+        if not args.no_viewer:
+            print("No display: skipping the napari window (set DISPLAY, or run under xvfb-run).")
+        return 0
+    import subprocess
+
+    print("Opening napari with the result and the Segment widget ...")
+    subprocess.run([sys.executable, "-m", "napari_medseg._napari.demo", str(image_path),
+                    *map(str, written), "--weights", tag], check=False)
+    return 0
+
+
+def _add_train_eval_demo(sub, commands: dict[str, Command]) -> None:
+    p = sub.add_parser("train", help="train a network on image/mask folders")
+    p.add_argument("--model", help="network name (napari-medseg models)")
+    p.add_argument("--variant", help="tiny, lite or paper")
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--masks", required=True, help="folder of masks with the same names")
+    p.add_argument("-o", "--output", required=True, help="checkpoint path (.safetensors)")
+    p.add_argument("--weights", help="start from this checkpoint instead of random weights")
+    p.add_argument("--in-channels", type=int, dest="in_channels")
+    p.add_argument("--classes", type=int, help="K classes (2 = background + foreground)")
+    p.add_argument("--patch", type=int)
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--val-fraction", type=float, dest="val_fraction")
+    p.add_argument("--val-every", type=int, dest="val_every")
+    p.add_argument("--patience", type=int)
+    p.add_argument("--minutes", type=float, help="stop after this many minutes")
+    p.add_argument("--device")
+    p.add_argument("--precision")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--pattern")
+    p.add_argument("--freeze-encoder", action="store_const", const=True, dest="freeze_encoder")
+    p.add_argument("--no-resume", action="store_true", help="ignore a saved training state")
+    p.add_argument("--config", help="TOML file with a [train] table")
+    p.add_argument("-q", "--quiet", action="store_true")
+    commands["train"] = _cmd_train
+
+    p = sub.add_parser("eval", help="score weights on image/mask folders")
+    p.add_argument("--weights", required=True, help="model-card tag or checkpoint path")
+    p.add_argument("--images", required=True)
+    p.add_argument("--masks", required=True)
+    p.add_argument("--pattern", default="*")
+    p.add_argument("--tile", type=int)
+    p.add_argument("--device")
+    p.add_argument("--precision")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+    commands["eval"] = _cmd_eval
+
+    p = sub.add_parser("demo", help="segment the bundled nuclei sample (and show it in napari)")
+    p.add_argument("--weights", help="model-card tag or checkpoint (default: best nuclei weights)")
+    p.add_argument("--out", default="demo_output", help="output folder")
+    p.add_argument("--no-viewer", action="store_true", help="do not open napari")
+    commands["demo"] = _cmd_demo
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     """The argument parser and the command table."""
     parser = argparse.ArgumentParser(
@@ -729,6 +917,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 
     _add_batch(sub)
     commands["batch"] = _cmd_batch
+
+    _add_train_eval_demo(sub, commands)
 
     return parser, commands
 
