@@ -12,7 +12,9 @@ On the DSB2018 nuclei data (``../shared/data/dsb2018_nuclei``):
    what ``napari-medseg finetune`` does) or only where the base's prediction was wrong
    (``--mode corrections``, what the Fine-tune widget does), with the default
    :class:`~napari_medseg.config.FinetuneConfig` unless ``--steps`` says otherwise;
-4. Dice before and after on the other images of that type (at most ``--max-eval``).
+4. Dice before and after on the other images of that type (at most ``--max-eval``, the
+   base's held-out ones first; their mean is also given alone, ``mean_held_out_by_base``:
+   the base has seen the others in training, which flatters its "before").
 
 Prints one JSON object (also written to ``--out``). Re-run it with::
 
@@ -82,7 +84,8 @@ def _folder(tmp: Path, name: str, data: Path, stems: list[str]) -> tuple[Path, P
     return images, masks
 
 
-def _dice(model, tmp: Path, name: str, data: Path, stems: list[str], device: str) -> dict:
+def _dice(model, tmp: Path, name: str, data: Path, stems: list[str], device: str,
+          held_out: set[str] = frozenset()) -> dict:
     from napari_medseg.config import PredictConfig
     from napari_medseg.engine.evaluate import evaluate
 
@@ -90,8 +93,10 @@ def _dice(model, tmp: Path, name: str, data: Path, stems: list[str], device: str
     result = evaluate(model, images, masks, PredictConfig.from_mapping({"device": device}),
                       instances=False)
     per = {r.name.rsplit(".", 1)[0]: round(r.scores["dice"], 4) for r in result.rows}
-    return {"mean": round(float(np.mean(list(per.values()))), 4), "images": per,
-            "seconds": round(result.seconds, 1)}
+    unseen = [v for k, v in per.items() if k in held_out]
+    return {"mean": round(float(np.mean(list(per.values()))), 4),
+            "mean_held_out_by_base": round(float(np.mean(unseen)), 4) if unseen else None,
+            "images": per, "seconds": round(result.seconds, 1)}
 
 
 def _samples(model, data: Path, stems: list[str], mode: str, config, device: str):
@@ -170,7 +175,7 @@ def run(args: argparse.Namespace) -> dict:
         report["eval_images"] = rest
         report["eval_held_out_by_base"] = sum(s in held_out for s in rest)
         # 4: before.
-        before = _dice(base, tmp, "before", data, rest, args.device)
+        before = _dice(base, tmp, "before", data, rest, args.device, held_out)
         report["dice_before"] = before
         settings = {"device": args.device}
         if args.steps:
@@ -187,7 +192,8 @@ def run(args: argparse.Namespace) -> dict:
                               output=tmp / f"ft-{mode}" if args.keep is None else
                               Path(args.keep) / f"finetuned-{mode}")
             seconds = time.perf_counter() - t0
-            after = _dice(result.model, tmp, f"after-{mode}", data, rest, args.device)
+            after = _dice(result.model, tmp, f"after-{mode}", data, rest, args.device,
+                          held_out)
             report[mode] = {
                 "regions": len(samples), "train_regions": result.n_train,
                 "val_regions": result.n_val,
@@ -226,6 +232,10 @@ def measure_gui_stall(args: argparse.Namespace) -> dict:
     viewer.add_labels(np.asarray(labels).astype(np.int32), name="cells corrected")
     seg = SegmentWidget(viewer)
     viewer.window.add_dock_widget(seg, name="Segment")
+    app = QApplication.instance()
+    while not seg.ready:  # the network list loads in a worker
+        app.processEvents()
+        time.sleep(0.01)
     source = pick_base(args.weights)
     weights, description = checkpoint_paths(source)
     if weights.is_file() or description.is_file():
@@ -239,7 +249,6 @@ def measure_gui_stall(args: argparse.Namespace) -> dict:
     widget.compare_combo.setCurrentText(COMPARE_NONE)
     widget.steps_spin.setValue(args.steps or 40)
     widget.device_combo.setCurrentIndex(max(0, widget.device_combo.findData(args.device)))
-    app = QApplication.instance()
     ticks: list[float] = []
     timer = QTimer()
     timer.setInterval(5)

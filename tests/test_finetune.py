@@ -341,14 +341,14 @@ def test_fine_tuning_learns_a_correction(monkeypatch):
         image[y:y + 28, x:x + 28] += 0.7
         truth[y:y + 28, x:x + 28] = 1
     model = _tiny()
-    cfg = FinetuneConfig.from_mapping(dict(FAST, steps=12, val_every=6, lr=1e-2, margin=6,
+    cfg = FinetuneConfig.from_mapping(dict(FAST, steps=24, val_every=6, lr=1e-2, margin=6,
                                            context=8, patience=0, val_fraction=0.4))
     samples = samples_from_corrections(image, truth, num_classes=2, in_channels=1,
                                        prediction=np.zeros_like(truth), config=cfg)
     assert len(samples) == 5 and len({s.group for s in samples}) == 5
     result = finetune(model, samples, cfg)
     assert result.n_val == 2
-    assert result.best_dice > max(0.6, result.baseline_dice + 0.2), result.history
+    assert result.best_dice > max(0.6, result.baseline_dice + 0.3), result.history
 
 
 # --- prediction as the comparison ------------------------------------------------------------

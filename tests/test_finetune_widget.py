@@ -53,7 +53,7 @@ def _data():
     return img, gt, pred
 
 
-def _viewer(make_napari_viewer, env):
+def _viewer(make_napari_viewer, env, qtbot):
     from napari_medseg._napari.finetune_widget import FinetuneWidget
     from napari_medseg._napari.segment_widget import SegmentWidget
 
@@ -64,6 +64,7 @@ def _viewer(make_napari_viewer, env):
     viewer.add_labels(gt.astype(np.int32), name="cells mask")  # the user's corrected labels
     seg = SegmentWidget(viewer)
     viewer.window.add_dock_widget(seg, name="Segment")
+    qtbot.waitUntil(lambda: seg.ready, timeout=TIMEOUT)  # the network list loads in a worker
     seg.device_combo.setCurrentIndex(seg.device_combo.findData("cpu"))
     seg.add_checkpoint(str(env / "base.json"))
     seg.tile_spin.setValue(64)
@@ -108,7 +109,7 @@ def _settle(qtbot, seg) -> None:
 
 def test_widget_builds_lists_layers_and_refuses_bad_input(make_napari_viewer, qtbot, env,
                                                           errors):
-    viewer, seg, widget = _viewer(make_napari_viewer, env)
+    viewer, seg, widget = _viewer(make_napari_viewer, env, qtbot)
     assert widget.image_combo.currentText() == "cells"
     assert widget.labels_combo.currentText() == "cells mask"  # the Segment output name
     assert widget.compare_combo.currentText().startswith("prediction of the starting")
@@ -129,7 +130,7 @@ def test_fine_tune_runs_in_the_background_and_segment_uses_the_result(
 
     scores = iter([0.20, 0.50, 0.60])  # the validation Dice of the start, step 2 and step 4
     monkeypatch.setattr(train, "validate", lambda *args: next(scores))
-    viewer, seg, widget = _viewer(make_napari_viewer, env)
+    viewer, seg, widget = _viewer(make_napari_viewer, env, qtbot)
     before = np.array(viewer.layers["cells mask"].data)
     widget.compare_combo.setCurrentText("cells prediction")
     widget.steps_spin.setValue(4)
@@ -177,7 +178,7 @@ def test_fine_tune_runs_in_the_background_and_segment_uses_the_result(
 
 
 def test_stop_keeps_the_best_weights(make_napari_viewer, qtbot, env, errors):
-    viewer, seg, widget = _viewer(make_napari_viewer, env)
+    viewer, seg, widget = _viewer(make_napari_viewer, env, qtbot)
     widget.compare_combo.setCurrentText("cells prediction")
     widget.steps_spin.setValue(500)
     assert widget.start() is not None, errors

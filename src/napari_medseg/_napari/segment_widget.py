@@ -1045,6 +1045,10 @@ class SegmentWidget(QWidget):
 
         from ..engine.checkpoints import checkpoint_paths, list_model_cards
 
+        if not self.ready:  # the network list is still loading: try again shortly
+            QTimer.singleShot(200, functools.partial(self.use_weights, source, image_name,
+                                                     scope))
+            return None
         text = str(source)
         weights_file, description = checkpoint_paths(text)
         if weights_file.is_file() or description.is_file():
