@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 __all__ = ["main", "acquisition_types", "pick_base", "run"]
 
@@ -182,6 +183,9 @@ def run(args: argparse.Namespace) -> dict:
             settings["steps"] = args.steps
         if args.max_minutes:
             settings["max_minutes"] = args.max_minutes
+        for item in args.set:
+            key, value = item.split("=", 1)
+            settings[key] = yaml.safe_load(value)
         config = FinetuneConfig.from_mapping(settings)
         report["config"] = config.to_dict()
         modes = ["whole", "corrections"] if args.mode == "both" else [args.mode]
@@ -300,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("whole", "corrections", "both"), default="whole")
     p.add_argument("--steps", type=int, help="fine-tuning steps (default: FinetuneConfig's)")
     p.add_argument("--max-minutes", type=float)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another FinetuneConfig setting, e.g. --set lr=1e-4 (repeatable)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", help="folder to keep the fine-tuned checkpoints in")

@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag")
     p.add_argument("--override", action="append", default=[], help="network config KEY=VALUE")
     p.add_argument("--work", default=None, help="folder for the training checkpoint")
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 autocast")
+    p.add_argument("--warmup-steps", type=int, default=50)
     args = p.parse_args(argv)
 
     ds = DATASETS[args.dataset]
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "lr": args.lr, "val_every": args.val_every,
         "max_minutes": args.minutes, "instances": ds["instances"],
         "normalization": ds["normalization"], "dataset": args.dataset, "patience": 0,
-        "model_overrides": overrides, "resume": True,
+        "model_overrides": overrides, "resume": True, "precision": args.precision,
+        "warmup_steps": args.warmup_steps,
     })
     work = Path(args.work or tempfile.mkdtemp(prefix=f"train_{tag}_"))
     ckpt = work / tag

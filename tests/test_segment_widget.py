@@ -161,6 +161,11 @@ def test_run_2d_creates_layers_with_scale_then_threshold_and_undo(
     # Undo brings the previous mask back.
     widget.undo_button.click()
     np.testing.assert_array_equal(mask.data, before)
+    # Undoing the run itself removes the layers it added (one per event-loop turn).
+    widget.undo_button.click()
+    for name in ("cells mask", "cells boundary", "cells probabilities"):
+        assert name not in viewer.layers
+    assert "cells" in viewer.layers
 
 
 def test_run_3d_volume_then_slice_keeps_other_slices_and_undo_restores_edits(

@@ -581,6 +581,8 @@ def _finetune_config(args: argparse.Namespace):
     settings.update({k: v for k, v in flags.items() if v is not None})
     if args.freeze_encoder:
         settings["freeze_encoder"] = True
+    if args.update_norm_stats:
+        settings["freeze_norm_stats"] = False
     return FinetuneConfig.from_mapping(settings)
 
 
@@ -689,6 +691,9 @@ def _add_finetune(sub) -> argparse.ArgumentParser:
     p.add_argument("--lr", help="peak learning rate (default 3e-4)")
     p.add_argument("--freeze-encoder", action="store_true",
                    help="train only the decoder and heads")
+    p.add_argument("--update-norm-stats", action="store_true",
+                   help="re-estimate batch-norm statistics from the new images (default: "
+                        "keep the base model's; only worth it with many images)")
     p.add_argument("--batch-size", help="patches per step (default 4)")
     p.add_argument("--patch", help="patch side in pixels (default 128)")
     p.add_argument("--val-fraction", help="fraction of images held out (default 0.25)")

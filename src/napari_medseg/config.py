@@ -599,7 +599,9 @@ class TrainConfig(ConfigBase):
         pattern: glob of the files to use in the folders.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` autocast.
-        max_minutes: stop after this many minutes (the best checkpoint is kept); 0 = no limit.
+        max_minutes: stop after this many minutes of training in all (a resumed run counts its
+            earlier time); the learning rate decays to ``min_lr`` by then; the best checkpoint
+            is kept. 0 = no limit.
         freeze_encoder: train only the decoder and heads.
         resume: continue from the ``.train-state`` files beside the output, if present.
         seed: random seed of the split, the sampling, the augmentation and the init.
@@ -667,6 +669,10 @@ class FinetuneConfig(ConfigBase):
         patch: patch side at the target (mask) resolution.
         freeze_encoder: train only the decoder and heads (``model.encoder_parameters()``
             stay fixed).
+        freeze_norm_stats: keep the base model's batch-norm running statistics (the
+            layers stay in eval mode while their scale and shift still learn): statistics
+            re-estimated from a few small batches of a handful of images cost the base
+            model more than the corrections gain.
         replay: fraction of the patches drawn from earlier samples (replay against
             forgetting) when there are any; 0 turns replay off.
         max_replay: earlier samples used for replay at most (the most recent first).
@@ -697,6 +703,7 @@ class FinetuneConfig(ConfigBase):
     batch_size: int = 4
     patch: int = 128
     freeze_encoder: bool = False
+    freeze_norm_stats: bool = True
     replay: float = 0.25
     max_replay: int = 64
     margin: int = 16

@@ -19,7 +19,8 @@ stale pixels).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,8 +187,12 @@ def output_kwargs(image_layer: Any, factor: int = 1,
 
 
 def _ensure(viewer: Any, image_layer: Any, output: str, shape: Sequence[int], dtype: Any,
-            factor: int, changes: list[LayerChange]) -> Any:
-    """The output layer, created (full of zeros) or re-shaped when it does not fit."""
+            factor: int, changes: list[LayerChange], created: Sequence[Any] = ()) -> Any:
+    """The output layer, created (full of zeros) or re-shaped when it does not fit.
+
+    A layer in ``created`` was made empty for this step by :func:`create_missing_outputs`:
+    it is recorded as created (undoing the step removes it).
+    """
     name = output_name(image_layer.name, output)
     shape = tuple(int(s) for s in shape)
     kwargs = output_kwargs(image_layer, factor, output)
@@ -196,6 +201,8 @@ def _ensure(viewer: Any, image_layer: Any, output: str, shape: Sequence[int], dt
         data = layer.data
         if tuple(np.shape(data)) == shape and isinstance(data, np.ndarray) and (
                 data.flags.writeable):
+            if any(layer is c for c in created):
+                changes.append(LayerChange(layer, None, None, created=True))
             return layer
         changes.append(LayerChange(layer, None, np.asarray(data).copy()))
         layer.data = np.zeros(shape, dtype)
@@ -257,6 +264,94 @@ def _refresh(layers: Sequence[Any]) -> None:
         layer.refresh()
 
 
+_PREWARM_MODULES = (
+    # What napari imports the first time a Labels or Image layer is built and shown (about
+    # a second of imports on a 2-core machine: pandas for layer features, skimage.color for
+    # the label colours, scipy.linalg, the vispy visuals and the layer controls).
+    "pandas", "skimage.color", "scipy.linalg",
+    "napari._vispy.layers.labels", "napari._vispy.layers.image",
+    "napari._vispy.overlays.labels_polygon",
+    "napari._qt.layer_controls.qt_labels_controls",
+    "napari._qt.layer_controls.qt_image_controls",
+)
+_prewarm_started = threading.Event()
+
+
+def prewarm_layer_code() -> threading.Thread | None:
+    """Import, in a background thread, the code napari runs when the first output layers
+    appear, so that this one-off cost does not freeze the viewer at the end of the first
+    run. Starts once per process; returns the thread (None when already started)."""
+    if _prewarm_started.is_set():
+        return None
+    _prewarm_started.set()
+
+    def work() -> None:
+        import importlib
+
+        for name in _PREWARM_MODULES:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - private napari paths may move; only a warm-up
+                pass
+        try:  # the layer models themselves (no Qt): colormaps and feature tables
+            from napari.layers import Labels
+
+            Labels(np.zeros((2, 2), np.uint8))
+        except Exception:  # noqa: BLE001
+            pass
+
+    thread = threading.Thread(target=work, name="napari-medseg-prewarm", daemon=True)
+    thread.start()
+    return thread
+
+
+def _result_keys(result: Any) -> list[tuple]:
+    """The parts of a result's mask to write: all of it, or the finished slices of a
+    cancelled run (possibly none)."""
+    mask = result["mask"]
+    stack_axes = result.plan.stack_axes if result.plan is not None else ""
+    if result.cancelled:
+        return finished_keys(result.axes["mask"], mask.shape, stack_axes, result.planes_done)
+    return [(slice(None),) * len(mask.shape)]
+
+
+def _run_outputs(result: Any, show_probabilities: bool, show_variance: bool) -> list[tuple]:
+    """``(output, dtype)`` of the layers a result is written into, images first (so that
+    the label layers are drawn over them)."""
+    outputs: list[tuple] = []
+    if "probabilities" in result and show_probabilities:
+        # One 2D/3D layer per foreground class (no extra "class" axis in the viewer): the
+        # foreground of a one- or two-class network, else each class 1..K-1.
+        k_all = int(result["probabilities"].shape[0])
+        if k_all <= 2:
+            outputs.append(("probabilities", np.float32))
+        else:
+            outputs += [(f"probabilities[{k}]", np.float32) for k in range(1, k_all)]
+    if "variance" in result and show_variance:
+        outputs.append(("variance", np.float32))
+    outputs += [(o, result[o].dtype) for o in _LABEL_OUTPUTS if o in result]
+    return outputs
+
+
+def create_missing_outputs(viewer: Any, image_layer: Any, result: Any,
+                           show_probabilities: bool, show_variance: bool) -> Iterator[Any]:
+    """Create, empty, the output layers that writing ``result`` needs and that do not
+    exist yet: one layer per ``next()``.
+
+    napari needs a few hundred milliseconds of the GUI thread to add a layer (its visual,
+    overlays and controls); a caller that steps this generator from the event loop (one
+    layer per turn) keeps each stall to one layer's. Pass the layers to :func:`apply_run`
+    as ``created`` so that undoing the run removes them.
+    """
+    if not _result_keys(result):
+        return
+    factor = int(result.scale)
+    full_out = whole_region(image_shape(image_layer)).output(factor).shape
+    for output, dtype in _run_outputs(result, show_probabilities, show_variance):
+        if find_output(viewer, image_layer.name, output) is None:
+            yield _ensure(viewer, image_layer, output, full_out, dtype, factor, [])
+
+
 def apply_run(
     viewer: Any,
     image_layer: Any,
@@ -266,6 +361,7 @@ def apply_run(
     show_probabilities: bool,
     show_variance: bool,
     has_boundary_head: bool = False,
+    created: Sequence[Any] = (),
 ) -> Edit:
     """Write a prediction into the image's output layers and record the undo step.
 
@@ -279,6 +375,7 @@ def apply_run(
         show_variance: add or update the TTA variance layer.
         has_boundary_head: the network predicts its own boundary (a new threshold then
             leaves the boundary layer alone).
+        created: output layers made empty for this run (:func:`create_missing_outputs`).
 
     Returns:
         The recorded undo step (already pushed on the session; empty, and not pushed, when
@@ -288,45 +385,24 @@ def apply_run(
     full_out = whole_region(image_shape(image_layer)).output(factor).shape
     out_region = region.output(factor)
     axes = result.axes["mask"]
-    mask = result["mask"]
-    stack_axes = result.plan.stack_axes if result.plan is not None else ""
-    keys = (finished_keys(axes, mask.shape, stack_axes, result.planes_done)
-            if result.cancelled else [(slice(None),) * len(mask.shape)])
+    keys = _result_keys(result)
     edit = Edit("run", image=image_layer.name)
     if not keys:  # cancelled before any slice finished: nothing to write
         return edit
     touched = []
-    # Images first, so that the label layers are drawn over them.
     num_classes = int(result["probabilities"].shape[0]) if "probabilities" in result else None
-    if "probabilities" in result and show_probabilities:
-        probs = result["probabilities"]
-        # One 2D/3D layer per foreground class (no extra "class" axis in the viewer): the
-        # foreground of a one- or two-class network, else each class 1..K-1.
-        classes = [num_classes - 1] if num_classes <= 2 else list(range(1, num_classes))
-        for k in classes:
-            output = "probabilities" if num_classes <= 2 else f"probabilities[{k}]"
-            layer = _ensure(viewer, image_layer, output, full_out, np.float32, factor,
-                            edit.changes)
-            for key in keys:
-                _write(layer, out_region.offset(key),
-                       dequantize_probabilities(probs[(k,) + key]), edit.changes)
-            touched.append(layer)
-    if "variance" in result and show_variance:
-        layer = _ensure(viewer, image_layer, "variance", full_out, np.float32, factor,
-                        edit.changes)
-        var = result["variance"]
+    for output, dtype in _run_outputs(result, show_probabilities, show_variance):
+        layer = _ensure(viewer, image_layer, output, full_out, dtype, factor, edit.changes,
+                        created)
         for key in keys:
-            _write(layer, out_region.offset(key), np.asarray(var[key], np.float32),
-                   edit.changes)
-        touched.append(layer)
-    for output in _LABEL_OUTPUTS:
-        if output not in result:
-            continue
-        values = result[output]
-        layer = _ensure(viewer, image_layer, output, full_out, values.dtype, factor,
-                        edit.changes)
-        for key in keys:
-            _write(layer, out_region.offset(key), np.asarray(values[key]), edit.changes)
+            if output.startswith("probabilities"):
+                k = num_classes - 1 if num_classes <= 2 else int(output[14:-1])
+                values = dequantize_probabilities(result["probabilities"][(k,) + key])
+            elif output == "variance":
+                values = np.asarray(result["variance"][key], np.float32)
+            else:
+                values = np.asarray(result[output][key])
+            _write(layer, out_region.offset(key), values, edit.changes)
         touched.append(layer)
     if num_classes == 1:
         session.update_cache(image_layer.name, full_out, axes, 1, has_boundary_head,

@@ -194,6 +194,10 @@ class SegmentWidget(QWidget):
         self._threshold_pending = False
         self._metrics_generation = 0
         self.last_outcome: JobOutcome | None = None
+        #: (layer steps, layers added so far, run context, outcome) while a finished run's
+        #: new output layers are added one per event-loop turn.
+        self._staging: tuple | None = None
+        result_layers.prewarm_layer_code()
         self.last_error: str | None = None
         self._build()
         self._plan_timer = QTimer(self)
@@ -556,7 +560,7 @@ class SegmentWidget(QWidget):
         self.scope_combo.setItemText(2, whole)
 
     def _update_enabled(self, *_: Any) -> None:
-        running = self._run_worker is not None
+        running = self.running
         has_image = self.current_image() is not None and self._ready
         for w in (self.image_combo, self.network_combo, self.weights_combo,
                   self.browse_button, self.device_combo, self.scope_combo, self.tile_spin,
@@ -648,7 +652,7 @@ class SegmentWidget(QWidget):
 
     # ---------------------------------------------------------------- plan -------------
     def _schedule_plan(self, *_: Any) -> None:
-        if self._run_worker is None and self._ready:
+        if not self.running and self._ready:
             self._plan_timer.start()
 
     def _on_view_changed(self, *_: Any) -> None:
@@ -737,8 +741,8 @@ class SegmentWidget(QWidget):
     # ------------------------------------------------------------------ run -------------
     @property
     def running(self) -> bool:
-        """True while a prediction runs."""
-        return self._run_worker is not None
+        """True while a prediction runs (or its output layers are being added)."""
+        return self._run_worker is not None or self._staging is not None
 
     def _on_run_clicked(self) -> None:
         if self._run_worker is not None:
@@ -748,7 +752,7 @@ class SegmentWidget(QWidget):
 
     def run(self) -> Any:
         """Segment the scope of the chosen image; returns the worker (None if refused)."""
-        if self._run_worker is not None:
+        if self.running:
             return None
         image = self.current_image()
         if image is None:
@@ -817,7 +821,38 @@ class SegmentWidget(QWidget):
         if self._progress is not None:
             self._progress.close()
             self._progress = None
+        if outcome.ok and image_name in self.viewer.layers:
+            # New output layers are added one per event-loop turn: napari takes a few
+            # hundred milliseconds to add each, and all at once would freeze the viewer
+            # for their sum.
+            steps = result_layers.create_missing_outputs(
+                self.viewer, self.viewer.layers[image_name], outcome.value.result,
+                settings.show_probabilities, settings.show_variance)
+            self._staging = (steps, [], context, outcome)
+            self._stage_next_output()
+        else:
+            self._finish_run(context, outcome, [])
+
+    def _stage_next_output(self) -> None:
+        """Add the next missing output layer, or write the result when none is left."""
+        steps, created, context, outcome = self._staging
+        try:
+            if context[0] in self.viewer.layers:
+                created.append(next(steps))
+                QTimer.singleShot(0, self._stage_next_output)
+                return
+        except StopIteration:
+            pass
+        except Exception as exc:  # noqa: BLE001 - reported like a failed run, layers kept
+            outcome = JobOutcome(error=f"Could not add the output layers: {exc}",
+                                 exception=exc, seconds=outcome.seconds)
+        self._staging = None
+        self._finish_run(context, outcome, created)
+
+    def _finish_run(self, context: tuple, outcome: JobOutcome, created: list) -> None:
+        image_name, settings, region = context
         self.last_outcome = outcome
+        written = False
         try:
             if not outcome.ok:
                 self._error(outcome.error or "The run failed.")
@@ -835,7 +870,8 @@ class SegmentWidget(QWidget):
             edit = result_layers.apply_run(
                 self.viewer, image, result, region, self.session,
                 settings.show_probabilities, settings.show_variance,
-                has_boundary_head=HEAD_BOUNDARY in spec.heads)
+                has_boundary_head=HEAD_BOUNDARY in spec.heads, created=created)
+            written = bool(edit.changes)
             if not edit.changes:
                 message = "Cancelled before any slice finished; nothing was written."
                 show_warning(message)
@@ -864,6 +900,10 @@ class SegmentWidget(QWidget):
             if self.reference_combo.currentText() != _NONE:
                 self.update_metrics()
         finally:
+            if not written:  # layers made for a result that was not written go again
+                for layer in created:
+                    if layer in self.viewer.layers:
+                        self.viewer.layers.remove(layer)
             self._update_enabled()
             if self._plan is not None:
                 self._show_plan(self._plan[0], self._plan[1])

@@ -112,10 +112,27 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def _lr_at(step: int, config: TrainConfig) -> float:
+def train_mode(model: torch.nn.Module, freeze_norm_stats: bool = False) -> None:
+    """``model.train()``; with ``freeze_norm_stats`` the batch-norm layers stay in eval mode,
+    so their running statistics are used and kept (their affine parameters still train)."""
+    model.train()
+    if freeze_norm_stats:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def _lr_at(step: int, config: TrainConfig, time_fraction: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr``.
+
+    The decay follows whichever runs out first, the steps or the time budget
+    (``time_fraction`` of ``max_minutes`` used), so a run cut by its time limit still ends
+    at a small learning rate instead of stopping half-way down the schedule.
+    """
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    progress = max(progress, time_fraction)
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -255,17 +272,21 @@ def optimise_iter(
     t0 = time.perf_counter()
     wall_before = history[-1]["wall_s"] if history else 0.0
     stopped = "finished"
-    model.train()
+    freeze_stats = bool(getattr(config, "freeze_norm_stats", False))
+    train_mode(model, freeze_stats)
     step = state.step
     for step in range(state.step, config.steps):
         if cancel.cancelled:
             stopped = "cancelled"
             break
-        elapsed = time.perf_counter() - t0
-        if config.max_minutes and elapsed > 60 * config.max_minutes:
+        budget = 60.0 * config.max_minutes
+        used = wall_before + time.perf_counter() - t0
+        if budget and wall_before > budget:
+            # A resumed run whose budget was spent before (a run that spends it now stops
+            # after the step that used it up, validated).
             stopped = "time_limit"
             break
-        lr = _lr_at(step, config)
+        lr = _lr_at(step, config, used / budget if budget else 0.0)
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, targets = make_batch(sampler, config, spec.output_scale, generator, device)
@@ -283,11 +304,13 @@ def optimise_iter(
         history.append(row)
         yield StepEvent(step=step + 1, steps=config.steps, loss=row["loss"], parts=parts, lr=lr,
                         elapsed_s=time.perf_counter() - t0)
-        last = step + 1 == config.steps
+        # The time budget runs out after this step: validate it, then stop.
+        time_up = bool(budget) and wall_before + time.perf_counter() - t0 > budget
+        last = step + 1 == config.steps or time_up
         if (step + 1) % config.val_every == 0 or last:
             if val_samples:
                 score = score_fn(model, val_samples, spec, str(device), policy.name)
-                model.train()
+                train_mode(model, freeze_stats)
             else:
                 score = -float(np.mean([h["loss"] for h in history[-config.val_every:]]))
             improved = score > state.best
@@ -305,6 +328,10 @@ def optimise_iter(
                 after_validation(state)
             if config.patience and state.bad >= config.patience:
                 stopped = "early_stop"
+                step += 1
+                break
+            if time_up:
+                stopped = "time_limit"
                 step += 1
                 break
     else:

@@ -1,0 +1,91 @@
+"""The training loop: learning-rate schedule, time budget, frozen batch-norm statistics."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from napari_medseg.config import FinetuneConfig, TrainConfig
+from napari_medseg.engine.train import (
+    StepEvent,
+    ValidationEvent,
+    _lr_at,
+    train_iter,
+    train_mode,
+)
+from napari_medseg.io.samples import sample_path
+from napari_medseg.models import create_model
+
+
+def _config(**kw) -> TrainConfig:
+    base = {"network": "sa2net", "variant": "tiny", "in_channels": 3, "num_classes": 2,
+            "steps": 100, "lr": 1e-3, "min_lr": 1e-5, "warmup_steps": 10}
+    base.update(kw)
+    return TrainConfig.from_mapping(base)
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    cfg = _config()
+    assert _lr_at(0, cfg) == pytest.approx(1e-4)
+    assert _lr_at(9, cfg) == pytest.approx(1e-3)
+    lrs = [_lr_at(s, cfg) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert _lr_at(100, cfg) == pytest.approx(1e-5)
+
+
+def test_schedule_follows_the_time_budget_when_it_runs_out_first():
+    cfg = _config(max_minutes=1.0)
+    # Step 20 of 100 alone would still be near the peak ...
+    assert _lr_at(20, cfg) > 9e-4
+    # ... but with the whole time budget used the rate has decayed to its minimum,
+    assert _lr_at(20, cfg, time_fraction=1.0) == pytest.approx(1e-5)
+    # and half the budget gives the middle of the cosine.
+    assert _lr_at(20, cfg, time_fraction=0.5) == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-6)
+    # Warm-up is not cut short by the clock.
+    assert _lr_at(2, cfg, time_fraction=0.9) == pytest.approx(3e-4)
+
+
+def test_train_mode_can_keep_batch_norm_statistics():
+    model = create_model("sa2net", variant="tiny", in_channels=1, num_classes=2)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns
+    before = [m.running_mean.clone() for m in bns]
+    train_mode(model, freeze_norm_stats=True)
+    assert model.training and not any(m.training for m in bns)
+    model(torch.randn(2, 1, 64, 64) * 5 + 3)
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, bns))
+    train_mode(model, freeze_norm_stats=False)
+    model(torch.randn(2, 1, 64, 64) * 5 + 3)
+    assert any(not torch.equal(a, m.running_mean) for a, m in zip(before, bns))
+
+
+def test_finetune_keeps_norm_statistics_by_default():
+    assert FinetuneConfig().freeze_norm_stats is True
+    assert not getattr(TrainConfig(), "freeze_norm_stats", False)
+
+
+def test_time_limit_validates_the_last_step_then_stops(tmp_path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    for name in ("nuclei", "nuclei_he"):
+        shutil.copy(sample_path(name), images / f"{name}.tif")
+        shutil.copy(sample_path(name, mask=True), masks / f"{name}.tif")
+    # A budget of ~0 s: the first step already exceeds it. Without the time rule the
+    # run would take 1000 steps and validate at step 500 first.
+    cfg = _config(in_channels=3, steps=1000, val_every=500, patch=64, batch_size=2,
+                  val_fraction=0.5, max_minutes=1e-6, warmup_steps=1)
+    gen = train_iter(images, masks, tmp_path / "ck.safetensors", cfg)
+    events = []
+    try:
+        while True:
+            events.append(next(gen))
+    except StopIteration as stop:
+        result = stop.value
+    steps = [e for e in events if isinstance(e, StepEvent)]
+    vals = [e for e in events if isinstance(e, ValidationEvent)]
+    assert len(steps) == 1
+    assert len(vals) == 1 and vals[0].step == 1
+    assert result.stopped == "time_limit"
+    assert (tmp_path / "ck.safetensors").is_file()
