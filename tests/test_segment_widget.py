@@ -555,8 +555,12 @@ def test_weights_choices_list_cards_checkpoints_and_random(env):
 
     torch.manual_seed(0)
     save_checkpoint(create_model(NETWORK, "tiny", 1, 1), env / "home" / "checkpoints" / "mine")
+    from napari_medseg.engine.checkpoints import list_shipped_weights
+
+    cards = sum(w["network"] == NETWORK for w in list_shipped_weights())
     choices = list_weight_choices(NETWORK)
-    assert [c.kind for c in choices] == ["checkpoint", "random"]
+    assert [c.kind for c in choices] == ["card"] * cards + ["checkpoint", "random"]
+    choices = choices[cards:]
     assert choices[0].label.startswith("mine") and choices[-1].label == RANDOM_INIT
     assert list_weight_choices("banet")[-1].network == "banet"
     session = SegmentSession(max_models=1)

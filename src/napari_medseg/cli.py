@@ -10,7 +10,8 @@ import argparse
 import json
 import platform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from ._version import __version__
@@ -32,7 +33,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
             info[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             info[dist] = None
-    info["devices"] = _devices()
+    from .engine.device import list_devices  # imports torch when called
+
+    info["devices"] = list_devices()
     info["weights_dirs"] = [str(p) for p in resources.weights_dirs()]
     info["model_card_dirs"] = [str(p) for p in resources.model_card_dirs()]
     info["user_data_dir"] = str(resources.user_data_dir())
@@ -56,25 +59,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _devices() -> list[dict]:
-    """Torch devices with their memory; imports torch."""
-    import torch
+def _config(config_cls, args: argparse.Namespace, section: str | None, flags: dict):
+    """``config_cls`` from the ``[section]`` table of ``--config`` (when given), with every
+    flag that is not None set over it."""
+    from .config import load_toml
 
-    devices = [{"name": "cpu", "description": platform.processor() or platform.machine(),
-                "threads": torch.get_num_threads()}]
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            free, total = torch.cuda.mem_get_info(i)
-            devices.append({
-                "name": f"cuda:{i}",
-                "description": torch.cuda.get_device_name(i),
-                "total_memory_mb": total // 2**20,
-                "free_memory_mb": free // 2**20,
-            })
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        devices.append({"name": "mps", "description": "Apple Metal"})
-    return devices
+    config_file = getattr(args, "config", None)
+    settings: dict = load_toml(config_file, section=section) if section and config_file else {}
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    return config_cls.from_mapping(settings)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -249,26 +242,19 @@ def _build_model(args: argparse.Namespace, first_channels: int, err) -> tuple[ob
 
 
 def _predict_config(args: argparse.Namespace):
-    from .config import PredictConfig, load_toml
+    from .config import PredictConfig
 
-    settings: dict = load_toml(args.config, section="predict") if args.config else {}
-    flags = {
+    return _config(PredictConfig, args, "predict", {
         "tile": args.tile, "overlap": args.overlap, "blend": args.blend,
         "device": args.device, "batch_size": args.batch_size, "axis": args.axis,
         "precision": args.precision, "outputs": args.outputs, "channels": args.channels,
         "normalization": args.normalization, "probabilities_dtype": args.probabilities_dtype,
-    }
-    settings.update({k: v for k, v in flags.items() if v is not None})
-    if args.tta:
-        settings["tta"] = True
-    if args.orthogonal:
-        settings["volume_mode"] = "orthogonal"
-    return PredictConfig.from_mapping(settings)
+        "tta": True if args.tta else None,
+        "volume_mode": "orthogonal" if args.orthogonal else None,
+    })
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    import signal
-
     from .engine.inference import plan_prediction, predict_iter
     from .engine.progress import (
         CancelToken,
@@ -293,15 +279,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     failures = 0
     token = CancelToken()
 
-    def on_sigint(signum, frame):  # first Ctrl-C: stop after the batch; second: abort
-        if token.cancelled:
-            raise KeyboardInterrupt
-        token.cancel()
+    def stopping() -> None:  # first Ctrl-C: stop after the batch; second: abort
         print("\nnapari-medseg: stopping after the current batch (Ctrl-C again to abort)",
               file=err)
 
-    previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
-    try:
+    with _ctrl_c_cancels(token, stopping):
         for path, paths in zip(inputs, plans):
             try:
                 image, meta = read_image(path)
@@ -335,8 +317,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                             print(f"  estimated time {_seconds(event.plan.seconds)} "
                                   "(one-batch probe)", file=err)
                     elif isinstance(event, NoticeEvent):
-                        tag = "WARNING" if event.level == "warning" else "napari-medseg: notice"
-                        print(f"{tag}: {event.message}", file=err)
+                        print(_notice_line(event), file=err)
                     elif isinstance(event, TilesEvent) and not quiet:
                         if bar is None:
                             from tqdm import tqdm
@@ -375,9 +356,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                     raise
                 failures += 1
                 print(f"napari-medseg: error: {path.name}: {exc}", file=err)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
     if failures:
         print(f"napari-medseg: {failures} of {len(inputs)} input(s) failed.", file=err)
         return 2
@@ -388,6 +366,32 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+def _notice_line(event) -> str:
+    """A NoticeEvent as printed: a warning loudly, a notice as one."""
+    tag = "WARNING" if event.level == "warning" else "napari-medseg: notice"
+    return f"{tag}: {event.message}"
+
+
+@contextmanager
+def _ctrl_c_cancels(token, stopping: Callable[[], None]) -> Iterator[None]:
+    """Inside: the first Ctrl-C cancels ``token`` and calls ``stopping()`` (to say so), a
+    second raises KeyboardInterrupt. Only in the main thread; elsewhere nothing changes."""
+    import signal
+
+    def on_sigint(signum, frame):
+        if token.cancelled:
+            raise KeyboardInterrupt
+        token.cancel()
+        stopping()
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _seconds(s: float) -> str:
@@ -447,26 +451,19 @@ def _add_predict(sub) -> argparse.ArgumentParser:
 
 
 def _batch_config(args: argparse.Namespace):
-    from .config import BatchConfig, load_toml
+    from .config import BatchConfig
 
-    settings: dict = load_toml(args.config, section="batch") if args.config else {}
-    flags = {
+    return _config(BatchConfig, args, "batch", {
         "weights": args.weights, "model": args.model, "variant": args.variant,
         "num_classes": args.classes, "pattern": args.pattern, "format": args.format,
         "output": args.output_kind, "device": args.device, "workers": args.workers,
         "scheduler": args.scheduler, "dask_local": args.dask_local, "tile": args.tile,
         "overlap": args.overlap, "batch_size": args.batch_size, "precision": args.precision,
-    }
-    settings.update({k: v for k, v in flags.items() if v is not None})
-    for flag in ("recursive", "force", "tta"):
-        if getattr(args, flag):
-            settings[flag] = True
-    return BatchConfig.from_mapping(settings)
+        **{flag: True for flag in ("recursive", "force", "tta") if getattr(args, flag)},
+    })
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    import signal
-
     from .engine.batch import FileEvent, run_folder_iter
     from .engine.progress import CancelToken, FinishedEvent, NoticeEvent
 
@@ -479,39 +476,32 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         (bar.write if bar is not None else print)(line, file=err)
 
-    def on_sigint(signum, frame):  # first Ctrl-C: stop cleanly; second: abort
-        if token.cancelled:
-            raise KeyboardInterrupt
-        token.cancel()
-        say("napari-medseg: stopping after the current batch of tiles (Ctrl-C again to abort)")
+    # first Ctrl-C: stop cleanly; second: abort
+    with _ctrl_c_cancels(token, lambda: say(
+            "napari-medseg: stopping after the current batch of tiles (Ctrl-C again to abort)")):
+        try:
+            for event in run_folder_iter(args.input, args.output, config, cancel=token):
+                if isinstance(event, NoticeEvent):
+                    say(_notice_line(event))
+                elif isinstance(event, FileEvent):
+                    if event.status == "failed":
+                        say(f"napari-medseg: error: {event.name}: {event.error}")
+                    elif event.status == "ignored":
+                        say(f"napari-medseg: notice: ignoring {event.name}: {event.error}")
+                    if bar is None and not args.quiet and event.total:
+                        from tqdm import tqdm
 
-    previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
-    try:
-        for event in run_folder_iter(args.input, args.output, config, cancel=token):
-            if isinstance(event, NoticeEvent):
-                say(f"{'WARNING' if event.level == 'warning' else 'napari-medseg: notice'}: "
-                    f"{event.message}")
-            elif isinstance(event, FileEvent):
-                if event.status == "failed":
-                    say(f"napari-medseg: error: {event.name}: {event.error}")
-                elif event.status == "ignored":
-                    say(f"napari-medseg: notice: ignoring {event.name}: {event.error}")
-                if bar is None and not args.quiet and event.total:
-                    from tqdm import tqdm
-
-                    bar = tqdm(total=event.total, unit="file", file=err, dynamic_ncols=True,
-                               desc="batch")
-                if bar is not None:
-                    bar.update(event.finished - bar.n)
-                    if event.status == "running":
-                        bar.set_postfix_str(event.name[-32:])
-            elif isinstance(event, FinishedEvent):
-                summary = event.result
-    finally:
-        if bar is not None:
-            bar.close()
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+                        bar = tqdm(total=event.total, unit="file", file=err, dynamic_ncols=True,
+                                   desc="batch")
+                    if bar is not None:
+                        bar.update(event.finished - bar.n)
+                        if event.status == "running":
+                            bar.set_postfix_str(event.name[-32:])
+                elif isinstance(event, FinishedEvent):
+                    summary = event.result
+        finally:
+            if bar is not None:
+                bar.close()
     assert summary is not None
     print(f"napari-medseg: {summary.line()}")
     print(f"napari-medseg: manifest {summary.manifest}")
@@ -570,25 +560,18 @@ def _add_batch(sub) -> argparse.ArgumentParser:
 
 
 def _finetune_config(args: argparse.Namespace):
-    from .config import FinetuneConfig, load_toml
+    from .config import FinetuneConfig
 
-    settings: dict = load_toml(args.config, section="finetune") if args.config else {}
-    flags = {
+    return _config(FinetuneConfig, args, "finetune", {
         "steps": args.steps, "lr": args.lr, "device": args.device, "precision": args.precision,
         "batch_size": args.batch_size, "patch": args.patch, "val_fraction": args.val_fraction,
         "max_minutes": args.max_minutes, "seed": args.seed,
-    }
-    settings.update({k: v for k, v in flags.items() if v is not None})
-    if args.freeze_encoder:
-        settings["freeze_encoder"] = True
-    if args.update_norm_stats:
-        settings["freeze_norm_stats"] = False
-    return FinetuneConfig.from_mapping(settings)
+        "freeze_encoder": True if args.freeze_encoder else None,
+        "freeze_norm_stats": False if args.update_norm_stats else None,
+    })
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    import signal
-
     from .engine.checkpoints import resolve_weights
     from .engine.finetune import finetune_iter, samples_from_folders
     from .engine.progress import CancelToken, FinishedEvent, NoticeEvent, StageEvent
@@ -612,45 +595,38 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         (bar.write if bar is not None else print)(line, file=err)
 
-    def on_sigint(signum, frame):  # first Ctrl-C: stop and keep the best; second: abort
-        if token.cancelled:
-            raise KeyboardInterrupt
-        token.cancel()
-        say("napari-medseg: stopping after this step; the best weights so far are kept "
-            "(Ctrl-C again to abort)")
-
     data = {"images": str(args.images), "masks": str(args.masks), "data_hash": files_hash}
-    previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
-    try:
-        for event in finetune_iter(model, samples, config, cancel=token, output=args.output,
-                                   data=data):
-            if isinstance(event, NoticeEvent):
-                say(f"{'WARNING' if event.level == 'warning' else 'napari-medseg: notice'}: "
-                    f"{event.message}")
-            elif isinstance(event, StepEvent):
-                if bar is None and not args.quiet:
-                    from tqdm import tqdm
+    # first Ctrl-C: stop and keep the best; second: abort
+    with _ctrl_c_cancels(token, lambda: say(
+            "napari-medseg: stopping after this step; the best weights so far are kept "
+            "(Ctrl-C again to abort)")):
+        try:
+            for event in finetune_iter(model, samples, config, cancel=token, output=args.output,
+                                       data=data):
+                if isinstance(event, NoticeEvent):
+                    say(_notice_line(event))
+                elif isinstance(event, StepEvent):
+                    if bar is None and not args.quiet:
+                        from tqdm import tqdm
 
-                    bar = tqdm(total=event.steps, unit="step", file=err, dynamic_ncols=True,
-                               desc="fine-tune")
-                if bar is not None:
-                    bar.update(event.step - bar.n)
-                    bar.set_postfix_str(f"loss {event.loss:.4f}")
-            elif isinstance(event, ValidationEvent) and not args.quiet:
-                say(f"napari-medseg: {event.message}" + (" (best)" if event.improved else ""))
-            elif isinstance(event, StageEvent) and not args.quiet:
-                say(f"napari-medseg: {event.message}")
-            elif isinstance(event, FinishedEvent):
-                result = event.result
-                if bar is not None:
-                    bar.close()
-                    bar = None
-                print(f"napari-medseg: {event.message}", file=err)
-    finally:
-        if bar is not None:
-            bar.close()
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+                        bar = tqdm(total=event.steps, unit="step", file=err, dynamic_ncols=True,
+                                   desc="fine-tune")
+                    if bar is not None:
+                        bar.update(event.step - bar.n)
+                        bar.set_postfix_str(f"loss {event.loss:.4f}")
+                elif isinstance(event, ValidationEvent) and not args.quiet:
+                    say(f"napari-medseg: {event.message}" + (" (best)" if event.improved else ""))
+                elif isinstance(event, StageEvent) and not args.quiet:
+                    say(f"napari-medseg: {event.message}")
+                elif isinstance(event, FinishedEvent):
+                    result = event.result
+                    if bar is not None:
+                        bar.close()
+                        bar = None
+                    print(f"napari-medseg: {event.message}", file=err)
+        finally:
+            if bar is not None:
+                bar.close()
     assert result is not None
     def finite(x: float) -> float | None:
         return None if x != x else round(float(x), 4)  # NaN (no validation) -> null
@@ -735,20 +711,17 @@ def _say(bar, message: str) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .config import TrainConfig, load_toml
+    from .config import TrainConfig
     from .engine.train import train_iter
 
-    settings: dict = load_toml(args.config, section="train") if args.config else {}
-    for key in ("model", "variant", "in_channels", "classes", "patch", "batch_size", "steps",
-                "lr", "val_fraction", "val_every", "patience", "device", "precision",
-                "minutes", "seed", "pattern", "freeze_encoder"):
-        value = getattr(args, key, None)
-        if value is not None:
-            settings[{"model": "network", "classes": "num_classes",
-                      "minutes": "max_minutes"}.get(key, key)] = value
-    if args.no_resume:
-        settings["resume"] = False
-    config = TrainConfig.from_mapping(settings)
+    renamed = {"model": "network", "classes": "num_classes", "minutes": "max_minutes"}
+    config = _config(TrainConfig, args, "train", {
+        **{renamed.get(key, key): getattr(args, key, None)
+           for key in ("model", "variant", "in_channels", "classes", "patch", "batch_size",
+                       "steps", "lr", "val_fraction", "val_every", "patience", "device",
+                       "precision", "minutes", "seed", "pattern", "freeze_encoder")},
+        "resume": False if args.no_resume else None,
+    })
     bar = None if args.quiet else tqdm(total=config.steps, unit="step", dynamic_ncols=True)
     result = None
     try:
@@ -770,9 +743,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .engine.evaluate import evaluate_iter, format_table
 
     model, _info = resolve_weights(args.weights, device=args.device or "cpu")
-    overrides = {k: v for k, v in {"tile": args.tile, "device": args.device,
-                                   "precision": args.precision}.items() if v is not None}
-    config = PredictConfig.from_mapping(overrides)
+    config = _config(PredictConfig, args, None,
+                     {"tile": args.tile, "device": args.device, "precision": args.precision})
     result = None
     for event in evaluate_iter(model, args.images, args.masks, config, pattern=args.pattern):
         if not args.json and not args.quiet and getattr(event, "message", ""):

@@ -15,7 +15,6 @@ events into table rows.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +43,15 @@ from qtpy.QtWidgets import (
 from ..config import BATCH_FORMATS, BatchConfig
 from ..engine.progress import CancelToken, NoticeEvent, ProgressEvent, TilesEvent
 from ..errors import ConfigError, MedsegError
-from .worker import JobOutcome, error_message, guard_llvm_clash, start_job
+from .worker import (
+    JobOutcome,
+    LongJob,
+    error_message,
+    guard_iter,
+    guard_llvm_clash,
+    show_notice,
+    start_job,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -105,13 +112,7 @@ def batch_job(in_dir: str, out_dir: str, config: BatchConfig,
     """
     from ..engine.batch import run_folder_iter
 
-    t0 = time.perf_counter()
-    try:
-        summary = yield from run_folder_iter(in_dir, out_dir, config, cancel=cancel)
-    except Exception as exc:  # noqa: BLE001 - shown as a notification, not a traceback
-        return JobOutcome(error=error_message(exc), exception=exc,
-                          seconds=time.perf_counter() - t0)
-    return JobOutcome(value=summary, seconds=time.perf_counter() - t0)
+    return (yield from guard_iter(run_folder_iter, in_dir, out_dir, config, cancel=cancel))
 
 
 def _chosen(path: Any) -> str | None:
@@ -133,8 +134,7 @@ class BatchWidget(QWidget):
         guard_llvm_clash()  # before the engine imports torch (see the function)
         self.viewer = napari_viewer
         self.summary: Any = None
-        self._worker: Any = None
-        self._token: CancelToken | None = None
+        self._job = LongJob()
         self._rows: dict[str, int] = {}
         self._files: dict[str, tuple[str, str | None, str]] = {}
         self._opened: dict[str, list[Any]] = {}
@@ -221,7 +221,7 @@ class BatchWidget(QWidget):
     @property
     def running(self) -> bool:
         """True while a batch runs."""
-        return self._worker is not None
+        return self._job.running
 
     def run(self, *_: Any) -> Any:
         """Start the batch in a thread worker; returns the worker (None if not started)."""
@@ -237,18 +237,17 @@ class BatchWidget(QWidget):
         self._files.clear()
         self.summary = None
         self.progress.max, self.progress.value = 1, 0
-        self._token = CancelToken()
+        token = self._job.begin()
         self._set_running(True)
         self.status.value = "Looking for images..."
-        self._worker = start_job(batch_job, in_dir, out_dir, config, self._token,
-                                 on_done=self._on_done, on_yield=self._on_event,
-                                 cancel_token=self._token)
-        return self._worker
+        self._job.worker = start_job(batch_job, in_dir, out_dir, config, token,
+                                     on_done=self._on_done, on_yield=self._on_event,
+                                     cancel_token=token)
+        return self._job.worker
 
     def cancel(self, *_: Any) -> None:
         """Stop after the current batch of tiles; finished files are kept and recorded."""
-        if self._token is not None and self.running:
-            self._token.cancel()
+        if self.running and self._job.cancel():
             self.status.value = "Cancelling after the current batch of tiles..."
 
     def _set_running(self, running: bool) -> None:
@@ -268,7 +267,7 @@ class BatchWidget(QWidget):
         elif isinstance(event, TilesEvent) and event.total and self._current:
             self.status.value = f"{self._current}: tiles {event.done} of {event.total}"
         elif isinstance(event, NoticeEvent):
-            (show_warning if event.level == "warning" else show_info)(event.message)
+            show_notice(event)
 
     def _show_file(self, event: Any) -> None:
         row = self._rows.get(event.name)
@@ -290,7 +289,7 @@ class BatchWidget(QWidget):
         self.table.setItem(row, 2, item)
 
     def _on_done(self, outcome: JobOutcome) -> None:
-        self._worker = None
+        self._job.end()
         self._set_running(False)
         if not outcome.ok:
             self._error(outcome.error or "The batch run failed.")

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image, Labels
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QPointF, QRectF, Qt
 from qtpy.QtGui import QColor, QFont, QPainter, QPainterPath, QPen
 from qtpy.QtWidgets import (
@@ -43,9 +42,7 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
-    QFormLayout,
     QGroupBox,
-    QHBoxLayout,
     QLabel,
     QListWidget,
     QListWidgetItem,
@@ -58,21 +55,26 @@ from qtpy.QtWidgets import (
 
 from ..config import FinetuneConfig
 from ..engine.finetune import DataEvent, FinetuneResult
-from ..engine.progress import (
-    CancelToken,
-    FinishedEvent,
-    NoticeEvent,
-    ProgressEvent,
-    StageEvent,
-    TilesEvent,
-)
+from ..engine.progress import CancelToken, FinishedEvent, NoticeEvent, StageEvent, TilesEvent
 from ..engine.train import StepEvent, ValidationEvent
 from ..errors import ConfigError, InputShapeError, MedsegError
 from . import result_layers
-from .worker import JobOutcome, error_message, start_job
+from .worker import (
+    JobOutcome,
+    LayerListMixin,
+    LongJob,
+    error_html,
+    form_layout,
+    guard_iter,
+    row_widget,
+    show_notice,
+    start_job,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
+
+    from ..engine.progress import ProgressEvent
 
 __all__ = ["BaseChoice", "CurvePlot", "FinetuneWidget", "finetune_job", "COMPARE_MODEL",
            "COMPARE_NONE"]
@@ -264,8 +266,7 @@ def finetune_job(
     from ..engine.finetune import ReplayStore, finetune_iter, prepare_corrections_iter
     from ..engine.lineage import autosave_labels, lineage_root, set_active, unique_checkpoint_path
 
-    t0 = time.perf_counter()
-    try:
+    def work():
         yield StageEvent("Saving your labels before training.", stage="autosave")
         saved = autosave_labels(labels, labels_name, label_meta)
         if boundary is not None:
@@ -296,10 +297,9 @@ def finetune_job(
             new_root = lineage_root(result.info)
             set_active(new_root, str(result.checkpoint.with_suffix(".json")),
                        reason="fine-tuned")
-    except Exception as exc:  # noqa: BLE001 - turned into a sentence for the user
-        return JobOutcome(error=error_message(exc), exception=exc,
-                          seconds=time.perf_counter() - t0)
-    return JobOutcome(value=result, seconds=time.perf_counter() - t0)
+        return result
+
+    return (yield from guard_iter(work))
 
 
 # --------------------------------------------------------------------------- the widget
@@ -314,26 +314,7 @@ def _load_segment(seg: Any, weights: Any, image: Image) -> tuple[Callable[[], An
     return load, weights.label, weights.source
 
 
-def _form() -> QFormLayout:
-    form = QFormLayout()
-    form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-    form.setLabelAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-    form.setContentsMargins(4, 4, 4, 4)
-    form.setVerticalSpacing(4)
-    return form
-
-
-def _row(*widgets: QWidget) -> QWidget:
-    box = QWidget()
-    lay = QHBoxLayout(box)
-    lay.setContentsMargins(0, 0, 0, 0)
-    lay.setSpacing(4)
-    for w in widgets:
-        lay.addWidget(w)
-    return box
-
-
-class FinetuneWidget(QWidget):
+class FinetuneWidget(LayerListMixin, QWidget):
     """Dock widget fine-tuning a network on the corrections of a Labels layer.
 
     Args:
@@ -343,9 +324,8 @@ class FinetuneWidget(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self._worker: Any = None
-        self._token: CancelToken | None = None
-        self._context: tuple | None = None
+        #: the fine-tuning; its context is (image name, labels name).
+        self._job = LongJob()
         self.last_outcome: JobOutcome | None = None
         self.last_error: str | None = None
         self.last_result: FinetuneResult | None = None
@@ -365,7 +345,7 @@ class FinetuneWidget(QWidget):
         defaults = FinetuneConfig()
 
         data_box = QGroupBox("Corrections")
-        form = _form()
+        form = form_layout()
         self.image_combo = QComboBox()
         self.image_combo.setToolTip("The image the labels belong to.")
         form.addRow("Image", self.image_combo)
@@ -389,7 +369,7 @@ class FinetuneWidget(QWidget):
         root.addWidget(data_box)
 
         train_box = QGroupBox("Training")
-        form = _form()
+        form = form_layout()
         self.base_combo = QComboBox()
         self.base_combo.setSizeAdjustPolicy(
             QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
@@ -409,7 +389,7 @@ class FinetuneWidget(QWidget):
         self.lr_spin.setSingleStep(1e-4)
         self.lr_spin.setValue(defaults.lr)
         self.lr_spin.setToolTip("Peak learning rate (AdamW, warm-up then cosine decay).")
-        form.addRow("Steps", _row(self.steps_spin, QLabel("learning rate"), self.lr_spin))
+        form.addRow("Steps", row_widget(self.steps_spin, QLabel("learning rate"), self.lr_spin))
         self.freeze_check = QCheckBox("freeze encoder")
         self.freeze_check.setToolTip("Train only the decoder and heads: safer with few "
                                      "corrections.")
@@ -418,7 +398,7 @@ class FinetuneWidget(QWidget):
         self.replay_check.setToolTip(
             f"Mix the corrections of earlier rounds of this model into "
             f"{defaults.replay:.0%} of the batches, against forgetting.")
-        form.addRow("Options", _row(self.freeze_check, self.replay_check))
+        form.addRow("Options", row_widget(self.freeze_check, self.replay_check))
         self.device_combo = QComboBox()
         self.device_combo.setToolTip("Where to train.")
         form.addRow("Device", self.device_combo)
@@ -451,7 +431,7 @@ class FinetuneWidget(QWidget):
         self.revert_button = QPushButton("Revert to parent")
         self.revert_button.setToolTip("Go back to the weights the selected checkpoint was "
                                       "fine-tuned from (nothing is deleted).")
-        lay.addWidget(_row(self.use_button, self.revert_button))
+        lay.addWidget(row_widget(self.use_button, self.revert_button))
         ckpt_box.setLayout(lay)
         root.addWidget(ckpt_box)
         root.addStretch(1)
@@ -473,18 +453,10 @@ class FinetuneWidget(QWidget):
         self.use_button.clicked.connect(self.use_selected)
         self.revert_button.clicked.connect(self.revert_selected)
         self.checkpoint_list.currentRowChanged.connect(self._update_enabled)
-        layers = self.viewer.layers.events
-        layers.inserted.connect(self._on_layer_inserted)
-        layers.removed.connect(self._refresh_layers)
-        layers.moved.connect(self._refresh_layers)
-        for layer in self.viewer.layers:
-            layer.events.name.connect(self._refresh_layers)
+        for emitter, callback in self._layer_hooks():
+            emitter.connect(callback)
 
     # --------------------------------------------------------------- lists -----------
-    def _on_layer_inserted(self, event: Any) -> None:
-        event.value.events.name.connect(self._refresh_layers)
-        self._refresh_layers()
-
     @staticmethod
     def _fill(combo: QComboBox, items: list[str], keep: str, default: str | None) -> None:
         combo.blockSignals(True)
@@ -577,7 +549,7 @@ class FinetuneWidget(QWidget):
         self._update_enabled()
 
     def _update_enabled(self, *_: Any) -> None:
-        running = self._worker is not None
+        running = self.running
         for w in (self.image_combo, self.labels_combo, self.boundary_combo,
                   self.compare_combo, self.base_combo, self.steps_spin, self.lr_spin,
                   self.freeze_check, self.replay_check, self.device_combo):
@@ -638,17 +610,14 @@ class FinetuneWidget(QWidget):
     @property
     def running(self) -> bool:
         """True while fine-tuning runs."""
-        return self._worker is not None
+        return self._job.running
 
     def _on_start_clicked(self) -> None:
-        if self._worker is not None:
-            self.stop()
-        else:
-            self.start()
+        self._job.toggle(self.start, self.stop)
 
     def start(self) -> Any:
         """Start fine-tuning; returns the worker (None if refused, with a message)."""
-        if self._worker is not None:
+        if self.running:
             return None
         try:
             image = self._layer(self.image_combo.currentText(), Image, "image")
@@ -687,26 +656,23 @@ class FinetuneWidget(QWidget):
             label_meta = meta_from_layer(labels)
         except (ValueError, TypeError):
             label_meta = None
-        token = CancelToken()
-        self._token = token
+        token = self._job.begin((image.name, labels.name))
         self.plot.clear(config.steps)
         self.last_result = None
         self.events_seen = 0
-        self._context = (image.name, labels.name)
         self.status_label.setText(f"Starting from {base_label}…")
         worker = start_job(
             finetune_job, load, base_source, result_layers.image_array(image), axes,
             np.array(labels.data, copy=True), labels.name, boundary, prediction, image.name,
             config, token, label_meta, on_done=self._on_done, on_yield=self._on_event,
             cancel_token=token)
-        self._worker = worker
+        self._job.worker = worker
         self._update_enabled()
         return worker
 
     def stop(self) -> None:
         """Stop after the current step; the best weights so far are kept and written."""
-        if self._token is not None:
-            self._token.cancel()
+        if self._job.cancel():
             self.status_label.setText("Stopping after this step (the best weights so far are "
                                       "kept)…")
 
@@ -730,8 +696,7 @@ class FinetuneWidget(QWidget):
         elif isinstance(event, DataEvent):
             self.status_label.setText(event.message)
         elif isinstance(event, NoticeEvent):
-            self.status_label.setText(event.message)
-            (show_warning if event.level == "warning" else show_info)(event.message)
+            show_notice(event, self.status_label)
         elif isinstance(event, TilesEvent):
             self.status_label.setText(f"Finding your changes: {event.done}/{event.total} tile "
                                       "passes")
@@ -739,10 +704,7 @@ class FinetuneWidget(QWidget):
             self.status_label.setText(event.message)
 
     def _on_done(self, outcome: JobOutcome) -> None:
-        context = self._context
-        self._worker = None
-        self._token = None
-        self._context = None
+        context = self._job.end()
         self.last_outcome = outcome
         try:
             if not outcome.ok:
@@ -840,7 +802,7 @@ class FinetuneWidget(QWidget):
     def _error(self, message: str) -> None:
         """One sentence as a napari error notification (and in the status line)."""
         self.last_error = message
-        self.status_label.setText(f"<span style='color:#ff6060'>{message}</span>")
+        self.status_label.setText(error_html(message))
         show_error(message)
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt override

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image, Labels
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QAbstractItemView,
@@ -30,9 +30,7 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
-    QFormLayout,
     QGroupBox,
-    QHBoxLayout,
     QHeaderView,
     QLabel,
     QPushButton,
@@ -48,14 +46,7 @@ from superqt import QLabeledDoubleSlider
 
 from ..config import BLEND_MODES
 from ..engine.plan import format_seconds
-from ..engine.progress import (
-    CancelToken,
-    NoticeEvent,
-    PlaneEvent,
-    PlanEvent,
-    StageEvent,
-    TilesEvent,
-)
+from ..engine.progress import NoticeEvent, PlaneEvent, PlanEvent, StageEvent, TilesEvent
 from ..engine.regions import Region, plane_region, visible_region, whole_region
 from ..errors import ConfigError, MedsegError
 from . import result_layers
@@ -68,14 +59,20 @@ from .session import (
 )
 from .worker import (
     JobOutcome,
+    LayerListMixin,
+    LongJob,
     RunProgress,
     boundary_job,
     catalog_job,
+    error_html,
+    form_layout,
     guard_llvm_clash,
     instances_job,
     metrics_job,
     plan_job,
+    row_widget,
     run_job,
+    show_notice,
     start_job,
     threshold_job,
 )
@@ -145,28 +142,7 @@ class _DeviceCombo(QComboBox):
         super().showPopup()
 
 
-def _form() -> QFormLayout:
-    form = QFormLayout()
-    form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-    form.setLabelAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-    form.setContentsMargins(4, 4, 4, 4)
-    form.setVerticalSpacing(4)
-    return form
-
-
-def _row(*widgets: QWidget, stretch: int | None = None) -> QWidget:
-    box = QWidget()
-    lay = QHBoxLayout(box)
-    lay.setContentsMargins(0, 0, 0, 0)
-    lay.setSpacing(4)
-    for w in widgets:
-        lay.addWidget(w)
-    if stretch is not None:
-        lay.addStretch(stretch)
-    return box
-
-
-class SegmentWidget(QWidget):
+class SegmentWidget(LayerListMixin, QWidget):
     """Dock widget running a segmentation network on an image layer.
 
     Args:
@@ -179,9 +155,8 @@ class SegmentWidget(QWidget):
         self.viewer = napari_viewer
         self.session = SegmentSession()
         self._workers: set[Any] = set()
-        self._run_worker: Any = None
-        self._run_token: CancelToken | None = None
-        self._run_context: tuple | None = None
+        #: the prediction; its context is (image name, settings, region).
+        self._job = LongJob()
         self._catalog: dict[str, list[str]] = {}
         self._ready = False
         self._warned_untrained: set[tuple[str, str]] = set()
@@ -217,7 +192,7 @@ class SegmentWidget(QWidget):
 
     def _on_catalog(self, outcome: JobOutcome) -> None:
         if not outcome.ok:
-            self.plan_label.setText(f"<span style='color:#ff6060'>{outcome.error}</span>")
+            self.plan_label.setText(error_html(outcome.error))
             self._error(outcome.error or "The networks could not be loaded.")
             return
         networks, devices = outcome.value
@@ -250,7 +225,7 @@ class SegmentWidget(QWidget):
 
         # Model
         model_box = QGroupBox("Model")
-        form = _form()
+        form = form_layout()
         self.image_combo = QComboBox()
         self.image_combo.setToolTip("The image layer to segment.")
         form.addRow("Image", self.image_combo)
@@ -263,7 +238,7 @@ class SegmentWidget(QWidget):
         self.network_combo.setMinimumContentsLength(10)
         self.network_combo.setSizeAdjustPolicy(
             QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        network_row = _row(self.network_combo, QLabel("variant"), self.variant_combo)
+        network_row = row_widget(self.network_combo, QLabel("variant"), self.variant_combo)
         network_row.layout().setStretch(0, 3)
         network_row.layout().setStretch(2, 2)
         form.addRow("Network", network_row)
@@ -276,7 +251,7 @@ class SegmentWidget(QWidget):
         self.browse_button = QToolButton()
         self.browse_button.setText("…")
         self.browse_button.setToolTip("Add a checkpoint file (.safetensors or .json).")
-        form.addRow("Weights", _row(self.weights_combo, self.browse_button))
+        form.addRow("Weights", row_widget(self.weights_combo, self.browse_button))
         self.untrained_label = QLabel(_UNTRAINED_TEXT)
         self.untrained_label.setWordWrap(True)
         self.untrained_label.setStyleSheet(
@@ -290,7 +265,7 @@ class SegmentWidget(QWidget):
 
         # Run settings
         run_box = QGroupBox("Run")
-        form = _form()
+        form = form_layout()
         self.scope_combo = QComboBox()
         for key, text in SCOPES.items():
             self.scope_combo.addItem(text, key)
@@ -312,7 +287,7 @@ class SegmentWidget(QWidget):
         self.overlap_spin.setDecimals(2)
         self.overlap_spin.setValue(0.25)
         self.overlap_spin.setToolTip("Fraction of a tile shared with its neighbour.")
-        form.addRow("Tile", _row(self.tile_spin, QLabel("overlap"), self.overlap_spin))
+        form.addRow("Tile", row_widget(self.tile_spin, QLabel("overlap"), self.overlap_spin))
         self.blend_combo = QComboBox()
         self.blend_combo.addItems(list(BLEND_MODES))
         self.blend_combo.setToolTip("How overlapping tiles are merged: gaussian taper, plain "
@@ -325,8 +300,8 @@ class SegmentWidget(QWidget):
         self.probs_check.setToolTip("Add the probabilities as an Image layer.")
         self.variance_check = QCheckBox("TTA variance")
         self.variance_check.setToolTip("Add the disagreement of the TTA passes (needs TTA).")
-        form.addRow("Options", _row(self.tta_check, stretch=1))
-        form.addRow("Show", _row(self.probs_check, self.variance_check, stretch=1))
+        form.addRow("Options", row_widget(self.tta_check, stretch=1))
+        form.addRow("Show", row_widget(self.probs_check, self.variance_check, stretch=1))
         self.threshold_slider = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
         self.threshold_slider.setRange(0.01, 0.99)
         self.threshold_slider.setSingleStep(0.01)
@@ -354,7 +329,7 @@ class SegmentWidget(QWidget):
                                        "memory (the estimate then shows the run's time).")
         self.tiles_button = QPushButton("Draw tiles")
         self.tiles_button.setToolTip("Show the tiles as rectangles in a Shapes layer.")
-        lay.addWidget(_row(self.measure_button, self.tiles_button))
+        lay.addWidget(row_widget(self.measure_button, self.tiles_button))
         plan_box.setLayout(lay)
         root.addWidget(plan_box)
 
@@ -366,7 +341,7 @@ class SegmentWidget(QWidget):
         self.undo_button = QPushButton("Undo last")
         self.undo_button.setToolTip("Restore the layers as they were before the last run, "
                                     "threshold change or boundary tool (your edits too).")
-        root.addWidget(_row(self.run_button, self.undo_button))
+        root.addWidget(row_widget(self.run_button, self.undo_button))
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
         root.addWidget(self.status_label)
@@ -380,7 +355,7 @@ class SegmentWidget(QWidget):
         self.instances_button = QPushButton("Instances (watershed)")
         self.instances_button.setToolTip("Split the mask into objects along the boundary layer "
                                          "(watershed), into an instances layer.")
-        lay.addWidget(_row(self.boundary_button, self.instances_button))
+        lay.addWidget(row_widget(self.boundary_button, self.instances_button))
         tools_box.setLayout(lay)
         root.addWidget(tools_box)
 
@@ -394,7 +369,7 @@ class SegmentWidget(QWidget):
         self.metrics_button = QPushButton("Update")
         self.reference_combo.setSizePolicy(QSizePolicy.Policy.Expanding,
                                            QSizePolicy.Policy.Fixed)
-        row = _row(QLabel("Reference"), self.reference_combo, self.metrics_button)
+        row = row_widget(QLabel("Reference"), self.reference_combo, self.metrics_button)
         row.layout().setStretch(1, 1)
         lay.addWidget(row)
         self.metrics_table = QTableWidget(0, 5)
@@ -435,21 +410,17 @@ class SegmentWidget(QWidget):
         self.instances_button.clicked.connect(self.instances_from_mask)
         self.reference_combo.currentIndexChanged.connect(self.update_metrics)
         self.metrics_button.clicked.connect(self.update_metrics)
-        layers = self.viewer.layers.events
-        layers.inserted.connect(self._on_layer_inserted)
-        layers.removed.connect(self._on_layer_removed)
-        layers.moved.connect(self._refresh_layers)
-        for layer in self.viewer.layers:
-            layer.events.name.connect(self._refresh_layers)
-        self.viewer.dims.events.current_step.connect(self._on_view_changed)
-        self.viewer.camera.events.zoom.connect(self._on_view_changed)
-        self.viewer.camera.events.center.connect(self._on_view_changed)
+        for emitter, callback in self._viewer_hooks():
+            emitter.connect(callback)
+
+    def _viewer_hooks(self) -> list[tuple[Any, Any]]:
+        """The viewer's events the widget follows: its layer list, the slice, the camera."""
+        return self._layer_hooks() + [
+            (self.viewer.dims.events.current_step, self._on_view_changed),
+            (self.viewer.camera.events.zoom, self._on_view_changed),
+            (self.viewer.camera.events.center, self._on_view_changed)]
 
     # --------------------------------------------------------------- lists -----------
-    def _on_layer_inserted(self, event: Any) -> None:
-        event.value.events.name.connect(self._refresh_layers)
-        self._refresh_layers()
-
     def _on_layer_removed(self, event: Any) -> None:
         layer = event.value
         if isinstance(layer, Image) and layer.name not in [
@@ -682,14 +653,14 @@ class SegmentWidget(QWidget):
         if image is None:
             self.plan_label.setText("Open or choose an image layer.")
             return
-        if self._run_worker is not None:
+        if self._job.running:
             return
         try:
             settings = self.settings(image)
             config = settings.config()
             region = self.region(image)
         except MedsegError as exc:
-            self.plan_label.setText(f"<span style='color:#ff6060'>{exc}</span>")
+            self.plan_label.setText(error_html(exc))
             return
         self._plan_generation += 1
         generation = self._plan_generation
@@ -704,7 +675,7 @@ class SegmentWidget(QWidget):
         if generation != self._plan_generation:
             return
         if not outcome.ok:
-            self.plan_label.setText(f"<span style='color:#ff6060'>{outcome.error}</span>")
+            self.plan_label.setText(error_html(outcome.error))
             self._draw_after_plan = False
             return
         plan, _spec = outcome.value
@@ -742,13 +713,10 @@ class SegmentWidget(QWidget):
     @property
     def running(self) -> bool:
         """True while a prediction runs (or its output layers are being added)."""
-        return self._run_worker is not None or self._staging is not None
+        return self._job.running or self._staging is not None
 
     def _on_run_clicked(self) -> None:
-        if self._run_worker is not None:
-            self.cancel()
-        else:
-            self.run()
+        self._job.toggle(self.run, self.cancel)
 
     def run(self) -> Any:
         """Segment the scope of the chosen image; returns the worker (None if refused)."""
@@ -767,8 +735,8 @@ class SegmentWidget(QWidget):
             return None
         self._plan_timer.stop()
         self._plan_generation += 1  # a plan in flight is stale now
-        token = CancelToken()
-        self._run_token = token
+        context = (image.name, settings, region)
+        token = self._job.begin(context)
         self._progress = RunProgress(total=0, desc=f"Segmenting {image.name}",
                                      cancel_callback=token.cancel)
         untrained = (settings.weights.network, settings.variant)
@@ -778,20 +746,17 @@ class SegmentWidget(QWidget):
                          f"{settings.weights.network} ({settings.variant}): the masks are "
                          "meaningless until it is trained.")
         self.status_label.setText(f"Segmenting {region.describe(settings.axes.replace('C', ''))}…")
-        context = (image.name, settings, region)
-        self._run_context = context
         worker = self._start(run_job, self.session, settings.weights, settings.variant,
                            self._in_channels(image), self._crop(image, region), config, token,
                            on_done=functools.partial(self._on_run_done, context),
                            on_yield=self._on_run_event, cancel_token=token)
-        self._run_worker = worker
+        self._job.worker = worker
         self._update_enabled()
         return worker
 
     def cancel(self) -> None:
         """Stop the running prediction after its current batch (what is finished is kept)."""
-        if self._run_token is not None:
-            self._run_token.cancel()
+        if self._job.cancel():
             self.status_label.setText("Cancelling after the current batch…")
 
     def _on_run_event(self, event: Any) -> None:
@@ -802,11 +767,10 @@ class SegmentWidget(QWidget):
             where = f"slice {event.plane + 1}/{event.planes}: " if event.planes > 1 else ""
             self.status_label.setText(f"{where}{event.done}/{event.total} tile passes{eta}")
         elif isinstance(event, PlanEvent) and event.plan is not None:
-            if self._run_context is not None:
-                self._show_plan(event.plan, self._run_context[2])
+            if self._job.context is not None:
+                self._show_plan(event.plan, self._job.context[2])
         elif isinstance(event, NoticeEvent):
-            self.status_label.setText(event.message)
-            (show_warning if event.level == "warning" else show_info)(event.message)
+            show_notice(event, self.status_label)
         elif isinstance(event, StageEvent):
             self.status_label.setText(event.message)
         elif isinstance(event, PlaneEvent) and event.planes > 1 and self._progress is not None:
@@ -815,9 +779,7 @@ class SegmentWidget(QWidget):
 
     def _on_run_done(self, context: tuple, outcome: JobOutcome) -> None:
         image_name, settings, region = context
-        self._run_worker = None
-        self._run_context = None
-        self._run_token = None
+        self._job.end()
         if self._progress is not None:
             self._progress.close()
             self._progress = None
@@ -1144,7 +1106,7 @@ class SegmentWidget(QWidget):
     def _error(self, message: str) -> None:
         """Show one sentence as a napari error notification (and in the status line)."""
         self.last_error = message
-        self.status_label.setText(f"<span style='color:#ff6060'>{message}</span>")
+        self.status_label.setText(error_html(message))
         show_error(message)
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt override
@@ -1154,14 +1116,6 @@ class SegmentWidget(QWidget):
         super().closeEvent(event)
 
     def _disconnect(self) -> None:
-        layers = self.viewer.layers.events
-        pairs = [(layers.inserted, self._on_layer_inserted),
-                 (layers.removed, self._on_layer_removed),
-                 (layers.moved, self._refresh_layers),
-                 (self.viewer.dims.events.current_step, self._on_view_changed),
-                 (self.viewer.camera.events.zoom, self._on_view_changed),
-                 (self.viewer.camera.events.center, self._on_view_changed)]
-        pairs += [(layer.events.name, self._refresh_layers) for layer in self.viewer.layers]
-        for emitter, callback in pairs:
+        for emitter, callback in self._viewer_hooks():
             emitter.disconnect(callback)
 

@@ -1,5 +1,11 @@
 """Thread-worker glue: engine jobs in napari thread workers, cancellable progress, messages.
 
+Also what the dock widgets (Segment, Fine-tune, Batch) share around their jobs: the one long
+job a widget runs at a time (:class:`LongJob`), notices and error lines shown to the user
+(:func:`show_notice`, :func:`error_html`), following the viewer's layer list
+(:class:`LayerListMixin`) and the small layout helpers of their forms (:func:`form_layout`,
+:func:`row_widget`).
+
 Every job the Segment widget starts (a prediction, a plan, a re-threshold, metrics, boundary
 tools) runs in a napari ``thread_worker`` through :func:`start_job`. Jobs never raise into
 Qt: each returns a :class:`JobOutcome` carrying either its value or one sentence for the
@@ -23,9 +29,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from napari.qt.threading import FunctionWorker, GeneratorWorker, create_worker
+from napari.utils.notifications import show_info, show_warning
 from napari.utils.progress import cancelable_progress
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QFormLayout, QHBoxLayout, QLabel, QWidget
 
-from ..engine.progress import CancelToken, ProgressEvent, StageEvent
+from ..engine.progress import CancelToken, NoticeEvent, ProgressEvent, StageEvent
 from ..engine.regions import stack_blocks
 from ..errors import MedsegError
 
@@ -37,6 +46,13 @@ __all__ = [
     "CancellableWorker",
     "RunProgress",
     "start_job",
+    "guard_iter",
+    "LongJob",
+    "LayerListMixin",
+    "show_notice",
+    "error_html",
+    "form_layout",
+    "row_widget",
     "catalog_job",
     "run_job",
     "plan_job",
@@ -210,14 +226,143 @@ def start_job(
     return worker
 
 
+def _failed(exc: BaseException, t0: float) -> JobOutcome:
+    return JobOutcome(error=error_message(exc), exception=exc, seconds=time.perf_counter() - t0)
+
+
 def _guard(func: Callable[..., Any], *args: Any, **kwargs: Any) -> JobOutcome:
     t0 = time.perf_counter()
     try:
         value = func(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - turned into a sentence for the user
-        return JobOutcome(error=error_message(exc), exception=exc,
-                          seconds=time.perf_counter() - t0)
+        return _failed(exc, t0)
     return JobOutcome(value=value, seconds=time.perf_counter() - t0)
+
+
+def guard_iter(func: Callable[..., Generator[Any, None, Any]], *args: Any,
+               **kwargs: Any) -> Generator[Any, None, JobOutcome]:
+    """Run a generator function, passing on what it yields; its return value or the error
+    it raised comes back as a :class:`JobOutcome` (never raised).
+
+    A job that is a generator function delegates to it: ``return (yield from guard_iter(...))``.
+    """
+    t0 = time.perf_counter()
+    try:
+        value = yield from func(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - turned into a sentence for the user
+        return _failed(exc, t0)
+    return JobOutcome(value=value, seconds=time.perf_counter() - t0)
+
+
+# --- what the dock widgets share (main thread) ------------------------------------------
+
+
+class LongJob:
+    """The one cancellable long job of a dock widget (a prediction, a fine-tuning, a batch).
+
+    Attributes:
+        worker: its thread worker while it runs, else None.
+        token: the cancel token it checks, else None.
+        context: what the widget needs when it ends (set by :meth:`begin`).
+    """
+
+    def __init__(self) -> None:
+        self.worker: Any = None
+        self.token: CancelToken | None = None
+        self.context: Any = None
+
+    @property
+    def running(self) -> bool:
+        """True while the job runs."""
+        return self.worker is not None
+
+    def begin(self, context: Any = None) -> CancelToken:
+        """A fresh cancel token for the job about to start (its worker is set after)."""
+        self.token = CancelToken()
+        self.context = context
+        return self.token
+
+    def toggle(self, start: Callable[[], Any], stop: Callable[[], Any]) -> None:
+        """The Run/Stop button: ``stop()`` while the job runs, else ``start()``."""
+        if self.running:
+            stop()
+        else:
+            start()
+
+    def cancel(self) -> bool:
+        """Cancel the job (it stops after its current step); False when there is none."""
+        if self.token is None:
+            return False
+        self.token.cancel()
+        return True
+
+    def end(self) -> Any:
+        """Forget the finished job's worker, token and context; returns the context."""
+        context = self.context
+        self.worker = self.token = self.context = None
+        return context
+
+
+class LayerListMixin:
+    """Keeps a dock widget's layer pickers in step with the viewer's layer list.
+
+    The widget provides ``viewer`` and ``_refresh_layers``; it connects the pairs of
+    :meth:`_layer_hooks` (and may disconnect them when it closes).
+    """
+
+    viewer: Any
+    _refresh_layers: Callable[..., None]
+
+    def _layer_hooks(self) -> list[tuple[Any, Callable[..., Any]]]:
+        """``(event emitter, callback)`` pairs that follow the layer list and names."""
+        layers = self.viewer.layers.events
+        pairs = [(layers.inserted, self._on_layer_inserted),
+                 (layers.removed, self._on_layer_removed),
+                 (layers.moved, self._refresh_layers)]
+        pairs += [(layer.events.name, self._refresh_layers) for layer in self.viewer.layers]
+        return pairs
+
+    def _on_layer_inserted(self, event: Any) -> None:
+        event.value.events.name.connect(self._refresh_layers)
+        self._refresh_layers()
+
+    def _on_layer_removed(self, event: Any) -> None:
+        self._refresh_layers()
+
+
+def show_notice(event: NoticeEvent, label: QLabel | None = None) -> None:
+    """Show an engine notice as a napari notification (and in ``label``, if given)."""
+    if label is not None:
+        label.setText(event.message)
+    (show_warning if event.level == "warning" else show_info)(event.message)
+
+
+def error_html(message: Any) -> str:
+    """An error line for a status label (red)."""
+    return f"<span style='color:#ff6060'>{message}</span>"
+
+
+def form_layout() -> QFormLayout:
+    """The compact form layout of the docks' group boxes."""
+    form = QFormLayout()
+    form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+    form.setLabelAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+    form.setContentsMargins(4, 4, 4, 4)
+    form.setVerticalSpacing(4)
+    return form
+
+
+def row_widget(*widgets: QWidget, stretch: int | None = None) -> QWidget:
+    """``widgets`` side by side in one widget (then a stretch of ``stretch``, if given)."""
+    box = QWidget()
+    lay = QHBoxLayout(box)
+    lay.setContentsMargins(0, 0, 0, 0)
+    lay.setSpacing(4)
+    for w in widgets:
+        lay.addWidget(w)
+    if stretch is not None:
+        lay.addStretch(stretch)
+    return box
 
 
 # --- jobs (run in worker threads) -------------------------------------------------------
@@ -270,17 +415,15 @@ def run_job(session: Any, choice: Any, variant: str, in_channels: int, image: An
     """
     from ..engine.inference import predict_iter
 
-    t0 = time.perf_counter()
-    try:
+    def work():
         yield StageEvent(message="Loading the network.", stage="loading")
         _prewarm_layer_imports()
         model = session.load_model(choice, variant, in_channels)
         with session.model_lock:
             result = yield from predict_iter(image, model, config, cancel=cancel)
-    except Exception as exc:  # noqa: BLE001 - turned into a sentence for the user
-        return JobOutcome(error=error_message(exc), exception=exc,
-                          seconds=time.perf_counter() - t0)
-    return JobOutcome(value=RunResult(result, model.spec), seconds=time.perf_counter() - t0)
+        return RunResult(result, model.spec)
+
+    return (yield from guard_iter(work))
 
 
 def plan_job(session: Any, choice: Any, variant: str, in_channels: int, image: Any,

@@ -79,7 +79,6 @@ def instances_from_mask(
         int32 labels, 0 = background.
     """
     from scipy import ndimage as ndi
-    from skimage.morphology import remove_small_objects
     from skimage.segmentation import watershed
 
     fg = np.asarray(mask) > 0
@@ -90,7 +89,10 @@ def instances_from_mask(
         seeds_fg &= ~(np.asarray(boundary) > 0.5)
     seeds, _ = ndi.label(seeds_fg)
     if min_size > 1 and seeds.max() > 0:
-        seeds = remove_small_objects(seeds, min_size=min_size)
+        # Seeds smaller than min_size pixels go (counted with numpy: scikit-image changed
+        # this argument's name and meaning between 0.25 and 0.26).
+        sizes = np.bincount(seeds.ravel())
+        seeds[(sizes < min_size)[seeds] & (seeds > 0)] = 0
     if seeds.max() == 0:
         seeds, _ = ndi.label(fg)
     distance = ndi.distance_transform_edt(fg)

@@ -11,11 +11,10 @@ foreground probability of a sigmoid network.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 from .boundaries import boundary_from_labels, instances_from_mask
+from .metrics import dice
 
 __all__ = [
     "mask_dtype",
@@ -95,22 +94,7 @@ def instances(
     Returns:
         int32 labels, 0 = background.
     """
-    with warnings.catch_warnings():
-        # scikit-image 0.26 deprecates remove_small_objects(min_size=...) and warns on a
-        # single seed; neither changes the result.
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.filterwarnings("ignore", message="Only one label was provided")
-        return instances_from_mask(mask, boundary, min_size=min_size)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Dice overlap of two binary maps; None when both are empty."""
-    a = np.asarray(a) > 0
-    b = np.asarray(b) > 0
-    total = int(a.sum()) + int(b.sum())
-    if total == 0:
-        return None
-    return 2.0 * int((a & b).sum()) / total
+    return instances_from_mask(mask, boundary, min_size=min_size)
 
 
 def z_consistency(mask, axis: int = 0) -> float | None:
@@ -140,8 +124,7 @@ def z_consistency(mask, axis: int = 0) -> float | None:
     prev = take(0)
     for i in range(1, n):
         cur = take(i)
-        d = dice(prev, cur)
-        if d is not None:
-            scores.append(d)
+        if prev.any() or cur.any():
+            scores.append(dice(prev, cur))
         prev = cur
     return float(np.mean(scores)) if scores else None

@@ -43,7 +43,7 @@ from .banet_blocks import (
 )
 from .base import SegmentationNetwork
 from .registry import register_network
-from .spec import HEAD_BOUNDARY, HEAD_DEEP_SUPERVISION, HEAD_MASK, ModelSpec
+from .spec import HEAD_BOUNDARY, HEAD_DEEP_SUPERVISION, HEAD_MASK
 
 __all__ = [
     "BANetConfig",
@@ -123,15 +123,10 @@ class BANet(SegmentationNetwork):
             raise ValueError("pool_kernels needs one kernel pair per encoder stage (4).")
         self.config = config
         self.edge_classes = 1 if config.num_classes == 1 else 2
-        self.spec = ModelSpec(
-            network="banet",
-            variant=config.variant,
-            in_channels=config.in_channels,
-            num_classes=config.num_classes,
-            spatial_dims=2,
+        self.spec = self._make_spec(
+            "banet",
             divisor=DIVISOR,
             min_size=MIN_SIZE,
-            output_scale=1,
             heads=(HEAD_MASK, HEAD_BOUNDARY),
             train_outputs=(HEAD_DEEP_SUPERVISION, EDGE_SIDES),
             loss="banet",
@@ -176,24 +171,12 @@ class BANet(SegmentationNetwork):
             nn.Conv2d(c, config.num_classes, 1),
         )
 
-    def _check(self, x: Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
-            raise InputShapeError(
-                f"BA-Net expects an N×{self.config.in_channels}×H×W batch, "
-                f"got shape {tuple(x.shape)}."
-            )
-        if min(x.shape[-2:]) < MIN_SIZE:
-            raise InputShapeError(
-                f"BA-Net needs images of at least {MIN_SIZE}×{MIN_SIZE} pixels, "
-                f"got {tuple(x.shape[-2:])}; pad or tile the image to a larger size."
-            )
-
     def _boundary_logit(self, edge: Tensor) -> Tensor:
         """One sigmoid logit N×1×h×w from an edge side output N×E×h×w."""
         return edge if edge.shape[1] == 1 else edge[:, 1:2] - edge[:, 0:1]
 
     def _run(self, x: Tensor, sides: bool) -> dict[str, Any]:
-        self._check(x)
+        self._check_batch(x, "BA-Net", min_size=MIN_SIZE)
         size = x.shape[-2:]
         feats = self.encoder(x)
         all_edges = sides or self.config.boundary_source == "mean"

@@ -29,7 +29,7 @@ from .base import SegmentationNetwork
 from .masag import MASAG
 from .msa2net_blocks import DualTransformerBlock, LKABlock, MaxViTEncoder, PatchExpand
 from .registry import register_network
-from .spec import HEAD_MASK, ModelSpec
+from .spec import HEAD_MASK
 
 __all__ = [
     "MSA2NetConfig",
@@ -208,17 +208,10 @@ class MSA2Net(SegmentationNetwork):
         super().__init__()
         config.validate()
         self.config = config
-        self.spec = ModelSpec(
-            network="msa2net",
-            variant=config.variant,
-            in_channels=config.in_channels,
-            num_classes=config.num_classes,
-            spatial_dims=2,
+        self.spec = self._make_spec(
+            "msa2net",
             divisor=DIVISOR,
             min_size=MIN_SIZE,
-            output_scale=1,
-            heads=(HEAD_MASK,),
-            train_outputs=(),
             loss=LOSSES[config.loss],
             encoder_prefixes=ENCODER_PREFIXES,
             preferred_tile=config.preferred_tile,
@@ -247,19 +240,6 @@ class MSA2Net(SegmentationNetwork):
         for part in (self.expand3, self.stage2, self.stage1, self.stage0, self.head):
             _init_decoder(part)
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
-            raise InputShapeError(
-                f"MSA²Net expects an N×{self.config.in_channels}×H×W batch, "
-                f"got shape {tuple(x.shape)}."
-            )
-        h, w = x.shape[-2], x.shape[-1]  # no int(): keeps the sizes symbolic under export
-        if h % DIVISOR or w % DIVISOR or h < DIVISOR or w < DIVISOR:
-            raise InputShapeError(
-                f"MSA²Net needs height and width that are multiples of {DIVISOR}, "
-                f"got {h}×{w}; pad or crop the tile."
-            )
-
     def decode(self, features: list[Tensor]) -> Tensor:
         """Logits N×K×H×W from the encoder features E0..E3 (N×Ci×Hi×Wi)."""
         e0, e1, e2, e3 = features
@@ -271,7 +251,7 @@ class MSA2Net(SegmentationNetwork):
 
     def forward(self, x: Tensor) -> dict[str, Any]:
         """``{"mask": N×K×H×W logits}`` for an N×C×H×W batch."""
-        self._check_input(x)
+        self._check_batch(x, "MSA²Net", multiple_of=DIVISOR)
         return {HEAD_MASK: self.decode(self.encoder(x))}
 
 
