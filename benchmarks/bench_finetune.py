@@ -63,15 +63,16 @@ def acquisition_types(data: Path) -> dict[str, str]:
 
 
 def pick_base(weights: str | None) -> str:
-    """The weights to start from: ``--weights``, else the shipped card trained on DSB2018."""
+    """The weights to start from: ``--weights``, else the shipped DSB2018 weights the demo
+    uses (the best validation Dice)."""
     if weights:
         return weights
-    from napari_medseg.engine.checkpoints import list_shipped_weights
+    from napari_medseg.engine.checkpoints import default_weights
 
-    for w in list_shipped_weights():
-        if w["dataset"] == "dsb2018_nuclei":
-            return w["tag"]
-    raise SystemExit("No shipped weights trained on dsb2018_nuclei; pass --weights PATH.")
+    tag = default_weights("dsb2018_nuclei")
+    if tag is None:
+        raise SystemExit("No shipped weights trained on dsb2018_nuclei; pass --weights PATH.")
+    return tag
 
 
 def _folder(tmp: Path, name: str, data: Path, stems: list[str]) -> tuple[Path, Path]:

@@ -30,3 +30,18 @@ def dicom_dir(tmp_path, ct_volume):
 def nifti_path(tmp_path, ct_volume):
     """The synthetic CT as ``ct.nii.gz`` with a diagonal affine."""
     return write_nifti_volume(tmp_path / "ct.nii.gz", ct_volume[0], CT_SPACING, origin=(5.0, -3.0, 2.0))
+
+
+@pytest.fixture
+def nuclei_folders(tmp_path):
+    """images/ and masks/ folders holding the two bundled DSB2018 samples (instance labels)."""
+    import shutil
+
+    from napari_medseg.io.samples import sample_path
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    for name in ("nuclei", "nuclei_he"):
+        shutil.copy(sample_path(name), images / f"{name}.tif")
+        shutil.copy(sample_path(name, mask=True), masks / f"{name}.tif")
+    return images, masks

@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
-import pytest
 
 from napari_medseg.cli import main
 from napari_medseg.io import read_image
 from napari_medseg.io.samples import sample_path
 
 
-@pytest.fixture()
-def folders(tmp_path):
-    images, masks = tmp_path / "images", tmp_path / "masks"
-    images.mkdir(), masks.mkdir()
-    for name in ("nuclei", "nuclei_he"):
-        shutil.copy(sample_path(name), images / f"{name}.tif")
-        shutil.copy(sample_path(name, mask=True), masks / f"{name}.tif")
-    return images, masks
-
-
-def test_train_then_eval(folders, tmp_path, capsys):
-    images, masks = folders
+def test_train_then_eval(nuclei_folders, tmp_path, capsys):
+    images, masks = nuclei_folders
     out = tmp_path / "ck.safetensors"
     rc = main(["train", "--model", "sa2net", "--variant", "tiny", "--images", str(images),
                "--masks", str(masks), "-o", str(out), "--steps", "4", "--val-every", "2",
@@ -43,8 +31,8 @@ def test_train_then_eval(folders, tmp_path, capsys):
     assert "aji" in report["mean"]  # instance labels -> instance metrics
 
 
-def test_train_unknown_network_is_one_sentence(folders, tmp_path, capsys):
-    images, masks = folders
+def test_train_unknown_network_is_one_sentence(nuclei_folders, tmp_path, capsys):
+    images, masks = nuclei_folders
     rc = main(["train", "--model", "nope", "--images", str(images), "--masks", str(masks),
                "-o", str(tmp_path / "x"), "-q"])
     assert rc == 2

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -15,7 +13,6 @@ from napari_medseg.engine.train import (
     train_iter,
     train_mode,
 )
-from napari_medseg.io.samples import sample_path
 from napari_medseg.models import create_model
 
 
@@ -66,12 +63,8 @@ def test_finetune_keeps_norm_statistics_by_default():
     assert not getattr(TrainConfig(), "freeze_norm_stats", False)
 
 
-def test_time_limit_validates_the_last_step_then_stops(tmp_path):
-    images, masks = tmp_path / "images", tmp_path / "masks"
-    images.mkdir(), masks.mkdir()
-    for name in ("nuclei", "nuclei_he"):
-        shutil.copy(sample_path(name), images / f"{name}.tif")
-        shutil.copy(sample_path(name, mask=True), masks / f"{name}.tif")
+def test_time_limit_validates_the_last_step_then_stops(tmp_path, nuclei_folders):
+    images, masks = nuclei_folders
     # A budget of ~0 s: the first step already exceeds it. Without the time rule the
     # run would take 1000 steps and validate at step 500 first.
     cfg = _config(in_channels=3, steps=1000, val_every=500, patch=64, batch_size=2,

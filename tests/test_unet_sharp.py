@@ -167,9 +167,9 @@ def test_without_deep_supervision_there_is_one_head():
 
 def test_bad_inputs_raise_clear_errors():
     model = _tiny().eval()
-    with pytest.raises(InputShapeError, match="divisible by 16"):
+    with pytest.raises(InputShapeError, match="multiples of 16"):
         model(torch.randn(1, 1, 72, 64))
-    with pytest.raises(InputShapeError, match="input channel"):
+    with pytest.raises(InputShapeError, match="×H×W batch"):
         model(torch.randn(1, 3, 64, 64))
 
 

@@ -757,16 +757,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_weights(dataset: str = "dsb2018_nuclei") -> str | None:
-    from .engine.checkpoints import list_shipped_weights
-
-    shipped = [w for w in list_shipped_weights() if w["dataset"] == dataset]
-    if not shipped:
-        return None
-    shipped.sort(key=lambda w: -(w.get("metrics") or {}).get("dice", 0.0))
-    return shipped[0]["tag"]
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
@@ -774,14 +764,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .config import PredictConfig
-    from .engine.checkpoints import resolve_weights
+    from .engine.checkpoints import default_weights, resolve_weights
     from .engine.inference import predict
     from .engine.metrics import dice
     from .errors import WeightsNotFoundError
     from .io import read_image, write_labels
     from .io.samples import sample_path
 
-    tag = args.weights or _default_weights()
+    tag = args.weights or default_weights()
     if tag is None:
         raise WeightsNotFoundError(
             "No nuclei weights are installed; train some with scripts/train_shipped.py or "

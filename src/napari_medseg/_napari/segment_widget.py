@@ -805,7 +805,7 @@ class SegmentWidget(LayerListMixin, QWidget):
                 return
         except StopIteration:
             pass
-        except Exception as exc:  # noqa: BLE001 - reported like a failed run, layers kept
+        except Exception as exc:  # noqa: BLE001 - reported as a failed run
             outcome = JobOutcome(error=f"Could not add the output layers: {exc}",
                                  exception=exc, seconds=outcome.seconds)
         self._staging = None

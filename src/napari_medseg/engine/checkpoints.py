@@ -52,6 +52,7 @@ __all__ = [
     "load_checkpoint",
     "list_model_cards",
     "list_shipped_weights",
+    "default_weights",
     "resolve_weights",
 ]
 
@@ -524,6 +525,15 @@ def list_shipped_weights() -> list[dict[str, Any]]:
             "normalization": card.normalization, "card": str(card.path),
         })
     return out
+
+
+def default_weights(dataset: str = "dsb2018_nuclei") -> str | None:
+    """Tag of the shipped weights trained on ``dataset`` with the best validation Dice
+    (None when none ships): what the demo and the benchmarks start from."""
+    shipped = [w for w in list_shipped_weights() if w["dataset"] == dataset]
+    if not shipped:
+        return None
+    return max(shipped, key=lambda w: (w.get("metrics") or {}).get("dice") or 0.0)["tag"]
 
 
 def resolve_weights(tag_or_path: str | Path, device: str | Any = "cpu", verify: bool = True):

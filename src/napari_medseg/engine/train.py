@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import NormalizationConfig, PredictConfig, TrainConfig
-from ..errors import CheckpointError, InputShapeError
+from ..errors import InputShapeError
 from ..models import create_model
 from .augment import augment_batch
 from .checkpoints import load_checkpoint, save_checkpoint
@@ -249,7 +249,7 @@ def optimise_iter(
         val_samples: held-out samples (may be empty).
         config: a ``TrainConfig`` or ``FinetuneConfig``: ``steps``, ``lr``, ``min_lr``,
             ``warmup_steps``, ``batch_size``, ``augment``, ``grad_clip``, ``val_every``,
-            ``patience`` and ``max_minutes`` are read.
+            ``patience``, ``max_minutes`` and (fine-tuning) ``freeze_norm_stats`` are read.
         optimizer: the optimizer over ``trainable``.
         trainable: the parameters that get gradients (clipped together).
         device: the training device.
@@ -274,19 +274,23 @@ def optimise_iter(
     stopped = "finished"
     freeze_stats = bool(getattr(config, "freeze_norm_stats", False))
     train_mode(model, freeze_stats)
+    budget = 60.0 * config.max_minutes
+
+    def used() -> float:
+        """Seconds of training so far, earlier sessions of a resumed run included."""
+        return wall_before + time.perf_counter() - t0
+
     step = state.step
     for step in range(state.step, config.steps):
         if cancel.cancelled:
             stopped = "cancelled"
             break
-        budget = 60.0 * config.max_minutes
-        used = wall_before + time.perf_counter() - t0
         if budget and wall_before > budget:
             # A resumed run whose budget was spent before (a run that spends it now stops
             # after the step that used it up, validated).
             stopped = "time_limit"
             break
-        lr = _lr_at(step, config, used / budget if budget else 0.0)
+        lr = _lr_at(step, config, used() / budget if budget else 0.0)
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, targets = make_batch(sampler, config, spec.output_scale, generator, device)
@@ -305,7 +309,7 @@ def optimise_iter(
         yield StepEvent(step=step + 1, steps=config.steps, loss=row["loss"], parts=parts, lr=lr,
                         elapsed_s=time.perf_counter() - t0)
         # The time budget runs out after this step: validate it, then stop.
-        time_up = bool(budget) and wall_before + time.perf_counter() - t0 > budget
+        time_up = bool(budget) and used() > budget
         last = step + 1 == config.steps or time_up
         if (step + 1) % config.val_every == 0 or last:
             if val_samples:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..errors import InputShapeError
 from .base import SegmentationNetwork
 from .registry import register_network
-from .spec import HEAD_DEEP_SUPERVISION, HEAD_MASK, ModelSpec
+from .spec import HEAD_DEEP_SUPERVISION, HEAD_MASK
 
 __all__ = [
     "SA2NetConfig",
@@ -334,11 +334,8 @@ class SA2Net(SegmentationNetwork):
                 "SA²-Net needs at least 1 input channel, 1 class and a positive base width."
             )
         self.config = config
-        self.spec = ModelSpec(
-            network="sa2net",
-            variant=config.variant,
-            in_channels=config.in_channels,
-            num_classes=config.num_classes,
+        self.spec = self._make_spec(
+            "sa2net",
             divisor=DIVISOR,
             min_size=DIVISOR,
             output_scale=1,
@@ -371,18 +368,6 @@ class SA2Net(SegmentationNetwork):
         self.head3 = nn.Conv2d(2 * c, k, 1)
         self.head4 = nn.Conv2d(4 * c, k, 1)
 
-    def _check(self, x: Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
-            raise InputShapeError(
-                f"SA²-Net expects an N×{self.config.in_channels}×H×W batch, "
-                f"got shape {tuple(x.shape)}."
-            )
-        h, w = int(x.shape[-2]), int(x.shape[-1])
-        if h % DIVISOR or w % DIVISOR or h < DIVISOR or w < DIVISOR:
-            raise InputShapeError(
-                f"SA²-Net needs height and width that are multiples of {DIVISOR}, "
-                f"got {h}×{w}; pad or crop the tile."
-            )
 
     def decode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Run encoder, SA² and decoder on ``x`` (N×C_in×H×W).
@@ -409,7 +394,7 @@ class SA2Net(SegmentationNetwork):
 
     def forward(self, x: Tensor) -> dict[str, Any]:
         """``x`` (N×C_in×H×W, H and W multiples of 16) → dict of N×K×H×W logits."""
-        self._check(x)
+        self._check_batch(x, "SA²-Net", multiple_of=DIVISOR)
         u1, u2, u3, u4 = self.decode(x)
         out: dict[str, Any] = {HEAD_MASK: self._finish(self.head(u1))}
         if self.training:

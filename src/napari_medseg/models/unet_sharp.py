@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InputShapeError
+from ..errors import ConfigError
 from .base import SegmentationNetwork
 from .registry import register_network
 from .spec import HEAD_CLASSIFICATION, HEAD_DEEP_SUPERVISION, HEAD_MASK, ModelSpec
@@ -294,23 +294,6 @@ class UNetSharp(SegmentationNetwork):
 
     # ------------------------------------------------------------------ forward
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4:
-            raise InputShapeError(
-                f"UNet# takes a batch N x C x H x W, got a tensor with {x.dim()} dimensions."
-            )
-        if x.shape[1] != self.config.in_channels:
-            raise InputShapeError(
-                f"UNet# was built for {self.config.in_channels} input channel(s), "
-                f"got {x.shape[1]}."
-            )
-        d = self.spec.divisor
-        if x.shape[-2] % d or x.shape[-1] % d:
-            raise InputShapeError(
-                f"UNet# needs height and width divisible by {d}, got "
-                f"{x.shape[-2]} x {x.shape[-1]}; pad or crop the image."
-            )
-
     def grid(self, x: Tensor, level: int = DEPTH) -> dict[tuple[int, int], Tensor]:
         """The node outputs of anti-diagonals 0..``level``.
 
@@ -348,7 +331,7 @@ class UNetSharp(SegmentationNetwork):
             ``[o1, o2, o3, o5, o6, o7, o8, o4]`` with deep supervision, else ``[o4]``; each
             N x K x H x W logits.
         """
-        self._check_input(x)
+        self._check_batch(x, "UNet#", multiple_of=self.spec.divisor)
         nodes = self.grid(x, DEPTH)
         return [self._head(n, nodes) for n in OFFICIAL_OUTPUT_ORDER if n in self.heads]
 
@@ -362,7 +345,7 @@ class UNetSharp(SegmentationNetwork):
             eval: ``{"mask": N x K x H x W logits}`` of the pruned level, CGM-gated.
             training: also ``"deep_supervision"`` and ``"classification"`` (see the module doc).
         """
-        self._check_input(x)
+        self._check_batch(x, "UNet#", multiple_of=self.spec.divisor)
         if self.training:
             nodes = self.grid(x, DEPTH)
             out: dict[str, Tensor | list[Tensor]] = {HEAD_MASK: self._head("o4", nodes)}
