@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import tifffile
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="folder for the training checkpoint")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 autocast")
     p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--input-downsample", type=int, default=1,
+                   help="run the network on the image shrunk by this factor")
     args = p.parse_args(argv)
 
     ds = DATASETS[args.dataset]
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_minutes": args.minutes, "instances": ds["instances"],
         "normalization": ds["normalization"], "dataset": args.dataset, "patience": 0,
         "model_overrides": overrides, "resume": True, "precision": args.precision,
-        "warmup_steps": args.warmup_steps,
+        "warmup_steps": args.warmup_steps, "input_downsample": args.input_downsample,
     })
     work = Path(args.work or tempfile.mkdtemp(prefix=f"train_{tag}_"))
     ckpt = work / tag
@@ -113,15 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         vi, vm = Path(tmp) / "images", Path(tmp) / "masks"
         vi.mkdir(), vm.mkdir()
+        planes = info.training_data.get("val_planes") or []
         for stem in val_files:
+            zs = [int(n.split("@")[1]) for n in planes if n.split("@")[0] == stem]
             for src, dst in ((root / "images", vi), (root / "masks", vm)):
                 for f in src.glob(stem + ".*"):
-                    shutil.copy(f, dst / f.name)
+                    if zs:  # a stack split by slices: only its held-out slices
+                        tifffile.imwrite(dst / (stem + ".tif"), tifffile.imread(f)[zs],
+                                         metadata={"axes": "ZYX"})
+                    else:
+                        shutil.copy(f, dst / f.name)
         scores = evaluate(model, vi, vm, PredictConfig(), instances=ds["instances"])
     print(format_table(scores))
     metrics = {k: (round(v, 4) if v == v else None) for k, v in scores.mean.items()}
     metrics["split"] = "validation"
-    metrics["n_images"] = len(scores.rows)
+    metrics["n_images"] = len(planes) or len(scores.rows)  # slices of a stack count one by one
 
     weights_dir, models_dir = ROOT / "weights", ROOT / "models"
     shipped = save_checkpoint(
@@ -143,11 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         "size_mb": round((weights_dir / f"{tag}.safetensors").stat().st_size / 2**20, 2),
         "config": info.config,
         "normalization": info.normalization,
+        "input_downsample": info.input_downsample,
         "training_data": {
             "dataset": args.dataset,
             "split": info.training_data.get("split"),
             "train_files": len(info.training_data.get("train_files", [])),
             "val_files": val_files,
+            **({"val_planes": planes} if planes else {}),
             "data_hash": info.training_data.get("data_hash"),
             "licence": ds["licence"],
         },

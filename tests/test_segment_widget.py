@@ -574,3 +574,21 @@ def test_weights_choices_list_cards_checkpoints_and_random(env):
     assert b is a
     session.load_model(choices[0], "tiny", 1)
     assert len(session.cached_models()) == 1  # least recently used dropped
+
+
+def test_prewarm_imports_what_the_first_labels_layer_needs():
+    """The pre-warm thread loads the lazily imported colour conversions napari's label
+    colormap uses (otherwise the first Labels layer imports them on the GUI thread)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from napari_medseg._napari.result_layers import prewarm_layer_code\n"
+            "assert 'skimage.color.colorconv' not in sys.modules\n"
+            "prewarm_layer_code().join()\n"
+            "missing = [m for m in ('skimage.color.colorconv', 'pandas', "
+            "'napari._vispy.layers.labels') if m not in sys.modules]\n"
+            "assert not missing, missing\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -717,9 +717,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     renamed = {"model": "network", "classes": "num_classes", "minutes": "max_minutes"}
     config = _config(TrainConfig, args, "train", {
         **{renamed.get(key, key): getattr(args, key, None)
-           for key in ("model", "variant", "in_channels", "classes", "patch", "batch_size",
-                       "steps", "lr", "val_fraction", "val_every", "patience", "device",
-                       "precision", "minutes", "seed", "pattern", "freeze_encoder")},
+           for key in ("model", "variant", "in_channels", "classes", "input_downsample",
+                       "patch", "batch_size", "steps", "lr", "val_fraction", "val_every",
+                       "patience", "device", "precision", "minutes", "seed", "pattern",
+                       "freeze_encoder")},
         "resume": False if args.no_resume else None,
     })
     bar = None if args.quiet else tqdm(total=config.steps, unit="step", dynamic_ncols=True)
@@ -821,6 +822,9 @@ def _add_train_eval_demo(sub, commands: dict[str, Command]) -> None:
     p.add_argument("--weights", help="start from this checkpoint instead of random weights")
     p.add_argument("--in-channels", type=int, dest="in_channels")
     p.add_argument("--classes", type=int, help="K classes (2 = background + foreground)")
+    p.add_argument("--input-downsample", type=int, dest="input_downsample",
+                   help="run the network on the image shrunk by this integer factor (large "
+                        "objects such as skin lesions; default 1)")
     p.add_argument("--patch", type=int)
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--steps", type=int)

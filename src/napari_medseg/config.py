@@ -578,6 +578,10 @@ class TrainConfig(ConfigBase):
         num_classes: K; 2 = background + foreground with softmax (the default for binary and
             instance masks), 1 = one sigmoid logit.
         model_overrides: extra fields of the network's config.
+        input_downsample: run the network on the image average-pooled by this integer factor
+            (its outputs are upsampled back; see
+            :mod:`napari_medseg.models.working_resolution`); 1 = full resolution. Recorded in
+            the checkpoint, so prediction and fine-tuning use the same factor.
         patch: training patch side at the target (mask) resolution.
         batch_size: patches per step.
         steps: optimisation steps at most.
@@ -614,6 +618,7 @@ class TrainConfig(ConfigBase):
     in_channels: int = 0
     num_classes: int = 2
     model_overrides: dict = field(default_factory=dict)
+    input_downsample: int = 1
     patch: int = 256
     batch_size: int = 8
     steps: int = 2000
@@ -641,7 +646,7 @@ class TrainConfig(ConfigBase):
     checkpoint_dtype: str = field(default="float16", metadata=_choices("float16", "float32"))
 
     def __post_init__(self) -> None:
-        for name in ("patch", "batch_size", "steps", "val_every"):
+        for name in ("patch", "batch_size", "steps", "val_every", "input_downsample"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}.")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -666,7 +671,8 @@ class FinetuneConfig(ConfigBase):
         weight_decay: AdamW weight decay.
         grad_clip: gradient-norm clip.
         batch_size: patches per step.
-        patch: patch side at the target (mask) resolution.
+        patch: patch side at the target (mask) resolution; a network with an
+            ``input_downsample`` of N gets N times that side (the same patch at its own scale).
         freeze_encoder: train only the decoder and heads (``model.encoder_parameters()``
             stay fixed).
         freeze_norm_stats: keep the base model's batch-norm running statistics (the

@@ -268,7 +268,7 @@ _PREWARM_MODULES = (
     # What napari imports the first time a Labels or Image layer is built and shown (about
     # a second of imports on a 2-core machine: pandas for layer features, skimage.color for
     # the label colours, scipy.linalg, the vispy visuals and the layer controls).
-    "pandas", "skimage.color", "scipy.linalg",
+    "pandas", "skimage.color", "skimage.color.colorconv", "scipy.linalg",
     "napari._vispy.layers.labels", "napari._vispy.layers.image",
     "napari._vispy.overlays.labels_polygon",
     "napari._qt.layer_controls.qt_labels_controls",

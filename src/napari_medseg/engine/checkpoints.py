@@ -76,6 +76,8 @@ class CheckpointInfo:
         num_classes: K (1 = one sigmoid logit).
         classes: class names, background first (may be empty).
         normalization: a :class:`~napari_medseg.config.NormalizationConfig` as a dict, or None.
+        input_downsample: the network runs on the image average-pooled by this factor
+            (:mod:`~napari_medseg.models.working_resolution`); 1 = full resolution.
         training_data: ``dataset`` (folder name), ``images``, ``split`` ... (free form).
         settings: training settings (epochs, optimizer, device, wall time ...).
         metrics: validation metrics, e.g. ``{"dice": 0.91, "split": "val"}``.
@@ -97,6 +99,7 @@ class CheckpointInfo:
     num_classes: int
     classes: tuple[str, ...] = ()
     normalization: dict | None = None
+    input_downsample: int = 1
     training_data: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
@@ -147,6 +150,10 @@ class CheckpointInfo:
         kwargs["classes"] = tuple(kwargs.get("classes") or ())
         kwargs["in_channels"] = int(kwargs["in_channels"])
         kwargs["num_classes"] = int(kwargs["num_classes"])
+        kwargs["input_downsample"] = int(kwargs.get("input_downsample") or 1)
+        if kwargs["input_downsample"] < 1:
+            raise CheckpointError(f"The {source} has an invalid input_downsample "
+                                  f"({kwargs['input_downsample']}).")
         for key in ("training_data", "settings", "metrics"):
             kwargs[key] = dict(kwargs.get(key) or {})
         return cls(**kwargs, extra=extra)
@@ -226,6 +233,7 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     from ..models import config_to_dict
+    from ..models.working_resolution import input_downsample, unwrap
 
     if dtype not in ("float16", "float32"):
         raise ConfigError(f"Checkpoint dtype must be float16 or float32, not {dtype!r}.")
@@ -233,6 +241,8 @@ def save_checkpoint(
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(normalization, NormalizationConfig):
         normalization = normalization.to_dict()
+    factor = input_downsample(model)
+    model = unwrap(model)  # the file holds the network's own tensors
     spec = model.spec
     info = CheckpointInfo(
         network=spec.network,
@@ -242,6 +252,7 @@ def save_checkpoint(
         num_classes=int(spec.num_classes),
         classes=tuple(classes),
         normalization=dict(normalization) if normalization else None,
+        input_downsample=factor,
         training_data=dict(training_data or {}),
         settings=dict(settings or {}),
         metrics=dict(metrics or {}),
@@ -390,8 +401,11 @@ def _load(info: CheckpointInfo, weights_path: Path, device, verify: bool, source
             )
     elif info.sha256 is None:
         info = dataclasses.replace(info, sha256=sha256_file(weights_path))
+    from ..models.working_resolution import with_downsample
+
     model = _build(info, source)
     _load_state(model, weights_path, source)
+    model = with_downsample(model, info.input_downsample)
     model.eval()
     model.to(device)
     model.checkpoint_info = info
@@ -481,6 +495,7 @@ class ModelCard:
             network=self.network, variant=self.variant, config=self.config,
             in_channels=self.in_channels, num_classes=self.num_classes,
             classes=tuple(self.data.get("classes") or ()), normalization=self.normalization,
+            input_downsample=int(self.data.get("input_downsample") or 1),
             training_data={"dataset": self.dataset, **dict(self.data.get("training_data") or {})},
             settings=dict(self.data.get("settings") or {}), metrics=self.metrics,
             parent=self.data.get("parent"), weights=self.weights, sha256=self.sha256,

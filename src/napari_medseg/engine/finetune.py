@@ -908,7 +908,9 @@ def finetune_iter(
     work.to(device)
     if device.type in ("cpu", "cuda"):
         work.to(memory_format=torch.channels_last)
-    patch = spec.valid_size(max(1, config.patch // spec.output_scale)) * spec.output_scale
+    # A network at a coarser working resolution sees config.patch pixels of its own.
+    side = config.patch * int(spec.extra.get("input_downsample", 1))
+    patch = spec.valid_size(max(1, side // spec.output_scale)) * spec.output_scale
     sampler = RegionSampler(train_s, patch, replay, config.replay, seed=config.seed)
     params = list(work.parameters())
     if config.freeze_encoder:

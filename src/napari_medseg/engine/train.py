@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..config import NormalizationConfig, PredictConfig, TrainConfig
 from ..errors import InputShapeError
 from ..models import create_model
+from ..models.working_resolution import with_downsample
 from .augment import augment_batch
 from .checkpoints import load_checkpoint, save_checkpoint
 from .datasets import PatchSampler, Sample, data_hash, find_pairs, load_samples, split_samples
@@ -458,8 +459,9 @@ def train_iter(
     policy = resolve_precision(config.precision, device)
     if parent is None:
         overrides = dict(config.model_overrides or {})
-        model = create_model(config.network, config.variant, in_channels, config.num_classes,
-                             **overrides)
+        model = with_downsample(
+            create_model(config.network, config.variant, in_channels, config.num_classes,
+                         **overrides), config.input_downsample)
     spec = model.spec
     if min(min(s.mask.shape) for s in samples) < 2:
         raise InputShapeError("Training images must be at least 2 pixels on each side.")
@@ -496,6 +498,9 @@ def train_iter(
             "data_hash": data_hash(pairs),
             "train_files": sorted({s.group.split("#")[0] for s in train_s}),
             "val_files": sorted({s.group.split("#")[0] for s in val_s}),
+            # The held-out slices of a stack (``<file>@<z>``): its other slices trained.
+            "val_planes": sorted((s.name for s in val_s if "@" in s.name),
+                                 key=lambda n: (n.split("@")[0], int(n.split("@")[1]))),
             "split": f"by {'image' if all(s.group == s.name for s in samples) else 'slice block'},"
                      f" val_fraction {config.val_fraction}, seed {config.seed}",
     }

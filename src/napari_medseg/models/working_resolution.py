@@ -1,0 +1,90 @@
+"""Run a network at a coarser working resolution than the image it is given.
+
+Dermoscopy lesions span 300-700 pixels of a 768 x 560 photograph: far more than the
+receptive field of a U-Net-sized network, whose patch then sees only lesion texture. The
+remedy every dermoscopy pipeline uses (and nnU-Net's target spacing generalises) is to work
+on a downsampled image. :class:`WorkingResolution` wraps a network so that it takes and
+returns full-resolution tensors: the input is average-pooled by an integer ``factor``, the
+network runs, and every spatial output (logits, boundary, deep supervision) is upsampled
+bilinearly by the same factor. To the engine it is just a network whose divisor, smallest
+side and preferred tile are ``factor`` times larger, so tiling, training, fine-tuning and
+evaluation work at full resolution unchanged; a checkpoint stores the inner network's
+weights and the factor (``input_downsample``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+__all__ = ["WorkingResolution", "input_downsample", "unwrap", "with_downsample"]
+
+
+class WorkingResolution(nn.Module):
+    """``net`` run on the input average-pooled by ``factor``; outputs upsampled back.
+
+    Attributes:
+        net: the wrapped network (its ``state_dict`` keys gain the prefix ``net.``).
+        factor: the integer downsampling factor (>= 2).
+        spec: the network's spec with ``divisor``, ``min_size`` and ``preferred_tile``
+            multiplied by ``factor`` and ``extra["input_downsample"] = factor``.
+        config: the wrapped network's config.
+    """
+
+    def __init__(self, net: nn.Module, factor: int) -> None:
+        super().__init__()
+        factor = int(factor)
+        if factor < 2:
+            raise ConfigError(f"A working-resolution factor must be 2 or more, not {factor}.")
+        spec = net.spec
+        if spec.output_scale != 1 or spec.spatial_dims != 2:
+            raise ConfigError(
+                f"{spec.network} cannot run at a working resolution: only 2D networks whose "
+                "output has the input's size can.")
+        self.net = net
+        self.factor = factor
+        self.spec = dataclasses.replace(
+            spec, divisor=spec.divisor * factor, min_size=spec.min_size * factor,
+            preferred_tile=spec.preferred_tile * factor,
+            extra={**spec.extra, "input_downsample": factor})
+        self.config = net.config
+
+    def encoder_parameters(self):
+        """The wrapped network's encoder parameters (what "freeze encoder" freezes)."""
+        return self.net.encoder_parameters()
+
+    def _up(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.ndim == 4:
+            up = F.interpolate(value.float(), scale_factor=self.factor, mode="bilinear",
+                               align_corners=False)
+            return up.to(value.dtype)
+        if isinstance(value, dict):
+            return {k: self._up(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._up(v) for v in value)
+        return value
+
+    def forward(self, x: torch.Tensor) -> Any:
+        small = F.avg_pool2d(x, self.factor)
+        return self._up(self.net(small))
+
+
+def with_downsample(net: nn.Module, factor: int) -> nn.Module:
+    """``net`` itself for ``factor`` 1, else ``net`` wrapped in :class:`WorkingResolution`."""
+    return net if int(factor) == 1 else WorkingResolution(net, factor)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a :class:`WorkingResolution` (or ``model`` itself)."""
+    return model.net if isinstance(model, WorkingResolution) else model
+
+
+def input_downsample(model: nn.Module) -> int:
+    """The working-resolution factor of ``model`` (1 for a plain network)."""
+    return model.factor if isinstance(model, WorkingResolution) else 1

@@ -1,0 +1,121 @@
+"""Networks run at a coarser working resolution (models/working_resolution.py): the wrapper's
+arithmetic, its checkpoints, prediction at full resolution and training with it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_medseg.config import TrainConfig
+from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
+from napari_medseg.engine.inference import predict
+from napari_medseg.engine.train import train_iter
+from napari_medseg.errors import ConfigError
+from napari_medseg.models import create_model
+from napari_medseg.models.working_resolution import (
+    WorkingResolution,
+    input_downsample,
+    unwrap,
+    with_downsample,
+)
+
+
+def _net(channels: int = 3):
+    torch.manual_seed(0)
+    return create_model("sa2net", variant="tiny", in_channels=channels, num_classes=2).eval()
+
+
+def test_wrapper_pools_runs_and_upsamples():
+    net = _net()
+    model = WorkingResolution(net, 2).eval()
+    assert model.spec.divisor == 2 * net.spec.divisor
+    assert model.spec.min_size == 2 * net.spec.min_size
+    assert model.spec.preferred_tile == 2 * net.spec.preferred_tile
+    assert model.spec.extra["input_downsample"] == 2
+    x = torch.randn(1, 3, 128, 96)
+    with torch.no_grad():
+        out = model(x)
+        ref = net(F.avg_pool2d(x, 2))
+    assert out["mask"].shape == (1, 2, 128, 96)
+    expected = F.interpolate(ref["mask"], scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out["mask"], expected)
+    assert unwrap(model) is net and input_downsample(model) == 2 and input_downsample(net) == 1
+    assert with_downsample(net, 1) is net
+
+
+def test_wrapper_refuses_super_resolution_networks_and_factor_one():
+    sr = create_model("sasrnet", variant="tiny", in_channels=3, num_classes=2)
+    with pytest.raises(ConfigError, match="working resolution"):
+        WorkingResolution(sr, 2)
+    with pytest.raises(ConfigError, match="2 or more"):
+        WorkingResolution(_net(), 1)
+
+
+def test_checkpoint_keeps_the_factor_and_the_plain_network_tensors(tmp_path):
+    model = WorkingResolution(_net(), 3).eval()
+    info = save_checkpoint(model, tmp_path / "ws", dtype="float32")
+    assert info.input_downsample == 3
+    assert json.loads((tmp_path / "ws.json").read_text())["input_downsample"] == 3
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ws.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any(k.startswith("net.") for k in keys)
+    loaded, linfo = load_checkpoint(tmp_path / "ws")
+    assert isinstance(loaded, WorkingResolution) and loaded.factor == 3
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["mask"], model(x)["mask"])
+    # A plain network still loads as itself.
+    save_checkpoint(_net(), tmp_path / "plain", dtype="float32")
+    plain, pinfo = load_checkpoint(tmp_path / "plain")
+    assert pinfo.input_downsample == 1 and not isinstance(plain, WorkingResolution)
+
+
+def test_prediction_comes_back_at_the_image_size():
+    model = WorkingResolution(_net(1), 2)
+    image = np.random.default_rng(0).random((101, 137), np.float32)
+    result = predict(image, model, device="cpu", precision="fp32", tile=128,
+                     outputs=("mask", "probabilities"))
+    assert result["mask"].shape == (101, 137)
+    assert result["probabilities"].shape == (2, 101, 137)
+
+
+def test_training_at_a_working_resolution_records_it(tmp_path, nuclei_folders):
+    images, masks = nuclei_folders
+    cfg = TrainConfig.from_mapping({
+        "network": "sa2net", "variant": "tiny", "in_channels": 3, "num_classes": 2,
+        "input_downsample": 2, "patch": 128, "batch_size": 2, "steps": 2, "val_every": 2,
+        "val_fraction": 0.5, "warmup_steps": 1, "device": "cpu", "precision": "fp32"})
+    gen = train_iter(images, masks, tmp_path / "ck.safetensors", cfg)
+    for _ in gen:
+        pass
+    model, info = load_checkpoint(tmp_path / "ck")
+    assert info.input_downsample == 2 and isinstance(model, WorkingResolution)
+    with pytest.raises(ConfigError):
+        TrainConfig(input_downsample=0)
+
+
+def test_fine_tuning_a_downsampled_network_keeps_its_working_resolution(tmp_path):
+    from napari_medseg.config import FinetuneConfig
+    from napari_medseg.engine.finetune import finetune, samples_from_corrections
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(0.2, 0.05, (192, 192)).astype(np.float32)
+    truth = np.zeros((192, 192), np.uint8)
+    truth[40:150, 30:160] = 1
+    image[truth > 0] += 0.6
+    model = WorkingResolution(_net(1), 2)
+    cfg = FinetuneConfig.from_mapping({"device": "cpu", "precision": "fp32", "batch_size": 2,
+                                       "patch": 48, "steps": 2, "val_every": 2, "patience": 0,
+                                       "val_fraction": 0.5})
+    samples = samples_from_corrections(image, truth, num_classes=2, in_channels=1,
+                                       prediction=np.zeros_like(truth), config=cfg)
+    result = finetune(model, samples, cfg, output=tmp_path / "ft")
+    assert isinstance(result.model, WorkingResolution) and result.model.factor == 2
+    _, info = load_checkpoint(tmp_path / "ft")
+    assert info.input_downsample == 2
