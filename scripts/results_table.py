@@ -27,6 +27,9 @@ def table() -> str:
         m = card.get("metrics", {})
         s = card.get("settings", {})
 
+        factor = int(card.get("input_downsample") or 1)
+        at = f", at 1/{factor} resolution" if factor > 1 else ""
+
         def f(key: str) -> str:
             v = m.get(key)
             return "-" if v is None else f"{v:.3f}" if key != "hd95" else f"{v:.1f}"
@@ -35,7 +38,7 @@ def table() -> str:
             f"| `{card['tag']}` | {card['network']} / {card['variant']} | {card['dataset']} | "
             f"{card.get('task', '')} | {m.get('n_images', '-')} | {f('dice')} | {f('iou')} | "
             f"{f('hd95')} | {f('f1_iou50')} | {f('aji')} | {s.get('steps', '?')} steps, "
-            f"{s.get('wall_time_min', '?')} min, {s.get('device', '?')} |"
+            f"{s.get('wall_time_min', '?')} min, {s.get('device', '?')}{at} |"
         )
     if len(rows) == 2:
         rows.append("| (no weights shipped yet) | | | | | | | | | | |")
