@@ -4,7 +4,7 @@ Starts napari, opens the nuclei sample, docks the Segment widget (through the pl
 manifest, as a user would), draws the tile plan, runs the network (shipped weights if any,
 else an untrained network: its masks are meaningless, and part of the mask is painted from
 the sample's labels as a stand-in for a user's corrections), derives the boundary and the instances from it, scores it against the sample's labels, then
-segments the EM volume sample. Saves PNG files in ``--out``.
+segments the EM volume sample and a dermoscopy photograph with their own weights. Saves PNG files in ``--out``.
 
 Needs a display; a virtual one works::
 
@@ -108,10 +108,21 @@ def main(argv: list[str] | None = None) -> None:
     viewer.screenshot(str(out / "3_edited_boundary_instances.png"), canvas_only=False)
     widget.grab().save(str(out / "3_widget_metrics.png"))
 
-    # The EM volume (its own units: nanometres), alone in the viewer.
+    def use_weights(tag: str) -> None:
+        """Pick the network and shipped weights ``tag`` (as a user would), when installed."""
+        network = tag.split("_lite_")[0]
+        widget.tile_spin.setValue(0)  # auto: the weights' own tile
+        widget.network_combo.setCurrentText(network)
+        _wait(app, widget)
+        index = widget.weights_combo.findText(tag)
+        if index >= 0:
+            widget.weights_combo.setCurrentIndex(index)
+
+    # The EM volume (its own units: nanometres), alone in the viewer, with the EM weights.
     viewer.layers.clear()
     viewer.open_sample("napari-medseg", "em_stack")
     app.processEvents()
+    use_weights("sa2net_lite_isbi2012")
     widget.image_combo.setCurrentText("em_stack")
     widget.scope_combo.setCurrentIndex(widget.scope_combo.findData("whole"))
     widget.reference_combo.setCurrentText("em_stack mask")
@@ -125,6 +136,22 @@ def main(argv: list[str] | None = None) -> None:
     _wait(app, widget)
     viewer.screenshot(str(out / "4_result_volume.png"), canvas_only=False)
     widget.grab().save(str(out / "4_widget_volume.png"))
+
+    # A dermoscopy photograph with the PH2 lesion weights (they run at 1/3 resolution).
+    viewer.layers.clear()
+    viewer.open_sample("napari-medseg", "dermoscopy")
+    app.processEvents()
+    use_weights("sa2net_lite_ph2")
+    widget.image_combo.setCurrentText("dermoscopy")
+    widget.reference_combo.setCurrentText("dermoscopy mask")
+    _wait(app, widget)
+    widget.run()
+    _wait(app, widget)
+    for lay in viewer.layers:
+        if lay.name == "dermoscopy probabilities":
+            lay.visible = False
+    _wait(app, widget)
+    viewer.screenshot(str(out / "5_result_dermoscopy.png"), canvas_only=False)
     print("\n".join(str(p) for p in sorted(out.glob("*.png"))))
     viewer.close()
 
