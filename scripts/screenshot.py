@@ -108,49 +108,36 @@ def main(argv: list[str] | None = None) -> None:
     viewer.screenshot(str(out / "3_edited_boundary_instances.png"), canvas_only=False)
     widget.grab().save(str(out / "3_widget_metrics.png"))
 
-    def use_weights(tag: str) -> None:
-        """Pick the network and shipped weights ``tag`` (as a user would), when installed."""
-        network = tag.split("_lite_")[0]
+    def run_sample(sample: str, tag: str, whole: bool = False) -> None:
+        """Open ``sample`` alone, pick the network and shipped weights ``tag`` with the auto
+        tile (as a user would), run it and score it against the sample's labels."""
+        viewer.layers.clear()
+        viewer.open_sample("napari-medseg", sample)
+        app.processEvents()
         widget.tile_spin.setValue(0)  # auto: the weights' own tile
-        widget.network_combo.setCurrentText(network)
+        widget.network_combo.setCurrentText(tag.split("_lite_")[0])
         _wait(app, widget)
         index = widget.weights_combo.findText(tag)
         if index >= 0:
             widget.weights_combo.setCurrentIndex(index)
+        widget.image_combo.setCurrentText(sample)
+        if whole:
+            widget.scope_combo.setCurrentIndex(widget.scope_combo.findData("whole"))
+        widget.reference_combo.setCurrentText(f"{sample} mask")
+        _wait(app, widget)
+        widget.run()
+        _wait(app, widget)
+        viewer.layers[f"{sample} probabilities"].visible = False
+        _wait(app, widget)
 
-    # The EM volume (its own units: nanometres), alone in the viewer, with the EM weights.
-    viewer.layers.clear()
-    viewer.open_sample("napari-medseg", "em_stack")
-    app.processEvents()
-    use_weights("sa2net_lite_isbi2012")
-    widget.image_combo.setCurrentText("em_stack")
-    widget.scope_combo.setCurrentIndex(widget.scope_combo.findData("whole"))
-    widget.reference_combo.setCurrentText("em_stack mask")
-    _wait(app, widget)
-    widget.run()
-    _wait(app, widget)
-    for lay in viewer.layers:
-        if lay.name == "em_stack probabilities":
-            lay.visible = False
+    # The EM volume (its own units: nanometres) with the EM weights.
+    run_sample("em_stack", "sa2net_lite_isbi2012", whole=True)
     viewer.dims.set_current_step(0, 2)
     _wait(app, widget)
     viewer.screenshot(str(out / "4_result_volume.png"), canvas_only=False)
     widget.grab().save(str(out / "4_widget_volume.png"))
-
     # A dermoscopy photograph with the PH2 lesion weights (they run at 1/3 resolution).
-    viewer.layers.clear()
-    viewer.open_sample("napari-medseg", "dermoscopy")
-    app.processEvents()
-    use_weights("sa2net_lite_ph2")
-    widget.image_combo.setCurrentText("dermoscopy")
-    widget.reference_combo.setCurrentText("dermoscopy mask")
-    _wait(app, widget)
-    widget.run()
-    _wait(app, widget)
-    for lay in viewer.layers:
-        if lay.name == "dermoscopy probabilities":
-            lay.visible = False
-    _wait(app, widget)
+    run_sample("dermoscopy", "sa2net_lite_ph2")
     viewer.screenshot(str(out / "5_result_dermoscopy.png"), canvas_only=False)
     print("\n".join(str(p) for p in sorted(out.glob("*.png"))))
     viewer.close()

@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="folder for the training checkpoint")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 autocast")
     p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--augment", action="append", default=[], metavar="KEY=VALUE",
+                   help="augmentation setting, e.g. elastic=8 (see AugmentConfig)")
     p.add_argument("--input-downsample", type=int, default=1,
                    help="run the network on the image shrunk by this factor")
     args = p.parse_args(argv)
@@ -96,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         "normalization": ds["normalization"], "dataset": args.dataset, "patience": 0,
         "model_overrides": overrides, "resume": True, "precision": args.precision,
         "warmup_steps": args.warmup_steps, "input_downsample": args.input_downsample,
+        **({"augment": {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.augment)}}
+           if args.augment else {}),
     })
     work = Path(args.work or tempfile.mkdtemp(prefix=f"train_{tag}_"))
     ckpt = work / tag
@@ -165,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "steps": info.settings.get("steps_done"), "batch_size": cfg.batch_size,
             "patch": cfg.patch, "optimizer": "AdamW, linear warm-up, cosine decay",
+            **({"augment": cfg.augment.to_dict()} if args.augment else {}),
             "lr": cfg.lr, "precision": info.settings.get("precision"),
             "device": f"{info.settings.get('device')} ({platform.processor() or platform.machine()})",
             "wall_time_min": round(wall / 60, 1),

@@ -119,3 +119,23 @@ def test_fine_tuning_a_downsampled_network_keeps_its_working_resolution(tmp_path
     assert isinstance(result.model, WorkingResolution) and result.model.factor == 2
     _, info = load_checkpoint(tmp_path / "ft")
     assert info.input_downsample == 2
+
+
+def test_the_shipped_lesion_weights_run_at_a_third_of_the_resolution():
+    from napari_medseg.engine.checkpoints import list_shipped_weights, resolve_weights
+
+    shipped = {w["tag"]: w for w in list_shipped_weights()}
+    if "sa2net_lite_ph2" not in shipped:
+        pytest.skip("the PH2 weights are not installed")
+    assert shipped["sa2net_lite_ph2"]["input_downsample"] == 3
+    assert shipped["sa2net_lite_dsb2018"]["input_downsample"] == 1
+    model, info = resolve_weights("sa2net_lite_ph2")
+    assert isinstance(model, WorkingResolution) and model.factor == 3
+    # On the bundled photograph (a validation image of those weights) at its native size.
+    from napari_medseg.engine.metrics import dice
+    from napari_medseg.io.samples import load_sample
+
+    image, meta, truth = load_sample("dermoscopy")
+    result = predict(image, model, device="cpu", axes=meta.axes)
+    assert result["mask"].shape == truth.shape
+    assert dice(result["mask"] > 0, truth > 0) > 0.9

@@ -525,7 +525,7 @@ def list_shipped_weights() -> list[dict[str, Any]]:
 
     Each has ``tag``, ``network``, ``variant``, ``dataset``, ``in_channels``,
     ``num_classes``, ``weights`` (file name), ``path``, ``sha256``, ``metrics``,
-    ``normalization`` and ``card``.
+    ``normalization``, ``input_downsample`` and ``card``.
     """
     out = []
     for card in list_model_cards():
@@ -537,7 +537,9 @@ def list_shipped_weights() -> list[dict[str, Any]]:
             "dataset": card.dataset, "in_channels": card.in_channels,
             "num_classes": card.num_classes, "weights": card.weights, "path": str(path),
             "sha256": card.sha256, "metrics": card.metrics,
-            "normalization": card.normalization, "card": str(card.path),
+            "normalization": card.normalization,
+            "input_downsample": int(card.data.get("input_downsample") or 1),
+            "card": str(card.path),
         })
     return out
 
