@@ -139,3 +139,18 @@ def test_the_shipped_lesion_weights_run_at_a_third_of_the_resolution():
     result = predict(image, model, device="cpu", axes=meta.axes)
     assert result["mask"].shape == truth.shape
     assert dice(result["mask"] > 0, truth > 0) > 0.9
+
+
+def test_a_small_tile_for_a_downsampled_network_gets_a_warning():
+    from napari_medseg.engine.inference import predict_iter
+    from napari_medseg.engine.progress import NoticeEvent
+
+    model = WorkingResolution(_net(1), 2)
+    image = np.random.default_rng(1).random((200, 200), np.float32)
+
+    def notices(**settings) -> list[str]:
+        return [e.message for e in predict_iter(image, model, device="cpu", precision="fp32",
+                                                **settings) if isinstance(e, NoticeEvent)]
+
+    assert any("1/2 resolution" in m for m in notices(tile=64))
+    assert not any("resolution" in m for m in notices())  # the automatic tile

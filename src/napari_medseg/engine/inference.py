@@ -349,6 +349,14 @@ class _Run:
                 f"The tile {'x'.join(map(str, asked))} is larger than the image "
                 f"({'x'.join(map(str, self.layout.plane_shape))}); using "
                 f"{'x'.join(map(str, self.grid.tile))}.")
+        factor = int(spec.extra.get("input_downsample", 1))
+        if factor > 1 and min(self.grid.tile) < min(spec.preferred_tile,
+                                                     *self.layout.plane_shape):
+            yield self.notice(
+                f"These weights work at 1/{factor} resolution, so a "
+                f"{'x'.join(map(str, self.grid.tile))} tile gives the network only "
+                f"{min(self.grid.tile) // factor} pixels of context; the automatic tile "
+                f"({spec.preferred_tile}) segments large objects much better.", "warning")
         if cfg.tta:
             yield self.notice(f"TTA is on: {len(self.flips)} forward passes per tile "
                               f"({len(self.flips)}x the time).")
