@@ -4,7 +4,8 @@ Starts napari, opens the nuclei sample, docks the Segment widget (through the pl
 manifest, as a user would), draws the tile plan, runs the network (shipped weights if any,
 else an untrained network: its masks are meaningless, and part of the mask is painted from
 the sample's labels as a stand-in for a user's corrections), derives the boundary and the instances from it, scores it against the sample's labels, then
-segments the EM volume sample and a dermoscopy photograph with their own weights. Saves PNG files in ``--out``.
+segments the EM volume sample and a dermoscopy photograph with their own weights. Saves PNG
+files in ``--out``.
 
 Needs a display; a virtual one works::
 

@@ -538,7 +538,7 @@ def list_shipped_weights() -> list[dict[str, Any]]:
             "num_classes": card.num_classes, "weights": card.weights, "path": str(path),
             "sha256": card.sha256, "metrics": card.metrics,
             "normalization": card.normalization,
-            "input_downsample": int(card.data.get("input_downsample") or 1),
+            "input_downsample": card.info().input_downsample,
             "card": str(card.path),
         })
     return out

@@ -909,7 +909,7 @@ def finetune_iter(
     if device.type in ("cpu", "cuda"):
         work.to(memory_format=torch.channels_last)
     # A network at a coarser working resolution sees config.patch pixels of its own.
-    side = config.patch * int(spec.extra.get("input_downsample", 1))
+    side = config.patch * spec.input_downsample
     patch = spec.valid_size(max(1, side // spec.output_scale)) * spec.output_scale
     sampler = RegionSampler(train_s, patch, replay, config.replay, seed=config.seed)
     params = list(work.parameters())

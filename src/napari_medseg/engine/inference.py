@@ -349,7 +349,7 @@ class _Run:
                 f"The tile {'x'.join(map(str, asked))} is larger than the image "
                 f"({'x'.join(map(str, self.layout.plane_shape))}); using "
                 f"{'x'.join(map(str, self.grid.tile))}.")
-        factor = int(spec.extra.get("input_downsample", 1))
+        factor = spec.input_downsample
         if factor > 1 and min(self.grid.tile) < min(spec.preferred_tile,
                                                      *self.layout.plane_shape):
             yield self.notice(

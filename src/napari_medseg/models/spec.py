@@ -66,6 +66,12 @@ class ModelSpec:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
+    def input_downsample(self) -> int:
+        """The working-resolution factor (``extra["input_downsample"]``; 1 = full
+        resolution; see :mod:`napari_medseg.models.working_resolution`)."""
+        return int(self.extra.get("input_downsample", 1))
+
+    @property
     def mask_activation(self) -> str:
         """``"sigmoid"`` for one class, ``"softmax"`` otherwise."""
         return "sigmoid" if self.num_classes == 1 else "softmax"

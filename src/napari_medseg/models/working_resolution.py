@@ -87,4 +87,4 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def input_downsample(model: nn.Module) -> int:
     """The working-resolution factor of ``model`` (1 for a plain network)."""
-    return model.factor if isinstance(model, WorkingResolution) else 1
+    return model.spec.input_downsample
