@@ -456,7 +456,7 @@ def test_oom_with_one_tile_shrinks_the_tile():
     image = _img((64, 64))
     result = predict(image, _limited(max_side=32), tile=64, batch_size=1,
                      outputs="probabilities", **FP32)
-    assert result.stats["tile"] == [32, 32]
+    assert max(result.stats["tile"]) <= 32  # halved, then balanced over the image
     assert any("tile reduced" in n for n in result.notices)
     assert np.abs(result["probabilities"] - _reference(image[None], AnalyticConfig())).max() \
         <= 1e-3

@@ -8,6 +8,7 @@ import pytest
 from napari_medseg.engine.tiling import (
     Stitcher,
     TileGrid,
+    balance_tile,
     fit_tile,
     gaussian_weight_1d,
     read_tile,
@@ -57,6 +58,37 @@ def test_2d_stitch_is_exact(shape, overlap, blend, predictor):
     expected = fn(image[None])[0]
     assert out.shape == expected.shape
     assert np.array_equal(out, expected)
+
+
+@pytest.mark.parametrize("shape", SHAPES_2D + [(512, 520), (203, 97)])
+@pytest.mark.parametrize("overlap", OVERLAPS)
+@pytest.mark.parametrize("predictor", sorted(PREDICTORS))
+def test_balanced_tiles_stitch_exactly_and_compute_fewer_pixels(shape, overlap, predictor):
+    fn, scale = PREDICTORS[predictor]
+    image = _image(shape)
+    out = sliding_window(image, fn, 32, overlap=overlap, divisor=8, min_size=8, scale=scale,
+                         batch_size=3, balance=True)
+    assert np.array_equal(out, fn(image[None])[0])
+    plain = TileGrid.build(shape, 32, overlap, 8, 8, scale)
+    balanced = TileGrid.build(shape, 32, overlap, 8, 8, scale, balance=True)
+    assert balanced.counts == plain.counts
+    assert balanced.computed_pixels <= plain.computed_pixels
+    assert all(b <= p for b, p in zip(balanced.tile, plain.tile))
+
+
+@pytest.mark.parametrize("size,tile,overlap,expected", [
+    (512, 256, 0.125, 192), (512, 256, 0.25, 208), (2048, 256, 0.125, 256),
+    (200, 256, 0.125, 256), (256, 256, 0.125, 256), (257, 256, 0.0, 136),
+])
+def test_balance_tile_is_the_smallest_side_with_the_same_count(size, tile, overlap, expected):
+    side = balance_tile(size, tile, overlap, divisor=8, min_size=8)
+    assert side == expected
+    if size > tile:
+        n = len(tile_starts(size, tile, overlap))
+        starts = tile_starts(size, side, overlap)
+        assert len(starts) == n
+        assert max(np.diff(starts)) <= int(side * (1 - overlap))  # overlap still >= asked
+        assert len(tile_starts(size, side - 8, overlap)) > n  # one step smaller needs more
 
 
 @pytest.mark.parametrize("shape", SHAPES_3D)

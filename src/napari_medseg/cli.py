@@ -246,7 +246,7 @@ def _predict_config(args: argparse.Namespace):
 
     return _config(PredictConfig, args, "predict", {
         "tile": args.tile, "overlap": args.overlap, "blend": args.blend,
-        "device": args.device, "batch_size": args.batch_size, "axis": args.axis,
+        "balance": False if args.exact_tiles else None, "device": args.device, "batch_size": args.batch_size, "axis": args.axis,
         "precision": args.precision, "outputs": args.outputs, "channels": args.channels,
         "normalization": args.normalization, "probabilities_dtype": args.probabilities_dtype,
         "tta": True if args.tta else None,
@@ -419,7 +419,10 @@ def _add_predict(sub) -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=2,
                    help="classes of a randomly initialised network (default 2)")
     p.add_argument("--tile", help="tile side in pixels (default: the network's)")
-    p.add_argument("--overlap", help="tile overlap fraction (default 0.25)")
+    p.add_argument("--overlap", help="tile overlap fraction (default 0.125)")
+    p.add_argument("--exact-tiles", action="store_true",
+                   help="keep the tile side as given instead of shrinking it to cover the "
+                        "image with the same number of tiles")
     p.add_argument("--blend", choices=BLEND_MODES, help="tile blending (default gaussian)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--batch-size", help="tiles per forward pass (default: automatic)")
@@ -459,6 +462,7 @@ def _batch_config(args: argparse.Namespace):
         "output": args.output_kind, "device": args.device, "workers": args.workers,
         "scheduler": args.scheduler, "dask_local": args.dask_local, "tile": args.tile,
         "overlap": args.overlap, "batch_size": args.batch_size, "precision": args.precision,
+        "balance": False if args.exact_tiles else None,
         **{flag: True for flag in ("recursive", "force", "tta") if getattr(args, flag)},
     })
 
@@ -545,7 +549,10 @@ def _add_batch(sub) -> argparse.ArgumentParser:
     where.add_argument("--dask-local", type=int, metavar="N",
                        help="start a local Dask cluster of N worker processes (loopback)")
     p.add_argument("--tile", help="tile side in pixels (default: the network's)")
-    p.add_argument("--overlap", help="tile overlap fraction (default 0.25)")
+    p.add_argument("--overlap", help="tile overlap fraction (default 0.125)")
+    p.add_argument("--exact-tiles", action="store_true",
+                   help="keep the tile side as given instead of shrinking it to cover the "
+                        "image with the same number of tiles")
     p.add_argument("--batch-size", help="tiles per forward pass (default: automatic)")
     p.add_argument("--precision", choices=PRECISIONS, help="compute precision (default auto)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")

@@ -44,7 +44,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QLabeledDoubleSlider
 
-from ..config import BLEND_MODES
+from ..config import BLEND_MODES, TilingConfig
 from ..engine.plan import format_seconds
 from ..engine.progress import NoticeEvent, PlaneEvent, PlanEvent, StageEvent, TilesEvent
 from ..engine.regions import Region, plane_region, visible_region, whole_region
@@ -285,7 +285,7 @@ class SegmentWidget(LayerListMixin, QWidget):
         self.overlap_spin.setRange(0.0, 0.9)
         self.overlap_spin.setSingleStep(0.05)
         self.overlap_spin.setDecimals(2)
-        self.overlap_spin.setValue(0.25)
+        self.overlap_spin.setValue(TilingConfig.overlap)
         self.overlap_spin.setToolTip("Fraction of a tile shared with its neighbour.")
         form.addRow("Tile", row_widget(self.tile_spin, QLabel("overlap"), self.overlap_spin))
         self.blend_combo = QComboBox()

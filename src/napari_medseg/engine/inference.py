@@ -384,7 +384,7 @@ class _Run:
     def _grid(self, tile, layout: Layout) -> TileGrid:
         t = self.config.tiling
         return TileGrid.build(layout.plane_shape, tile, t.overlap, self.spec.divisor,
-                              self.spec.min_size, self.scale)
+                              self.spec.min_size, self.scale, balance=t.balance)
 
     def _fingerprint(self) -> str:
         cfg = self.config.to_dict()

@@ -38,6 +38,7 @@ __all__ = [
     "BLEND_MODES",
     "fit_tile",
     "tile_starts",
+    "balance_tile",
     "Tile",
     "TileGrid",
     "read_tile",
@@ -84,6 +85,29 @@ def tile_starts(size: int, tile: int, overlap: float) -> tuple[int, ...]:
     n = -(-(size - tile) // target) + 1
     step = (size - tile) / (n - 1)
     return tuple(int(round(i * step)) for i in range(n))
+
+
+def balance_tile(size: int, tile: int, overlap: float, divisor: int = 1,
+                 min_size: int = 1) -> int:
+    """The smallest valid tile side that covers ``size`` with as many tiles as ``tile`` needs.
+
+    ``tile_starts(size, tile, overlap)`` decides how many tiles an axis needs; when the image
+    is not a whole number of steps long, those tiles overlap more than asked and part of
+    every tile is computed twice. This shrinks the side (keeping it a multiple of
+    ``divisor`` and at least ``min_size``) while the same number of tiles still covers the
+    axis with at least ``overlap`` of the new side shared. Never larger than ``tile``.
+    """
+    if size <= tile:
+        return tile
+    n = len(tile_starts(size, tile, overlap))
+    divisor = max(1, int(divisor))
+    floor = -(-max(1, int(min_size)) // divisor) * divisor
+    best = tile
+    candidate = tile - divisor
+    while candidate >= floor and len(tile_starts(size, candidate, overlap)) <= n:
+        best = candidate
+        candidate -= divisor
+    return best
 
 
 @dataclass(frozen=True)
@@ -138,6 +162,7 @@ class TileGrid:
         divisor: int = 1,
         min_size: int = 1,
         scale: int = 1,
+        balance: bool = False,
     ) -> TileGrid:
         """A grid for ``shape`` with tiles fitted to the image and the network.
 
@@ -148,6 +173,8 @@ class TileGrid:
             divisor: every tile side is a multiple of this.
             min_size: smallest tile side the predictor accepts.
             scale: output side / input side of the predictor.
+            balance: shrink each tile side to the smallest that covers the axis with the
+                same number of tiles (:func:`balance_tile`): fewer pixels computed twice.
         """
         shape = tuple(int(s) for s in shape)
         if any(s < 1 for s in shape):
@@ -160,6 +187,9 @@ class TileGrid:
         if len(tiles) != len(shape):
             raise ValueError(f"tile {tile} does not match the {len(shape)} spatial axes")
         fitted = tuple(fit_tile(s, t, divisor, min_size) for s, t in zip(shape, tiles))
+        if balance:
+            fitted = tuple(balance_tile(s, t, overlap, divisor, min_size)
+                           for s, t in zip(shape, fitted))
         padded = tuple(max(s, t) for s, t in zip(shape, fitted))
         pad_before = tuple((p - s) // 2 for s, p in zip(shape, padded))
         starts = tuple(tile_starts(p, t, overlap) for p, t in zip(padded, fitted))
@@ -490,6 +520,7 @@ def sliding_window(
     padding: str = "reflect",
     sigma_scale: float = 0.125,
     min_weight: float = 1e-3,
+    balance: bool = False,
 ) -> np.ndarray:
     """Run a numpy predictor over tiles of ``image`` and stitch its outputs.
 
@@ -506,11 +537,13 @@ def sliding_window(
         padding: how images smaller than a tile are padded.
         sigma_scale: gaussian sigma as a fraction of the tile side.
         min_weight: floor of the gaussian weight.
+        balance: shrink the tiles to cover each axis with the same number of tiles.
 
     Returns:
         float32 array C' x (scale * spatial shape).
     """
-    grid = TileGrid.build(image.shape[1:], tile, overlap, divisor, min_size, scale)
+    grid = TileGrid.build(image.shape[1:], tile, overlap, divisor, min_size, scale,
+                          balance=balance)
     out: np.ndarray | None = None
     stitcher: Stitcher | None = None
 
