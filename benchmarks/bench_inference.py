@@ -5,16 +5,16 @@ depend on them), on a 2048 x 2048 image and a 32 x 512 x 512 volume (slice-wise)
 one process, each the median of ``--repeats`` runs:
 
 * ``engine_s``: ``napari_medseg.engine.inference.predict`` with its defaults (the network's
-  tile, overlap 0.25, gaussian blending, the auto precision: bf16 on CPUs with AVX512-BF16,
-  channels-last, batch 2 on CPU), producing the mask;
+  tile, overlap 0.125, balanced tiles, gaussian blending, the auto precision: bf16 on CPUs
+  with AVX512-BF16, channels-last, batch 2 on CPU), producing the mask;
 * ``monai_s``: MONAI's ``sliding_window_inference`` as a user would script it: fp32, the same
   model, tile 256, overlap 0.25, gaussian blending, ``sw_batch_size=4`` (MONAI's tutorials),
   percentile normalisation first and softmax/argmax after, the float output kept (for volumes
   one slice at a time, collected into a float32 array);
 * ``raw_forward_s``: the floor: only the batched forward passes over exactly the tiles, batch
   size, precision and memory format our engine used;
-* ``engine_fp32_s``: our engine forced to fp32 with tile 256 / overlap 0.25 (like for like
-  with MONAI: the tiling overhead);
+* ``engine_fp32_s``: our engine forced to fp32 with tile 256 / overlap 0.25 and the tiles
+  kept at 256 (like for like with MONAI: the tiling overhead);
 * ``peak_rss_mb`` / ``monai_peak_rss_mb``: the process's peak resident memory during the
   engine's default run / MONAI's run (sampled every 2 ms by a thread); the ``*_growth_mb``
   keys give the peak's growth over the resident memory at the start of the run (the baseline
@@ -246,7 +246,8 @@ def bench_case(name: str, image: np.ndarray, axes: str, repeats: int) -> dict:
         m, monai_mask = measure(lambda: monai_run(image, axes, model))
         runs["monai"].append(m)
         m, fp32_result = measure(
-            lambda: engine_run(image, axes, model, precision="fp32", tile=256, overlap=0.25))
+            lambda: engine_run(image, axes, model, precision="fp32", tile=256, overlap=0.25,
+                               balance=False))
         runs["fp32"].append(m)
     plan = result.plan
     agree = float((np.asarray(fp32_result["mask"]) == monai_mask).mean())
@@ -275,6 +276,10 @@ def bench_case(name: str, image: np.ndarray, axes: str, repeats: int) -> dict:
             "engine_over_raw_forward": round(cpu["engine"] / cpu["raw"], 3),
             "engine_fp32_over_monai": round(cpu["fp32"] / cpu["monai"], 3),
         },
+        # Pixels the network computed per plane: the default grid against MONAI's (the
+        # like-for-like fp32 run uses MONAI's tile 256 / overlap 0.25 grid).
+        "engine_computed_pixels": plan.grid.computed_pixels,
+        "monai_grid_computed_pixels": fp32_result.plan.grid.computed_pixels,
         "engine_plan": {"tile": list(plan.grid.tile), "tiles": plan.tiles,
                         "batch_size": plan.batch_size, "precision": plan.precision,
                         "channels_last": plan.channels_last},

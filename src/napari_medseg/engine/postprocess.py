@@ -45,6 +45,8 @@ def mask_from_probabilities(probs: np.ndarray, threshold: float = 0.5) -> np.nda
     probs = np.asarray(probs)
     if probs.shape[0] == 1:
         return (probs[0] > threshold).astype(np.uint8)
+    if probs.shape[0] == 2:  # argmax of two (ties to 0), without argmax's strided pass
+        return np.greater(probs[1], probs[0]).view(np.uint8)
     return probs.argmax(axis=0).astype(mask_dtype(probs.shape[0]))
 
 

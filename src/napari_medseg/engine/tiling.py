@@ -421,6 +421,7 @@ class Stitcher:
         self.dtype = np.dtype(dtype)
         self._acc = np.zeros((self.channels,) + band, self.dtype)
         self._wsum = np.zeros(band, self.dtype)
+        self._scratch = np.empty((self.channels,) + grid.out_tile, self.dtype)
         self._origin = 0  # padded output row of the band's first row
         self._emitted = 0  # padded output rows already emitted
         self._weight_cache: dict[tuple[int, ...], np.ndarray] = {}
@@ -449,7 +450,7 @@ class Stitcher:
         """
         if self._done:
             raise RuntimeError("this stitcher has already finished")
-        values = np.asarray(values, dtype=self.dtype)
+        values = np.asarray(values)
         expected = (self.channels,) + self.grid.out_tile
         if values.shape != expected:
             raise ValueError(f"tile output has shape {values.shape}, expected {expected}")
@@ -460,7 +461,9 @@ class Stitcher:
             self._advance(row)
         w = self._weight(tile)
         region = (slice(0, self.grid.out_tile[0]),) + tile.output_slices(self.grid.scale)[1:]
-        self._acc[(slice(None),) + region] += values * w
+        # One buffer for the weighted values (cast to the accumulator's dtype on the way).
+        np.multiply(values, w, out=self._scratch)
+        self._acc[(slice(None),) + region] += self._scratch
         self._wsum[region] += w
 
     def _flush(self, rows: int) -> None:
