@@ -537,3 +537,15 @@ def test_devices_are_explicit():
             resolve_device("cuda:1")
     with pytest.raises(DeviceError, match="not a device name"):
         resolve_device("tpu")
+
+
+@pytest.mark.parametrize("name,expected", [("banet", 4), ("msa2net", 4), ("sasrnet", 4),
+                                           ("sa2net", 2), ("unet_sharp", 2)])
+def test_cpu_batch_follows_the_network_unless_asked(name, expected):
+    from napari_medseg.models import create_model
+
+    model = create_model(name, variant="tiny", in_channels=1, num_classes=2)
+    image = _img((512, 512))
+    plan = plan_prediction(image, model, device="cpu", probe=False)
+    assert plan.batch_size == model.spec.cpu_batch_size == expected
+    assert plan_prediction(image, model, device="cpu", batch_size=3, probe=False).batch_size == 3

@@ -107,7 +107,8 @@ def test_widget_builds_and_shows_a_plan(make_napari_viewer, qtbot, env):
     assert [widget.scope_combo.itemData(i) for i in range(3)] == ["slice", "visible", "whole"]
     qtbot.waitUntil(lambda: "tiles of" in widget.plan_label.text(), timeout=TIMEOUT)
     text = widget.plan_label.text()
-    assert "Memory ~" in text and "48x64" in text  # 70 x 90 px: balanced tiles
+    assert "Memory ~" in text and "48x48" in text  # 70 x 90 px: balanced tiles
+    assert widget.overlap_spin.value() == 0.125  # the engine's default, not rounded
     # Measure time runs one batch and puts a time estimate in the plan.
     widget.measure_button.click()
     qtbot.waitUntil(lambda: "ms per tile pass" in widget.plan_label.text(), timeout=TIMEOUT)

@@ -197,8 +197,8 @@ class PredictConfig(ConfigBase):
         device: ``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
         precision: ``auto`` (bf16 where the CPU/GPU runs it natively, fp16 on older CUDA, fp32
             elsewhere), or a fixed ``fp32``/``bf16``/``fp16``.
-        batch_size: tiles per forward pass; None picks 2 on CPU and fits the free memory on a
-            GPU (from the one-batch probe).
+        batch_size: tiles per forward pass; None picks the network's ``cpu_batch_size`` (2
+            or 4) on CPU and fits the free memory on a GPU (from the one-batch probe).
         channels_last: channels-last memory format; None uses it on CPU and CUDA.
         axes: the image's axes, letters from ``TICZYX`` as in ``io.ImageMeta`` (``YX``,
             ``YXC``, ``CYX``, ``ZYX``, ``CZYX``, ``TYX``...); None takes them from the reader's

@@ -284,7 +284,7 @@ class SegmentWidget(LayerListMixin, QWidget):
         self.overlap_spin = QDoubleSpinBox()
         self.overlap_spin.setRange(0.0, 0.9)
         self.overlap_spin.setSingleStep(0.05)
-        self.overlap_spin.setDecimals(2)
+        self.overlap_spin.setDecimals(3)
         self.overlap_spin.setValue(TilingConfig.overlap)
         self.overlap_spin.setToolTip("Fraction of a tile shared with its neighbour.")
         form.addRow("Tile", row_widget(self.tile_spin, QLabel("overlap"), self.overlap_spin))

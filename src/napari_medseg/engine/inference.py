@@ -364,7 +364,7 @@ class _Run:
             self.batch_size = 1  # the probe measures; the real batch follows from it
             self.auto_gpu_batch = True
         else:
-            self.batch_size = int(cfg.batch_size or 2)
+            self.batch_size = int(cfg.batch_size or spec.cpu_batch_size)
             self.auto_gpu_batch = False
         # Outputs.
         self._open_sink()

@@ -132,6 +132,7 @@ class BANet(SegmentationNetwork):
             loss="banet",
             encoder_prefixes=ENCODER_PREFIXES,
             preferred_tile=256,
+            cpu_batch_size=4,  # bf16, 256 px tiles: 0.53 us/px at 4, 0.56 at 2
             extra={"edge_classes": self.edge_classes, "boundary_border": "replicate"},
         )
         c = config.reduce_dim

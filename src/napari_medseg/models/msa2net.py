@@ -215,6 +215,7 @@ class MSA2Net(SegmentationNetwork):
             loss=LOSSES[config.loss],
             encoder_prefixes=ENCODER_PREFIXES,
             preferred_tile=config.preferred_tile,
+            cpu_batch_size=4,  # bf16, 256 px tiles: 0.54 us/px at 4, 0.70 at 2
             extra={"partition_size": config.partition_size, "layout": "spatial"},
         )
         dims = tuple(config.embed_dims)

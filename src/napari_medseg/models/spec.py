@@ -47,7 +47,10 @@ class ModelSpec:
         train_outputs: keys added in training mode (deep supervision, SR image, ...).
         loss: name of the training loss in ``napari_medseg.engine.losses``.
         encoder_prefixes: parameter-name prefixes of the encoder (frozen by "freeze encoder").
-        preferred_tile: the tile side the network was designed and trained around.
+        preferred_tile: the tile side the engine uses when none is asked (the side the
+            network was designed and trained around, unless a measured reason says otherwise).
+        cpu_batch_size: tiles per forward pass on the CPU when none is asked: the batch that
+            ran fastest per pixel in bf16 on a 2-core AVX512-BF16 CPU (docs/benchmarks.md).
     """
 
     network: str
@@ -63,6 +66,7 @@ class ModelSpec:
     loss: str = "dice_ce"
     encoder_prefixes: tuple[str, ...] = ()
     preferred_tile: int = 256
+    cpu_batch_size: int = 2
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
