@@ -142,15 +142,22 @@ def test_the_shipped_lesion_weights_run_at_a_third_of_the_resolution():
 
 
 def test_a_small_tile_for_a_downsampled_network_gets_a_warning():
-    from napari_medseg.engine.inference import predict_iter
+    from napari_medseg.engine.inference import plan_prediction, predict_iter
     from napari_medseg.engine.progress import NoticeEvent
 
     model = WorkingResolution(_net(1), 2)
     image = np.random.default_rng(1).random((200, 200), np.float32)
 
-    def notices(**settings) -> list[str]:
-        return [e.message for e in predict_iter(image, model, device="cpu", precision="fp32",
+    def notices(data=image, **settings) -> list[str]:
+        return [e.message for e in predict_iter(data, model, device="cpu", precision="fp32",
                                                 **settings) if isinstance(e, NoticeEvent)]
 
     assert any("1/2 resolution" in m for m in notices(tile=64))
     assert not any("resolution" in m for m in notices())  # the automatic tile
+    # An image a third larger than the automatic tile: balancing shrinks the tile, which is
+    # neither the user's small tile nor a tile clamped to a small image.
+    side = model.spec.preferred_tile * 4 // 3
+    big = np.random.default_rng(2).random((side, side), np.float32)
+    plan = plan_prediction(big, model, device="cpu", precision="fp32", probe=False)
+    assert max(plan.grid.tile) < model.spec.preferred_tile
+    assert not any("resolution" in m or "larger than the image" in m for m in notices(big))

@@ -246,7 +246,8 @@ def _predict_config(args: argparse.Namespace):
 
     return _config(PredictConfig, args, "predict", {
         "tile": args.tile, "overlap": args.overlap, "blend": args.blend,
-        "balance": False if args.exact_tiles else None, "device": args.device, "batch_size": args.batch_size, "axis": args.axis,
+        "balance": False if args.exact_tiles else None, "device": args.device,
+        "batch_size": args.batch_size, "axis": args.axis,
         "precision": args.precision, "outputs": args.outputs, "channels": args.channels,
         "normalization": args.normalization, "probabilities_dtype": args.probabilities_dtype,
         "tta": True if args.tta else None,

@@ -343,15 +343,16 @@ class _Run:
             requested)
         if len(asked) == 1:
             asked = asked * len(self.grid.tile)
-        if any(t < a for t, a in zip(self.grid.tile, asked)) and any(
-                p < a for p, a in zip(self.layout.plane_shape, asked)):
+        # Only a side clamped to a smaller image is news; balanced tiles shrink by design.
+        if any(t < a and p < a
+               for t, a, p in zip(self.grid.tile, asked, self.layout.plane_shape)):
             yield self.notice(
                 f"The tile {'x'.join(map(str, asked))} is larger than the image "
                 f"({'x'.join(map(str, self.layout.plane_shape))}); using "
                 f"{'x'.join(map(str, self.grid.tile))}.")
         factor = spec.input_downsample
-        if factor > 1 and min(self.grid.tile) < min(spec.preferred_tile,
-                                                     *self.layout.plane_shape):
+        # The user's tile, not the balanced one: the automatic tile must not warn.
+        if factor > 1 and min(asked) < min(spec.preferred_tile, *self.layout.plane_shape):
             yield self.notice(
                 f"These weights work at 1/{factor} resolution, so a "
                 f"{'x'.join(map(str, self.grid.tile))} tile gives the network only "
