@@ -190,6 +190,64 @@ def test_boundary_head_and_instances():
     assert result["instances"].dtype == np.int32
 
 
+def _count_stitched_channels(monkeypatch) -> list[int]:
+    """Record the channel count of every stitcher the engine opens."""
+    opened: list[int] = []
+
+    class Counting(inference.Stitcher):
+        def __init__(self, grid, channels, *args, **kwargs):
+            opened.append(channels)
+            super().__init__(grid, channels, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "Stitcher", Counting)
+    return opened
+
+
+@pytest.mark.parametrize("outputs,expected", [
+    ("mask", [1]),                       # two classes: the foreground alone, no boundary
+    ("mask,probabilities", [1]),
+    ("mask,boundary", [1, 1]),
+    ("instances", [1, 1]),
+])
+def test_only_the_needed_channels_are_stitched(monkeypatch, outputs, expected):
+    opened = _count_stitched_channels(monkeypatch)
+    model = make_analytic(num_classes=2, boundary=True)
+    predict(_img((40, 40)), model, outputs=outputs, tile=16, **FP32)
+    assert opened == expected
+
+
+def test_two_class_probabilities_come_back_whole():
+    # Only the foreground is stitched; the background is rebuilt as 1 - foreground.
+    model = make_analytic(num_classes=2)
+    image = _img((50, 70), seed=3)
+    result = predict(image, model, outputs="mask,probabilities", tile=16, overlap=0.5, **FP32)
+    probs = result["probabilities"].astype(np.float32)
+    ref = _reference(image[None], model.config)
+    assert probs.shape == (2, 50, 70)
+    assert np.abs(probs - ref).max() <= 1e-3
+    assert np.abs(probs.sum(0) - 1.0).max() <= 1e-3
+    clear = np.abs(ref[1] - 0.5) > 1e-3
+    assert np.array_equal(result["mask"][clear], ref.argmax(0)[clear])
+
+
+def test_two_class_masks_match_argmax_of_softmax_on_a_real_network():
+    torch.manual_seed(0)
+    from napari_medseg.models import create_model
+
+    model = create_model("banet", variant="tiny", in_channels=1, num_classes=2).eval()
+    image = _img((96, 96), seed=5)
+    result = predict(image, model, outputs="mask,probabilities", tile=96, **FP32)
+    from napari_medseg.engine.normalization import normalize
+
+    x = torch.from_numpy(normalize(image)[None, None].astype(np.float32))
+    with torch.inference_mode():
+        ref = torch.softmax(model(x)["mask"].float(), dim=1)[0].numpy()
+    assert np.abs(result["probabilities"].astype(np.float32) - ref).max() <= 1e-3
+    clear = np.abs(ref[1] - 0.5) > 1e-3
+    assert clear.mean() > 0.5
+    assert np.array_equal(result["mask"][clear], ref.argmax(0)[clear])
+
+
 def test_boundary_is_derived_from_instances_without_a_boundary_head():
     yy, xx = np.mgrid[:48, :64]
     discs = ((yy - 24) ** 2 + (xx - 16) ** 2 < 100) | ((yy - 24) ** 2 + (xx - 48) ** 2 < 100)

@@ -19,6 +19,8 @@ from .metrics import dice
 __all__ = [
     "mask_dtype",
     "mask_from_probabilities",
+    "mask_from_foreground",
+    "two_class",
     "quantize_probabilities",
     "dequantize_probabilities",
     "boundary_from_probability",
@@ -48,6 +50,24 @@ def mask_from_probabilities(probs: np.ndarray, threshold: float = 0.5) -> np.nda
     if probs.shape[0] == 2:  # argmax of two (ties to 0), without argmax's strided pass
         return np.greater(probs[1], probs[0]).view(np.uint8)
     return probs.argmax(axis=0).astype(mask_dtype(probs.shape[0]))
+
+
+def mask_from_foreground(foreground: np.ndarray) -> np.ndarray:
+    """Labels of a two-class network from its foreground probability alone.
+
+    The same as :func:`mask_from_probabilities` of ``[1 - p, p]``: argmax of two, ties to
+    the background.
+    """
+    return np.greater(np.asarray(foreground), 0.5).view(np.uint8)
+
+
+def two_class(foreground: np.ndarray) -> np.ndarray:
+    """The two class probabilities ``[1 - p, p]`` (2 x spatial, float32) from ``p``."""
+    p = np.asarray(foreground, dtype=np.float32)
+    out = np.empty((2,) + p.shape, np.float32)
+    np.subtract(1.0, p, out=out[0])
+    out[1] = p
+    return out
 
 
 def quantize_probabilities(probs: np.ndarray, dtype: str = "float16") -> np.ndarray:

@@ -484,7 +484,7 @@ class Stitcher:
             wsum = self._wsum[(band,) + crop]
             acc = self._acc[(slice(None), band) + crop]
             with np.errstate(invalid="ignore", divide="ignore"):
-                values = (acc / wsum).astype(np.float32)
+                values = (acc / wsum).astype(np.float32, copy=False)
             self.emit(a - lo_img, b - lo_img, values)
         self._emitted = self._origin + rows
 
