@@ -15,6 +15,7 @@ from napari_medseg.errors import InputShapeError
 from napari_medseg.models import create_model
 from napari_medseg.models.sa2net import (
     AdaptiveUpAttention,
+    ChannelLayerNorm,
     SA2Module,
     UpStage,
     resize_to,
@@ -139,6 +140,35 @@ def _names(model, ids):
 def _features(c: int, h: int, w: int, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(2, c, h // 2**i, w // 2**i, generator=gen) for i in range(4)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_layer_norm_is_the_spec_formula(channels_last):
+    torch.manual_seed(1)
+    norm = ChannelLayerNorm(6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(2, 6, 5, 7) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mean = x.mean(dim=1, keepdim=True)
+    var = (x - mean).pow(2).mean(dim=1, keepdim=True)  # biased, eps 1e-6 inside the root
+    expected = (x - mean) / torch.sqrt(var + 1e-6) * norm.weight[:, None, None] \
+        + norm.bias[:, None, None]
+    out = norm(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert set(dict(norm.named_parameters())) == {"weight", "bias"}
+
+
+def test_channel_layer_norm_stays_in_bf16_under_autocast():
+    norm = ChannelLayerNorm(4)
+    x = torch.randn(1, 4, 8, 8).bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), norm(x.float()), rtol=0.02, atol=0.02)
 
 
 def test_identity_sized_resample_is_a_noop():

