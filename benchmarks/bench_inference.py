@@ -34,7 +34,7 @@ peak must stay far below its size.
 Usage::
 
     python benchmarks/bench_inference.py --quick
-    python benchmarks/bench_inference.py                      # all networks, ~30 min on 2 cores
+    python benchmarks/bench_inference.py                      # all networks, ~65 min on 2 cores
     python benchmarks/bench_inference.py --memory --size-gib 2
 """
 

@@ -436,7 +436,7 @@ class _Run:
             self.arrays["probabilities"] = self.sink.create(
                 "probabilities", (self.K,) + out_shape, dtype, (1,) + chunks, "C" + out_axes)
             self.axes_of["probabilities"] = "C" + out_axes
-        if self.has_boundary and wanted & {"boundary", "instances"}:
+        if self.use_boundary:
             self.arrays["boundary"] = self.sink.create("boundary", out_shape, np.uint8, chunks,
                                                        out_axes)
             self.axes_of["boundary"] = out_axes
@@ -587,7 +587,6 @@ class _Run:
         cfg = self.config
         K = self.stitched
         arrays = self.arrays
-        binary = self.binary
 
         def key(a: int, b: int) -> tuple:
             return layout.out_index(stack_index, (slice(a, b),) + (slice(None),) * (
@@ -604,9 +603,8 @@ class _Run:
                 return
             arrays["mask"][k] = self._mask(probs)
             if "probabilities" in arrays:
-                full = postprocess.two_class(probs[0]) if binary else probs
                 arrays["probabilities"][(slice(None),) + k] = postprocess.quantize_probabilities(
-                    full, cfg.probabilities_dtype)
+                    self._class_probs(probs), cfg.probabilities_dtype)
             if "variance" in arrays:
                 arrays["variance"][k] = values[K].astype(np.float16)
 
@@ -623,9 +621,14 @@ class _Run:
 
     def _mask(self, probs: np.ndarray) -> np.ndarray:
         """Labels from the stitched probabilities (the foreground alone for two classes)."""
-        if self.binary:
-            return postprocess.mask_from_foreground(probs[0])
-        return postprocess.mask_from_probabilities(probs, self.config.threshold)
+        # Two classes: argmax of [1 - p, p] is p > 0.5 (ties to the background), whatever
+        # threshold a one-class network would use.
+        threshold = 0.5 if self.binary else self.config.threshold
+        return postprocess.mask_from_probabilities(probs, threshold)
+
+    def _class_probs(self, probs: np.ndarray) -> np.ndarray:
+        """The probabilities output (K x ...) from the stitched channels."""
+        return postprocess.two_class(probs[0]) if self.binary else probs
 
     def _run_plane(self, layout: Layout, plane: int, stack_index: tuple[int, ...],
                    consensus: dict | None) -> Generator[ProgressEvent, None, bool]:
@@ -845,9 +848,8 @@ class _Run:
             agree &= vote == mask
         self.arrays["mask"][...] = mask
         if "probabilities" in self.arrays:
-            full = postprocess.two_class(probs[0]) if self.binary else probs
             self.arrays["probabilities"][...] = postprocess.quantize_probabilities(
-                full, cfg.probabilities_dtype)
+                self._class_probs(probs), cfg.probabilities_dtype)
         if "boundary" in self.arrays and consensus["boundary"] is not None:
             self.arrays["boundary"][...] = postprocess.boundary_from_probability(
                 consensus["boundary"] / n, cfg.boundary_threshold)

@@ -19,7 +19,6 @@ from .metrics import dice
 __all__ = [
     "mask_dtype",
     "mask_from_probabilities",
-    "mask_from_foreground",
     "two_class",
     "quantize_probabilities",
     "dequantize_probabilities",
@@ -46,19 +45,10 @@ def mask_from_probabilities(probs: np.ndarray, threshold: float = 0.5) -> np.nda
     """
     probs = np.asarray(probs)
     if probs.shape[0] == 1:
-        return (probs[0] > threshold).astype(np.uint8)
+        return np.greater(probs[0], threshold).view(np.uint8)
     if probs.shape[0] == 2:  # argmax of two (ties to 0), without argmax's strided pass
         return np.greater(probs[1], probs[0]).view(np.uint8)
     return probs.argmax(axis=0).astype(mask_dtype(probs.shape[0]))
-
-
-def mask_from_foreground(foreground: np.ndarray) -> np.ndarray:
-    """Labels of a two-class network from its foreground probability alone.
-
-    The same as :func:`mask_from_probabilities` of ``[1 - p, p]``: argmax of two, ties to
-    the background.
-    """
-    return np.greater(np.asarray(foreground), 0.5).view(np.uint8)
 
 
 def two_class(foreground: np.ndarray) -> np.ndarray:

@@ -395,7 +395,8 @@ class Stitcher:
         min_weight: floor of the gaussian weight.
         dtype: accumulator precision. float64 (the default) makes the stitch exact: a pixel
             seen identically by every tile comes back bit for bit after the cast to
-            float32, whatever the overlap; float32 halves the band's memory (3D bands).
+            float32, whatever the overlap; float32 (what the inference engine uses) halves
+            the band's memory and is 2-4x faster, within float32 rounding (~1e-7).
     """
 
     def __init__(
