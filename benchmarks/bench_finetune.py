@@ -89,7 +89,7 @@ def _folder(tmp: Path, name: str, data: Path, stems: list[str]) -> tuple[Path, P
 def _dice(model, tmp: Path, name: str, data: Path, stems: list[str], device: str,
           held_out: set[str] = frozenset()) -> dict:
     from napari_medseg.config import PredictConfig
-    from napari_medseg.engine.evaluate import evaluate
+    from napari_medseg.engine.training.evaluate import evaluate
 
     images, masks = _folder(tmp, name, data, stems)
     result = evaluate(model, images, masks, PredictConfig.from_mapping({"device": device}),
@@ -103,8 +103,8 @@ def _dice(model, tmp: Path, name: str, data: Path, stems: list[str], device: str
 
 def _samples(model, data: Path, stems: list[str], mode: str, config, device: str):
     """Fine-tuning samples of ``stems``: whole images, or the regions the base got wrong."""
-    from napari_medseg.engine.finetune import samples_from_corrections
-    from napari_medseg.engine.inference import predict
+    from napari_medseg.engine.training.finetune import samples_from_corrections
+    from napari_medseg.engine.inference.pipeline import predict
     from napari_medseg.io import read_image
 
     spec, info = model.spec, model.checkpoint_info
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from napari_medseg.config import FinetuneConfig
     from napari_medseg.engine.checkpoints import resolve_weights
-    from napari_medseg.engine.finetune import finetune
+    from napari_medseg.engine.training.finetune import finetune
 
     data = Path(args.data)
     t_all = time.perf_counter()

@@ -4,7 +4,7 @@ Prints one JSON object. For the lite variant of each network (random weights: sp
 depend on them), on a 2048 x 2048 image and a 32 x 512 x 512 volume (slice-wise), measured in
 one process, each the median of ``--repeats`` runs:
 
-* ``engine_s``: ``napari_medseg.engine.inference.predict`` with its defaults (the network's
+* ``engine_s``: ``napari_medseg.engine.inference.pipeline.predict`` with its defaults (the network's
   tile, overlap 0.125, balanced tiles, gaussian blending, the auto precision: bf16 on CPUs
   with AVX512-BF16, channels-last, the network's CPU batch: 4 or 2), producing the mask;
 * ``monai_s``: MONAI's ``sliding_window_inference`` as a user would script it: fp32, the same
@@ -194,7 +194,7 @@ def synthetic_image(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
 
 def engine_run(image: np.ndarray, axes: str, model, **settings):
-    from napari_medseg.engine.inference import predict
+    from napari_medseg.engine.inference.pipeline import predict
 
     return predict(image, model, axes=axes, **settings)
 
@@ -209,7 +209,7 @@ def monai_run(image: np.ndarray, axes: str, model, tile: int = 256,
     import torch
     from monai.inferers import sliding_window_inference
 
-    from napari_medseg.engine.normalization import normalize
+    from napari_medseg.engine.inference.normalization import normalize
 
     def predictor(x):
         return model(x)["mask"]
@@ -284,7 +284,7 @@ def bench_case(name: str, image: np.ndarray, axes: str, repeats: int) -> dict:
     runs: dict[str, list[dict]] = {"engine": [], "monai": [], "raw": [], "fp32": [],
                                    "raw_before": [], "raw_after": []}
     result = monai_mask = fp32_result = None
-    from napari_medseg.engine.inference import plan_prediction
+    from napari_medseg.engine.inference.pipeline import plan_prediction
 
     default_plan = plan_prediction(image, model, axes=axes, probe=False)
     for _ in range(repeats):
@@ -353,7 +353,7 @@ def memory_mode(name: str, size_gib: float, variant: str, tile: int) -> dict:
     import torch
     import zarr
 
-    from napari_medseg.engine.inference import predict
+    from napari_medseg.engine.inference.pipeline import predict
     from napari_medseg.models import create_model
 
     side = 1024

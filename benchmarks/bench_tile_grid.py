@@ -71,7 +71,7 @@ def held_out(info: dict, data: Path) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def bench(tag: str, data: Path, tile: int = 256) -> dict:
     from napari_medseg.engine.checkpoints import resolve_weights
-    from napari_medseg.engine.inference import predict
+    from napari_medseg.engine.inference.pipeline import predict
 
     model, info = resolve_weights(tag)
     pairs = held_out(info.training_data, data)

@@ -58,8 +58,8 @@ DATASETS = {
 def main(argv: list[str] | None = None) -> int:
     from napari_medseg.config import PredictConfig, TrainConfig
     from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
-    from napari_medseg.engine.evaluate import evaluate, format_table
-    from napari_medseg.engine.train import StepEvent, ValidationEvent, train_iter
+    from napari_medseg.engine.training.evaluate import evaluate, format_table
+    from napari_medseg.engine.training.train import StepEvent, ValidationEvent, train_iter
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--network", required=True)

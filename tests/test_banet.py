@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_medseg.engine.boundaries import boundary_target
-from napari_medseg.engine.losses import (
+from napari_medseg.engine.training.losses import (
     banet_boundary_target,
     banet_dice_loss,
     compute_loss,

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from napari_medseg.config import BatchConfig
-from napari_medseg.engine import batch
-from napari_medseg.engine.batch import (
+from napari_medseg.engine.batch import run as batch
+from napari_medseg.engine.batch.run import (
     MANIFEST_NAME,
     PARTIAL_PREFIX,
     BatchSummary,
@@ -24,7 +24,7 @@ from napari_medseg.engine.batch import (
     run_folder_iter,
 )
 from napari_medseg.engine.checkpoints import save_checkpoint
-from napari_medseg.engine.inference import predict
+from napari_medseg.engine.inference.pipeline import predict
 from napari_medseg.engine.progress import (
     CancelledEvent,
     CancelToken,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_medseg.engine.batch import MANIFEST_NAME, PARTIAL_PREFIX
+from napari_medseg.engine.batch.run import MANIFEST_NAME, PARTIAL_PREFIX
 from napari_medseg.engine.checkpoints import save_checkpoint
 from napari_medseg.io import ImageMeta, write_image
 
@@ -153,7 +153,7 @@ def test_widget_runs_a_folder_and_a_row_click_opens_image_and_result(widget, fol
 
 def test_widget_cancel_stops_and_leaves_nothing_half_written(widget, tmp_path, checkpoint,
                                                              qtbot):
-    from napari_medseg.engine.batch import FileEvent
+    from napari_medseg.engine.batch.run import FileEvent
 
     src = tmp_path / "in"
     src.mkdir()

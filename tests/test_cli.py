@@ -62,7 +62,7 @@ def test_predict_one_image_writes_mask_and_suffixed_outputs(images, tmp_path, ca
     probs, pmeta = read_image(out / "a_probabilities.tif")
     assert probs.shape == (2, 40, 56) and pmeta.axes == "CYX"
     expected = np.asarray(read_image(images / "a.tif")[0])
-    from napari_medseg.engine.inference import predict
+    from napari_medseg.engine.inference.pipeline import predict
 
     ref = predict(expected, make_analytic(num_classes=2), precision="fp32", tile=16)
     assert np.array_equal(np.asarray(mask), ref["mask"])

@@ -12,7 +12,7 @@ import pytest
 
 from napari_medseg.config import TilingConfig
 from napari_medseg.engine.checkpoints import resolve_weights
-from napari_medseg.engine.inference import predict
+from napari_medseg.engine.inference.pipeline import predict
 from napari_medseg.io.samples import load_sample
 
 DENSE = {"overlap": 0.25, "balance": False}

@@ -11,10 +11,10 @@ import tifffile
 import torch
 
 from napari_medseg.config import FinetuneConfig
-from napari_medseg.engine import train as train_mod
+from napari_medseg.engine.training import train as train_mod
 from napari_medseg.engine.checkpoints import load_checkpoint, read_checkpoint_info, save_checkpoint
-from napari_medseg.engine.datasets import split_samples
-from napari_medseg.engine.finetune import (
+from napari_medseg.engine.training.datasets import split_samples
+from napari_medseg.engine.training.finetune import (
     CorrectionRegion,
     DataEvent,
     RegionSampler,
@@ -28,7 +28,7 @@ from napari_medseg.engine.finetune import (
     prepare_corrections_iter,
     samples_from_corrections,
 )
-from napari_medseg.engine.lineage import (
+from napari_medseg.engine.training.lineage import (
     active_source,
     ancestors,
     autosave_labels,
@@ -39,7 +39,7 @@ from napari_medseg.engine.lineage import (
     unique_checkpoint_path,
 )
 from napari_medseg.engine.progress import CancelToken, FinishedEvent
-from napari_medseg.engine.train import StepEvent, ValidationEvent
+from napari_medseg.engine.training.train import StepEvent, ValidationEvent
 from napari_medseg.errors import CheckpointError, InputShapeError
 from napari_medseg.models import create_model
 from napari_medseg.resources import samples_dir
@@ -357,7 +357,7 @@ def test_fine_tuning_learns_a_correction(monkeypatch):
 def test_the_model_prediction_is_the_comparison(nuclei):
     img, _ = nuclei
     model = _tiny()
-    from napari_medseg.engine.inference import predict
+    from napari_medseg.engine.inference.pipeline import predict
 
     pred = np.asarray(predict(img, model, {"device": "cpu", "precision": "fp32"})["mask"])
     corrected = pred.copy()
@@ -402,7 +402,7 @@ def test_lineage_list_revert_and_atomic_writes(nuclei, tmp_path, monkeypatch):
         tmp_path / "base.json")
     assert not list((tmp_path / "home" / "checkpoints").glob(".partial-*"))
     # A crash while writing leaves no checkpoint behind (and no partial files).
-    from napari_medseg.engine import lineage
+    from napari_medseg.engine.training import lineage
 
     def broken(model, path, **kwargs):
         save_checkpoint(model, path, **kwargs)

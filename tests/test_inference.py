@@ -10,8 +10,8 @@ import torch
 
 from analytic_models import AnalyticConfig, logits_of, make_analytic
 from napari_medseg.config import PredictConfig
-from napari_medseg.engine import inference
-from napari_medseg.engine.inference import plan_prediction, predict, predict_iter, tta_flips
+from napari_medseg.engine.inference import pipeline as inference
+from napari_medseg.engine.inference.pipeline import plan_prediction, predict, predict_iter, tta_flips
 from napari_medseg.engine.progress import (
     CancelledEvent,
     CancelToken,
@@ -237,7 +237,7 @@ def test_two_class_masks_match_argmax_of_softmax_on_a_real_network():
     model = create_model("banet", variant="tiny", in_channels=1, num_classes=2).eval()
     image = _img((96, 96), seed=5)
     result = predict(image, model, outputs="mask,probabilities", tile=96, **FP32)
-    from napari_medseg.engine.normalization import normalize
+    from napari_medseg.engine.inference.normalization import normalize
 
     x = torch.from_numpy(normalize(image)[None, None].astype(np.float32))
     with torch.inference_mode():
@@ -443,7 +443,7 @@ def test_store_with_another_run_is_not_mixed(tmp_path):
 def test_streaming_memory_does_not_grow_with_the_volume(tmp_path, monkeypatch):
     import zarr
 
-    from napari_medseg.engine import normalization
+    from napari_medseg.engine.inference import normalization
 
     # Large volumes are sampled for the normalization; make these small ones count as large.
     monkeypatch.setattr(normalization, "MAX_SAMPLES", 20_000)

@@ -45,7 +45,7 @@ def test_light_modules_do_not_import_torch(module):
 
 
 def test_engine_uses_no_gui_even_after_inference_imports():
-    loaded = _loaded_after(["napari_medseg.models", "napari_medseg.engine.losses"])
+    loaded = _loaded_after(["napari_medseg.models", "napari_medseg.engine.training.losses"])
     assert not loaded & set(GUI)
 
 

@@ -71,7 +71,7 @@ def test_eval_output_shapes(name, in_channels, num_classes):
 
 @pytest.mark.parametrize("name", NETWORKS)
 def test_training_outputs_and_every_parameter_gets_gradient(name):
-    from napari_medseg.engine.losses import compute_loss
+    from napari_medseg.engine.training.losses import compute_loss
 
     model = _tiny(name, 1, 2).train()
     spec = model.spec

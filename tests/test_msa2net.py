@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_medseg.engine.losses import boundary_dou_loss, compute_loss, dice_ce_loss
+from napari_medseg.engine.training.losses import boundary_dou_loss, compute_loss, dice_ce_loss
 from napari_medseg.errors import InputShapeError
 from napari_medseg.models import create_model
 from napari_medseg.models.masag import MASAG

@@ -16,8 +16,8 @@ import torch
 
 from napari_medseg import resources
 from napari_medseg.engine import precision
-from napari_medseg.engine.inference import predict
-from napari_medseg.engine.normalization import normalize
+from napari_medseg.engine.inference.pipeline import predict
+from napari_medseg.engine.inference.normalization import normalize
 from napari_medseg.engine.precision import autocast, resolve_precision
 from napari_medseg.errors import ConfigError
 from napari_medseg.models import create_model, list_models

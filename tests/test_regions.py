@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from napari_medseg.engine import metrics
-from napari_medseg.engine.regions import (
+from napari_medseg.engine.inference.regions import (
     Region,
     finished_keys,
     output_geometry,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_medseg.engine.losses import (
+from napari_medseg.engine.training.losses import (
     compute_loss,
     sa2net_dice_ce,
     sa2net_weighted_dice_bce,

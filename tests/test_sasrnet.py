@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_medseg.engine.losses import (
+from napari_medseg.engine.training.losses import (
     affinity_distance,
     compute_loss,
     sasr_dice_loss,

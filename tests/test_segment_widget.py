@@ -12,7 +12,7 @@ pytest.importorskip("pytestqt")
 
 from napari_medseg.engine.boundaries import boundary_from_labels  # noqa: E402
 from napari_medseg.engine.progress import PlaneEvent  # noqa: E402
-from napari_medseg.engine.regions import region_metrics  # noqa: E402
+from napari_medseg.engine.inference.regions import region_metrics  # noqa: E402
 
 pytestmark = pytest.mark.gui
 
@@ -516,7 +516,7 @@ def test_settings_become_the_engine_config():
 
 def test_session_cache_rethreshold_and_undo_of_the_cache():
     from napari_medseg._napari.session import Edit, SegmentSession
-    from napari_medseg.engine.regions import Region
+    from napari_medseg.engine.inference.regions import Region
 
     session = SegmentSession()
     probs = np.linspace(0, 1, 2 * 4 * 4, dtype=np.float32).reshape(1, 2, 4, 4)

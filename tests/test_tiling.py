@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_medseg.engine.tiling import (
+from napari_medseg.engine.inference.tiling import (
     Stitcher,
     TileGrid,
     balance_tile,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from napari_medseg.config import FinetuneConfig, TrainConfig
-from napari_medseg.engine.train import (
+from napari_medseg.engine.training.train import (
     StepEvent,
     ValidationEvent,
     _lr_at,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_medseg.engine.losses import (
+from napari_medseg.engine.training.losses import (
     compute_loss,
     unet_sharp_bce_dice,
     unet_sharp_cgm_loss,

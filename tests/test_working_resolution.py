@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from napari_medseg.config import TrainConfig
 from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
-from napari_medseg.engine.inference import predict
-from napari_medseg.engine.train import train_iter
+from napari_medseg.engine.inference.pipeline import predict
+from napari_medseg.engine.training.train import train_iter
 from napari_medseg.errors import ConfigError
 from napari_medseg.models import create_model
 from napari_medseg.models.working_resolution import (
@@ -102,7 +102,7 @@ def test_training_at_a_working_resolution_records_it(tmp_path, nuclei_folders):
 
 def test_fine_tuning_a_downsampled_network_keeps_its_working_resolution(tmp_path):
     from napari_medseg.config import FinetuneConfig
-    from napari_medseg.engine.finetune import finetune, samples_from_corrections
+    from napari_medseg.engine.training.finetune import finetune, samples_from_corrections
 
     rng = np.random.default_rng(0)
     image = rng.normal(0.2, 0.05, (192, 192)).astype(np.float32)
@@ -142,7 +142,7 @@ def test_the_shipped_lesion_weights_run_at_a_third_of_the_resolution():
 
 
 def test_a_small_tile_for_a_downsampled_network_gets_a_warning():
-    from napari_medseg.engine.inference import plan_prediction, predict_iter
+    from napari_medseg.engine.inference.pipeline import plan_prediction, predict_iter
     from napari_medseg.engine.progress import NoticeEvent
 
     model = WorkingResolution(_net(1), 2)

@@ -256,7 +256,7 @@ def _predict_config(args: argparse.Namespace):
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .engine.inference import plan_prediction, predict_iter
+    from .engine.inference.pipeline import plan_prediction, predict_iter
     from .engine.progress import (
         CancelToken,
         FinishedEvent,
@@ -396,7 +396,7 @@ def _ctrl_c_cancels(token, stopping: Callable[[], None]) -> Iterator[None]:
 
 
 def _seconds(s: float) -> str:
-    from .engine.plan import format_seconds
+    from .engine.inference.plan import format_seconds
 
     return format_seconds(s)
 
@@ -469,7 +469,7 @@ def _batch_config(args: argparse.Namespace):
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from .engine.batch import FileEvent, run_folder_iter
+    from .engine.batch.run import FileEvent, run_folder_iter
     from .engine.progress import CancelToken, FinishedEvent, NoticeEvent
 
     err = sys.stderr
@@ -581,9 +581,9 @@ def _finetune_config(args: argparse.Namespace):
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from .engine.checkpoints import resolve_weights
-    from .engine.finetune import finetune_iter, samples_from_folders
+    from .engine.training.finetune import finetune_iter, samples_from_folders
     from .engine.progress import CancelToken, FinishedEvent, NoticeEvent, StageEvent
-    from .engine.train import StepEvent, ValidationEvent
+    from .engine.training.train import StepEvent, ValidationEvent
 
     err = sys.stderr
     config = _finetune_config(args)
@@ -696,7 +696,7 @@ def _add_finetune(sub) -> argparse.ArgumentParser:
 
 
 def _print_train_event(event, bar) -> None:
-    from .engine.train import StepEvent, ValidationEvent
+    from .engine.training.train import StepEvent, ValidationEvent
 
     if isinstance(event, StepEvent):
         if bar is not None:
@@ -720,7 +720,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .config import TrainConfig
-    from .engine.train import train_iter
+    from .engine.training.train import train_iter
 
     renamed = {"model": "network", "classes": "num_classes", "minutes": "max_minutes"}
     config = _config(TrainConfig, args, "train", {
@@ -749,7 +749,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .config import PredictConfig
     from .engine.checkpoints import resolve_weights
-    from .engine.evaluate import evaluate_iter, format_table
+    from .engine.training.evaluate import evaluate_iter, format_table
 
     model, _info = resolve_weights(args.weights, device=args.device or "cpu")
     config = _config(PredictConfig, args, None,
@@ -774,7 +774,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from .config import PredictConfig
     from .engine.checkpoints import default_weights, resolve_weights
-    from .engine.inference import predict
+    from .engine.inference.pipeline import predict
     from .engine.metrics import dice
     from .errors import WeightsNotFoundError
     from .io import read_image, write_labels

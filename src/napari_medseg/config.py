@@ -42,7 +42,7 @@ __all__ = [
 #: Ways overlapping tiles are merged: a gaussian taper, a plain average, or each pixel
 #: taken from the one tile whose centre region owns it.
 BLEND_MODES = ("gaussian", "constant", "crop")
-#: Intensity normalizations (see :mod:`napari_medseg.engine.normalization`).
+#: Intensity normalizations (see :mod:`napari_medseg.engine.inference.normalization`).
 NORMALIZATION_MODES = ("percentile", "minmax", "zscore", "window", "meanstd", "none")
 #: What ``predict`` can produce.
 OUTPUT_NAMES = ("mask", "boundary", "probabilities", "instances", "variance")
@@ -549,7 +549,7 @@ __all__ += ["BATCH_FORMATS", "BATCH_OUTPUTS", "BatchConfig"]
 
 @dataclass(frozen=True)
 class AugmentConfig(ConfigBase):
-    """Training augmentations (:mod:`napari_medseg.engine.augment`), and how strong.
+    """Training augmentations (:mod:`napari_medseg.engine.training.augment`), and how strong.
 
     Attributes:
         flips: random horizontal and vertical flips.
@@ -575,7 +575,7 @@ class AugmentConfig(ConfigBase):
 
 @dataclass(frozen=True)
 class TrainConfig(ConfigBase):
-    """Settings of ``napari-medseg train`` (:mod:`napari_medseg.engine.train`).
+    """Settings of ``napari-medseg train`` (:mod:`napari_medseg.engine.training.train`).
 
     Attributes:
         network: registry name of the network.
@@ -664,7 +664,7 @@ class TrainConfig(ConfigBase):
 
 @dataclass(frozen=True)
 class FinetuneConfig(ConfigBase):
-    """Settings of fine-tuning on a user's corrections (:mod:`napari_medseg.engine.finetune`,
+    """Settings of fine-tuning on a user's corrections (:mod:`napari_medseg.engine.training.finetune`,
     ``napari-medseg finetune`` and the Fine-tune widget).
 
     The defaults fit a CPU: a plain run on a handful of 256 x 320 images takes a few minutes.

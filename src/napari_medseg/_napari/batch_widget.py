@@ -1,9 +1,9 @@
 """The Batch widget: segment every image of a folder without blocking napari.
 
-A thin skin over :func:`napari_medseg.engine.batch.run_folder_iter`: the form (input and
+A thin skin over :func:`napari_medseg.engine.batch.run.run_folder_iter`: the form (input and
 output folders, file pattern, weights, device, output format) becomes a
 :class:`~napari_medseg.config.BatchConfig`; the engine's generator runs in a napari thread
-worker (:func:`.worker.start_job`), and each :class:`~napari_medseg.engine.batch.FileEvent`
+worker (:func:`.worker.start_job`), and each :class:`~napari_medseg.engine.batch.run.FileEvent`
 it yields fills one row of the progress table (file, status, time) as it arrives. Cancel
 sets the engine's token: the file being predicted stops after its current batch of tiles and
 nothing half-written is left. A click on a row opens that image and, once it is finished,
@@ -108,9 +108,9 @@ def batch_job(in_dir: str, out_dir: str, config: BatchConfig,
     """Run the batch in a worker thread; errors come back as one sentence, never raised.
 
     Yields the engine's events; returns a :class:`~.worker.JobOutcome` whose value is the
-    :class:`~napari_medseg.engine.batch.BatchSummary`.
+    :class:`~napari_medseg.engine.batch.run.BatchSummary`.
     """
-    from ..engine.batch import run_folder_iter
+    from ..engine.batch.run import run_folder_iter
 
     return (yield from guard_iter(run_folder_iter, in_dir, out_dir, config, cancel=cancel))
 
@@ -125,7 +125,7 @@ class BatchWidget(QWidget):
 
     Attributes:
         viewer: the napari viewer rows open into.
-        summary: the last run's :class:`~napari_medseg.engine.batch.BatchSummary`.
+        summary: the last run's :class:`~napari_medseg.engine.batch.run.BatchSummary`.
         table: the progress table (one row per file).
     """
 
@@ -255,7 +255,7 @@ class BatchWidget(QWidget):
         self.cancel_button.enabled = running
 
     def _on_event(self, event: ProgressEvent) -> None:
-        from ..engine.batch import FileEvent
+        from ..engine.batch.run import FileEvent
 
         if isinstance(event, FileEvent):
             self._show_file(event)

@@ -1,19 +1,19 @@
 """The Fine-tune dock widget: learn from the user's corrections without freezing the viewer.
 
-A thin skin over :mod:`napari_medseg.engine.finetune`. The widget gathers its values (image,
+A thin skin over :mod:`napari_medseg.engine.training.finetune`. The widget gathers its values (image,
 corrected labels, optional corrected boundary, what the labels are compared with, the starting
 weights, steps, learning rate, freeze encoder, replay) into a
 :class:`~napari_medseg.config.FinetuneConfig` and copies of the layer data, then runs one job
 in a napari thread worker (:func:`.worker.start_job`):
 
 1. the corrected labels (and boundary) are autosaved to the user data folder
-   (:func:`~napari_medseg.engine.lineage.autosave_labels`) before anything else, so a crash
+   (:func:`~napari_medseg.engine.training.lineage.autosave_labels`) before anything else, so a crash
    loses no annotation;
 2. the starting weights are loaded (the Segment widget's current choice, one of the user's
    checkpoints, or shipped weights);
-3. the corrected regions are found (:func:`~napari_medseg.engine.finetune.prepare_corrections_iter`:
+3. the corrected regions are found (:func:`~napari_medseg.engine.training.finetune.prepare_corrections_iter`:
    by default the starting weights predict the labelled planes and the differences count);
-4. :func:`~napari_medseg.engine.finetune.finetune_iter` trains, with replay of earlier
+4. :func:`~napari_medseg.engine.training.finetune.finetune_iter` trains, with replay of earlier
    corrections of the same model line, and writes the checkpoint with its lineage into the
    user data folder.
 
@@ -54,9 +54,9 @@ from qtpy.QtWidgets import (
 )
 
 from ..config import FinetuneConfig
-from ..engine.finetune import DataEvent, FinetuneResult
+from ..engine.training.finetune import DataEvent, FinetuneResult
 from ..engine.progress import CancelToken, FinishedEvent, NoticeEvent, StageEvent, TilesEvent
-from ..engine.train import StepEvent, ValidationEvent
+from ..engine.training.train import StepEvent, ValidationEvent
 from ..errors import ConfigError, InputShapeError, MedsegError
 from . import result_layers
 from .worker import (
@@ -254,17 +254,17 @@ def finetune_job(
         labels_name: the labels layer's name (the autosave's file name).
         boundary: a copy of the corrected boundary layer, or None.
         prediction: ``"model"``, a copy of a prediction layer, or None (see
-            :func:`~napari_medseg.engine.finetune.prepare_corrections_iter`).
+            :func:`~napari_medseg.engine.training.finetune.prepare_corrections_iter`).
         image_name: the image layer's name.
         config: the settings.
         cancel: Stop sets it; the best weights so far are kept.
         label_meta: the labels' geometry for the autosave, or None.
 
     Returns:
-        An outcome whose value is the :class:`~napari_medseg.engine.finetune.FinetuneResult`.
+        An outcome whose value is the :class:`~napari_medseg.engine.training.finetune.FinetuneResult`.
     """
-    from ..engine.finetune import ReplayStore, finetune_iter, prepare_corrections_iter
-    from ..engine.lineage import autosave_labels, lineage_root, set_active, unique_checkpoint_path
+    from ..engine.training.finetune import ReplayStore, finetune_iter, prepare_corrections_iter
+    from ..engine.training.lineage import autosave_labels, lineage_root, set_active, unique_checkpoint_path
 
     def work():
         yield StageEvent("Saving your labels before training.", stage="autosave")
@@ -501,7 +501,7 @@ class FinetuneWidget(LayerListMixin, QWidget):
         import warnings
 
         from ..engine.checkpoints import list_shipped_weights
-        from ..engine.lineage import active_source, list_lineage
+        from ..engine.training.lineage import active_source, list_lineage
 
         current = self.base_combo.currentData()
         self.base_combo.blockSignals(True)
@@ -526,7 +526,7 @@ class FinetuneWidget(LayerListMixin, QWidget):
 
     def refresh_checkpoints(self) -> None:
         """Fill the checkpoint list from the user data folder (newest last)."""
-        from ..engine.lineage import active_source, ancestors, list_lineage
+        from ..engine.training.lineage import active_source, ancestors, list_lineage
 
         self.checkpoint_list.clear()
         entries = list_lineage()
@@ -766,7 +766,7 @@ class FinetuneWidget(LayerListMixin, QWidget):
     def use_selected(self) -> bool:
         """Activate the selected checkpoint: Segment uses it, the next fine-tuning starts
         from it."""
-        from ..engine.lineage import set_active
+        from ..engine.training.lineage import set_active
 
         entry = self._selected_entry()
         if entry is None:
@@ -776,7 +776,7 @@ class FinetuneWidget(LayerListMixin, QWidget):
 
     def revert_selected(self) -> bool:
         """Go back to the selected checkpoint's parent (its checkpoint or shipped weights)."""
-        from ..engine.lineage import revert
+        from ..engine.training.lineage import revert
 
         entry = self._selected_entry()
         if entry is None:

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.postprocess import dequantize_probabilities
-from ..engine.regions import Region, finished_keys, output_geometry, whole_region
+from ..engine.inference.postprocess import dequantize_probabilities
+from ..engine.inference.regions import Region, finished_keys, output_geometry, whole_region
 from ..errors import InputShapeError
 from .layers import META_KEY, meta_from_layer
 from .session import Edit, ProbabilityCache, SegmentSession
@@ -512,7 +512,7 @@ def draw_tiles(viewer: Any, image_layer: Any, plan: Any, region: Region) -> Any:
     Args:
         viewer: the napari viewer.
         image_layer: the image the plan is for.
-        plan: a :class:`~napari_medseg.engine.plan.TilePlan` of ``region``.
+        plan: a :class:`~napari_medseg.engine.inference.plan.TilePlan` of ``region``.
         region: the part of the image the plan covers (its in-plane offset places tiles).
 
     Returns:

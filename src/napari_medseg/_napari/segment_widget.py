@@ -3,7 +3,7 @@
 A thin skin over the engine. The widget gathers its values into a
 :class:`~.session.RunSettings` (which builds the engine's ``PredictConfig``), computes the
 region to segment from the viewer (current slice, visible region or whole image, see
-:mod:`napari_medseg.engine.regions`), and runs the engine's ``predict_iter`` generator in a
+:mod:`napari_medseg.engine.inference.regions`), and runs the engine's ``predict_iter`` generator in a
 napari thread worker (:mod:`.worker`) with napari's cancellable progress bar. The results
 become layers in :mod:`.result_layers`; the session keeps probabilities (so the threshold
 re-derives masks without running the network), measured timings (for the plan) and the
@@ -45,9 +45,9 @@ from qtpy.QtWidgets import (
 from superqt import QLabeledDoubleSlider
 
 from ..config import BLEND_MODES, TilingConfig
-from ..engine.plan import format_seconds
+from ..engine.inference.plan import format_seconds
 from ..engine.progress import NoticeEvent, PlaneEvent, PlanEvent, StageEvent, TilesEvent
-from ..engine.regions import Region, plane_region, visible_region, whole_region
+from ..engine.inference.regions import Region, plane_region, visible_region, whole_region
 from ..errors import ConfigError, MedsegError
 from . import result_layers
 from .session import (

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from ..config import PredictConfig
-from ..engine import postprocess
-from ..engine.regions import Region, stack_blocks
+from ..engine.inference import postprocess
+from ..engine.inference.regions import Region, stack_blocks
 from ..errors import ConfigError, WeightsNotFoundError
 
 __all__ = [

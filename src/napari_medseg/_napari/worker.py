@@ -35,7 +35,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFormLayout, QHBoxLayout, QLabel, QWidget
 
 from ..engine.progress import CancelToken, NoticeEvent, ProgressEvent, StageEvent
-from ..engine.regions import stack_blocks
+from ..engine.inference.regions import stack_blocks
 from ..errors import MedsegError
 
 __all__ = [
@@ -413,7 +413,7 @@ def run_job(session: Any, choice: Any, variant: str, in_channels: int, image: An
         config: the :class:`~napari_medseg.config.PredictConfig`.
         cancel: the token the engine checks between batches.
     """
-    from ..engine.inference import predict_iter
+    from ..engine.inference.pipeline import predict_iter
 
     def work():
         yield StageEvent(message="Loading the network.", stage="loading")
@@ -435,7 +435,7 @@ def plan_job(session: Any, choice: Any, variant: str, in_channels: int, image: A
     """
 
     def work():
-        from ..engine.inference import plan_prediction
+        from ..engine.inference.pipeline import plan_prediction
 
         model = session.load_model(choice, variant, in_channels)
         with session.model_lock:
@@ -453,7 +453,7 @@ def threshold_job(session: Any, image_name: str, threshold: float) -> JobOutcome
 def metrics_job(prediction: Any, reference: Any, axes: str, num_classes: int,
                 spacing: Any) -> JobOutcome:
     """Per-class Dice, IoU, HD95 and boundary F1 of a prediction against a reference."""
-    from ..engine.regions import region_metrics
+    from ..engine.inference.regions import region_metrics
 
     return _guard(region_metrics, prediction, reference, axes, num_classes, spacing)
 
@@ -464,7 +464,7 @@ def boundary_job(mask: Any, axes: str) -> JobOutcome:
     def work():
         import numpy as np
 
-        from ..engine.postprocess import derive_boundary
+        from ..engine.inference.postprocess import derive_boundary
 
         mask_ = np.asarray(mask)
         out = np.zeros(mask_.shape, np.uint8)
@@ -481,7 +481,7 @@ def instances_job(mask: Any, boundary: Any, axes: str, min_size: int = 8) -> Job
     def work():
         import numpy as np
 
-        from ..engine.postprocess import instances
+        from ..engine.inference.postprocess import instances
 
         mask_ = np.asarray(mask)
         bnd = None if boundary is None else np.asarray(boundary)

@@ -263,7 +263,7 @@ class PlaneView:
 
     Indexing with a tuple of slices (channels first, then the plane's axes) reads only that
     region from the source, moves the channels first, and applies the channel conversion.
-    Only basic slicing is supported (what :func:`~napari_medseg.engine.tiling.read_tile`
+    Only basic slicing is supported (what :func:`~napari_medseg.engine.inference.tiling.read_tile`
     needs).
     """
 

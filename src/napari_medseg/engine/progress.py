@@ -21,10 +21,13 @@ plain frozen dataclasses: safe to pass between threads, never holding a GUI obje
 from __future__ import annotations
 
 import threading
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import CancelledError
+
+T = TypeVar("T")
 
 __all__ = [
     "CancelToken",
@@ -36,6 +39,7 @@ __all__ = [
     "PlaneEvent",
     "CancelledEvent",
     "FinishedEvent",
+    "drain",
 ]
 
 
@@ -98,7 +102,7 @@ class PlanEvent(ProgressEvent):
     """The tile plan; sent before the first batch, and again once the probe timed a batch.
 
     Attributes:
-        plan: a :class:`napari_medseg.engine.plan.TilePlan`.
+        plan: a :class:`napari_medseg.engine.inference.plan.TilePlan`.
         probed: True when ``plan`` carries the measured time and memory of one batch.
     """
 
@@ -162,3 +166,16 @@ class FinishedEvent(ProgressEvent):
     """
 
     result: Any = None
+
+
+def drain(gen: Generator[Any, Any, T]) -> T:
+    """Run a progress generator to its end, ignoring the events, and return its result.
+
+    Every long engine operation is a generator (``predict_iter``, ``train_iter``,
+    ``finetune_iter``, ``run_folder_iter`` ...); its plain counterpart is ``drain`` of it.
+    """
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value

@@ -45,7 +45,7 @@ class ModelSpec:
         output_scale: output side / input side (2 for SASR-Net, 1 otherwise).
         heads: keys of the dict ``model(x)`` returns in eval mode.
         train_outputs: keys added in training mode (deep supervision, SR image, ...).
-        loss: name of the training loss in ``napari_medseg.engine.losses``.
+        loss: name of the training loss in ``napari_medseg.engine.training.losses``.
         encoder_prefixes: parameter-name prefixes of the encoder (frozen by "freeze encoder").
         preferred_tile: the tile side the engine uses when none is asked (the side the
             network was designed and trained around, unless a measured reason says otherwise).

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from ..config import PredictConfig
+from ...config import PredictConfig
 from .datasets import find_pairs, to_channels_first
-from .metrics import aggregated_jaccard, boundary_f1, dice, hd95, instance_f1, iou
-from .progress import CancelToken, FinishedEvent, ProgressEvent, StageEvent
+from ..metrics import aggregated_jaccard, boundary_f1, dice, hd95, instance_f1, iou
+from ..progress import CancelToken, FinishedEvent, ProgressEvent, StageEvent, drain
 
 __all__ = ["ImageScore", "EvalResult", "evaluate_iter", "evaluate", "format_table"]
 
@@ -98,8 +98,8 @@ def evaluate_iter(
             label in the reference).
         cancel: checked between images.
     """
-    from ..io import read_image
-    from .inference import predict
+    from ...io import read_image
+    from ..inference.pipeline import predict
 
     cancel = cancel or CancelToken()
     pairs = find_pairs(images, masks, pattern)
@@ -160,12 +160,7 @@ def evaluate_iter(
 
 def evaluate(model, images, masks, config: PredictConfig | None = None, **kwargs) -> EvalResult:
     """Run :func:`evaluate_iter` to the end and return its result."""
-    gen = evaluate_iter(model, images, masks, config, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return drain(evaluate_iter(model, images, masks, config, **kwargs))
 
 
 def format_table(result: EvalResult) -> str:

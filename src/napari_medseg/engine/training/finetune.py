@@ -43,11 +43,11 @@ from typing import Any
 
 import numpy as np
 
-from ..config import FinetuneConfig, NormalizationConfig, PredictConfig
-from ..errors import ConfigError, InputShapeError
-from .boundaries import boundary_from_labels
+from ...config import FinetuneConfig, NormalizationConfig, PredictConfig
+from ...errors import ConfigError, InputShapeError
+from ..boundaries import boundary_from_labels
 from .datasets import Sample, split_samples
-from .progress import CancelToken, FinishedEvent, NoticeEvent, ProgressEvent, StageEvent
+from ..progress import CancelToken, FinishedEvent, NoticeEvent, ProgressEvent, StageEvent, drain
 
 __all__ = [
     "CorrectionRegion",
@@ -439,8 +439,8 @@ def samples_from_corrections(
     Raises:
         InputShapeError: shapes or axes that do not fit.
     """
-    from .layout import channel_conversion, convert_channels
-    from .normalization import fit_normalization, sample_values
+    from ..layout import channel_conversion, convert_channels
+    from ..inference.normalization import fit_normalization, sample_values
 
     config = config or FinetuneConfig()
     labels = np.asarray(corrected)
@@ -483,7 +483,7 @@ def samples_from_corrections(
     have = shape[c_axis] if c_axis is not None else 1
     conversion = channel_conversion(have, in_channels)
     values = convert_channels(sample_values(image, c_axis), conversion)
-    from .normalization import DEFAULT_NORMALIZATION
+    from ..inference.normalization import DEFAULT_NORMALIZATION
 
     stats = fit_normalization(values, normalization or DEFAULT_NORMALIZATION)
     samples: list[RegionSample] = []
@@ -569,7 +569,7 @@ def prepare_corrections_iter(
 
 def _predict_labelled(image, corrected, model, config, axes, want_boundary, cancel):
     """The model's prediction on the planes holding labels (zeros elsewhere)."""
-    from .inference import predict_iter
+    from ..inference.pipeline import predict_iter
 
     labels = np.asarray(corrected)
     shape = tuple(int(s) for s in image.shape)
@@ -626,7 +626,7 @@ def samples_from_folders(
     Returns:
         ``(samples, data hash)``; the hash covers the files' names and bytes.
     """
-    from ..io import read_image
+    from ...io import read_image
     from .datasets import _stem, data_hash, find_pairs
 
     pairs = find_pairs(images, masks, pattern)
@@ -753,7 +753,7 @@ class ReplayStore:
 
     def __init__(self, folder: str | Path | None = None) -> None:
         if folder is None:
-            from ..resources import user_data_dir
+            from ...resources import user_data_dir
 
             folder = user_data_dir() / "replay"
         self.folder = Path(folder)
@@ -859,9 +859,9 @@ def finetune_iter(
     """
     import torch
 
-    from .device import resolve_device
+    from ..device import resolve_device
     from .lineage import lineage_root, save_checkpoint_atomic
-    from .precision import resolve_precision
+    from ..precision import resolve_precision
     from .train import LoopState, ValidationEvent, optimise_iter, validate
 
     config = _as_config(config)
@@ -954,7 +954,7 @@ def finetune_iter(
 
     checkpoint, info = None, parent_info
     if output is not None:
-        from .checkpoints import checkpoint_paths
+        from ..checkpoints import checkpoint_paths
 
         output = checkpoint_paths(output)[0]
         norm = parent_info.normalization_config() if parent_info is not None else None
@@ -1009,9 +1009,4 @@ def _round(value: float) -> float | None:
 def finetune(model: Any, samples: Sequence[Sample], config: Any = None,
              **kwargs: Any) -> FinetuneResult:
     """Run :func:`finetune_iter` to the end and return its result."""
-    gen = finetune_iter(model, samples, config, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return drain(finetune_iter(model, samples, config, **kwargs))

@@ -27,19 +27,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import NormalizationConfig, PredictConfig, TrainConfig
-from ..errors import InputShapeError
-from ..models import create_model
-from ..models.working_resolution import with_downsample
+from ...config import NormalizationConfig, PredictConfig, TrainConfig
+from ...errors import InputShapeError
+from ...models import create_model
+from ...models.working_resolution import with_downsample
 from .augment import augment_batch
-from .checkpoints import load_checkpoint, save_checkpoint
+from ..checkpoints import load_checkpoint, save_checkpoint
 from .datasets import PatchSampler, Sample, data_hash, find_pairs, load_samples, split_samples
-from .device import resolve_device
+from ..device import resolve_device
 from .losses import compute_loss
-from .metrics import dice
-from .normalization import normalize
-from .precision import autocast, resolve_precision
-from .progress import CancelToken, FinishedEvent, NoticeEvent, ProgressEvent, StageEvent
+from ..metrics import dice
+from ..inference.normalization import normalize
+from ..precision import autocast, resolve_precision
+from ..progress import CancelToken, FinishedEvent, NoticeEvent, ProgressEvent, StageEvent, drain
 
 __all__ = [
     "StepEvent",
@@ -172,7 +172,7 @@ def validate(model, samples: Iterable[Sample], spec, device: str, precision: str
     only. A super-resolution network gets each image downsampled by its output scale, so its
     prediction comes back at the reference's size.
     """
-    from .inference import predict
+    from ..inference.pipeline import predict
 
     cfg = PredictConfig.from_mapping({
         "normalization": {"mode": "none"}, "device": device, "precision": precision,
@@ -441,7 +441,7 @@ def train_iter(
     else:
         in_channels = config.in_channels or 0
     if not in_channels:
-        from ..io import read_image
+        from ...io import read_image
 
         probe, meta = read_image(pairs[0][0])
         in_channels = probe.shape[meta.axes.index("C")] if "C" in meta.axes else 1
@@ -542,9 +542,4 @@ def train_iter(
 
 def train(images, masks, output, config: TrainConfig, **kwargs) -> TrainResult:
     """Run :func:`train_iter` to the end and return its result."""
-    gen = train_iter(images, masks, output, config, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return drain(train_iter(images, masks, output, config, **kwargs))

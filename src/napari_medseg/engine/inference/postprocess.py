@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .boundaries import boundary_from_labels, instances_from_mask
-from .metrics import dice
+from ..boundaries import boundary_from_labels, instances_from_mask
+from ..metrics import dice
 
 __all__ = [
     "mask_dtype",

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.spec import ModelSpec
+from ...models.spec import ModelSpec
 
 __all__ = [
     "LossFn",
@@ -398,7 +398,7 @@ def banet_boundary_target(
         border: ``"replicate"`` or ``"zeros"``.
         valid: N x H x W pixel weights (> 0 = annotated), or None.
     """
-    from .boundaries import boundary_target
+    from ..boundaries import boundary_target
 
     if border not in ("replicate", "zeros"):
         raise ValueError(f"border must be 'replicate' or 'zeros', not {border!r}")
@@ -623,7 +623,7 @@ def sasrnet_loss(
     resolution and ``targets["image_hr"]`` is the full-resolution image the SR branch rebuilds.
     Invalid pixels are left out of the Dice and the SR error and zeroed in both affinity maps.
     """
-    from ..errors import InputShapeError
+    from ...errors import InputShapeError
 
     logits = outputs["mask"]
     mask = targets["mask"]

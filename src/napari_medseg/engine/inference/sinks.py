@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ImageWriteError
+from ...errors import ImageWriteError
 
 __all__ = ["STORE_FORMAT", "OutputSink", "MemorySink", "ZarrSink"]
 

@@ -30,8 +30,8 @@ from itertools import product
 
 import numpy as np
 
-from ..errors import InputShapeError
-from . import metrics
+from ...errors import InputShapeError
+from .. import metrics
 
 __all__ = [
     "Region",

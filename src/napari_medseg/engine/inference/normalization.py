@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import NormalizationConfig
-from ..errors import InputShapeError
+from ...config import NormalizationConfig
+from ...errors import InputShapeError
 
 __all__ = [
     "DEFAULT_NORMALIZATION",

@@ -1,6 +1,6 @@
 """Tile grids, blending weights and a streaming stitcher; knows nothing about torch modules.
 
-The pieces, used by :mod:`napari_medseg.engine.inference` and proven exact with analytic
+The pieces, used by :mod:`napari_medseg.engine.inference.pipeline` and proven exact with analytic
 predictors in ``tests/test_tiling.py``:
 
 * :class:`TileGrid` cuts a spatial shape (YX or ZYX, any size, also smaller than one tile)

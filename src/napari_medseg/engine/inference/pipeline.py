@@ -50,16 +50,18 @@ from typing import Any
 
 import numpy as np
 
-from ..config import PredictConfig
-from ..errors import ConfigError, InputShapeError, MedsegError
-from ..models.spec import HEAD_BOUNDARY, HEAD_MASK
+from ...config import PredictConfig
+from ...errors import ConfigError, InputShapeError, MedsegError
+from ...io.metadata import ImageMeta, output_meta
+from ...models.spec import HEAD_BOUNDARY, HEAD_MASK
 from . import postprocess
-from .device import free_memory, resolve_device
-from .layout import Layout, convert_channels, guess_axes
+from ..device import free_memory, resolve_device
+from ..layout import Layout, convert_channels, guess_axes
 from .normalization import DEFAULT_NORMALIZATION, fit_normalization, sample_values
 from .plan import ACTIVATION_BYTES_PER_PIXEL, TilePlan
-from .precision import autocast, resolve_precision
-from .progress import (
+from ..precision import autocast, resolve_precision
+from ..progress import (
+    drain,
     CancelledEvent,
     CancelToken,
     FinishedEvent,
@@ -114,6 +116,9 @@ class PredictionResult:
         notices: the notices sent during the run.
         store: the zarr store path, when streamed.
         scale: output side / input side.
+        meta: the label outputs' geometry (:class:`~napari_medseg.io.ImageMeta` on their
+            grid: the input's spacing, origin and affine, made finer in-plane for a
+            super-resolving network); probabilities add a leading ``C``.
     """
 
     outputs: dict[str, Any]
@@ -125,6 +130,7 @@ class PredictionResult:
     notices: tuple[str, ...] = ()
     store: str | None = None
     scale: int = 1
+    meta: Any = None
 
     def __getitem__(self, name: str) -> Any:
         return self.outputs[name]
@@ -832,6 +838,9 @@ class _Run:
             axes={o: self.axes_of[o] for o in wanted}, plan=self.plan, stats=stats,
             cancelled=cancelled, planes_done=tuple(sorted(done)), notices=tuple(self.notices),
             store=str(self.config.store) if self.config.store else None, scale=self.scale,
+            meta=output_meta(self.meta if isinstance(self.meta, ImageMeta) else None,
+                             self.layout.axes, self.layout.shape, self.layout.out_axes,
+                             self.layout.out_shape(self.scale)),
         )
         self.sink.close(complete=not cancelled, info={"stats": stats})
         if cancelled:
@@ -975,12 +984,7 @@ def predict(
     **settings: Any,
 ) -> PredictionResult:
     """Run :func:`predict_iter` to the end and return its result (same arguments)."""
-    gen = predict_iter(image, model, config, meta=meta, cancel=cancel, **settings)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return drain(predict_iter(image, model, config, meta=meta, cancel=cancel, **settings))
 
 
 def plan_prediction(

@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import resources
-from ..errors import CheckpointError, ImageWriteError
-from .checkpoints import CheckpointInfo, checkpoint_paths, read_checkpoint_info, save_checkpoint
+from ... import resources
+from ...errors import CheckpointError, ImageWriteError
+from ..checkpoints import CheckpointInfo, checkpoint_paths, read_checkpoint_info, save_checkpoint
 
 __all__ = [
     "CHECKPOINTS_FOLDER",
@@ -258,7 +258,7 @@ def describe_source(sha256: str | None) -> str:
         return "random init"
     import warnings
 
-    from .checkpoints import list_model_cards
+    from ..checkpoints import list_model_cards
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -400,7 +400,7 @@ def autosave_labels(labels: Any, name: str, meta: Any = None,
     Raises:
         ImageWriteError: the labels could not be written.
     """
-    from ..io import write_labels
+    from ...io import write_labels
 
     folder = autosave_dir(home)
     stem = safe_name(name)

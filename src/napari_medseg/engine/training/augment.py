@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import AugmentConfig
+from ...config import AugmentConfig
 
 __all__ = ["AugmentConfig", "augment_batch"]
 

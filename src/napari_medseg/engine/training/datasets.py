@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ImageReadError, InputShapeError
-from .boundaries import boundary_from_labels
+from ...errors import ImageReadError, InputShapeError
+from ..boundaries import boundary_from_labels
 
 __all__ = [
     "Sample",
@@ -54,7 +54,7 @@ def find_pairs(images: str | Path, masks: str | Path, pattern: str = "*") -> lis
     Raises:
         ImageReadError: a folder is missing or no pair matched.
     """
-    from ..io import is_supported
+    from ...io import is_supported
 
     images, masks = Path(images), Path(masks)
     for folder in (images, masks):
@@ -140,7 +140,7 @@ def load_samples(
             per file: more than one non-zero label means instances.
         block: slices of a stack per split group.
     """
-    from ..io import read_image
+    from ...io import read_image
 
     samples: list[Sample] = []
     for img_path, mask_path in pairs:

@@ -64,11 +64,13 @@ from typing import Any
 
 import numpy as np
 
-from .._version import __version__
-from ..config import BATCH_FORMATS, BatchConfig, PredictConfig
-from ..errors import CheckpointError, ConfigError, ImageReadError, MedsegError
-from ..io.detect import SUFFIXES, dicom_files_in, is_dicom_file, is_supported, is_zarr_dir
-from .progress import (
+from ..._version import __version__
+from ...config import BATCH_FORMATS, BatchConfig, PredictConfig
+from ...errors import CheckpointError, ConfigError, ImageReadError, MedsegError
+from ...io.detect import SUFFIXES, dicom_files_in, is_dicom_file, is_supported, is_zarr_dir
+from ...io.metadata import output_meta
+from ..progress import (
+    drain,
     CancelledEvent,
     CancelToken,
     FinishedEvent,
@@ -254,7 +256,7 @@ def _state_sha256(model) -> str:
 def _build_random(src: WeightsSource):
     import torch
 
-    from ..models import create_model
+    from ...models import create_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(src.seed)
@@ -270,7 +272,7 @@ def _load_model(src: WeightsSource):
         model = _build_random(src)
         sha = _state_sha256(model)
     else:
-        from .checkpoints import resolve_weights
+        from ..checkpoints import resolve_weights
 
         model, info = resolve_weights(src.source, device="cpu")
         sha = info.sha256 or ""
@@ -464,59 +466,6 @@ def _describe(exc: BaseException) -> str:
     return f"Unexpected {type(exc).__name__}" + (f": {text}" if text else "") + "."
 
 
-def _label_meta(meta, in_axes: str, in_shape: tuple[int, ...], out_axes: str,
-                out_shape: tuple[int, ...]):
-    """The metadata of a label output: the image's geometry on the output's grid.
-
-    Spacing and origin follow an output that is larger than the input (a super-resolving
-    network): a factor ``f`` divides the spacing and moves the first voxel's centre by
-    ``(0.5 / f - 0.5)`` input voxels; a NIfTI/DICOM affine gets the same change.
-    """
-    from ..io.metadata import SPATIAL_AXES, ImageMeta
-
-    base = meta.without_channels() if meta is not None else None
-    if base is None or base.axes != out_axes:
-        spacing, origin, units = [], [], []
-        lookup = {}
-        if meta is not None:
-            lookup = {a: (s, o, u) for a, s, o, u in zip(meta.spatial_axes, meta.spacing,
-                                                        meta.origin, meta.units)}
-        for a in out_axes:
-            if a in SPATIAL_AXES:
-                s, o, u = lookup.get(a, (1.0, 0.0, None))
-                spacing.append(s)
-                origin.append(o)
-                units.append(u)
-        uniform = len(set(units)) <= 1
-        base = ImageMeta(axes=out_axes, spacing=tuple(spacing), origin=tuple(origin),
-                         units=tuple(units) if uniform else (),
-                         source=getattr(meta, "source", None),
-                         extra=dict(getattr(meta, "extra", {}) or {}))
-    factors = {}
-    for a in base.spatial_axes:
-        if a in in_axes and a in out_axes:
-            n_in, n_out = in_shape[in_axes.index(a)], out_shape[out_axes.index(a)]
-            if n_in and n_out != n_in:
-                factors[a] = n_out / n_in
-    if not factors:
-        return base
-    spacing = list(base.spacing)
-    origin = list(base.origin)
-    for i, a in enumerate(base.spatial_axes):
-        f = factors.get(a, 1.0)
-        origin[i] = origin[i] + (0.5 / f - 0.5) * spacing[i]
-        spacing[i] = spacing[i] / f
-    changes: dict[str, Any] = {"spacing": tuple(spacing), "origin": tuple(origin)}
-    if base.affine is not None:
-        m = np.eye(4)
-        for col, a in enumerate("XYZ"):
-            f = factors.get(a, 1.0)
-            m[col, col] = 1.0 / f
-            m[col, 3] = 0.5 / f - 0.5
-        changes["affine"] = np.asarray(base.affine) @ m
-    return base.replace(**changes)
-
-
 def _remove(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         if path.is_dir() and not path.is_symlink():
@@ -527,7 +476,7 @@ def _remove(path: Path) -> None:
 
 def _write_atomic(final: Path, labels, meta, fmt: str) -> None:
     """Write ``labels`` under a temporary name beside ``final``, then rename it."""
-    from ..io import write_labels
+    from ...io import write_labels
 
     final.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:8]
@@ -550,8 +499,8 @@ def _file_iter(task: FileTask, model, cancel: CancelToken) -> Generator[Progress
     Returns the outcome (``status`` done, failed or cancelled, ``seconds``, ``error``,
     ``notices``, ``stats``); errors are caught and reported, never raised.
     """
-    from ..io import read_image
-    from .inference import predict_iter
+    from ...io import read_image
+    from ..inference.pipeline import predict_iter
 
     t0 = time.perf_counter()
     outcome: dict[str, Any] = {"name": task.name, "status": "failed", "error": None,
@@ -576,7 +525,7 @@ def _file_iter(task: FileTask, model, cancel: CancelToken) -> Generator[Progress
         else:
             labels = np.asarray(result.outputs[task.output])
             in_axes = task.predict.axes or getattr(meta, "axes", None) or ""
-            lmeta = _label_meta(meta, in_axes, tuple(image.shape), result.axes[task.output],
+            lmeta = output_meta(meta, in_axes, tuple(image.shape), result.axes[task.output],
                                 tuple(labels.shape))
             _write_atomic(Path(task.output_path), labels, lmeta, task.format)
             outcome["status"] = "done"
@@ -799,7 +748,7 @@ def _weights(config: BatchConfig) -> tuple[WeightsSource, Any, list[NoticeEvent]
     """Resolve the weights once in the driver: ``(source, model, notices)``."""
     notices: list[NoticeEvent] = []
     if config.weights:
-        from .checkpoints import checkpoint_paths, resolve_weights
+        from ..checkpoints import checkpoint_paths, resolve_weights
 
         model, info = resolve_weights(config.weights, device="cpu")
         weights_path, json_path = checkpoint_paths(config.weights)
@@ -1063,9 +1012,4 @@ def run_folder(
     **settings: Any,
 ) -> BatchSummary:
     """Run :func:`run_folder_iter` to the end and return its summary (same arguments)."""
-    gen = run_folder_iter(in_dir, out_dir, config, cancel=cancel, **settings)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return drain(run_folder_iter(in_dir, out_dir, config, cancel=cancel, **settings))
