@@ -23,7 +23,7 @@ import numpy as np
 
 from ..config import PredictConfig
 from ..engine.inference import postprocess
-from ..engine.inference.regions import Region, stack_blocks
+from ..engine.inference.regions import Region
 from ..errors import ConfigError, WeightsNotFoundError
 
 __all__ = [
@@ -456,9 +456,7 @@ class SegmentSession:
             mask = postprocess.mask_from_probabilities(probs, float(threshold))
             boundary = None
             if not cache.has_boundary_head:
-                boundary = np.zeros(mask.shape, np.uint8)
-                for key in stack_blocks(cache.axes, mask.shape):
-                    boundary[key] = postprocess.derive_boundary(mask[key])
+                boundary = postprocess.boundary_per_block(mask, cache.axes)
             out.append((region.slices, mask, boundary))
         return out
 

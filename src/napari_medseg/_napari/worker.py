@@ -35,7 +35,6 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFormLayout, QHBoxLayout, QLabel, QWidget
 
 from ..engine.progress import CancelToken, NoticeEvent, ProgressEvent, StageEvent
-from ..engine.inference.regions import stack_blocks
 from ..errors import MedsegError
 
 __all__ = [
@@ -460,45 +459,13 @@ def metrics_job(prediction: Any, reference: Any, axes: str, num_classes: int,
 
 def boundary_job(mask: Any, axes: str) -> JobOutcome:
     """A boundary map (uint8) from a label image, per ``T``/``I`` block."""
+    from ..engine.inference.postprocess import boundary_per_block
 
-    def work():
-        import numpy as np
-
-        from ..engine.inference.postprocess import derive_boundary
-
-        mask_ = np.asarray(mask)
-        out = np.zeros(mask_.shape, np.uint8)
-        for key in stack_blocks(axes, mask_.shape):
-            out[key] = derive_boundary(mask_[key])
-        return out
-
-    return _guard(work)
+    return _guard(boundary_per_block, mask, axes)
 
 
 def instances_job(mask: Any, boundary: Any, axes: str, min_size: int = 8) -> JobOutcome:
-    """Instance labels (int32) from a mask split by a boundary map (watershed)."""
+    """Instance labels (int32) from a mask split by a boundary map, numbered per block."""
+    from ..engine.inference.postprocess import instances_per_block
 
-    def work():
-        import numpy as np
-
-        from ..engine.inference.postprocess import instances
-
-        mask_ = np.asarray(mask)
-        bnd = None if boundary is None else np.asarray(boundary)
-        if bnd is not None and bnd.shape != mask_.shape:
-            from ..errors import InputShapeError
-
-            raise InputShapeError(
-                f"The boundary layer has shape {bnd.shape} but the mask has {mask_.shape}; "
-                "derive the boundary from the mask first.")
-        out = np.zeros(mask_.shape, np.int32)
-        offset = 0
-        for key in stack_blocks(axes, mask_.shape):
-            block = instances(mask_[key], None if bnd is None else bnd[key], min_size)
-            if offset:
-                block = np.where(block > 0, block + offset, 0)
-            out[key] = block
-            offset = int(out.max())
-        return out
-
-    return _guard(work)
+    return _guard(instances_per_block, mask, boundary, axes, min_size)

@@ -866,23 +866,6 @@ class _Run:
             self.arrays["variance"][...] = (consensus["variance"] / n).astype(np.float16)
         return float(agree.mean())
 
-    def _spatial_blocks(self) -> list[tuple]:
-        """Index tuples of each spatial block of the label outputs (one per T/I index)."""
-        lay = self.layout
-        others = [a for a in lay.out_axes if a in "TI"]
-        if not others:
-            return [tuple(slice(None) for _ in lay.out_axes)]
-        sizes = [lay.shape[lay.axes.index(a)] for a in others]
-        import itertools
-
-        keys = []
-        for idx in itertools.product(*(range(s) for s in sizes)):
-            key = []
-            for a in lay.out_axes:
-                key.append(idx[others.index(a)] if a in others else slice(None))
-            keys.append(tuple(key))
-        return keys
-
     def _postprocess(self, stats: dict) -> Generator[ProgressEvent, None, None]:
         cfg = self.config
         wanted = set(cfg.outputs)
@@ -893,19 +876,15 @@ class _Run:
         if "instances" in wanted:
             yield StageEvent(message="Splitting instances (watershed).", stage="instances")
             inst = self.sink.create("instances", out_shape, np.int32, chunks, lay.out_axes)
-            for key in self._spatial_blocks():
-                mask = np.asarray(self.arrays["mask"][key])
-                bnd = np.asarray(self.arrays["boundary"][key]) if "boundary" in self.arrays \
-                    else None
-                inst[key] = postprocess.instances(mask, bnd, cfg.instance_min_size)
+            postprocess.instances_per_block(self.arrays["mask"], self.arrays.get("boundary"),
+                                            lay.out_axes, cfg.instance_min_size, out=inst)
             self.arrays["instances"] = inst
             self.axes_of["instances"] = lay.out_axes
         if "boundary" in wanted and not self.has_boundary:
             yield StageEvent(message="Deriving the boundary from the mask.", stage="boundary")
             out = self.sink.create("boundary", out_shape, np.uint8, chunks, lay.out_axes)
-            source = self.arrays.get("instances", self.arrays["mask"])
-            for key in self._spatial_blocks():
-                out[key] = postprocess.derive_boundary(np.asarray(source[key]))
+            postprocess.boundary_per_block(self.arrays.get("instances", self.arrays["mask"]),
+                                           lay.out_axes, out=out)
             self.arrays["boundary"] = out
             self.axes_of["boundary"] = lay.out_axes
         slice_axis = next((a for a in lay.stack_axes if a in "ZYX"), None)

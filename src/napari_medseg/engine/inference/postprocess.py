@@ -15,6 +15,7 @@ import numpy as np
 
 from ..boundaries import boundary_from_labels, instances_from_mask
 from ..metrics import dice
+from .regions import stack_blocks
 
 __all__ = [
     "mask_dtype",
@@ -25,6 +26,8 @@ __all__ = [
     "boundary_from_probability",
     "derive_boundary",
     "instances",
+    "boundary_per_block",
+    "instances_per_block",
     "z_consistency",
     "dice",
 ]
@@ -107,6 +110,58 @@ def instances(
         int32 labels, 0 = background.
     """
     return instances_from_mask(mask, boundary, min_size=min_size)
+
+
+def boundary_per_block(labels, axes: str, out=None):
+    """A boundary map (uint8, 1 = boundary) of a label image, one spatial block at a time.
+
+    Each ``T``/``I`` index is its own block (a 3D block stays whole), so objects never touch
+    across unrelated images.
+
+    Args:
+        labels: the label image (numpy or zarr), axes ``axes`` (no ``C``).
+        axes: its axes, e.g. ``"YX"``, ``"ZYX"``, ``"IYX"``.
+        out: where to write (same shape, uint8), or None for a new numpy array.
+
+    Returns:
+        ``out``.
+    """
+    if out is None:
+        out = np.zeros(tuple(labels.shape), np.uint8)
+    for key in stack_blocks(axes, tuple(labels.shape)):
+        out[key] = derive_boundary(np.asarray(labels[key]))
+    return out
+
+
+def instances_per_block(mask, boundary, axes: str, min_size: int = 8, out=None):
+    """Instance labels (int32) of a mask split by a boundary map, one spatial block at a time.
+
+    Objects are numbered from 1 within each ``T``/``I`` block, the same in every path (the
+    engine's outputs and the widget's tools alike).
+
+    Args:
+        mask: class labels (numpy or zarr), axes ``axes``.
+        boundary: a boundary map of the same shape, or None (split by distance alone).
+        axes: the label image's axes.
+        min_size: objects smaller than this many pixels are dropped.
+        out: where to write (same shape, int32), or None for a new numpy array.
+
+    Returns:
+        ``out``.
+    """
+    shape = tuple(mask.shape)
+    if boundary is not None and tuple(boundary.shape) != shape:
+        from ...errors import InputShapeError
+
+        raise InputShapeError(
+            f"The boundary has shape {tuple(boundary.shape)} but the mask has {shape}; "
+            "derive the boundary from the mask first.")
+    if out is None:
+        out = np.zeros(shape, np.int32)
+    for key in stack_blocks(axes, shape):
+        bnd = None if boundary is None else np.asarray(boundary[key])
+        out[key] = instances(np.asarray(mask[key]), bnd, min_size)
+    return out
 
 
 def z_consistency(mask, axis: int = 0) -> float | None:
