@@ -1,0 +1,216 @@
+"""Settings of training from scratch, of fine-tuning on corrections, and their augmentations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+from .base import ConfigBase, choices
+from .inference import PRECISIONS, NormalizationConfig
+
+__all__ = ["AugmentConfig", "FinetuneConfig", "TrainConfig"]
+
+
+@dataclass(frozen=True)
+class AugmentConfig(ConfigBase):
+    """Training augmentations (:mod:`napari_medseg.engine.training.augment`), and how strong.
+
+    Attributes:
+        flips: random horizontal and vertical flips.
+        rot90: random multiples of 90 degrees (square patches only).
+        scale: (low, high) zoom factors; (1, 1) disables.
+        intensity: random gain and offset on the image.
+        noise_std: std of additive Gaussian noise (in normalised units); 0 disables.
+        elastic: smooth elastic deformation strength in pixels; 0 disables.
+    """
+
+    flips: bool = True
+    rot90: bool = True
+    scale: tuple[float, float] = (0.8, 1.25)
+    intensity: bool = True
+    noise_std: float = 0.03
+    elastic: float = 0.0
+
+    def __post_init__(self) -> None:
+        lo, hi = self.scale
+        if not 0 < lo <= hi:
+            raise ConfigError(f"The scale range must satisfy 0 < low <= high, not {self.scale}.")
+
+
+@dataclass(frozen=True)
+class TrainConfig(ConfigBase):
+    """Settings of ``napari-medseg train`` (:mod:`napari_medseg.engine.training.train`).
+
+    Attributes:
+        network: registry name of the network.
+        variant: ``tiny``, ``lite`` or ``paper``.
+        in_channels: image channels the network takes; 0 takes them from the first image
+            (RGBA counts as RGB). Grey <-> RGB images are converted to fit.
+        num_classes: K; 2 = background + foreground with softmax (the default for binary and
+            instance masks), 1 = one sigmoid logit.
+        model_overrides: extra fields of the network's config.
+        input_downsample: run the network on the image average-pooled by this integer factor
+            (its outputs are upsampled back; see
+            :mod:`napari_medseg.models.working_resolution`); 1 = full resolution. Recorded in
+            the checkpoint, so prediction and fine-tuning use the same factor.
+        patch: training patch side at the target (mask) resolution.
+        batch_size: patches per step.
+        steps: optimisation steps at most.
+        lr: peak learning rate (AdamW), reached after ``warmup_steps``; cosine decay to
+            ``min_lr`` over the run.
+        min_lr: final learning rate.
+        warmup_steps: linear warm-up steps.
+        weight_decay: AdamW weight decay.
+        grad_clip: gradient-norm clip.
+        val_fraction: fraction of images (or slice blocks of a stack) held out.
+        max_val_images: cap on validation images (speed on a CPU); 0 = no cap.
+        val_every: steps between validations.
+        patience: validations without improvement before stopping early; 0 never stops.
+        fg_fraction: probability that a patch is centred on a foreground pixel.
+        augment: the augmentations.
+        normalization: the intensity normalization (recorded in the checkpoint).
+        instances: treat masks as instance labels (foreground + boundary targets); None
+            decides per file.
+        pattern: glob of the files to use in the folders.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` autocast.
+        max_minutes: stop after this many minutes of training in all (a resumed run counts its
+            earlier time); the learning rate decays to ``min_lr`` by then; the best checkpoint
+            is kept. 0 = no limit.
+        freeze_encoder: train only the decoder and heads.
+        resume: continue from the ``.train-state`` files beside the output, if present.
+        seed: random seed of the split, the sampling, the augmentation and the init.
+        dataset: name recorded in the checkpoint (default: the image folder's parent name).
+        checkpoint_dtype: ``float16`` (shipped weights) or ``float32``.
+    """
+
+    network: str = "unet_sharp"
+    variant: str = "lite"
+    in_channels: int = 0
+    num_classes: int = 2
+    model_overrides: dict = field(default_factory=dict)
+    input_downsample: int = 1
+    patch: int = 256
+    batch_size: int = 8
+    steps: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 50
+    weight_decay: float = 1e-4
+    grad_clip: float = 5.0
+    val_fraction: float = 0.2
+    max_val_images: int = 24
+    val_every: int = 100
+    patience: int = 8
+    fg_fraction: float = 0.5
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig())
+    normalization: NormalizationConfig | None = None
+    instances: bool | None = None
+    pattern: str = "*"
+    device: str = "auto"
+    precision: str = field(default="auto", metadata=choices(*PRECISIONS))
+    max_minutes: float = 0.0
+    freeze_encoder: bool = False
+    resume: bool = True
+    seed: int = 0
+    dataset: str = ""
+    checkpoint_dtype: str = field(default="float16", metadata=choices("float16", "float32"))
+
+    def __post_init__(self) -> None:
+        for name in ("patch", "batch_size", "steps", "val_every", "input_downsample"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}.")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), not {self.val_fraction}.")
+        if not self.lr > 0:
+            raise ConfigError(f"The learning rate must be positive, not {self.lr}.")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(ConfigBase):
+    """Settings of fine-tuning on a user's corrections (:mod:`napari_medseg.engine.training.finetune`,
+    ``napari-medseg finetune`` and the Fine-tune widget).
+
+    The defaults fit a CPU: a plain run on a handful of 256 x 320 images takes a few minutes.
+
+    Attributes:
+        steps: optimisation steps at most.
+        lr: peak learning rate (AdamW), lower than training from scratch; linear warm-up,
+            cosine decay to ``min_lr``.
+        min_lr: final learning rate.
+        warmup_steps: linear warm-up steps.
+        weight_decay: AdamW weight decay.
+        grad_clip: gradient-norm clip.
+        batch_size: patches per step.
+        patch: patch side at the target (mask) resolution; a network with an
+            ``input_downsample`` of N gets N times that side (the same patch at its own scale).
+        freeze_encoder: train only the decoder and heads (``model.encoder_parameters()``
+            stay fixed).
+        freeze_norm_stats: keep the base model's batch-norm running statistics (the
+            layers stay in eval mode while their scale and shift still learn), so that a
+            few small batches of a handful of images do not re-estimate them (measured:
+            re-estimated statistics cost the shipped nuclei model 1-4 Dice points before
+            any step could help).
+        replay: fraction of the patches drawn from earlier samples (replay against
+            forgetting) when there are any; 0 turns replay off.
+        max_replay: earlier samples used for replay at most (the most recent first).
+        margin: pixels around each changed area that count in the loss.
+        context: image pixels around a region that the network sees but the loss ignores.
+        min_changed: changed areas smaller than this many pixels are ignored (stray clicks).
+        slice_gap: regions on slices at most this far apart that overlap in-plane form one
+            group of the split (never on both sides).
+        val_fraction: fraction of the groups (regions, slices or images) held out.
+        val_every: steps between validations.
+        patience: validations without improvement before stopping early; 0 never stops.
+        augment: flips, rot90 and intensity changes (no zoom by default).
+        instances: treat labels as instances (foreground + boundary targets); None decides
+            by the labels (more than one non-zero value means instances).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` autocast.
+        max_minutes: stop after this many minutes (the best weights are kept); 0 = no limit.
+        seed: random seed of the split, the sampling and the augmentation.
+        checkpoint_dtype: ``float32`` (default: fine-tuning steps are small) or ``float16``.
+    """
+
+    steps: int = 200
+    lr: float = 3e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 10
+    weight_decay: float = 1e-4
+    grad_clip: float = 5.0
+    batch_size: int = 4
+    patch: int = 128
+    freeze_encoder: bool = False
+    freeze_norm_stats: bool = True
+    replay: float = 0.25
+    max_replay: int = 64
+    margin: int = 16
+    context: int = 32
+    min_changed: int = 4
+    slice_gap: int = 1
+    val_fraction: float = 0.25
+    val_every: int = 20
+    patience: int = 4
+    augment: AugmentConfig = field(
+        default_factory=lambda: AugmentConfig(scale=(1.0, 1.0), noise_std=0.02))
+    instances: bool | None = None
+    device: str = "auto"
+    precision: str = field(default="auto", metadata=choices(*PRECISIONS))
+    max_minutes: float = 0.0
+    seed: int = 0
+    checkpoint_dtype: str = field(default="float32", metadata=choices("float16", "float32"))
+
+    def __post_init__(self) -> None:
+        for name in ("patch", "batch_size", "steps", "val_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}.")
+        for name in ("margin", "context", "min_changed", "slice_gap", "max_replay",
+                     "warmup_steps", "patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, not {getattr(self, name)}.")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), not {self.val_fraction}.")
+        if not 0.0 <= self.replay < 1.0:
+            raise ConfigError(f"replay must be a fraction in [0, 1), not {self.replay}.")
+        if not self.lr > 0:
+            raise ConfigError(f"The learning rate must be positive, not {self.lr}.")
