@@ -13,9 +13,9 @@ from napari_medseg.engine.training.losses import (
 )
 from napari_medseg.errors import InputShapeError
 from napari_medseg.models import create_model
+from napari_medseg.models.layers import ChannelLayerNorm
 from napari_medseg.models.sa2net import (
     AdaptiveUpAttention,
-    ChannelLayerNorm,
     SA2Module,
     UpStage,
     resize_to,
@@ -142,10 +142,11 @@ def _features(c: int, h: int, w: int, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(2, c, h // 2**i, w // 2**i, generator=gen) for i in range(4)]
 
 
+@pytest.mark.parametrize("eps", [1e-6, 1e-5])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_channel_layer_norm_is_the_spec_formula(channels_last):
+def test_channel_layer_norm_is_the_spec_formula(channels_last, eps):
     torch.manual_seed(1)
-    norm = ChannelLayerNorm(6)
+    norm = ChannelLayerNorm(6, eps=eps)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 2.0)
         norm.bias.uniform_(-1.0, 1.0)
@@ -153,8 +154,8 @@ def test_channel_layer_norm_is_the_spec_formula(channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     mean = x.mean(dim=1, keepdim=True)
-    var = (x - mean).pow(2).mean(dim=1, keepdim=True)  # biased, eps 1e-6 inside the root
-    expected = (x - mean) / torch.sqrt(var + 1e-6) * norm.weight[:, None, None] \
+    var = (x - mean).pow(2).mean(dim=1, keepdim=True)  # biased, eps inside the root
+    expected = (x - mean) / torch.sqrt(var + eps) * norm.weight[:, None, None] \
         + norm.bias[:, None, None]
     out = norm(x)
     assert out.shape == x.shape
@@ -162,8 +163,18 @@ def test_channel_layer_norm_is_the_spec_formula(channels_last):
     assert set(dict(norm.named_parameters())) == {"weight", "bias"}
 
 
+@pytest.mark.parametrize(("network", "eps"), [("sa2net", 1e-6), ("msa2net", 1e-5)])
+def test_each_network_keeps_its_channel_layer_norm_eps(network, eps):
+    """The shared layer norm serves SA²-Net (spec eps 1e-6) and MSA²-Net (LayerNorm's 1e-5)."""
+    from napari_medseg.models import create_model
+
+    norms = [m for m in create_model(network, "tiny", 1, 2).modules()
+             if isinstance(m, ChannelLayerNorm)]
+    assert norms and {m.eps for m in norms} == {eps}
+
+
 def test_channel_layer_norm_stays_in_bf16_under_autocast():
-    norm = ChannelLayerNorm(4)
+    norm = ChannelLayerNorm(4, eps=1e-6)
     x = torch.randn(1, 4, 8, 8).bfloat16().contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = norm(x)

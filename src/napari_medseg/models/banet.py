@@ -42,6 +42,7 @@ from .banet_blocks import (
     resize_to,
 )
 from .base import SegmentationNetwork
+from .layers import ConvBNReLU
 from .registry import register_network
 from .spec import HEAD_BOUNDARY, HEAD_DEEP_SUPERVISION, HEAD_MASK
 
@@ -166,10 +167,7 @@ class BANet(SegmentationNetwork):
         self.decode2 = Fuse(2 * c, c)
         self.decode1 = Fuse(2 * c, c)
         self.classifier = nn.Sequential(
-            nn.Conv2d(c, c, 3, padding=1),
-            nn.BatchNorm2d(c),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(c, config.num_classes, 1),
+            *ConvBNReLU(c, c), nn.Conv2d(c, config.num_classes, 1)
         )
 
     def _boundary_logit(self, edge: Tensor) -> Tensor:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers import ConvBNReLU
+
 __all__ = [
     "resize_to",
     "BasicBlock",
@@ -40,11 +42,37 @@ def resize_to(x: Tensor, size: Sequence[int]) -> Tensor:
 # --------------------------------------------------------------------------- encoder
 
 
-class Bottleneck(nn.Module):
+class _ResidualBlock(nn.Module):
+    """A ResNet block: a residual branch plus a shortcut (identity, or 1×1 conv + BN), ReLU.
+
+    Subclasses build their branch's layers, then call :meth:`_add_shortcut` (so the
+    parameters keep torchvision's order), and compute the branch in :meth:`_branch`.
+    """
+
+    def _add_shortcut(self, in_ch: int, out_ch: int, stride: int) -> None:
+        """The block's ReLU and its projection shortcut where the shape changes."""
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_ch != out_ch:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
+
+    def _branch(self, x: Tensor) -> Tensor:
+        """The residual branch, ending in a BN without activation."""
+        raise NotImplementedError(f"{type(self).__name__} defines no residual branch")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """relu(branch(x) + shortcut(x))."""
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(self._branch(x) + identity)
+
+
+class Bottleneck(_ResidualBlock):
     """ResNet v1.5 bottleneck: 1×1, 3×3 (stride s, dilation d), 1×1 to 4× width, + shortcut.
 
-    Parameter names follow torchvision (``conv1``/``bn1`` ... ``downsample.0/1``) so ImageNet
-    weights would load by name.
+    N×in_ch×H×W → N×4·width×H/s×W/s. Parameter names follow torchvision (``conv1``/``bn1``
+    ... ``downsample.0/1``) so ImageNet weights would load by name.
     """
 
     expansion = 4
@@ -60,28 +88,23 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_ch)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_ch != out_ch:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
-            )
+        self._add_shortcut(in_ch, out_ch, stride)
 
     def last_bn(self) -> nn.BatchNorm2d:
         """The BN closing the residual branch (zeroed by ``zero_init_residual``)."""
         return self.bn3
 
-    def forward(self, x: Tensor) -> Tensor:
-        """N×in_ch×H×W → N×4·width×H/s×W/s."""
-        identity = x if self.downsample is None else self.downsample(x)
+    def _branch(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return self.bn3(self.conv3(out))
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block with both 3×3 convs dilated by d (the first one strided by s)."""
+class BasicBlock(_ResidualBlock):
+    """ResNet basic block with both 3×3 convs dilated by d (the first one strided by s).
+
+    N×in_ch×H×W → N×width×H/s×W/s.
+    """
 
     expansion = 1
 
@@ -93,23 +116,15 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_ch != width:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_ch, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width)
-            )
+        self._add_shortcut(in_ch, width, stride)
 
     def last_bn(self) -> nn.BatchNorm2d:
         """The BN closing the residual branch (zeroed by ``zero_init_residual``)."""
         return self.bn2
 
-    def forward(self, x: Tensor) -> Tensor:
-        """N×in_ch×H×W → N×width×H/s×W/s."""
-        identity = x if self.downsample is None else self.downsample(x)
+    def _branch(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return self.bn2(self.conv2(out))
 
 
 _BLOCKS: dict[str, type[Bottleneck] | type[BasicBlock]] = {
@@ -200,15 +215,6 @@ class DilatedResNet(nn.Module):
 # --------------------------------------------------------------------------- ASPP
 
 
-def _conv_bn_relu(in_ch: int, out_ch: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
-    pad = dilation * (kernel - 1) // 2
-    return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, kernel, padding=pad, dilation=dilation, bias=False),
-        nn.BatchNorm2d(out_ch),
-        nn.ReLU(inplace=True),
-    )
-
-
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling on c4 (spec 1.3), no dropout.
 
@@ -225,11 +231,12 @@ class ASPP(nn.Module):
     def __init__(self, in_ch: int, width: int, rates: Sequence[int] = (6, 12, 18)) -> None:
         super().__init__()
         self.branches = nn.ModuleList(
-            [_conv_bn_relu(in_ch, width, 1)]
-            + [_conv_bn_relu(in_ch, width, 3, int(r)) for r in rates]
+            [ConvBNReLU(in_ch, width, kernel_size=1, bias=False)]
+            + [ConvBNReLU(in_ch, width, kernel_size=3, dilation=int(r), bias=False)
+               for r in rates]
         )
-        self.pool = _conv_bn_relu(in_ch, width, 1)
-        self.project = _conv_bn_relu(width * (len(rates) + 2), width, 1)
+        self.pool = ConvBNReLU(in_ch, width, kernel_size=1, bias=False)
+        self.project = ConvBNReLU(width * (len(rates) + 2), width, kernel_size=1, bias=False)
 
     def _image_pool(self, x: Tensor) -> Tensor:
         size = x.shape[-2:]

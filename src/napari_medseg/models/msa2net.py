@@ -256,29 +256,29 @@ class MSA2Net(SegmentationNetwork):
         return {HEAD_MASK: self.decode(self.encoder(x))}
 
 
+#: What the small variants share: 8×8 partitions, a 2-block decoder, 256 px tiles.
+_SMALL_VARIANT = dict(partition_size=8, decoder_depth=2, preferred_tile=256)
+
+
 @register_network(
     "msa2net",
     config_cls=MSA2NetConfig,
     variants={
         "tiny": dict(
+            _SMALL_VARIANT,
             embed_dims=(8, 16, 32, 64),
             depths=(1, 1, 1, 1),
             stem_widths=(8, 16),
             dim_head=8,
-            partition_size=8,
             rel_pos_dim=64,
-            decoder_depth=2,
-            preferred_tile=256,
         ),
         "lite": dict(
+            _SMALL_VARIANT,
             embed_dims=(32, 64, 128, 256),
             depths=(1, 1, 2, 1),
             stem_widths=(16, 32),
             dim_head=32,
-            partition_size=8,
             rel_pos_dim=512,
-            decoder_depth=2,
-            preferred_tile=256,
         ),
         "paper": dict(),
     },

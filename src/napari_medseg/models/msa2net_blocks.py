@@ -25,6 +25,8 @@ from timm.layers import LayerNorm2d
 from timm.models.maxxvit import MaxxVit, MaxxVitCfg, model_cfgs
 from torch import Tensor, nn
 
+from .layers import ChannelLayerNorm
+
 __all__ = [
     "maxvit_config",
     "MaxViTEncoder",
@@ -32,7 +34,6 @@ __all__ = [
     "merge_windows",
     "partition_grid",
     "merge_grid",
-    "ChannelLayerNorm",
     "EfficientAttention",
     "ChannelAttention",
     "MixFFN",
@@ -256,13 +257,6 @@ class MaxViTEncoder(nn.Module):
 # --------------------------------------------------------------------------- decoder blocks
 
 
-class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channels of an N×C×H×W map (eps 1e-5)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
 class EfficientAttention(nn.Module):
     """Single-head efficient attention (linear in the number of pixels).
 
@@ -378,7 +372,7 @@ class LKABlock(nn.Module):
         super().__init__()
         c = int(channels)
         hidden = int(c * mlp_ratio)
-        self.norm1 = ChannelLayerNorm(c)
+        self.norm1 = ChannelLayerNorm(c, eps=1e-5)
         self.proj_in = nn.Conv2d(c, c, 1)
         self.act = nn.GELU()
         self.lka_dw = nn.Conv2d(c, c, 5, padding=2, groups=c)
@@ -386,7 +380,7 @@ class LKABlock(nn.Module):
         self.lka_pw = nn.Conv2d(c, c, 1)
         self.proj_out = nn.Conv2d(c, c, 1)
         self.gamma1 = nn.Parameter(torch.full((c, 1, 1), float(layer_scale)))
-        self.norm2 = ChannelLayerNorm(c)
+        self.norm2 = ChannelLayerNorm(c, eps=1e-5)
         self.fc1 = nn.Conv2d(c, hidden, 1)
         self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
         self.fc2 = nn.Conv2d(hidden, c, 1)

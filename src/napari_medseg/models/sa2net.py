@@ -32,13 +32,12 @@ from torch import Tensor, nn
 
 from ..errors import InputShapeError
 from .base import SegmentationNetwork
+from .layers import ChannelLayerNorm, ConvBNReLU
 from .registry import register_network
 from .spec import HEAD_DEEP_SUPERVISION, HEAD_MASK
 
 __all__ = [
     "SA2NetConfig",
-    "ChannelLayerNorm",
-    "ConvBNReLU",
     "DownBlock",
     "LocalScaleAttention",
     "RefineMLP",
@@ -106,43 +105,6 @@ def _dw(channels: int, kernel: int) -> nn.Conv2d:
     return nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
 
 
-class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channels of every pixel (biased variance, learnable scale/shift).
-
-    Args:
-        channels: C.
-        eps: added to the variance.
-    """
-
-    def __init__(self, channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Normalise ``x`` (N×C×H×W) over C: (x - mean) / sqrt(var + eps) · weight + bias.
-
-        One fused ``layer_norm`` over the last axis of the N×H×W×C view (a plain view for
-        channels-last input). It keeps a bf16 input in bf16 under autocast, where the
-        elementwise form promoted the map to fp32 through the fp32 weight (a fifth of
-        SA²-Net's bf16 forward went to those dtype copies).
-        """
-        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
-        return y.permute(0, 3, 1, 2)
-
-
-class ConvBNReLU(nn.Sequential):
-    """conv3×3 (bias, pad 1) → BatchNorm → ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
-
-
 class DownBlock(nn.Sequential):
     """2×2 max-pool → two conv-BN-ReLU (halves H and W)."""
 
@@ -194,7 +156,7 @@ class RefineMLP(nn.Module):
 
     def __init__(self, channels: int, ratio: int = 4) -> None:
         super().__init__()
-        self.norm = ChannelLayerNorm(channels)
+        self.norm = ChannelLayerNorm(channels, eps=1e-6)
         self.dw = _dw(channels, 3)
         self.fc1 = nn.Conv2d(channels, channels * ratio, 1)
         self.fc2 = nn.Conv2d(channels * ratio, channels, 1)
@@ -275,7 +237,7 @@ class AdaptiveUpAttention(nn.Module):
 
     def __init__(self, channels: int, up_kernel: int = 11) -> None:
         super().__init__()
-        self.g_norm = ChannelLayerNorm(channels)
+        self.g_norm = ChannelLayerNorm(channels, eps=1e-6)
         self.g_proj = nn.Conv2d(channels, channels, 1)
         self.g_dw = _dw(channels, up_kernel)
         self.x_dw = _dw(channels, 5)

@@ -37,15 +37,8 @@ from torch import Tensor, nn
 from ..errors import InputShapeError
 from .base import SegmentationNetwork
 from .registry import register_network
-from .sasrnet_blocks import (
-    ConvBnReLU,
-    EDSRBlock,
-    UpBlock,
-    batchnorm_cls,
-    conv_cls,
-    conv_transpose_cls,
-    linear_mode,
-)
+from .layers import ConvBNReLU, conv_cls, conv_transpose_cls, linear_mode
+from .sasrnet_blocks import EDSRBlock, UpBlock
 from .spec import HEAD_MASK, HEAD_SR_IMAGE, ModelSpec
 
 __all__ = [
@@ -172,7 +165,7 @@ class SASRNet(SegmentationNetwork):
         prev = config.in_channels
         for i, w in enumerate(widths):
             layers: list[nn.Module] = [] if i == 0 else [pool(2)]
-            layers += [ConvBnReLU(prev, w, dims), ConvBnReLU(w, w, dims)]
+            layers += [ConvBNReLU(prev, w, dims), ConvBNReLU(w, w, dims)]
             stages.append(nn.Sequential(*layers))
             prev = w
         self.encoder = nn.ModuleList(stages)
@@ -187,11 +180,7 @@ class SASRNet(SegmentationNetwork):
             EDSRBlock(c, dims),
             conv_cls(dims)(c, config.in_channels, 1),
         )
-        self.projector = nn.Sequential(
-            conv_cls(dims)(config.num_classes, config.in_channels, 1),
-            batchnorm_cls(dims)(config.in_channels),
-            nn.ReLU(inplace=True),
-        )
+        self.projector = ConvBNReLU(config.num_classes, config.in_channels, dims, kernel_size=1)
 
         n_pools = len(widths) - 1
         divisor = math.lcm(2**n_pools, int(config.affinity_pool))

@@ -1,9 +1,9 @@
 """Building blocks of SASR-Net, written once for 2D and 3D.
 
 Every block takes ``spatial_dims`` (2 or 3) and picks the matching ``Conv``/``BatchNorm``/
-``ConvTranspose`` layers. Tensors are N x C x H x W in 2D and N x C x D x H x W in 3D.
+``ConvTranspose`` layers (:mod:`.layers`; its conv-BN-ReLU has a bias, as in the official
+code). Tensors are N x C x H x W in 2D and N x C x D x H x W in 3D.
 
-- :class:`ConvBnReLU`: convolution (with bias, as in the official code), batch norm, ReLU.
 - :class:`ScaleAwareDilatedConv`: the SDC block of spec 3.3 (parallel 1x1 and dilated 3x3
   branches mixed by independent per-pixel sigmoid gates).
 - :class:`EDSRBlock`: the residual block of the SR tail, with a 1x1 projection shortcut.
@@ -18,71 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers import ConvBNReLU, conv_cls, linear_mode
+
 __all__ = [
-    "conv_cls",
-    "batchnorm_cls",
-    "conv_transpose_cls",
-    "linear_mode",
-    "ConvBnReLU",
     "ScaleAwareDilatedConv",
     "EDSRBlock",
     "UpBlock",
 ]
-
-
-def _check_dims(spatial_dims: int) -> int:
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, not {spatial_dims!r}")
-    return spatial_dims
-
-
-def conv_cls(spatial_dims: int) -> type[nn.Module]:
-    """``nn.Conv2d`` or ``nn.Conv3d``."""
-    return nn.Conv2d if _check_dims(spatial_dims) == 2 else nn.Conv3d
-
-
-def batchnorm_cls(spatial_dims: int) -> type[nn.Module]:
-    """``nn.BatchNorm2d`` or ``nn.BatchNorm3d``."""
-    return nn.BatchNorm2d if _check_dims(spatial_dims) == 2 else nn.BatchNorm3d
-
-
-def conv_transpose_cls(spatial_dims: int) -> type[nn.Module]:
-    """``nn.ConvTranspose2d`` or ``nn.ConvTranspose3d``."""
-    return nn.ConvTranspose2d if _check_dims(spatial_dims) == 2 else nn.ConvTranspose3d
-
-
-def linear_mode(spatial_dims: int) -> str:
-    """The (bi/tri)linear interpolation mode name for ``F.interpolate``."""
-    return "bilinear" if _check_dims(spatial_dims) == 2 else "trilinear"
-
-
-class ConvBnReLU(nn.Sequential):
-    """Conv (with bias) -> BatchNorm -> ReLU.
-
-    Args:
-        in_channels: input channels.
-        out_channels: output channels.
-        spatial_dims: 2 or 3.
-        kernel_size: 1 or 3.
-        dilation: dilation of the kernel; padding keeps the spatial size.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        spatial_dims: int = 2,
-        kernel_size: int = 3,
-        dilation: int = 1,
-    ) -> None:
-        padding = dilation * (kernel_size - 1) // 2
-        super().__init__(
-            conv_cls(spatial_dims)(
-                in_channels, out_channels, kernel_size, padding=padding, dilation=dilation
-            ),
-            batchnorm_cls(spatial_dims)(out_channels),
-            nn.ReLU(inplace=True),
-        )
 
 
 class ScaleAwareDilatedConv(nn.Module):
@@ -110,15 +52,15 @@ class ScaleAwareDilatedConv(nn.Module):
     ) -> None:
         super().__init__()
         self.branches = nn.ModuleList(
-            [ConvBnReLU(in_channels, out_channels, spatial_dims, kernel_size=1)]
+            [ConvBNReLU(in_channels, out_channels, spatial_dims, kernel_size=1)]
             + [
-                ConvBnReLU(in_channels, out_channels, spatial_dims, kernel_size=3, dilation=d)
+                ConvBNReLU(in_channels, out_channels, spatial_dims, kernel_size=3, dilation=d)
                 for d in dilations
             ]
         )
         self.num_gates = len(self.branches)
         self.gate = conv_cls(spatial_dims)(in_channels, self.num_gates, 3, padding=1)
-        self.fuse = ConvBnReLU(
+        self.fuse = ConvBNReLU(
             self.num_gates * out_channels, out_channels, spatial_dims, kernel_size=1
         )
 
@@ -182,7 +124,7 @@ class UpBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.mode = linear_mode(spatial_dims)
-        self.conv = ConvBnReLU(in_channels, out_channels, spatial_dims, kernel_size=3)
+        self.conv = ConvBNReLU(in_channels, out_channels, spatial_dims, kernel_size=3)
         self.sdc = ScaleAwareDilatedConv(2 * out_channels, out_channels, spatial_dims, dilations)
         self.dropout = nn.Dropout(dropout)
 
