@@ -52,17 +52,11 @@ SUFFIXES: dict[str, str] = {
     ".bmp": "raster",
 }
 
-#: Suffix -> format name, for writing.
+#: Suffix -> format name, for writing: the read suffixes but DICOM's and the lossy or
+#: legacy raster ones (JPEG, BMP).
 WRITE_SUFFIXES: dict[str, str] = {
-    ".ome.tiff": "tiff",
-    ".ome.tif": "tiff",
-    ".tiff": "tiff",
-    ".tif": "tiff",
-    ".ome.zarr": "zarr",
-    ".zarr": "zarr",
-    ".nii.gz": "nifti",
-    ".nii": "nifti",
-    ".png": "raster",
+    suffix: fmt for suffix, fmt in SUFFIXES.items()
+    if fmt != "dicom" and suffix not in (".jpg", ".jpeg", ".bmp")
 }
 
 _ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray")

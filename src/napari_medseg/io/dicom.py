@@ -151,6 +151,112 @@ def _rescale(stack: list[np.ndarray], slopes: list[float], intercepts: list[floa
     return out
 
 
+def _thickness(ds: Any) -> float:
+    """The slice step a header states: ``SpacingBetweenSlices``, else ``SliceThickness``, else 1."""
+    return float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0)
+
+
+def _ras_affine(iop: np.ndarray, dr: float, dc: float, step: np.ndarray,
+                origin: np.ndarray) -> np.ndarray:
+    """The RAS+ affine of ``(column, row, slice)`` indices from the LPS slice geometry.
+
+    Args:
+        iop: ``ImageOrientationPatient``: row cosines, then column cosines.
+        dr: row spacing (down a column), mm.
+        dc: column spacing (along a row), mm.
+        step: LPS vector from one slice to the next.
+        origin: LPS position of the first voxel of the first slice.
+    """
+    lps = np.eye(4)
+    lps[:3, 0] = iop[:3] * dc  # along a row: increasing column index
+    lps[:3, 1] = iop[3:] * dr  # down a column: increasing row index
+    lps[:3, 2] = step
+    lps[:3, 3] = origin
+    return LPS_TO_RAS @ lps
+
+
+def _in_plane_spacing(ds: Any) -> tuple[float, float, str | None]:
+    """``(row spacing, column spacing, unit)``: ``PixelSpacing``, else ``ImagerPixelSpacing``;
+    1, 1 and no unit without either."""
+    pixel_spacing = _floats(ds.get("PixelSpacing"), 2)
+    if pixel_spacing is None or np.any(pixel_spacing <= 0):
+        pixel_spacing = _floats(ds.get("ImagerPixelSpacing"), 2)
+    if pixel_spacing is not None and np.all(pixel_spacing > 0):
+        return float(pixel_spacing[0]), float(pixel_spacing[1]), "millimeter"
+    return 1.0, 1.0, None
+
+
+def _sort_slices(
+    members: list[tuple[Path, Any]], where: str, dr: float, dc: float, extra: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The slice order along the normal and the RAS+ affine (None without positions).
+
+    Without orientation and position on every slice, the slices are sorted by
+    ``InstanceNumber``. Notes on the geometry go into ``extra``.
+
+    Raises:
+        ImageReadError: mixed orientations, or several slices at one position.
+    """
+    iops = [_floats(ds.get("ImageOrientationPatient"), 6) for _, ds in members]
+    ipps = [_floats(ds.get("ImagePositionPatient"), 3) for _, ds in members]
+    if not (all(v is not None for v in iops) and all(v is not None for v in ipps)):
+        numbers = [int(ds.get("InstanceNumber") or 0) for _, ds in members]
+        extra["geometry"] = "instance-number"  # no positions: sorted by InstanceNumber
+        return np.argsort(numbers, kind="stable"), None
+    iop = iops[0]
+    if any(np.abs(v - iop).max() > 1e-4 for v in iops):
+        raise ImageReadError(
+            f"The slices of DICOM series {where} have different orientations; "
+            "it is not one volume (a localizer series, perhaps)."
+        )
+    normal = np.cross(iop[:3], iop[3:])
+    positions = np.array([float(np.dot(v, normal)) for v in ipps])
+    order = np.argsort(positions, kind="stable")
+    positions = positions[order]
+    steps = np.diff(positions)
+    if steps.size and steps.min() < _POSITION_TOL:
+        k = int(np.argmin(steps))
+        raise ImageReadError(
+            f"The DICOM series {where} has several images at the same slice "
+            f"position ({positions[k]:.3f} mm along the normal), e.g. several echoes, phases "
+            "or acquisitions; split them into separate folders."
+        )
+    sorted_ipps = np.array([ipps[i] for i in order])
+    if len(members) > 1:
+        slice_step = (sorted_ipps[-1] - sorted_ipps[0]) / (len(members) - 1)
+        dz = float(np.median(steps))
+        irregular = bool(np.abs(steps - dz).max() > 0.01 * dz)
+        extra["slice_spacing_irregular"] = irregular
+        if irregular:
+            extra["slice_positions"] = [float(v) for v in positions]
+    else:
+        slice_step = normal * _thickness(members[0][1])
+    extra["image_orientation_patient"] = [float(v) for v in iop]
+    return order, _ras_affine(iop, dr, dc, slice_step, sorted_ipps[0])
+
+
+def _read_slices(
+    members: list[tuple[Path, Any]], where: str
+) -> tuple[np.ndarray, list[float], list[float]]:
+    """The rescaled stack of the (sorted) slices and their slopes and intercepts.
+
+    Raises:
+        ImageReadError: undecodable pixels, or slices that decode to different shapes.
+    """
+    stack, slopes, intercepts = [], [], []
+    for f, _ in members:
+        pixels, ds = _pixels(f)
+        stack.append(pixels)
+        slopes.append(float(ds.get("RescaleSlope", 1.0) or 1.0))
+        intercepts.append(float(ds.get("RescaleIntercept", 0.0) or 0.0))
+    shapes = {s.shape for s in stack}
+    if len(shapes) > 1:
+        raise ImageReadError(
+            f"The DICOM series {where} decodes to images of shapes {sorted(shapes)}."
+        )
+    return _rescale(stack, slopes, intercepts), slopes, intercepts
+
+
 def read_dicom(path: str | os.PathLike, series: str | None = None) -> tuple[np.ndarray, ImageMeta]:
     """Read one DICOM series as a volume.
 
@@ -172,93 +278,30 @@ def read_dicom(path: str | os.PathLike, series: str | None = None) -> tuple[np.n
     p = Path(path)
     uid, members = _pick_series(p, series)
     folder = p if p.is_dir() else p.parent
+    where = f"{uid} in {folder}"
     first = members[0][1]
     if len(members) == 1 and int(first.get("NumberOfFrames", 1) or 1) > 1:
         return _read_multiframe(members[0][0], uid)
     sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in members}
     if len(sizes) > 1:
         raise ImageReadError(
-            f"The DICOM series {uid} in {folder} mixes image sizes {sorted(sizes)}; it cannot "
+            f"The DICOM series {where} mixes image sizes {sorted(sizes)}; it cannot "
             "be stacked into one volume."
         )
-    iops = [_floats(ds.get("ImageOrientationPatient"), 6) for _, ds in members]
-    ipps = [_floats(ds.get("ImagePositionPatient"), 3) for _, ds in members]
-    has_geometry = all(v is not None for v in iops) and all(v is not None for v in ipps)
-    pixel_spacing = _floats(first.get("PixelSpacing"), 2)
-    if pixel_spacing is None or np.any(pixel_spacing <= 0):
-        pixel_spacing = _floats(first.get("ImagerPixelSpacing"), 2)
-    units = "millimeter" if pixel_spacing is not None and np.all(pixel_spacing > 0) else None
-    dr, dc = (float(pixel_spacing[0]), float(pixel_spacing[1])) if units else (1.0, 1.0)
+    dr, dc, units = _in_plane_spacing(first)
     extra: dict[str, Any] = {"format": "dicom", "series_uid": uid, "n_files": len(members)}
-    affine: np.ndarray | None = None
-    if has_geometry:
-        iop = iops[0]
-        if any(np.abs(v - iop).max() > 1e-4 for v in iops):
-            raise ImageReadError(
-                f"The slices of DICOM series {uid} in {folder} have different orientations; "
-                "it is not one volume (a localizer series, perhaps)."
-            )
-        row_cos, col_cos = iop[:3], iop[3:]
-        normal = np.cross(row_cos, col_cos)
-        positions = np.array([float(np.dot(v, normal)) for v in ipps])
-        order = np.argsort(positions, kind="stable")
-        positions = positions[order]
-        steps = np.diff(positions)
-        if steps.size and steps.min() < _POSITION_TOL:
-            k = int(np.argmin(steps))
-            raise ImageReadError(
-                f"The DICOM series {uid} in {folder} has several images at the same slice "
-                f"position ({positions[k]:.3f} mm along the normal), e.g. several echoes, phases "
-                "or acquisitions; split them into separate folders."
-            )
-        sorted_ipps = np.array([ipps[i] for i in order])
-        if len(members) > 1:
-            slice_step = (sorted_ipps[-1] - sorted_ipps[0]) / (len(members) - 1)
-            dz = float(np.median(steps))
-            irregular = bool(np.abs(steps - dz).max() > 0.01 * dz)
-            extra["slice_spacing_irregular"] = irregular
-            if irregular:
-                extra["slice_positions"] = [float(v) for v in positions]
-        else:
-            thickness = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
-            slice_step = normal * thickness
-        lps = np.eye(4)
-        lps[:3, 0] = row_cos * dc  # along a row: increasing column index
-        lps[:3, 1] = col_cos * dr  # down a column: increasing row index
-        lps[:3, 2] = slice_step
-        lps[:3, 3] = sorted_ipps[0]
-        affine = LPS_TO_RAS @ lps
-        extra["image_orientation_patient"] = [float(v) for v in iop]
-    else:
-        numbers = [int(ds.get("InstanceNumber") or 0) for _, ds in members]
-        order = np.argsort(numbers, kind="stable")
-        extra["geometry"] = "instance-number"  # no positions: sorted by InstanceNumber
-    sorted_members = [members[i] for i in order]
-    stack, slopes, intercepts = [], [], []
-    for f, _ in sorted_members:
-        pixels, ds = _pixels(f)
-        stack.append(pixels)
-        slopes.append(float(ds.get("RescaleSlope", 1.0) or 1.0))
-        intercepts.append(float(ds.get("RescaleIntercept", 0.0) or 0.0))
-    shapes = {s.shape for s in stack}
-    if len(shapes) > 1:
-        raise ImageReadError(
-            f"The DICOM series {uid} in {folder} decodes to images of shapes {sorted(shapes)}."
-        )
-    data = _rescale(stack, slopes, intercepts)
+    order, affine = _sort_slices(members, where, dr, dc, extra)
+    data, slopes, intercepts = _read_slices([members[i] for i in order], where)
     extra.update(_series_facts(first, slopes, intercepts))
     rgb = data.ndim == 4
     if len(members) == 1:
         data = data[0]
-        axes = "YXC" if rgb else "YX"
-    else:
-        axes = "ZYXC" if rgb else "ZYX"
+    axes = ("ZYX" if len(members) > 1 else "YX") + ("C" if rgb else "")
     spatial = axes.replace("C", "")
     if affine is not None:
         spacing, origin = geometry_from_affine(affine, spatial)
     else:
-        dz = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
-        spacing = (dz, dr, dc)[-len(spatial):]
+        spacing = (_thickness(first), dr, dc)[-len(spatial):]
         origin = (0.0,) * len(spatial)
     meta = ImageMeta(
         axes=axes, spacing=spacing, origin=origin, units=(units,) * len(spatial),
@@ -324,21 +367,16 @@ def _read_multiframe(path: Path, uid: str) -> tuple[np.ndarray, ImageMeta]:
     extra.update(_series_facts(ds, slopes, intercepts))
     affine = None
     if positions is not None and len(positions) == data.shape[0]:
-        row_cos, col_cos = iop[:3], iop[3:]
-        normal = np.cross(row_cos, col_cos)
-        proj = positions @ normal
-        order = np.argsort(proj, kind="stable")
+        normal = np.cross(iop[:3], iop[3:])
+        order = np.argsort(positions @ normal, kind="stable")
         data, positions = data[order], positions[order]
         step = (positions[-1] - positions[0]) / max(len(positions) - 1, 1)
         if len(positions) == 1:
-            step = normal * float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0)
-        lps = np.eye(4)
-        lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_cos * dc, col_cos * dr, step, positions[0]
-        affine = LPS_TO_RAS @ lps
+            step = normal * _thickness(ds)
+        affine = _ras_affine(iop, dr, dc, step, positions[0])
         spacing, origin = geometry_from_affine(affine, "ZYX")
     else:
-        dz = float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0)
-        spacing, origin = (dz, dr, dc), (0.0, 0.0, 0.0)
+        spacing, origin = (_thickness(ds), dr, dc), (0.0, 0.0, 0.0)
         extra["geometry"] = "frame-order"
     unit = "millimeter" if pixel_spacing is not None else None
     meta = ImageMeta(

@@ -39,30 +39,24 @@ class Sample:
     description: str
 
 
+def _sample(name: str, title: str, dataset: str, description: str) -> Sample:
+    """A sample whose files are ``<name>.tif`` and ``<name>_mask.tif``."""
+    return Sample(name, title, f"{name}.tif", f"{name}_mask.tif", dataset, description)
+
+
 SAMPLES: dict[str, Sample] = {
     s.name: s
     for s in (
-        Sample(
-            "nuclei", "Nuclei, fluorescence (DSB2018)", "nuclei.tif", "nuclei_mask.tif",
-            "DSB2018 / BBBC038", "YX uint8 256x256 grey nuclear stain; 82 labelled nuclei",
-        ),
-        Sample(
-            "nuclei_he", "Nuclei, stained tissue (DSB2018)", "nuclei_he.tif", "nuclei_he_mask.tif",
-            "DSB2018 / BBBC038", "YXC uint8 256x320 RGB H&E-like tissue; 82 labelled nuclei",
-        ),
-        Sample(
-            "em_stack", "EM stack, 4x4x50 nm (ISBI 2012)", "em_stack.tif", "em_stack_mask.tif",
-            "ISBI 2012 EM", "ZYX uint8 5x256x256 ssTEM crop, 4x4x50 nm voxels; membrane mask",
-        ),
-        Sample(
-            "dermoscopy", "Dermoscopy (PH2)", "dermoscopy.tif", "dermoscopy_mask.tif",
-            "PH2", "YXC uint8 RGB melanoma image at half resolution; lesion mask",
-        ),
-        Sample(
-            "ct_patches", "CT lung patches, 2 mm (MSD Task06)", "ct_patches.tif",
-            "ct_patches_mask.tif", "MSD Task06 Lung",
-            "IYX float32 6x48x48 CT patches (2 mm pixels, windowed to [0, 1]); tumour masks",
-        ),
+        _sample("nuclei", "Nuclei, fluorescence (DSB2018)", "DSB2018 / BBBC038",
+                "YX uint8 256x256 grey nuclear stain; 82 labelled nuclei"),
+        _sample("nuclei_he", "Nuclei, stained tissue (DSB2018)", "DSB2018 / BBBC038",
+                "YXC uint8 256x320 RGB H&E-like tissue; 82 labelled nuclei"),
+        _sample("em_stack", "EM stack, 4x4x50 nm (ISBI 2012)", "ISBI 2012 EM",
+                "ZYX uint8 5x256x256 ssTEM crop, 4x4x50 nm voxels; membrane mask"),
+        _sample("dermoscopy", "Dermoscopy (PH2)", "PH2",
+                "YXC uint8 RGB melanoma image at half resolution; lesion mask"),
+        _sample("ct_patches", "CT lung patches, 2 mm (MSD Task06)", "MSD Task06 Lung",
+                "IYX float32 6x48x48 CT patches (2 mm pixels, windowed to [0, 1]); tumour masks"),
     )
 }
 

@@ -314,6 +314,103 @@ def _ngff_axes(axes: str, units: dict[str, str | None]) -> list[dict[str, str]]:
     return out
 
 
+#: NGFF's axis order: time, then channel, then space.
+_NGFF_ORDER = {"T": 0, "I": 1, "C": 2, "Z": 3, "Y": 4, "X": 5}
+
+
+def _check_target(p: Path, n_levels: int) -> None:
+    """Refuse a target that exists and is neither a zarr store nor an empty folder.
+
+    Raises:
+        ImageWriteError: the target is taken, or ``n_levels`` is below 1.
+    """
+    is_store = p.is_dir() and any((p / m).exists() for m in ("zarr.json", ".zgroup", ".zarray"))
+    if p.exists() and not is_store and not (p.is_dir() and not any(p.iterdir())):
+        raise ImageWriteError(
+            f"Cannot write {p}: it exists and is not a zarr store, so it was left alone."
+        )
+    if n_levels < 1:
+        raise ImageWriteError(f"Cannot write {p}: n_levels must be at least 1, got {n_levels}.")
+
+
+def _in_ngff_order(p: Path, array: Any, meta: ImageMeta) -> tuple[Any, str]:
+    """``(data, axes)``: the array (bool as uint8) transposed to NGFF's axis order.
+
+    Raises:
+        ImageWriteError: the array's dimensions do not match ``meta.axes``.
+    """
+    data = array
+    if getattr(data, "dtype", None) == bool:
+        data = data.astype(np.uint8)
+    if data.ndim != meta.ndim:
+        raise ImageWriteError(
+            f"Cannot write {p}: the array is {data.ndim}-D but its axes are {meta.axes!r}."
+        )
+    ngff_axes = "".join(sorted(meta.axes, key=_NGFF_ORDER.__getitem__))
+    if ngff_axes != meta.axes:
+        data = data.transpose([meta.axes.index(a) for a in ngff_axes])
+    return data, ngff_axes
+
+
+def _write_level(group: Any, lvl: int, data: Any, axes: str, chunks: tuple[int, ...]) -> None:
+    """Array ``str(lvl)``: every ``2**lvl``-th pixel of Y and X (nearest neighbour)."""
+    factor = 2**lvl
+    index = tuple(slice(None, None, factor) if a in "YX" else slice(None) for a in axes)
+    level_data = data[index]
+    lvl_chunks = tuple(min(c, n) for c, n in zip(chunks, level_data.shape))
+    arr = group.create_array(
+        str(lvl), shape=level_data.shape, dtype=level_data.dtype, chunks=lvl_chunks
+    )
+    if hasattr(level_data, "store") and hasattr(level_data, "dask"):
+        # one dask chunk per zarr chunk: no two tasks ever write the same chunk
+        level_data.rechunk(lvl_chunks).store(arr, lock=False)
+    else:
+        arr[...] = np.asarray(level_data)
+
+
+def _level_transforms(meta: ImageMeta, axes: str, lvl: int) -> list[dict[str, Any]]:
+    """The NGFF ``scale`` (and ``translation`` unless zero) of level ``lvl``."""
+    factor = 2**lvl
+    spacing = dict(zip(meta.spatial_axes, meta.spacing))
+    origin = dict(zip(meta.spatial_axes, meta.origin))
+    scale = [
+        spacing.get(a, 1.0) * (factor if a in "YX" else 1) if a in SPATIAL_AXES else 1.0
+        for a in axes
+    ]
+    translation = [origin.get(a, 0.0) if a in SPATIAL_AXES else 0.0 for a in axes]
+    transforms: list[dict[str, Any]] = [{"type": "scale", "scale": scale}]
+    if any(translation):
+        transforms.append({"type": "translation", "translation": translation})
+    return transforms
+
+
+def _group_attrs(
+    p: Path, meta: ImageMeta, axes: str, name: str | None, n_levels: int, labels: bool
+) -> dict[str, Any]:
+    """The group's attributes: NGFF ``multiscales`` (and ``image-label``) plus our ImageMeta."""
+    multiscale = {
+        "version": NGFF_VERSION,
+        "name": name or p.name.split(".")[0],
+        "axes": _ngff_axes(axes, dict(zip(meta.spatial_axes, meta.units))),
+        "datasets": [
+            {"path": str(lvl), "coordinateTransformations": _level_transforms(meta, axes, lvl)}
+            for lvl in range(n_levels)
+        ],
+        "type": "nearest" if n_levels > 1 else None,
+    }
+    multiscale = {k: v for k, v in multiscale.items() if v is not None}
+    stored = meta.to_dict()
+    stored.pop("source", None)
+    stored["stored_axes"] = axes
+    attrs: dict[str, Any] = {"multiscales": [multiscale], _META_KEY: stored}
+    if labels:
+        label_md: dict[str, Any] = {"version": NGFF_VERSION}
+        if p.parent.name == "labels":
+            label_md["source"] = {"image": "../../"}
+        attrs["image-label"] = label_md
+    return attrs
+
+
 def write_zarr(
     path: str | os.PathLike,
     array: Any,
@@ -346,72 +443,16 @@ def write_zarr(
     import zarr
 
     p = Path(path)
-    if p.exists() and not (p.is_dir() and any((p / m).exists() for m in ("zarr.json", ".zgroup", ".zarray"))):
-        if not (p.is_dir() and not any(p.iterdir())):
-            raise ImageWriteError(
-                f"Cannot write {p}: it exists and is not a zarr store, so it was left alone."
-            )
-    if n_levels < 1:
-        raise ImageWriteError(f"Cannot write {p}: n_levels must be at least 1, got {n_levels}.")
-    data = array
-    if getattr(data, "dtype", None) == bool:
-        data = data.astype(np.uint8)
-    if data.ndim != meta.ndim:
-        raise ImageWriteError(f"Cannot write {p}: the array is {data.ndim}-D but its axes are {meta.axes!r}.")
-    # NGFF wants time, then channel, then space
-    order_key = {"T": 0, "I": 1, "C": 2, "Z": 3, "Y": 4, "X": 5}
-    ngff_axes = "".join(sorted(meta.axes, key=order_key.__getitem__))
-    if ngff_axes != meta.axes:
-        data = data.transpose([meta.axes.index(a) for a in ngff_axes])
-    units = dict(zip(meta.spatial_axes, meta.units))
-    spacing = dict(zip(meta.spatial_axes, meta.spacing))
-    origin = dict(zip(meta.spatial_axes, meta.origin))
+    _check_target(p, n_levels)
+    data, ngff_axes = _in_ngff_order(p, array, meta)
     if chunks is None:
         chunks = tuple(min(n, 512) if a in "YX" else 1 for a, n in zip(ngff_axes, data.shape))
     try:
         _prepare_labels_parent(p)
         group = zarr.open_group(str(p), mode="w", zarr_format=2)
-        datasets = []
         for lvl in range(n_levels):
-            factor = 2**lvl
-            index = tuple(slice(None, None, factor) if a in "YX" else slice(None) for a in ngff_axes)
-            level_data = data[index]
-            lvl_chunks = tuple(min(c, n) for c, n in zip(chunks, level_data.shape))
-            arr = group.create_array(
-                str(lvl), shape=level_data.shape, dtype=level_data.dtype, chunks=lvl_chunks
-            )
-            if hasattr(level_data, "store") and hasattr(level_data, "dask"):
-                # one dask chunk per zarr chunk: no two tasks ever write the same chunk
-                level_data.rechunk(lvl_chunks).store(arr, lock=False)
-            else:
-                arr[...] = np.asarray(level_data)
-            scale = [
-                spacing.get(a, 1.0) * (factor if a in "YX" else 1) if a in SPATIAL_AXES else 1.0
-                for a in ngff_axes
-            ]
-            translation = [origin.get(a, 0.0) if a in SPATIAL_AXES else 0.0 for a in ngff_axes]
-            transforms: list[dict[str, Any]] = [{"type": "scale", "scale": scale}]
-            if any(translation):
-                transforms.append({"type": "translation", "translation": translation})
-            datasets.append({"path": str(lvl), "coordinateTransformations": transforms})
-        multiscale = {
-            "version": NGFF_VERSION,
-            "name": name or p.name.split(".")[0],
-            "axes": _ngff_axes(ngff_axes, units),
-            "datasets": datasets,
-            "type": "nearest" if n_levels > 1 else None,
-        }
-        multiscale = {k: v for k, v in multiscale.items() if v is not None}
-        stored = meta.to_dict()
-        stored.pop("source", None)
-        stored["stored_axes"] = ngff_axes
-        attrs: dict[str, Any] = {"multiscales": [multiscale], _META_KEY: stored}
-        if labels:
-            label_md: dict[str, Any] = {"version": NGFF_VERSION}
-            if p.parent.name == "labels":
-                label_md["source"] = {"image": "../../"}
-            attrs["image-label"] = label_md
-        group.attrs.update(attrs)
+            _write_level(group, lvl, data, ngff_axes, chunks)
+        group.attrs.update(_group_attrs(p, meta, ngff_axes, name, n_levels, labels))
         _register_label(p)
     except ImageWriteError:
         raise
