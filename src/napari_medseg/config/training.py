@@ -128,8 +128,10 @@ class TrainConfig(ConfigBase):
 
 @dataclass(frozen=True)
 class FinetuneConfig(ConfigBase):
-    """Settings of fine-tuning on a user's corrections (:mod:`napari_medseg.engine.training.finetune`,
-    ``napari-medseg finetune`` and the Fine-tune widget).
+    """Settings of fine-tuning on a user's corrections.
+
+    Read by :mod:`napari_medseg.engine.training.finetune`, ``napari-medseg finetune`` and the
+    Fine-tune widget.
 
     The defaults fit a CPU: a plain run on a handful of 256 x 320 images takes a few minutes.
 
