@@ -19,7 +19,13 @@ the package registers them all.
 from __future__ import annotations
 
 from .banet import banet_boundary_target, banet_dice_loss, banet_loss
-from .common import cross_entropy, dice_ce_loss, foreground_probabilities, probabilities, soft_dice_loss
+from .common import (
+    cross_entropy,
+    dice_ce_loss,
+    foreground_probabilities,
+    probabilities,
+    soft_dice_loss,
+)
 from .msa2net import boundary_dou_loss, msa2net_loss
 from .registry import LossFn, compute_loss, get_loss, list_losses, register_loss
 from .sa2net import sa2net_dice_ce, sa2net_loss, sa2net_weighted_dice_bce
