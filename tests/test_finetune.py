@@ -39,7 +39,13 @@ from napari_medseg.engine.training.lineage import (
     set_active,
     unique_checkpoint_path,
 )
-from napari_medseg.engine.progress import CancelToken, FinishedEvent, NoticeEvent, StageEvent
+from napari_medseg.engine.progress import (
+    CancelToken,
+    FinishedEvent,
+    NoticeEvent,
+    StageEvent,
+    drain,
+)
 from napari_medseg.engine.training.train import StepEvent, ValidationEvent
 from napari_medseg.engine.training.workflow import (
     Corrections,
@@ -450,15 +456,6 @@ def _corrections(nuclei, name: str = "nuc") -> Corrections:
                        prediction=_edited(gt))
 
 
-def _run(gen):
-    events = []
-    while True:
-        try:
-            events.append(next(gen))
-        except StopIteration as stop:
-            return events, stop.value
-
-
 def test_workflow_autosaves_first_and_keeps_it_when_loading_fails(nuclei, home):
     events = []
 
@@ -485,24 +482,23 @@ def test_workflow_replays_earlier_samples_of_the_same_line(nuclei, tmp_path):
     model, info = _base_checkpoint(tmp_path)
     store = ReplayStore(tmp_path / "replay")
     cfg = FinetuneConfig.from_mapping(dict(FAST, steps=1, val_every=1, replay=0.5))
-    _, first = _run(finetune_corrections_iter(lambda: model, _corrections(nuclei, "one"), cfg,
-                                              replay_store=store))
+    first = drain(finetune_corrections_iter(lambda: model, _corrections(nuclei, "one"), cfg,
+                                        replay_store=store))
     assert first.n_replay == 0 and first.checkpoint.parent == checkpoints_dir()
     assert first.checkpoint.name.startswith("unet_sharp-one-")
     assert first.info.training_data["autosave"].endswith("one_mask.tif")
     assert len(store.load(info.sha256, 1)) == first.n_train + first.n_val == 3
     # The next round on another image of the same line replays the first round's samples ...
-    events, second = _run(finetune_corrections_iter(
+    second = drain(finetune_corrections_iter(
         lambda: model, _corrections(nuclei, "two"), cfg, replay_store=store,
         output=tmp_path / "second"))
     assert second.n_replay == 3 and second.checkpoint == tmp_path / "second.safetensors"
-    assert next(e for e in events if isinstance(e, DataEvent)).replay == 3
     # ... but never a round's own samples, and not without replay.
     samples = store.load(info.sha256, 1)
-    _, third = _run(finetune_samples_iter(model, samples[:3], cfg, replay_store=store))
+    third = drain(finetune_samples_iter(model, samples[:3], cfg, replay_store=store))
     assert third.n_replay == 3 and third.checkpoint is None
     off = cfg.replace(replay=0.0)
-    _, fourth = _run(finetune_samples_iter(model, samples[:3], off, replay_store=store))
+    fourth = drain(finetune_samples_iter(model, samples[:3], off, replay_store=store))
     assert fourth.n_replay == 0
 
 
@@ -511,14 +507,14 @@ def test_workflow_activates_an_improved_checkpoint_only(nuclei, monkeypatch, tmp
     store = ReplayStore(tmp_path / "replay")
     cfg = FinetuneConfig.from_mapping(dict(FAST, steps=1, val_every=1, replay=0.0))
     _scripted_validation(monkeypatch, [0.8, 0.6])
-    _, worse = _run(finetune_corrections_iter(lambda: model, _corrections(nuclei), cfg,
-                                              replay_store=store, base_source="base"))
+    worse = drain(finetune_corrections_iter(lambda: model, _corrections(nuclei), cfg,
+                                            replay_store=store, base_source="base"))
     assert not worse.improved and worse.checkpoint.is_file()
     assert active_source(info.sha256) is None
     assert worse.info.training_data["parent_source"] == "base"
     _scripted_validation(monkeypatch, [0.5, 0.7])
-    _, better = _run(finetune_corrections_iter(lambda: model, _corrections(nuclei), cfg,
-                                               replay_store=store))
+    better = drain(finetune_corrections_iter(lambda: model, _corrections(nuclei), cfg,
+                                             replay_store=store))
     assert better.improved
     assert active_source(info.sha256) == str(better.checkpoint.with_suffix(".json"))
 
@@ -532,7 +528,7 @@ def test_workflow_stopped_before_training_changes_nothing(nuclei, tmp_path, home
     gen = finetune_corrections_iter(lambda: model, _corrections(nuclei), cfg, cancel=cancel,
                                     replay_store=store)
     with pytest.raises(MedsegError, match="Stopped before training started"):
-        _run(gen)
+        drain(gen)
     assert (home / "autosave" / "nuc_mask.tif").is_file()  # the labels are still saved
     assert not list(checkpoints_dir().iterdir()) and not list_lineage()
     assert store.load(info.sha256, 1) == [] and active_source(info.sha256) is None

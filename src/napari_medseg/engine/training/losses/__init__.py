@@ -23,6 +23,7 @@ from .common import (
     cross_entropy,
     dice_ce_loss,
     foreground_probabilities,
+    loss_parts,
     probabilities,
     soft_dice_loss,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "cross_entropy",
     "probabilities",
     "foreground_probabilities",
+    "loss_parts",
     "dice_ce_loss",
     "sa2net_weighted_dice_bce",
     "sa2net_dice_ce",

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ....models.spec import ModelSpec
-from .common import cross_entropy, foreground_probabilities
+from .common import cross_entropy, foreground_probabilities, loss_parts
 from .registry import register_loss
 
 __all__ = ["banet_dice_loss", "banet_boundary_target", "banet_loss"]
@@ -108,11 +108,4 @@ def banet_loss(
     for logits in edge_sides:
         edge = edge + cross_entropy(logits, boundary, valid)
     total = ce + dice + seg + edge
-    parts = {
-        "loss": float(total.detach()),
-        "ce": float(ce.detach()),
-        "dice": float(dice.detach()),
-        "seg_sides": float(seg.detach()),
-        "edge_sides": float(edge.detach()),
-    }
-    return total, parts
+    return total, loss_parts(total, ce=ce, dice=dice, seg_sides=seg, edge_sides=edge)

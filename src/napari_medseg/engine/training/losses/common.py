@@ -20,6 +20,7 @@ __all__ = [
     "foreground_probabilities",
     "soft_dice_loss",
     "dice_ce_loss",
+    "loss_parts",
 ]
 
 
@@ -57,6 +58,11 @@ def probabilities(logits: Tensor) -> Tensor:
         p = torch.sigmoid(logits)
         return torch.cat([1 - p, p], dim=1)
     return torch.softmax(logits, dim=1)
+
+
+def loss_parts(total: Tensor, **terms: Tensor) -> dict[str, float]:
+    """The logged components of a loss: ``{"loss": total, <term>: value ...}`` as floats."""
+    return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
 
 
 def foreground_probabilities(logits: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

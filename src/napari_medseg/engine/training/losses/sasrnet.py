@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ....models.spec import ModelSpec
-from .common import foreground_probabilities
+from .common import foreground_probabilities, loss_parts
 from .registry import register_loss
 
 __all__ = ["affinity_distance", "sasr_dice_loss", "sasr_reconstruction_loss", "sasrnet_loss"]
@@ -146,11 +146,4 @@ def sasrnet_loss(
     l_fa = affinity_distance(seg_features, sr_fa, pool)
     l_sa = affinity_distance(gates_seg, gates_sr, pool)
     total = dice + weights["sr"] * l_sr + weights["fa"] * l_fa + weights["sa"] * l_sa
-    parts = {
-        "loss": float(total.detach()),
-        "dice": float(dice.detach()),
-        "sr": float(l_sr.detach()),
-        "fa": float(l_fa.detach()),
-        "sa": float(l_sa.detach()),
-    }
-    return total, parts
+    return total, loss_parts(total, dice=dice, sr=l_sr, fa=l_fa, sa=l_sa)
