@@ -130,6 +130,7 @@ class FinetuneResult:
 
 
 def _as_config(config: FinetuneConfig | Mapping[str, Any] | None) -> FinetuneConfig:
+    """The settings as a :class:`~napari_medseg.config.FinetuneConfig` (None: the defaults)."""
     if config is None:
         return FinetuneConfig()
     if isinstance(config, FinetuneConfig):
@@ -365,6 +366,7 @@ def finetune_iter(
 
 
 def _round(value: float) -> float | None:
+    """``value`` to 4 decimals for the checkpoint's metrics; None when it is not finite."""
     return None if value is None or not math.isfinite(value) else round(float(value), 4)
 
 
