@@ -32,15 +32,27 @@ from napari_medseg.engine.training.lineage import (
     active_source,
     ancestors,
     autosave_labels,
+    checkpoints_dir,
     list_lineage,
     revert,
     save_checkpoint_atomic,
     set_active,
     unique_checkpoint_path,
 )
-from napari_medseg.engine.progress import CancelToken, FinishedEvent
+from napari_medseg.engine.progress import (
+    CancelToken,
+    FinishedEvent,
+    NoticeEvent,
+    StageEvent,
+    drain,
+)
 from napari_medseg.engine.training.train import StepEvent, ValidationEvent
-from napari_medseg.errors import CheckpointError, InputShapeError
+from napari_medseg.engine.training.workflow import (
+    Corrections,
+    finetune_corrections_iter,
+    finetune_samples_iter,
+)
+from napari_medseg.errors import CheckpointError, InputShapeError, MedsegError
 from napari_medseg.models import create_model
 from napari_medseg.resources import samples_dir
 
@@ -432,6 +444,94 @@ def test_autosave_keeps_two_versions(tmp_path):
     assert np.asarray(prev)[0, 0, 0] == 0 and np.asarray(read_image(path)[0])[0, 0, 0] == 3
     assert sorted(p.name for p in path.parent.iterdir()) == ["cells_mask.prev.tif",
                                                              "cells_mask.tif"]
+
+
+# --- the workflow: autosave, replay store, active checkpoint -------------------------------
+
+
+def _corrections(nuclei, name: str = "nuc") -> Corrections:
+    img, gt = nuclei
+    return Corrections(image=img, axes="YX", labels=gt.copy(), image_name=name,
+                       labels_name=f"{name} mask", boundary=(gt > 0).astype(np.uint8),
+                       prediction=_edited(gt))
+
+
+def test_workflow_autosaves_first_and_keeps_it_when_loading_fails(nuclei, home):
+    events = []
+
+    def broken_loader():
+        assert (home / "autosave" / "nuc_mask.tif").is_file()  # saved before loading
+        raise RuntimeError("no weights")
+
+    cfg = FinetuneConfig.from_mapping(dict(FAST, steps=1))
+    with pytest.raises(RuntimeError, match="no weights"):
+        for event in finetune_corrections_iter(broken_loader, _corrections(nuclei), cfg):
+            events.append(event)
+    assert [e.stage for e in events if isinstance(e, StageEvent)] == ["autosave", "loading"]
+    notice = next(e for e in events if isinstance(e, NoticeEvent))
+    assert str(home / "autosave" / "nuc_mask.tif") in notice.message
+    from napari_medseg.io import read_image
+
+    saved, _ = read_image(home / "autosave" / "nuc_mask.tif")
+    np.testing.assert_array_equal(np.asarray(saved), nuclei[1])
+    assert (home / "autosave" / "nuc_mask_boundary.tif").is_file()
+    assert not list_lineage()
+
+
+def test_workflow_replays_earlier_samples_of_the_same_line(nuclei, tmp_path):
+    model, info = _base_checkpoint(tmp_path)
+    store = ReplayStore(tmp_path / "replay")
+    cfg = FinetuneConfig.from_mapping(dict(FAST, steps=1, val_every=1, replay=0.5))
+    first = drain(finetune_corrections_iter(lambda: model, _corrections(nuclei, "one"), cfg,
+                                        replay_store=store))
+    assert first.n_replay == 0 and first.checkpoint.parent == checkpoints_dir()
+    assert first.checkpoint.name.startswith("unet_sharp-one-")
+    assert first.info.training_data["autosave"].endswith("one_mask.tif")
+    assert len(store.load(info.sha256, 1)) == first.n_train + first.n_val == 3
+    # The next round on another image of the same line replays the first round's samples ...
+    second = drain(finetune_corrections_iter(
+        lambda: model, _corrections(nuclei, "two"), cfg, replay_store=store,
+        output=tmp_path / "second"))
+    assert second.n_replay == 3 and second.checkpoint == tmp_path / "second.safetensors"
+    # ... but never a round's own samples, and not without replay.
+    samples = store.load(info.sha256, 1)
+    third = drain(finetune_samples_iter(model, samples[:3], cfg, replay_store=store))
+    assert third.n_replay == 3 and third.checkpoint is None
+    off = cfg.replace(replay=0.0)
+    fourth = drain(finetune_samples_iter(model, samples[:3], off, replay_store=store))
+    assert fourth.n_replay == 0
+
+
+def test_workflow_activates_an_improved_checkpoint_only(nuclei, monkeypatch, tmp_path):
+    model, info = _base_checkpoint(tmp_path)
+    store = ReplayStore(tmp_path / "replay")
+    cfg = FinetuneConfig.from_mapping(dict(FAST, steps=1, val_every=1, replay=0.0))
+    _scripted_validation(monkeypatch, [0.8, 0.6])
+    worse = drain(finetune_corrections_iter(lambda: model, _corrections(nuclei), cfg,
+                                            replay_store=store, base_source="base"))
+    assert not worse.improved and worse.checkpoint.is_file()
+    assert active_source(info.sha256) is None
+    assert worse.info.training_data["parent_source"] == "base"
+    _scripted_validation(monkeypatch, [0.5, 0.7])
+    better = drain(finetune_corrections_iter(lambda: model, _corrections(nuclei), cfg,
+                                             replay_store=store))
+    assert better.improved
+    assert active_source(info.sha256) == str(better.checkpoint.with_suffix(".json"))
+
+
+def test_workflow_stopped_before_training_changes_nothing(nuclei, tmp_path, home):
+    model, info = _base_checkpoint(tmp_path)
+    store = ReplayStore(tmp_path / "replay")
+    cancel = CancelToken()
+    cancel.cancel()
+    cfg = FinetuneConfig.from_mapping(dict(FAST, steps=1))
+    gen = finetune_corrections_iter(lambda: model, _corrections(nuclei), cfg, cancel=cancel,
+                                    replay_store=store)
+    with pytest.raises(MedsegError, match="Stopped before training started"):
+        drain(gen)
+    assert (home / "autosave" / "nuc_mask.tif").is_file()  # the labels are still saved
+    assert not list(checkpoints_dir().iterdir()) and not list_lineage()
+    assert store.load(info.sha256, 1) == [] and active_source(info.sha256) is None
 
 
 # --- CLI ------------------------------------------------------------------------------------

@@ -292,22 +292,12 @@ def optimise_iter(
             stopped = "time_limit"
             break
         lr = _lr_at(step, config, used() / budget if budget else 0.0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, targets = make_batch(sampler, config, spec.output_scale, generator, device)
-        if device.type in ("cpu", "cuda"):
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, policy):
-            out = model(x)
-        loss, parts = compute_loss(out, targets, spec)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-        optimizer.step()
-        row = {"step": step + 1, "loss": float(loss.detach()), "lr": lr,
+        loss, parts = _optimiser_step(model, sampler, config, optimizer, trainable, lr,
+                                      device=device, policy=policy, generator=generator)
+        row = {"step": step + 1, "loss": loss, "lr": lr,
                "wall_s": round(wall_before + time.perf_counter() - t0, 2)}
         history.append(row)
-        yield StepEvent(step=step + 1, steps=config.steps, loss=row["loss"], parts=parts, lr=lr,
+        yield StepEvent(step=step + 1, steps=config.steps, loss=loss, parts=parts, lr=lr,
                         elapsed_s=time.perf_counter() - t0)
         # The time budget runs out after this step: validate it, then stop.
         time_up = bool(budget) and used() > budget
@@ -318,31 +308,61 @@ def optimise_iter(
                 train_mode(model, freeze_stats)
             else:
                 score = -float(np.mean([h["loss"] for h in history[-config.val_every:]]))
-            improved = score > state.best
-            if improved:
-                state.best, state.best_step, state.bad = score, step + 1, 0
-                on_best(step + 1, score, row["wall_s"])
-            else:
-                state.bad += 1
-            history[-1]["val_dice"] = score
-            yield ValidationEvent(f"step {step + 1}: validation Dice {score:.4f}",
-                                  step=step + 1, dice=score, best=state.best,
-                                  improved=improved)
-            state.step = step + 1
-            if after_validation is not None:
-                after_validation(state)
-            if config.patience and state.bad >= config.patience:
-                stopped = "early_stop"
-                step += 1
-                break
-            if time_up:
-                stopped = "time_limit"
+            patience_out = yield from _record_validation_iter(
+                state, step + 1, score, row["wall_s"], config, on_best, after_validation)
+            if patience_out or time_up:
+                stopped = "early_stop" if patience_out else "time_limit"
                 step += 1
                 break
     else:
         step = config.steps
     state.step = step
     return stopped, step
+
+
+def _optimiser_step(model, sampler, config, optimizer, trainable: list, lr: float, *,
+                    device: torch.device, policy, generator: torch.Generator,
+                    ) -> tuple[float, dict[str, float]]:
+    """One step at learning rate ``lr``: a batch, the network's own loss, clipped AdamW.
+
+    Returns:
+        ``(loss, parts)``: the total loss and its components.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    x, targets = make_batch(sampler, config, model.spec.output_scale, generator, device)
+    if device.type in ("cpu", "cuda"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, policy):
+        out = model(x)
+    loss, parts = compute_loss(out, targets, model.spec)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+    optimizer.step()
+    return float(loss.detach()), parts
+
+
+def _record_validation_iter(
+    state: LoopState, step: int, score: float, wall: float, config,
+    on_best: Callable[[int, float, float], None],
+    after_validation: Callable[[LoopState], None] | None,
+) -> Generator[ProgressEvent, None, bool]:
+    """Record a validation at ``step`` in ``state`` (``on_best`` on a new best); yields its
+    :class:`ValidationEvent`; returns True when ``config.patience`` is used up."""
+    improved = score > state.best
+    if improved:
+        state.best, state.best_step, state.bad = score, step, 0
+        on_best(step, score, wall)
+    else:
+        state.bad += 1
+    state.history[-1]["val_dice"] = score
+    yield ValidationEvent(f"step {step}: validation Dice {score:.4f}", step=step, dice=score,
+                          best=state.best, improved=improved)
+    state.step = step
+    if after_validation is not None:
+        after_validation(state)
+    return bool(config.patience and state.bad >= config.patience)
 
 
 def _state_path(output: Path) -> Path:
@@ -399,6 +419,90 @@ def _load_state(output: Path, model, optimizer) -> dict | None:
     return info
 
 
+def _output_path(output: str | Path) -> Path:
+    """The checkpoint path with a ``.safetensors`` suffix, its folder created."""
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        output = output.with_suffix(".safetensors")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def _starting_point(parent: str | Path | None, config: TrainConfig, pairs: list
+                    ) -> tuple[Any, Any, int, NormalizationConfig | None]:
+    """``(parent model or None, its info or None, input channels, normalization)``.
+
+    The channels come from the parent, the settings, or else the first image (4 -> RGB).
+    """
+    model, parent_info, norm = None, None, config.normalization
+    if parent is not None:
+        model, parent_info = load_checkpoint(parent)
+        in_channels = model.spec.in_channels
+        norm = parent_info.normalization_config() or norm
+    else:
+        in_channels = config.in_channels or 0
+    if not in_channels:
+        from ...io import read_image
+
+        probe, meta = read_image(pairs[0][0])
+        in_channels = probe.shape[meta.axes.index("C")] if "C" in meta.axes else 1
+        in_channels = 3 if in_channels == 4 else in_channels
+    return model, parent_info, in_channels, norm
+
+
+def _split_kind(samples: list[Sample]) -> str:
+    """``"image"`` when every sample is its own split group, else ``"slice block"``."""
+    return "image" if all(s.group == s.name for s in samples) else "slice block"
+
+
+def _training_data(config: TrainConfig, images: str | Path, masks: str | Path, pairs: list,
+                   samples: list[Sample], train_s: list[Sample], val_s: list[Sample]) -> dict:
+    """What the checkpoint records of its training data."""
+    return {
+        "dataset": config.dataset or Path(images).resolve().parent.name,
+        "images": str(images),
+        "masks": str(masks),
+        "data_hash": data_hash(pairs),
+        "train_files": sorted({s.group.split("#")[0] for s in train_s}),
+        "val_files": sorted({s.group.split("#")[0] for s in val_s}),
+        # The held-out slices of a stack (``<file>@<z>``): its other slices trained.
+        "val_planes": sorted((s.name for s in val_s if "@" in s.name),
+                             key=lambda n: (n.split("@")[0], int(n.split("@")[1]))),
+        "split": f"by {_split_kind(samples)}, val_fraction {config.val_fraction}, "
+                 f"seed {config.seed}",
+    }
+
+
+def _optimizer(model, config: TrainConfig, device: torch.device) -> tuple[list, Any]:
+    """The model moved to ``device``; its trainable parameters (the encoder frozen when
+    asked) and their AdamW optimizer."""
+    model.to(device)
+    if device.type in ("cpu", "cuda"):
+        model.to(memory_format=torch.channels_last)
+    params = [p for n, p in model.named_parameters()]
+    if config.freeze_encoder:
+        frozen = {id(p) for p in model.encoder_parameters()}
+        for p in params:
+            if id(p) in frozen:
+                p.requires_grad_(False)
+    trainable = [p for p in params if p.requires_grad]
+    return trainable, torch.optim.AdamW(trainable, lr=config.lr,
+                                        weight_decay=config.weight_decay)
+
+
+def _resume_iter(output: Path, model, optimizer, sampler: PatchSampler, config: TrainConfig
+                 ) -> Generator[ProgressEvent, None, LoopState]:
+    """The loop state to start from: a saved run's (``config.resume``) or a fresh one."""
+    state = _load_state(output, model, optimizer) if config.resume else None
+    if state is None:
+        return LoopState(0, -1.0, 0, 0, [])
+    for _ in range(state["step"]):  # keep the data stream reproducible
+        sampler.rng.random()
+    yield NoticeEvent(f"Resuming at step {state['step']} (best Dice so far {state['best']:.4f}).")
+    return LoopState(state["step"], state["best"], state["best_step"], state["bad"],
+                     state["history"])
+
+
 def train_iter(
     images: str | Path,
     masks: str | Path,
@@ -418,92 +522,37 @@ def train_iter(
         parent: a checkpoint to start from instead of random weights.
     """
     cancel = cancel or CancelToken()
-    output = Path(output)
-    if output.suffix != ".safetensors":
-        output = output.with_suffix(".safetensors")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    output = _output_path(output)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
 
     yield StageEvent("Reading the training data ...", stage="loading")
     pairs = find_pairs(images, masks, config.pattern)
-    norm = config.normalization
-
-    def normalise(img: np.ndarray) -> np.ndarray:
-        return normalize(img, norm, channel_axis=0)
-
-    parent_info = None
-    if parent is not None:
-        model, parent_info = load_checkpoint(parent)
-        in_channels = model.spec.in_channels
-        norm = parent_info.normalization_config() or norm
-    else:
-        in_channels = config.in_channels or 0
-    if not in_channels:
-        from ...io import read_image
-
-        probe, meta = read_image(pairs[0][0])
-        in_channels = probe.shape[meta.axes.index("C")] if "C" in meta.axes else 1
-        in_channels = 3 if in_channels == 4 else in_channels
-    samples = load_samples(pairs, in_channels, normalise, instances=config.instances)
+    model, parent_info, in_channels, norm = _starting_point(parent, config, pairs)
+    samples = load_samples(pairs, in_channels, lambda img: normalize(img, norm, channel_axis=0),
+                           instances=config.instances)
     train_s, val_s = split_samples(samples, config.val_fraction, config.seed)
     if config.max_val_images and len(val_s) > config.max_val_images:
         val_s = val_s[: config.max_val_images]
-    yield NoticeEvent(
-        f"{len(pairs)} files -> {len(train_s)} training and {len(val_s)} validation planes "
-        f"(split by {'image' if all(s.group == s.name for s in samples) else 'slice block'}).",
-    )
+    yield NoticeEvent(f"{len(pairs)} files -> {len(train_s)} training and {len(val_s)} "
+                      f"validation planes (split by {_split_kind(samples)}).")
 
     device = resolve_device(config.device)
     policy = resolve_precision(config.precision, device)
-    if parent is None:
-        overrides = dict(config.model_overrides or {})
+    if model is None:
         model = with_downsample(
             create_model(config.network, config.variant, in_channels, config.num_classes,
-                         **overrides), config.input_downsample)
+                         **dict(config.model_overrides or {})), config.input_downsample)
     spec = model.spec
     if min(min(s.mask.shape) for s in samples) < 2:
         raise InputShapeError("Training images must be at least 2 pixels on each side.")
     patch = spec.valid_size(config.patch // spec.output_scale) * spec.output_scale
     sampler = PatchSampler(train_s, patch, config.fg_fraction, seed=config.seed)
-    model.to(device)
-    if device.type in ("cpu", "cuda"):
-        model.to(memory_format=torch.channels_last)
-    params = [p for n, p in model.named_parameters()]
-    if config.freeze_encoder:
-        frozen = {id(p) for p in model.encoder_parameters()}
-        for p in params:
-            if id(p) in frozen:
-                p.requires_grad_(False)
-    trainable = [p for p in params if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-
-    start, best, best_step, bad, history = 0, -1.0, 0, 0, []
-    if config.resume:
-        state = _load_state(output, model, optimizer)
-        if state is not None:
-            start, best, best_step, bad, history = (state["step"], state["best"],
-                                                    state["best_step"], state["bad"],
-                                                    state["history"])
-            for _ in range(start):  # keep the data stream reproducible
-                sampler.rng.random()
-            yield NoticeEvent(f"Resuming at step {start} (best Dice so far {best:.4f}).")
-
+    trainable, optimizer = _optimizer(model, config, device)
+    state = yield from _resume_iter(output, model, optimizer, sampler, config)
     norm = norm or NormalizationConfig()
-    training_data = {
-            "dataset": config.dataset or Path(images).resolve().parent.name,
-            "images": str(images),
-            "masks": str(masks),
-            "data_hash": data_hash(pairs),
-            "train_files": sorted({s.group.split("#")[0] for s in train_s}),
-            "val_files": sorted({s.group.split("#")[0] for s in val_s}),
-            # The held-out slices of a stack (``<file>@<z>``): its other slices trained.
-            "val_planes": sorted((s.name for s in val_s if "@" in s.name),
-                                 key=lambda n: (n.split("@")[0], int(n.split("@")[1]))),
-            "split": f"by {'image' if all(s.group == s.name for s in samples) else 'slice block'},"
-                     f" val_fraction {config.val_fraction}, seed {config.seed}",
-    }
+    training_data = _training_data(config, images, masks, pairs, samples, train_s, val_s)
 
     def save_best(step: int, score: float, wall: float) -> None:
         settings = dict(config.to_dict(), device=str(device), precision=policy.name,
@@ -515,28 +564,25 @@ def train_iter(
             dtype=config.checkpoint_dtype,
         )
 
-    t0 = time.perf_counter()
-    wall_before = history[-1]["wall_s"] if history else 0.0
-    yield StageEvent(f"Training {spec.network}/{spec.variant} on {device} ({policy.name}).",
-                     stage="training")
-    state = LoopState(start, best, best_step, bad, history)
-
     def keep_state(st: LoopState) -> None:
         _save_state(output, model, optimizer, st.step, st.best, st.best_step, st.bad, st.history)
 
+    t0 = time.perf_counter()
+    wall_before = state.history[-1]["wall_s"] if state.history else 0.0
+    yield StageEvent(f"Training {spec.network}/{spec.variant} on {device} ({policy.name}).",
+                     stage="training")
     stopped, step = yield from optimise_iter(
         model, sampler, val_s, config, optimizer, trainable, device=device, policy=policy,
         generator=generator, cancel=cancel, state=state, on_best=save_best,
         after_validation=keep_state)
-    best, best_step, history = state.best, state.best_step, state.history
-    if best_step == 0:  # nothing validated yet (cancelled early): keep what we have
+    if state.best_step == 0:  # nothing validated yet (cancelled early): keep what we have
         save_best(step, float("nan"), wall_before + time.perf_counter() - t0)
-    log = output.with_name(output.stem + ".log.jsonl")
-    log.write_text("".join(json.dumps(r) + "\n" for r in history))
-    result = TrainResult(output, best if val_s else float("nan"), best_step, step, stopped,
-                         history)
+    output.with_name(output.stem + ".log.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in state.history))
+    result = TrainResult(output, state.best if val_s else float("nan"), state.best_step, step,
+                         stopped, state.history)
     yield FinishedEvent(f"Training {stopped} after {step} steps; best validation Dice "
-                        f"{best:.4f} at step {best_step}.", result=result)
+                        f"{state.best:.4f} at step {state.best_step}.", result=result)
     return result
 
 
