@@ -115,7 +115,7 @@ def test_widget_builds_and_shows_a_plan(make_napari_viewer, qtbot, env):
     # Draw tiles: one rectangle per tile of the plan.
     widget.tiles_button.click()
     qtbot.waitUntil(lambda: "cells tiles" in viewer.layers, timeout=TIMEOUT)
-    plan = widget._plan[0]
+    plan = widget.plan_panel.plan[0]
     assert len(viewer.layers["cells tiles"].data) == plan.tiles_per_plane
     _settle(qtbot, widget)
 

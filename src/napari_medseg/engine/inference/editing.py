@@ -13,9 +13,44 @@ from collections.abc import Sequence
 import numpy as np
 
 from .postprocess import boundary_per_block, dequantize_probabilities, mask_from_probabilities
-from .regions import Region
+from .regions import Region, plane_region, visible_region, whole_region
 
-__all__ = ["store_probabilities", "rethreshold_regions", "drop_contained"]
+__all__ = ["scope_region", "store_probabilities", "rethreshold_regions", "drop_contained"]
+
+
+def scope_region(
+    scope: str,
+    shape: Sequence[int],
+    point: Sequence[float] | None = None,
+    corners: np.ndarray | None = None,
+    downsample: Sequence[float] | None = None,
+    min_size: int = 128,
+) -> Region:
+    """The region of an image a viewer's scope covers.
+
+    Args:
+        scope: ``"whole"``, ``"slice"`` (the plane through ``point``) or ``"visible"`` (the
+            part of that plane inside ``corners``).
+        shape: the image's non-channel shape.
+        point: the viewer's position in the image's data coordinates (missing leading axes
+            count as 0; extra leading axes are dropped).
+        corners: the visible box, 2 x ndim data coordinates (of the level shown), or None.
+        downsample: the shown level's downsampling factors, or None for full resolution.
+        min_size: the smallest in-plane side of a visible region.
+    """
+    if scope == "whole":
+        return whole_region(shape)
+    n = len(shape)
+    pos = np.asarray(point if point is not None else np.zeros(n), float)
+    pos = pos[-n:] if len(pos) >= n else np.concatenate([np.zeros(n - len(pos)), pos])
+    if scope == "slice":
+        return plane_region(shape, pos)
+    box = None if corners is None else np.asarray(corners, float)
+    if box is not None and downsample is not None:
+        box = box * np.asarray(downsample, float)
+    if box is not None and box.shape[1] != n:
+        box = None
+    return visible_region(shape, pos, box, min_size=min_size)
 
 
 def store_probabilities(target: np.ndarray, region: Region, probabilities: np.ndarray,
