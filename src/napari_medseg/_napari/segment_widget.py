@@ -557,6 +557,7 @@ class SegmentWidget(LayerListMixin, QWidget):
 
     def _disconnect(self) -> None:
         self.state.serve_weights(None)
+        self.state.choose(None, "")
         for emitter, callback in self._viewer_hooks():
             emitter.disconnect(callback)
 
