@@ -14,8 +14,6 @@ pytest.importorskip("pytestqt")
 from napari_medseg.engine.checkpoints import save_checkpoint  # noqa: E402
 from napari_medseg.resources import samples_dir  # noqa: E402
 
-pytestmark = pytest.mark.gui
-
 TIMEOUT = 180_000  # ms; a 2-core machine shared with others
 
 
