@@ -24,11 +24,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
+from napari.viewer import Viewer
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -43,6 +45,7 @@ from qtpy.QtWidgets import (
 
 from ..config import FinetuneConfig
 from ..engine.progress import CancelToken, FinishedEvent, NoticeEvent, StageEvent, TilesEvent
+from ..engine.progress import ProgressEvent
 from ..engine.training.finetune import DataEvent, FinetuneResult
 from ..engine.training.train import StepEvent, ValidationEvent
 from ..engine.training.workflow import Corrections, finetune_corrections_iter
@@ -51,22 +54,8 @@ from . import result_layers
 from .curve_plot import CurvePlot
 from .lineage_panel import LineagePanel
 from .viewer_state import viewer_state
-from .worker import (
-    JobOutcome,
-    LayerListMixin,
-    LongJob,
-    error_html,
-    form_layout,
-    guard_iter,
-    row_widget,
-    show_notice,
-    start_job,
-)
-
-if TYPE_CHECKING:  # pragma: no cover
-    import napari
-
-    from ..engine.progress import ProgressEvent
+from .worker import JobOutcome, LongJob, guard_iter, show_notice, start_job
+from .worker import LayerListMixin, error_html, form_layout, row_widget  # the dock's layout
 
 __all__ = ["BaseChoice", "FinetuneWidget", "finetune_job", "COMPARE_MODEL", "COMPARE_NONE"]
 
@@ -127,9 +116,11 @@ class FinetuneWidget(LayerListMixin, QWidget):
         napari_viewer: the viewer it is docked in (injected by napari).
     """
 
-    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+    def __init__(self, napari_viewer: Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
+        #: what the viewer's dock widgets share (the Segment widget's weights, the networks).
+        self.state = viewer_state(napari_viewer)
         #: the fine-tuning; its context is (image name, labels name).
         self._job = LongJob()
         self.last_outcome: JobOutcome | None = None
@@ -142,6 +133,7 @@ class FinetuneWidget(LayerListMixin, QWidget):
         self.refresh_bases()
         self.refresh_checkpoints()
         self._update_enabled()
+        self.state.weights_changed.connect(self._show_segment_weights)
 
     # ------------------------------------------------------------------ UI ----------
     def _build(self) -> None:
@@ -316,6 +308,7 @@ class FinetuneWidget(LayerListMixin, QWidget):
                       and (c.kind, c.source) == (current.kind, current.source)), 0)
         self.base_combo.setCurrentIndex(index)
         self.base_combo.blockSignals(False)
+        self._show_segment_weights(self.state.weights, self.state.variant)
 
     def refresh_checkpoints(self) -> None:
         """Fill the checkpoint list from the user data folder (newest last)."""
@@ -540,7 +533,15 @@ class FinetuneWidget(LayerListMixin, QWidget):
         self.status_label.setText(error_html(message))
         show_error(message)
 
+    def _show_segment_weights(self, weights: Any, variant: str) -> None:
+        """Name the Segment widget's weights in the tooltip of the "Start from" entry."""
+        text = ("The Segment widget is not open (the newest of your checkpoints is used)."
+                if weights is None else f"Now: {weights.label}" + (
+                    f" ({variant})" if weights.untrained else ""))
+        self.base_combo.setItemData(0, text, Qt.ItemDataRole.ToolTipRole)
+
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt override
         """Stop a running fine-tuning when the widget closes (the best weights are kept)."""
         self.stop()
+        self.state.weights_changed.disconnect(self._show_segment_weights)
         super().closeEvent(event)

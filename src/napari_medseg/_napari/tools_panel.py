@@ -78,15 +78,11 @@ class ToolsPanel(QGroupBox):
         """Derive the boundary layer from the mask layer (in a worker; undoable)."""
         from ..engine.inference.postprocess import boundary_per_block
 
-        host = self.host
-        image = host.current_image()
-        mask = label_output(host.viewer, image, "mask")
-        if mask is None:
-            host.report_error(_NO_MASK)
+        found = self._mask("Deriving the boundary from the mask…")
+        if found is None:
             return None
-        axes = result_layers.image_axes(image).replace("C", "")
-        host.status_label.setText("Deriving the boundary from the mask…")
-        return host.start_worker(
+        image, mask, axes = found
+        return self.host.start_worker(
             guarded, boundary_per_block, np.array(mask.data), axes,
             on_done=functools.partial(self._on_done, image.name, "boundary",
                                       "boundary from mask"))
@@ -95,19 +91,27 @@ class ToolsPanel(QGroupBox):
         """Split the mask into instances along the boundary layer (watershed; undoable)."""
         from ..engine.inference.postprocess import instances_per_block
 
+        found = self._mask("Splitting the mask into instances…")
+        if found is None:
+            return None
+        image, mask, axes = found
+        boundary = label_output(self.host.viewer, image, "boundary")
+        return self.host.start_worker(
+            guarded, instances_per_block, np.array(mask.data),
+            None if boundary is None else np.array(boundary.data), axes, 8,
+            on_done=functools.partial(self._on_done, image.name, "instances", "instances"))
+
+    def _mask(self, status: str) -> tuple[Image, Labels, str] | None:
+        """The host's image, its mask layer and the mask's axes (``status`` then shows), or
+        None with an error when there is no mask yet."""
         host = self.host
         image = host.current_image()
         mask = label_output(host.viewer, image, "mask")
         if mask is None:
             host.report_error(_NO_MASK)
             return None
-        boundary = label_output(host.viewer, image, "boundary")
-        axes = result_layers.image_axes(image).replace("C", "")
-        host.status_label.setText("Splitting the mask into instances…")
-        return host.start_worker(
-            guarded, instances_per_block, np.array(mask.data),
-            None if boundary is None else np.array(boundary.data), axes, 8,
-            on_done=functools.partial(self._on_done, image.name, "instances", "instances"))
+        host.status_label.setText(status)
+        return image, mask, result_layers.image_axes(image).replace("C", "")
 
     def _on_done(self, image_name: str, output: str, label: str, outcome: JobOutcome) -> None:
         host = self.host
