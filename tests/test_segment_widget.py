@@ -674,3 +674,27 @@ def test_viewer_state_shares_the_choice_the_cache_and_weights_requests():
     assert requests == [("a.json", "img", "slice")]
     state.serve_weights(None)
     assert not state.serving and not state.request_weights("a.json")
+
+
+def test_scope_region_from_the_viewer_position():
+    """The widget's scope becomes a region through the engine: the whole image, the plane
+    through the viewer's point (missing leading axes count as 0), or the visible box of a
+    pyramid level scaled to full resolution."""
+    from napari_medseg.engine.inference.editing import scope_region
+    from napari_medseg.engine.inference.regions import plane_region, visible_region, whole_region
+
+    shape = (4, 100, 120)
+    assert scope_region("whole", shape) == whole_region(shape)
+    assert scope_region("slice", shape, [1.0, 2.2, 50.0, 60.0]) == plane_region(
+        shape, np.array([2.2, 50.0, 60.0]))
+    assert scope_region("slice", shape, [50.0, 60.0]) == plane_region(
+        shape, np.array([0.0, 50.0, 60.0]))
+    corners = np.array([[2, 10, 10], [2, 30, 40]], float)
+    got = scope_region("visible", shape, [2.0, 20.0, 25.0], corners, downsample=(1, 2, 2),
+                       min_size=16)
+    want = visible_region(shape, np.array([2.0, 20.0, 25.0]), corners * [1, 2, 2],
+                          min_size=16)
+    assert got == want and got.stop[1] == 61  # corners scaled to full resolution
+    assert scope_region("visible", shape, [2.0, 20.0, 25.0], np.zeros((2, 2)),
+                        min_size=16) == visible_region(shape, np.array([2.0, 20.0, 25.0]),
+                                                       None, min_size=16)
