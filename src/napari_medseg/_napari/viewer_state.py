@@ -25,7 +25,7 @@ from .weights_choices import RANDOM_INIT_CLASSES, WeightsChoice
 __all__ = ["ModelCache", "ViewerState", "viewer_state"]
 
 #: Handler of "segment with these weights": ``(source, image_name, scope) -> started``.
-WeightsHandler = Callable[[str, "str | None", "str | None"], bool]
+WeightsHandler = Callable[[str, str | None, str | None], bool]
 
 
 class ModelCache:
