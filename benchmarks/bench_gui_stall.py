@@ -9,6 +9,9 @@ Run it under a display (a virtual one is fine)::
 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_gui_stall.py \
         --shape 16 256 256 --network unet_sharp --variant lite
+
+``--save benchmarks/gui_stall.json`` records the report as the bar the GUI tests check their
+own stall against (``tests/test_segment_widget.py``, with a margin for a loaded machine).
 """
 
 from __future__ import annotations
@@ -178,13 +181,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", action="store_true", help="do not show the window")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--save", default=None,
+                        help="also write the report to this JSON file (the GUI tests read "
+                             "their stall bar from benchmarks/gui_stall.json)")
     args = parser.parse_args(argv)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    print(json.dumps(measure(tuple(args.shape), args.network, args.variant, args.tile,
-                             args.tta, show=not args.hidden), indent=2))
+    text = json.dumps(measure(tuple(args.shape), args.network, args.variant, args.tile,
+                              args.tta, show=not args.hidden), indent=2)
+    print(text)
+    if args.save:
+        with open(args.save, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,10 @@
-"""Shared fixtures: a small synthetic CT with 0.7 x 0.7 x 2.5 mm voxels, as NIfTI and DICOM."""
+"""Shared fixtures: a small synthetic CT with 0.7 x 0.7 x 2.5 mm voxels, as NIfTI and DICOM.
+
+Also the one rule of the ``gui`` marker: a test needs a Qt display exactly when it uses a
+napari viewer or pytest-qt's ``qtbot`` (directly or through its fixtures), so those tests and
+only those are marked (pure session, settings and config tests of the widgets' modules are
+not).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,17 @@ import numpy as np
 import pytest
 
 from napari_medseg.io.synthetic import ct_phantom, write_dicom_series, write_nifti_volume
+
+#: Fixtures that need a Qt display.
+GUI_FIXTURES = frozenset({"make_napari_viewer", "make_napari_viewer_proxy", "qtbot", "qapp"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests that use a viewer or ``qtbot`` as ``gui``."""
+    for item in items:
+        if GUI_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.gui)
+
 
 #: (dz, dy, dx) of the synthetic CT, millimetres.
 CT_SPACING = (2.5, 0.7, 0.7)

@@ -14,8 +14,6 @@ from napari_medseg.engine.batch.run import MANIFEST_NAME, PARTIAL_PREFIX
 from napari_medseg.engine.checkpoints import save_checkpoint
 from napari_medseg.io import ImageMeta, write_image
 
-pytestmark = pytest.mark.gui
-
 TIMEOUT_MS = 120_000
 
 

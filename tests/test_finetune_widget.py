@@ -14,8 +14,6 @@ pytest.importorskip("pytestqt")
 from napari_medseg.engine.checkpoints import save_checkpoint  # noqa: E402
 from napari_medseg.resources import samples_dir  # noqa: E402
 
-pytestmark = pytest.mark.gui
-
 TIMEOUT = 180_000  # ms; a 2-core machine shared with others
 
 
@@ -109,11 +107,16 @@ def _settle(qtbot, seg) -> None:
 
 def test_widget_builds_lists_layers_and_refuses_bad_input(make_napari_viewer, qtbot, env,
                                                           errors):
+    from qtpy.QtCore import Qt
+
     viewer, seg, widget = _viewer(make_napari_viewer, env, qtbot)
     assert widget.image_combo.currentText() == "cells"
     assert widget.labels_combo.currentText() == "cells mask"  # the Segment output name
     assert widget.compare_combo.currentText().startswith("prediction of the starting")
     assert widget.base_combo.currentData().kind == "segment"
+    # The "Start from" entry names the Segment widget's weights (through the viewer state).
+    tip = widget.base_combo.itemData(0, Qt.ItemDataRole.ToolTipRole)
+    assert tip == f"Now: {seg.current_weights().label}", tip
     assert not widget.use_button.isEnabled() and widget.start_button.text() == "Start"
     widget.compare_combo.setCurrentText("cells mask")
     assert widget.start() is None and "compared with themselves" in errors[-1]

@@ -150,7 +150,6 @@ def test_samples_give_an_image_and_its_labels():
 
 
 # -- in a real viewer --------------------------------------------------------------------------
-@pytest.mark.gui
 def test_viewer_opens_nifti_and_dicom_with_their_scale(make_napari_viewer, nifti_path, dicom_dir):
     viewer = make_napari_viewer()
     [ct] = viewer.open(str(nifti_path), plugin="napari-medseg")
@@ -161,7 +160,6 @@ def test_viewer_opens_nifti_and_dicom_with_their_scale(make_napari_viewer, nifti
     assert np.allclose(dcm.extent.world[1] - dcm.extent.world[0], [7 * 2.5, 39 * 0.7, 47 * 0.7])
 
 
-@pytest.mark.gui
 def test_viewer_shows_our_sentence_for_a_damaged_file(make_napari_viewer, tmp_path, nifti_path, monkeypatch):
     from napari.errors import ReaderPluginError
     from napari.settings import get_settings
@@ -185,7 +183,6 @@ def test_viewer_shows_our_sentence_for_a_damaged_file(make_napari_viewer, tmp_pa
     assert len(viewer.layers) == 0
 
 
-@pytest.mark.gui
 def test_napari_made_labels_layer_saves_with_the_image_affine(make_napari_viewer, tmp_path, dicom_dir):
     viewer = make_napari_viewer(show=True)
     [image] = viewer.open(str(dicom_dir), plugin="napari-medseg")

@@ -1,83 +1,63 @@
 """The Fine-tune dock widget: learn from the user's corrections without freezing the viewer.
 
-A thin skin over :mod:`napari_medseg.engine.training.finetune`. The widget gathers its values (image,
-corrected labels, optional corrected boundary, what the labels are compared with, the starting
-weights, steps, learning rate, freeze encoder, replay) into a
-:class:`~napari_medseg.config.FinetuneConfig` and copies of the layer data, then runs one job
-in a napari thread worker (:func:`.worker.start_job`):
+A thin skin over :func:`napari_medseg.engine.training.workflow.finetune_corrections_iter`. The
+widget gathers its values (image, corrected labels, optional corrected boundary, what the
+labels are compared with, the starting weights, steps, learning rate, freeze encoder, replay)
+into a :class:`~napari_medseg.config.FinetuneConfig` and a
+:class:`~napari_medseg.engine.training.workflow.Corrections` of copies of the layer data, then
+runs the workflow in a napari thread worker (:func:`finetune_job`): autosave of the labels
+first, loading the starting weights, finding the corrected regions, replay of earlier
+corrections, fine-tuning, and the lineage of the new checkpoint.
 
-1. the corrected labels (and boundary) are autosaved to the user data folder
-   (:func:`~napari_medseg.engine.training.lineage.autosave_labels`) before anything else, so a crash
-   loses no annotation;
-2. the starting weights are loaded (the Segment widget's current choice, one of the user's
-   checkpoints, or shipped weights);
-3. the corrected regions are found (:func:`~napari_medseg.engine.training.finetune.prepare_corrections_iter`:
-   by default the starting weights predict the labelled planes and the differences count);
-4. :func:`~napari_medseg.engine.training.finetune.finetune_iter` trains, with replay of earlier
-   corrections of the same model line, and writes the checkpoint with its lineage into the
-   user data folder.
-
-Loss and validation Dice are drawn live in the dock (:class:`CurvePlot`, plain QPainter: the
-viewer's environment has no plotting library). Stop keeps the best weights so far. When the
-job ends with better weights, the checkpoint becomes the active member of its model line and
-the Segment widget uses it and re-predicts the current view. The checkpoint list shows the
-lineage; *Use* activates any entry, *Revert* goes back to an entry's parent.
+The starting weights may be the Segment widget's current choice, read from the viewer's
+shared :mod:`.viewer_state` (the networks are loaded through its shared cache), one of the
+user's checkpoints, or shipped weights. Loss and validation Dice are drawn live
+(:mod:`.curve_plot`). Stop keeps the best weights so far. When the job ends with better
+weights, the checkpoint becomes the active member of its model line and the Segment widget
+is asked, through the viewer state, to use it and re-predict the current view. The checkpoint
+list (:mod:`.lineage_panel`) shows the lineage; *Use* activates any entry, *Revert* goes back
+to an entry's parent.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QPointF, QRectF, Qt
-from qtpy.QtGui import QColor, QFont, QPainter, QPainterPath, QPen
+from napari.viewer import Viewer
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
-    QAbstractItemView,
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QGroupBox,
     QLabel,
-    QListWidget,
-    QListWidgetItem,
     QPushButton,
-    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
 from ..config import FinetuneConfig
-from ..engine.training.finetune import DataEvent, FinetuneResult
 from ..engine.progress import CancelToken, FinishedEvent, NoticeEvent, StageEvent, TilesEvent
+from ..engine.progress import ProgressEvent
+from ..engine.training.finetune import DataEvent, FinetuneResult
 from ..engine.training.train import StepEvent, ValidationEvent
+from ..engine.training.workflow import Corrections, finetune_corrections_iter
 from ..errors import ConfigError, InputShapeError, MedsegError
 from . import result_layers
-from .worker import (
-    JobOutcome,
-    LayerListMixin,
-    LongJob,
-    error_html,
-    form_layout,
-    guard_iter,
-    row_widget,
-    show_notice,
-    start_job,
-)
+from .curve_plot import CurvePlot
+from .lineage_panel import LineagePanel
+from .viewer_state import viewer_state
+from .worker import JobOutcome, LongJob, guard_iter, show_notice, start_job
+from .worker import LayerListMixin, error_html, form_layout, row_widget  # the dock's layout
 
-if TYPE_CHECKING:  # pragma: no cover
-    import napari
-
-    from ..engine.progress import ProgressEvent
-
-__all__ = ["BaseChoice", "CurvePlot", "FinetuneWidget", "finetune_job", "COMPARE_MODEL",
-           "COMPARE_NONE"]
+__all__ = ["BaseChoice", "FinetuneWidget", "finetune_job", "COMPARE_MODEL", "COMPARE_NONE"]
 
 #: "Compared with" entry: the starting weights predict the labelled planes.
 COMPARE_MODEL = "prediction of the starting weights"
@@ -103,215 +83,30 @@ class BaseChoice:
     source: str | None = None
 
 
-# --------------------------------------------------------------------------- the plot
-
-
-class CurvePlot(QWidget):
-    """Training loss (left axis) and validation Dice (right axis, 0-1) against the step.
-
-    Drawn with QPainter; adding a point only schedules a repaint, so thousands of steps cost
-    the GUI thread nothing between paints.
-    """
-
-    LOSS = QColor(80, 170, 255)
-    LOSS_RAW = QColor(80, 170, 255, 70)
-    DICE = QColor(255, 176, 0)
-
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.setMinimumHeight(150)
-        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
-        self.loss: list[tuple[int, float]] = []
-        self.smooth: list[tuple[int, float]] = []
-        self.dice: list[tuple[int, float]] = []
-        self.total = 1
-        self.best: tuple[int, float] | None = None
-
-    def clear(self, total_steps: int) -> None:
-        """Forget the curves; the x axis spans ``total_steps``."""
-        self.loss, self.smooth, self.dice, self.best = [], [], [], None
-        self.total = max(1, int(total_steps))
-        self.update()
-
-    def add_loss(self, step: int, loss: float) -> None:
-        """One training step's loss (its running mean is drawn too)."""
-        if not math.isfinite(loss):
-            return
-        self.loss.append((step, loss))
-        prev = self.smooth[-1][1] if self.smooth else loss
-        self.smooth.append((step, 0.9 * prev + 0.1 * loss if self.smooth else loss))
-        self.update()
-
-    def add_dice(self, step: int, dice: float, best: bool = False) -> None:
-        """A validation Dice (``best`` marks the kept weights)."""
-        if not math.isfinite(dice) or dice < 0:
-            return
-        self.dice.append((step, dice))
-        if best or self.best is None:
-            self.best = (step, dice)
-        self.update()
-
-    def paintEvent(self, event: Any) -> None:  # noqa: N802 - Qt override
-        """Draw the axes, the loss (raw and smoothed) and the validation Dice."""
-        p = QPainter(self)
-        p.setRenderHint(QPainter.RenderHint.Antialiasing)
-        font = QFont(p.font())
-        font.setPointSizeF(max(7.0, font.pointSizeF() * 0.85))
-        p.setFont(font)
-        w, h = self.width(), self.height()
-        left, right, top, bottom = 40, 34, 8, 18
-        area = QRectF(left, top, max(10, w - left - right), max(10, h - top - bottom))
-        p.fillRect(self.rect(), QColor(30, 30, 34))
-        p.setPen(QPen(QColor(110, 110, 120), 1))
-        p.drawRect(area)
-        text = QColor(200, 200, 200)
-        p.setPen(text)
-        p.drawText(QRectF(left, h - bottom + 2, area.width(), bottom - 2),
-                   int(Qt.AlignmentFlag.AlignLeft), "0")
-        p.drawText(QRectF(left, h - bottom + 2, area.width(), bottom - 2),
-                   int(Qt.AlignmentFlag.AlignRight), f"{self.total} steps")
-        if self.loss:
-            values = [v for _, v in self.loss]
-            lo, hi = min(values), max(values)
-            if hi - lo < 1e-9:
-                lo, hi = lo - 0.5, hi + 0.5
-            p.setPen(self.LOSS)
-            p.drawText(QRectF(0, top - 4, left - 4, 14), int(Qt.AlignmentFlag.AlignRight),
-                       f"{hi:.3g}")
-            p.drawText(QRectF(0, top + area.height() - 10, left - 4, 14),
-                       int(Qt.AlignmentFlag.AlignRight), f"{lo:.3g}")
-
-            def point(step: int, value: float) -> QPointF:
-                x = area.left() + area.width() * step / self.total
-                y = area.bottom() - area.height() * (value - lo) / (hi - lo)
-                return QPointF(x, y)
-
-            for series, color, width in ((self.loss, self.LOSS_RAW, 1.0),
-                                         (self.smooth, self.LOSS, 1.6)):
-                path = QPainterPath(point(*series[0]))
-                for s, v in series[1:]:
-                    path.lineTo(point(s, v))
-                p.setPen(QPen(color, width))
-                p.drawPath(path)
-        p.setPen(self.DICE)
-        p.drawText(QRectF(area.right() + 3, top - 4, right, 14), int(Qt.AlignmentFlag.AlignLeft),
-                   "1")
-        p.drawText(QRectF(area.right() + 3, top + area.height() - 10, right, 14),
-                   int(Qt.AlignmentFlag.AlignLeft), "0")
-        if self.dice:
-            def dpoint(step: int, value: float) -> QPointF:
-                x = area.left() + area.width() * step / self.total
-                return QPointF(x, area.bottom() - area.height() * value)
-
-            path = QPainterPath(dpoint(*self.dice[0]))
-            for s, v in self.dice[1:]:
-                path.lineTo(dpoint(s, v))
-            p.setPen(QPen(self.DICE, 1.6))
-            p.drawPath(path)
-            p.setBrush(self.DICE)
-            for s, v in self.dice:
-                p.drawEllipse(dpoint(s, v), 2.5, 2.5)
-            if self.best is not None:
-                p.setBrush(Qt.BrushStyle.NoBrush)
-                p.setPen(QPen(QColor(255, 255, 255), 1.2))
-                p.drawEllipse(dpoint(*self.best), 5.0, 5.0)
-        p.setPen(text)
-        legend = "— loss   "
-        p.setPen(self.LOSS)
-        p.drawText(QRectF(area.left() + 6, area.top() + 2, 90, 14),
-                   int(Qt.AlignmentFlag.AlignLeft), legend)
-        p.setPen(self.DICE)
-        p.drawText(QRectF(area.left() + 60, area.top() + 2, 160, 14),
-                   int(Qt.AlignmentFlag.AlignLeft), "● validation Dice")
-        p.end()
-
-
 # --------------------------------------------------------------------------- the job
 
 
 def finetune_job(
     load_model: Callable[[], Any],
-    base_source: str | None,
-    image: Any,
-    axes: str,
-    labels: np.ndarray,
-    labels_name: str,
-    boundary: np.ndarray | None,
-    prediction: Any,
-    image_name: str,
+    corrections: Corrections,
     config: FinetuneConfig,
     cancel: CancelToken,
-    label_meta: Any = None,
+    base_source: str | None = None,
 ) -> Generator[ProgressEvent, None, JobOutcome]:
-    """Autosave, load, find the corrections, fine-tune and record the lineage (worker thread).
+    """Fine-tune on the corrections in a worker thread (never raises).
 
-    Args:
-        load_model: returns the starting network (called in the worker).
-        base_source: its checkpoint path or tag (recorded for revert), or None.
-        image: the image (numpy or dask), axes ``axes``.
-        axes: the image's axes.
-        labels: a copy of the corrected labels.
-        labels_name: the labels layer's name (the autosave's file name).
-        boundary: a copy of the corrected boundary layer, or None.
-        prediction: ``"model"``, a copy of a prediction layer, or None (see
-            :func:`~napari_medseg.engine.training.finetune.prepare_corrections_iter`).
-        image_name: the image layer's name.
-        config: the settings.
-        cancel: Stop sets it; the best weights so far are kept.
-        label_meta: the labels' geometry for the autosave, or None.
+    Runs :func:`~napari_medseg.engine.training.workflow.finetune_corrections_iter` (autosave,
+    load, corrections, replay, fine-tuning, lineage), passing its events on.
 
     Returns:
-        An outcome whose value is the :class:`~napari_medseg.engine.training.finetune.FinetuneResult`.
+        An outcome whose value is the
+        :class:`~napari_medseg.engine.training.finetune.FinetuneResult`.
     """
-    from ..engine.training.finetune import ReplayStore, finetune_iter, prepare_corrections_iter
-    from ..engine.training.lineage import autosave_labels, lineage_root, set_active, unique_checkpoint_path
-
-    def work():
-        yield StageEvent("Saving your labels before training.", stage="autosave")
-        saved = autosave_labels(labels, labels_name, label_meta)
-        if boundary is not None:
-            autosave_labels(boundary, f"{labels_name} boundary", label_meta)
-        yield NoticeEvent(f"Your labels were saved to {saved}.")
-        yield StageEvent("Loading the starting weights.", stage="loading")
-        model = load_model()
-        samples = yield from prepare_corrections_iter(
-            image, labels, model, config, axes=axes, prediction=prediction, boundary=boundary,
-            name=image_name, cancel=cancel)
-        if cancel.cancelled:
-            raise MedsegError("Stopped before training started; nothing was changed.")
-        info = getattr(model, "checkpoint_info", None)
-        root = lineage_root(info)
-        store = ReplayStore()
-        replay = []
-        if config.replay > 0 and root:
-            replay = store.load(root, model.spec.in_channels, config.max_replay,
-                                exclude=[s.name for s in samples])
-        output = unique_checkpoint_path(f"{model.spec.network}-{image_name}")
-        result = yield from finetune_iter(
-            model, samples, config, replay=replay, cancel=cancel, output=output,
-            data={"image": image_name, "labels": labels_name, "autosave": str(saved),
-                  "parent_source": base_source})
-        if root:
-            store.add(samples, root)
-        if result.improved and result.checkpoint is not None:
-            new_root = lineage_root(result.info)
-            set_active(new_root, str(result.checkpoint.with_suffix(".json")),
-                       reason="fine-tuned")
-        return result
-
-    return (yield from guard_iter(work))
+    return (yield from guard_iter(finetune_corrections_iter, load_model, corrections, config,
+                                  base_source=base_source, cancel=cancel))
 
 
 # --------------------------------------------------------------------------- the widget
-
-
-def _load_segment(seg: Any, weights: Any, image: Image) -> tuple[Callable[[], Any], str,
-                                                                 str | None]:
-    """The Segment widget's current network as a loader (its session caches networks)."""
-    in_channels = 3 if getattr(image, "rgb", False) else 1
-    load = functools.partial(seg.session.load_model, weights, seg.variant_combo.currentText(),
-                             in_channels)
-    return load, weights.label, weights.source
 
 
 class FinetuneWidget(LayerListMixin, QWidget):
@@ -321,9 +116,11 @@ class FinetuneWidget(LayerListMixin, QWidget):
         napari_viewer: the viewer it is docked in (injected by napari).
     """
 
-    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+    def __init__(self, napari_viewer: Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
+        #: what the viewer's dock widgets share (the Segment widget's weights, the networks).
+        self.state = viewer_state(napari_viewer)
         #: the fine-tuning; its context is (image name, labels name).
         self._job = LongJob()
         self.last_outcome: JobOutcome | None = None
@@ -336,6 +133,7 @@ class FinetuneWidget(LayerListMixin, QWidget):
         self.refresh_bases()
         self.refresh_checkpoints()
         self._update_enabled()
+        self.state.weights_changed.connect(self._show_segment_weights)
 
     # ------------------------------------------------------------------ UI ----------
     def _build(self) -> None:
@@ -416,24 +214,11 @@ class FinetuneWidget(LayerListMixin, QWidget):
         self.plot = CurvePlot()
         root.addWidget(self.plot)
 
-        ckpt_box = QGroupBox("Your checkpoints")
-        lay = QVBoxLayout()
-        lay.setContentsMargins(4, 4, 4, 4)
-        self.checkpoint_list = QListWidget()
-        self.checkpoint_list.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.checkpoint_list.setMaximumHeight(120)
-        self.checkpoint_list.setToolTip("Fine-tuned checkpoints, newest last; * marks the "
-                                        "active one of each model line.")
-        lay.addWidget(self.checkpoint_list)
-        self.use_button = QPushButton("Use")
-        self.use_button.setToolTip("Segment with the selected checkpoint and make it the "
-                                   "start of the next fine-tuning.")
-        self.revert_button = QPushButton("Revert to parent")
-        self.revert_button.setToolTip("Go back to the weights the selected checkpoint was "
-                                      "fine-tuned from (nothing is deleted).")
-        lay.addWidget(row_widget(self.use_button, self.revert_button))
-        ckpt_box.setLayout(lay)
-        root.addWidget(ckpt_box)
+        self.lineage_panel = LineagePanel()
+        self.checkpoint_list = self.lineage_panel.checkpoint_list
+        self.use_button = self.lineage_panel.use_button
+        self.revert_button = self.lineage_panel.revert_button
+        root.addWidget(self.lineage_panel)
         root.addStretch(1)
         self._fill_devices()
 
@@ -450,9 +235,9 @@ class FinetuneWidget(LayerListMixin, QWidget):
     def _connect(self) -> None:
         self.start_button.clicked.connect(self._on_start_clicked)
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
-        self.use_button.clicked.connect(self.use_selected)
-        self.revert_button.clicked.connect(self.revert_selected)
-        self.checkpoint_list.currentRowChanged.connect(self._update_enabled)
+        self.lineage_panel.activated.connect(self._activate)
+        self.lineage_panel.failed.connect(self._error)
+        self.lineage_panel.selection_changed.connect(self._update_enabled)
         for emitter, callback in self._layer_hooks():
             emitter.connect(callback)
 
@@ -523,30 +308,11 @@ class FinetuneWidget(LayerListMixin, QWidget):
                       and (c.kind, c.source) == (current.kind, current.source)), 0)
         self.base_combo.setCurrentIndex(index)
         self.base_combo.blockSignals(False)
+        self._show_segment_weights(self.state.weights, self.state.variant)
 
     def refresh_checkpoints(self) -> None:
         """Fill the checkpoint list from the user data folder (newest last)."""
-        from ..engine.training.lineage import active_source, ancestors, list_lineage
-
-        self.checkpoint_list.clear()
-        entries = list_lineage()
-        self._entries = entries
-        for entry in entries:
-            active = active_source(entry.root) == entry.source
-            item = QListWidgetItem(("* " if active else "  ") + entry.describe())
-            chain = ancestors(entry, entries)
-            names = [c.name if not isinstance(c, str) else c for c in chain]
-            m = entry.info.metrics or {}
-            tip = [f"{entry.name} ({entry.info.network}/{entry.info.variant})",
-                   "fine-tuned from: " + (" <- ".join(names) if names else "random init"),
-                   f"data {entry.info.training_data.get('data_hash', '?')}; "
-                   f"{len(entry.info.training_data.get('train_regions', []))} training and "
-                   f"{len(entry.info.training_data.get('val_regions', []))} held-out regions",
-                   f"validation Dice {m.get('val_dice_before')} -> {m.get('val_dice')}"]
-            item.setToolTip("\n".join(tip))
-            item.setData(Qt.ItemDataRole.UserRole, entry.source)
-            self.checkpoint_list.addItem(item)
-        self._update_enabled()
+        self.lineage_panel.refresh()
 
     def _update_enabled(self, *_: Any) -> None:
         running = self.running
@@ -557,9 +323,7 @@ class FinetuneWidget(LayerListMixin, QWidget):
         self.start_button.setText("Stop" if running else "Start")
         self.start_button.setEnabled(running or (
             bool(self.image_combo.currentText()) and bool(self.labels_combo.currentText())))
-        selected = self.checkpoint_list.currentRow() >= 0
-        self.use_button.setEnabled(selected and not running)
-        self.revert_button.setEnabled(selected and not running)
+        self.lineage_panel.set_enabled(not running)
 
     # ----------------------------------------------------------- settings -------------
     def config(self) -> FinetuneConfig:
@@ -572,19 +336,6 @@ class FinetuneWidget(LayerListMixin, QWidget):
             "device": self.device_combo.currentData() or "cpu",
         })
 
-    def segment_widget(self) -> Any:
-        """The Segment widget docked in the same viewer, or None."""
-        from .segment_widget import SegmentWidget
-
-        window = getattr(self.viewer, "window", None)
-        docked = getattr(window, "dock_widgets", None) if window is not None else None
-        if docked is None:
-            return None
-        for widget in list(docked.values()):
-            if isinstance(widget, SegmentWidget):
-                return widget
-        return None
-
     def _base_loader(self, image: Image) -> tuple[Callable[[], Any], str, str | None]:
         """A function loading the starting weights (run in the worker), their description
         and their source (path or tag; None for an untrained network)."""
@@ -592,16 +343,15 @@ class FinetuneWidget(LayerListMixin, QWidget):
         if choice is None:
             raise ConfigError("Choose the weights to start from.")
         if choice.kind == "segment":
-            seg = self.segment_widget()
-            weights = seg.current_weights() if seg is not None else None
-            if weights is None:
-                others = [self.base_combo.itemData(i) for i in range(1, self.base_combo.count())]
-                if not others:
-                    raise ConfigError("Open the Segment widget and choose weights there, or "
-                                      "pick the weights to start from here.")
-                choice = others[0]  # the newest checkpoint of yours, else shipped weights
-            else:
-                return _load_segment(seg, weights, image)
+            state = viewer_state(self.viewer)
+            load = state.loader(3 if getattr(image, "rgb", False) else 1)
+            if load is not None:
+                return load, state.weights.label, state.weights.source
+            others = [self.base_combo.itemData(i) for i in range(1, self.base_combo.count())]
+            if not others:
+                raise ConfigError("Open the Segment widget and choose weights there, or "
+                                  "pick the weights to start from here.")
+            choice = others[0]  # the newest checkpoint of yours, else shipped weights
         from ..engine.checkpoints import resolve_weights
 
         return (lambda: resolve_weights(choice.source)[0]), choice.label, choice.source
@@ -661,11 +411,13 @@ class FinetuneWidget(LayerListMixin, QWidget):
         self.last_result = None
         self.events_seen = 0
         self.status_label.setText(f"Starting from {base_label}…")
-        worker = start_job(
-            finetune_job, load, base_source, result_layers.image_array(image), axes,
-            np.array(labels.data, copy=True), labels.name, boundary, prediction, image.name,
-            config, token, label_meta, on_done=self._on_done, on_yield=self._on_event,
-            cancel_token=token)
+        corrections = Corrections(
+            image=result_layers.image_array(image), axes=axes,
+            labels=np.array(labels.data, copy=True), image_name=image.name,
+            labels_name=labels.name, boundary=boundary, prediction=prediction,
+            label_meta=label_meta)
+        worker = start_job(finetune_job, load, corrections, config, token, base_source,
+                           on_done=self._on_done, on_yield=self._on_event, cancel_token=token)
         self._job.worker = worker
         self._update_enabled()
         return worker
@@ -744,49 +496,25 @@ class FinetuneWidget(LayerListMixin, QWidget):
                 return
 
     def _apply_to_segment(self, source: str, image_name: str | None) -> bool:
-        """Make the Segment widget use ``source`` and re-predict the current view."""
-        seg = self.segment_widget()
-        if seg is None:
+        """Have the Segment widget (opened if needed) use ``source`` and re-predict the
+        current view; True when it started a run."""
+        state = viewer_state(self.viewer)
+        if not state.serving:
             window = getattr(self.viewer, "window", None)
             try:
-                _, seg = window.add_plugin_dock_widget("napari-medseg", "Segment")
+                window.add_plugin_dock_widget("napari-medseg", "Segment")
             except Exception:  # noqa: BLE001 - no window, or the plugin is not registered
                 return False
-        use = getattr(seg, "use_weights", None)
-        if use is None:
-            return False
-        return use(source, image_name=image_name, scope="visible") is not None
-
-    # ---------------------------------------------------------- checkpoints ------------
-    def _selected_entry(self) -> Any:
-        row = self.checkpoint_list.currentRow()
-        entries = getattr(self, "_entries", [])
-        return entries[row] if 0 <= row < len(entries) else None
+        return state.request_weights(source, image_name, scope="visible")
 
     def use_selected(self) -> bool:
         """Activate the selected checkpoint: Segment uses it, the next fine-tuning starts
         from it."""
-        from ..engine.training.lineage import set_active
-
-        entry = self._selected_entry()
-        if entry is None:
-            return False
-        set_active(entry.root, entry.source, reason="used")
-        return self._activate(entry.source, f"Using {entry.name}.")
+        return self.lineage_panel.use_selected()
 
     def revert_selected(self) -> bool:
         """Go back to the selected checkpoint's parent (its checkpoint or shipped weights)."""
-        from ..engine.training.lineage import revert
-
-        entry = self._selected_entry()
-        if entry is None:
-            return False
-        try:
-            source = revert(entry, self._entries)
-        except MedsegError as exc:
-            self._error(str(exc))
-            return False
-        return self._activate(source, f"Reverted to the parent of {entry.name}.")
+        return self.lineage_panel.revert_selected()
 
     def _activate(self, source: str, message: str) -> bool:
         self.refresh_checkpoints()
@@ -805,7 +533,15 @@ class FinetuneWidget(LayerListMixin, QWidget):
         self.status_label.setText(error_html(message))
         show_error(message)
 
+    def _show_segment_weights(self, weights: Any, variant: str) -> None:
+        """Name the Segment widget's weights in the tooltip of the "Start from" entry."""
+        text = ("The Segment widget is not open (the newest of your checkpoints is used)."
+                if weights is None else f"Now: {weights.label}" + (
+                    f" ({variant})" if weights.untrained else ""))
+        self.base_combo.setItemData(0, text, Qt.ItemDataRole.ToolTipRole)
+
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt override
         """Stop a running fine-tuning when the widget closes (the best weights are kept)."""
         self.stop()
+        self.state.weights_changed.disconnect(self._show_segment_weights)
         super().closeEvent(event)

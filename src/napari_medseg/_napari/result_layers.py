@@ -266,9 +266,10 @@ def _refresh(layers: Sequence[Any]) -> None:
 
 _PREWARM_MODULES = (
     # What napari imports the first time a Labels or Image layer is built and shown (about
-    # a second of imports on a 2-core machine: pandas for layer features, skimage.color for
-    # the label colours, scipy.linalg, the vispy visuals and the layer controls).
-    "pandas", "skimage.color", "skimage.color.colorconv", "scipy.linalg",
+    # a second of imports on a 2-core machine: pandas for layer features, the vispy visuals
+    # and the layer controls; napari's own colour code, imported with them and by the Labels
+    # layer built below, pulls in the numeric libraries it uses for the label colours).
+    "pandas", "napari.utils.colormaps.colormap_utils",
     "napari._vispy.layers.labels", "napari._vispy.layers.image",
     "napari._vispy.overlays.labels_polygon",
     "napari._qt.layer_controls.qt_labels_controls",

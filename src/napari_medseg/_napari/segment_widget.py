@@ -11,136 +11,52 @@ undo stack (a user's edits are copied before anything overwrites them).
 
 Everything slow -- loading a network, the tile plan, predictions, re-thresholding, boundary
 tools, metrics -- runs off the GUI thread; the GUI thread only copies finished arrays into
-layers.
+layers. The boxes are their own widgets: the model picker (:mod:`.weights_panel`, which
+publishes the choice to the viewer's shared :mod:`.viewer_state`), the run settings
+(:mod:`.run_panel`), the tile plan (:mod:`.plan_panel`) and the boundary tools and metrics
+(:mod:`.tools_panel`).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_warning
-from qtpy.QtCore import Qt, QTimer
-from qtpy.QtWidgets import (
-    QAbstractItemView,
-    QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
-    QFileDialog,
-    QGroupBox,
-    QHeaderView,
-    QLabel,
-    QPushButton,
-    QSizePolicy,
-    QSpinBox,
-    QTableWidget,
-    QTableWidgetItem,
-    QToolButton,
-    QVBoxLayout,
-    QWidget,
-)
-from superqt import QLabeledDoubleSlider
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QLabel, QPushButton, QVBoxLayout, QWidget
 
-from ..config import BLEND_MODES, TilingConfig
 from ..engine.inference.plan import format_seconds
+from ..engine.inference.editing import scope_region
+from ..engine.inference.regions import Region
 from ..engine.progress import NoticeEvent, PlaneEvent, PlanEvent, StageEvent, TilesEvent
-from ..engine.inference.regions import Region, plane_region, visible_region, whole_region
 from ..errors import ConfigError, MedsegError
 from . import result_layers
-from .session import (
-    RunSettings,
-    SegmentSession,
-    WeightsChoice,
-    checkpoint_choice,
-    list_weight_choices,
-)
+from .plan_panel import PlanPanel
+from .run_panel import SCOPES, RunPanel
+from .session import RunSettings, SegmentSession, WeightsChoice
+from .tools_panel import MetricsPanel, ToolsPanel
+from .viewer_state import viewer_state
+from .weights_panel import WeightsPanel
 from .worker import (
     JobOutcome,
     LayerListMixin,
     LongJob,
     RunProgress,
-    boundary_job,
     catalog_job,
     error_html,
-    form_layout,
     guard_llvm_clash,
-    instances_job,
-    metrics_job,
-    plan_job,
     row_widget,
     run_job,
     show_notice,
     start_job,
-    threshold_job,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
 __all__ = ["SegmentWidget", "SCOPES"]
-
-#: Scope key -> label in the picker.
-SCOPES = {
-    "slice": "current slice",
-    "visible": "visible region",
-    "whole": "whole image",
-}
-_UNTRAINED_TEXT = (
-    "⚠ Untrained network: random weights give meaningless masks. Use it to try the "
-    "pipeline, or fine-tune it first.")
-_NONE = "(none)"
-
-
-class _DeviceCombo(QComboBox):
-    """Devices with their free memory, refreshed each time the list opens."""
-
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.ready = False
-
-    def refresh(self, devices: list[dict] | None = None) -> None:
-        """Show ``devices`` (from ``engine.device.list_devices``), or re-read them.
-
-        Re-reading needs torch; before the first list arrives (read in a worker when the
-        widget opens) nothing is re-read.
-        """
-        if devices is None:
-            if not self.ready:
-                return
-            from ..engine.device import list_devices
-
-            devices = list_devices()
-        self.ready = True
-        current = self.currentData()
-        self.blockSignals(True)
-        self.clear()
-        for dev in devices:
-            name = dev["name"]
-            if name == "cpu":
-                text = f"CPU ({dev.get('threads', '?')} threads)"
-            elif "free_memory_mb" in dev:
-                text = (f"{name}  {dev['description']}  "
-                        f"{dev['free_memory_mb'] / 1024:.1f} of "
-                        f"{dev['total_memory_mb'] / 1024:.1f} GiB free")
-            else:
-                text = f"{name}  {dev.get('description', '')}".strip()
-            self.addItem(text, name)
-            self.setItemData(self.count() - 1, text, Qt.ItemDataRole.ToolTipRole)
-        names = [d["name"] for d in devices]
-        if current in names:
-            self.setCurrentIndex(names.index(current))
-        else:  # a GPU first, if there is one
-            gpu = next((i for i, n in enumerate(names) if n != "cpu"), 0)
-            self.setCurrentIndex(gpu)
-        self.blockSignals(False)
-
-    def showPopup(self) -> None:  # noqa: N802 - Qt override
-        self.refresh()
-        super().showPopup()
-
 
 class SegmentWidget(LayerListMixin, QWidget):
     """Dock widget running a segmentation network on an image layer.
@@ -153,21 +69,15 @@ class SegmentWidget(LayerListMixin, QWidget):
         super().__init__()
         guard_llvm_clash()  # before the networks import torch._dynamo (see the function)
         self.viewer = napari_viewer
-        self.session = SegmentSession()
+        #: what the viewer's dock widgets share (networks, the weights chosen here).
+        self.state = viewer_state(napari_viewer)
+        self.session = SegmentSession(models=self.state.models)
         self._workers: set[Any] = set()
         #: the prediction; its context is (image name, settings, region).
         self._job = LongJob()
-        self._catalog: dict[str, list[str]] = {}
         self._ready = False
         self._warned_untrained: set[tuple[str, str]] = set()
-        self.last_metrics: dict[int, dict[str, float]] | None = None
         self._progress: RunProgress | None = None
-        self._plan_generation = 0
-        self._plan: tuple[Any, Region, str] | None = None
-        self._draw_after_plan = False
-        self._threshold_busy = False
-        self._threshold_pending = False
-        self._metrics_generation = 0
         self.last_outcome: JobOutcome | None = None
         #: (layer steps, layers added so far, run context, outcome) while a finished run's
         #: new output layers are added one per event-loop turn.
@@ -175,42 +85,24 @@ class SegmentWidget(LayerListMixin, QWidget):
         result_layers.prewarm_layer_code()
         self.last_error: str | None = None
         self._build()
-        self._plan_timer = QTimer(self)
-        self._plan_timer.setSingleShot(True)
-        self._plan_timer.setInterval(300)
-        self._plan_timer.timeout.connect(self._update_plan)
-        self._threshold_timer = QTimer(self)
-        self._threshold_timer.setSingleShot(True)
-        self._threshold_timer.setInterval(150)
-        self._threshold_timer.timeout.connect(self._apply_threshold)
+        self._plan_timer = self.plan_panel.timer
+        self._threshold_timer = self.run_panel.threshold_timer
         self._connect()
         self._refresh_layers()
         self.plan_label.setText("Loading the networks…")
         # Importing the networks (torch, timm) takes seconds: done in a worker, so that
         # opening the widget does not freeze the viewer.
-        self._start(catalog_job, on_done=self._on_catalog)
+        self.start_worker(catalog_job, on_done=self._on_catalog)
 
     def _on_catalog(self, outcome: JobOutcome) -> None:
         if not outcome.ok:
             self.plan_label.setText(error_html(outcome.error))
-            self._error(outcome.error or "The networks could not be loaded.")
+            self.report_error(outcome.error or "The networks could not be loaded.")
             return
-        networks, devices = outcome.value
-        self._catalog = networks
-        self.device_combo.refresh(devices)
-        self.network_combo.blockSignals(True)
-        self.network_combo.clear()
-        self.network_combo.addItems(list(networks))
-        # Start on a network with trained weights installed, if there is one.
-        trained = next((n for n in networks if any(
-            c.installed and not c.untrained for c in list_weight_choices(n))), None)
-        if trained is not None:
-            self.network_combo.setCurrentText(trained)
-        self.network_combo.blockSignals(False)
         self._ready = True
-        self._on_network_changed()
-        self._update_enabled()
-        self._schedule_plan()
+        self.weights_panel.set_catalog(*outcome.value)
+        self.refresh_enabled()
+        self.plan_panel.schedule()
 
     @property
     def ready(self) -> bool:
@@ -219,121 +111,28 @@ class SegmentWidget(LayerListMixin, QWidget):
 
     # ------------------------------------------------------------------ UI ----------
     def _build(self) -> None:
+        """The boxes (each its own widget); their controls are attributes of the widget too."""
         root = QVBoxLayout(self)
         root.setContentsMargins(6, 6, 6, 6)
         root.setSpacing(6)
-
-        # Model
-        model_box = QGroupBox("Model")
-        form = form_layout()
-        self.image_combo = QComboBox()
-        self.image_combo.setToolTip("The image layer to segment.")
-        form.addRow("Image", self.image_combo)
-        self.network_combo = QComboBox()
-        self.network_combo.setToolTip("The network architecture (each has a model card).")
-        self.variant_combo = QComboBox()
-        self.variant_combo.setToolTip(
-            "Size of the network: tiny (tests), lite (CPU-friendly), paper (published). "
-            "Fixed by trained weights.")
-        self.network_combo.setMinimumContentsLength(10)
-        self.network_combo.setSizeAdjustPolicy(
-            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        network_row = row_widget(self.network_combo, QLabel("variant"), self.variant_combo)
-        network_row.layout().setStretch(0, 3)
-        network_row.layout().setStretch(2, 2)
-        form.addRow("Network", network_row)
-        self.weights_combo = QComboBox()
-        self.weights_combo.setSizeAdjustPolicy(
-            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        self.weights_combo.setMinimumContentsLength(12)
-        self.weights_combo.setToolTip("Shipped weights (model cards), your fine-tuned "
-                                      "checkpoints, or an untrained network.")
-        self.browse_button = QToolButton()
-        self.browse_button.setText("…")
-        self.browse_button.setToolTip("Add a checkpoint file (.safetensors or .json).")
-        form.addRow("Weights", row_widget(self.weights_combo, self.browse_button))
-        self.untrained_label = QLabel(_UNTRAINED_TEXT)
-        self.untrained_label.setWordWrap(True)
-        self.untrained_label.setStyleSheet(
-            "color: #ffb000; font-weight: bold; border: 1px solid #ffb000; padding: 3px;")
-        form.addRow(self.untrained_label)
-        self.device_combo = _DeviceCombo()
-        self.device_combo.setToolTip("Where the network runs; GPUs show their free memory.")
-        form.addRow("Device", self.device_combo)
-        model_box.setLayout(form)
-        root.addWidget(model_box)
-
-        # Run settings
-        run_box = QGroupBox("Run")
-        form = form_layout()
-        self.scope_combo = QComboBox()
-        for key, text in SCOPES.items():
-            self.scope_combo.addItem(text, key)
-        self.scope_combo.setCurrentIndex(2)
-        self.scope_combo.setToolTip(
-            "What to segment: the slice on screen, the part of it visible on the canvas, "
-            "or everything. Results of several runs accumulate in the same layers.")
-        form.addRow("Scope", self.scope_combo)
-        self.tile_spin = QSpinBox()
-        self.tile_spin.setRange(0, 4096)
-        self.tile_spin.setSingleStep(32)
-        self.tile_spin.setSpecialValueText("auto")
-        self.tile_spin.setSuffix(" px")
-        self.tile_spin.setToolTip("Tile side; auto uses the network's preferred tile. Rounded "
-                                  "to what the network accepts, clamped to the image.")
-        self.overlap_spin = QDoubleSpinBox()
-        self.overlap_spin.setRange(0.0, 0.9)
-        self.overlap_spin.setSingleStep(0.05)
-        self.overlap_spin.setDecimals(3)
-        self.overlap_spin.setValue(TilingConfig.overlap)
-        self.overlap_spin.setToolTip("Fraction of a tile shared with its neighbour.")
-        form.addRow("Tile", row_widget(self.tile_spin, QLabel("overlap"), self.overlap_spin))
-        self.blend_combo = QComboBox()
-        self.blend_combo.addItems(list(BLEND_MODES))
-        self.blend_combo.setToolTip("How overlapping tiles are merged: gaussian taper, plain "
-                                    "average, or each pixel from the tile that centres it.")
-        form.addRow("Blending", self.blend_combo)
-        self.tta_check = QCheckBox("flip TTA")
-        self.tta_check.setToolTip("Average over flipped copies: 4x the time in 2D; gives the "
-                                  "TTA variance (where to correct first).")
-        self.probs_check = QCheckBox("probabilities")
-        self.probs_check.setToolTip("Add the probabilities as an Image layer.")
-        self.variance_check = QCheckBox("TTA variance")
-        self.variance_check.setToolTip("Add the disagreement of the TTA passes (needs TTA).")
-        form.addRow("Options", row_widget(self.tta_check, stretch=1))
-        form.addRow("Show", row_widget(self.probs_check, self.variance_check, stretch=1))
-        self.threshold_slider = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
-        self.threshold_slider.setRange(0.01, 0.99)
-        self.threshold_slider.setSingleStep(0.01)
-        self.threshold_slider.setDecimals(2)
-        self.threshold_slider.setValue(0.5)
-        self.threshold_slider.setToolTip(
-            "Foreground threshold of a one-class network. Changing it re-derives the mask "
-            "from the kept probabilities (no new run).")
-        form.addRow("Threshold", self.threshold_slider)
-        run_box.setLayout(form)
-        root.addWidget(run_box)
-
-        # Plan
-        plan_box = QGroupBox("Tile plan")
-        lay = QVBoxLayout()
-        lay.setContentsMargins(4, 4, 4, 4)
-        self.plan_label = QLabel("…")
-        self.plan_label.setWordWrap(True)
-        self.plan_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.plan_label.setSizePolicy(QSizePolicy.Policy.Preferred,
-                                      QSizePolicy.Policy.Minimum)
-        lay.addWidget(self.plan_label)
-        self.measure_button = QPushButton("Measure time")
-        self.measure_button.setToolTip("Run one batch to measure the time per tile and the "
-                                       "memory (the estimate then shows the run's time).")
-        self.tiles_button = QPushButton("Draw tiles")
-        self.tiles_button.setToolTip("Show the tiles as rectangles in a Shapes layer.")
-        lay.addWidget(row_widget(self.measure_button, self.tiles_button))
-        plan_box.setLayout(lay)
-        root.addWidget(plan_box)
-
-        # Run / undo
+        self.weights_panel = WeightsPanel(self.state)
+        self.run_panel = RunPanel(self)
+        self.plan_panel = PlanPanel(self)
+        self.tools_panel = ToolsPanel(self)
+        self.metrics_panel = MetricsPanel(self)
+        for panel, names in (
+                (self.weights_panel, ("image_combo", "network_combo", "variant_combo",
+                                      "weights_combo", "browse_button", "untrained_label",
+                                      "device_combo")),
+                (self.run_panel, ("scope_combo", "tile_spin", "overlap_spin", "blend_combo",
+                                  "tta_check", "probs_check", "variance_check",
+                                  "threshold_slider")),
+                (self.plan_panel, ("plan_label", "measure_button", "tiles_button")),
+                (self.tools_panel, ("boundary_button", "instances_button")),
+                (self.metrics_panel, ("reference_combo", "metrics_button", "metrics_table",
+                                      "metrics_caption"))):
+            for name in names:
+                setattr(self, name, getattr(panel, name))
         self.run_button = QPushButton("Run")
         self.run_button.setToolTip("Segment the scope with the chosen network (click again "
                                    "to cancel: what is finished is kept).")
@@ -341,84 +140,39 @@ class SegmentWidget(LayerListMixin, QWidget):
         self.undo_button = QPushButton("Undo last")
         self.undo_button.setToolTip("Restore the layers as they were before the last run, "
                                     "threshold change or boundary tool (your edits too).")
-        root.addWidget(row_widget(self.run_button, self.undo_button))
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
+        root.addWidget(self.weights_panel)
+        root.addWidget(self.run_panel)
+        root.addWidget(self.plan_panel)
+        root.addWidget(row_widget(self.run_button, self.undo_button))
         root.addWidget(self.status_label)
-
-        # Boundary tools
-        tools_box = QGroupBox("Boundary tools")
-        lay = QVBoxLayout()
-        lay.setContentsMargins(4, 4, 4, 4)
-        self.boundary_button = QPushButton("Boundary from mask")
-        self.boundary_button.setToolTip("Re-derive the boundary layer from the (edited) mask.")
-        self.instances_button = QPushButton("Instances (watershed)")
-        self.instances_button.setToolTip("Split the mask into objects along the boundary layer "
-                                         "(watershed), into an instances layer.")
-        lay.addWidget(row_widget(self.boundary_button, self.instances_button))
-        tools_box.setLayout(lay)
-        root.addWidget(tools_box)
-
-        # Metrics
-        metrics_box = QGroupBox("Metrics")
-        lay = QVBoxLayout()
-        lay.setContentsMargins(4, 4, 4, 4)
-        self.reference_combo = QComboBox()
-        self.reference_combo.setToolTip("A reference Labels layer on the same grid as the "
-                                        "mask; the scores update after each change.")
-        self.metrics_button = QPushButton("Update")
-        self.reference_combo.setSizePolicy(QSizePolicy.Policy.Expanding,
-                                           QSizePolicy.Policy.Fixed)
-        row = row_widget(QLabel("Reference"), self.reference_combo, self.metrics_button)
-        row.layout().setStretch(1, 1)
-        lay.addWidget(row)
-        self.metrics_table = QTableWidget(0, 5)
-        self.metrics_table.setHorizontalHeaderLabels(["class", "Dice", "IoU", "HD95", "BF1"])
-        self.metrics_table.verticalHeader().setVisible(False)
-        self.metrics_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        header = self.metrics_table.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        header.setSectionResizeMode(3, QHeaderView.ResizeMode.ResizeToContents)
-        self.metrics_table.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
-        self.metrics_table.setVisible(False)
-        lay.addWidget(self.metrics_table)
-        self.metrics_caption = QLabel("")
-        self.metrics_caption.setWordWrap(True)
-        lay.addWidget(self.metrics_caption)
-        metrics_box.setLayout(lay)
-        root.addWidget(metrics_box)
+        root.addWidget(self.tools_panel)
+        root.addWidget(self.metrics_panel)
         root.addStretch(1)
 
     def _connect(self) -> None:
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
-        self.network_combo.currentIndexChanged.connect(self._on_network_changed)
-        self.weights_combo.currentIndexChanged.connect(self._on_weights_changed)
-        self.browse_button.clicked.connect(self._browse_checkpoint)
-        for signal in (self.variant_combo.currentIndexChanged,
-                       self.device_combo.currentIndexChanged,
+        self.weights_panel.changed.connect(self._on_weights_changed)
+        self.weights_panel.failed.connect(self.report_error)
+        self.state.serve_weights(self._serve_weights)
+        for signal in (self.device_combo.currentIndexChanged,
                        self.scope_combo.currentIndexChanged,
                        self.tile_spin.valueChanged, self.overlap_spin.valueChanged,
                        self.blend_combo.currentIndexChanged, self.tta_check.toggled):
-            signal.connect(self._schedule_plan)
-        self.tta_check.toggled.connect(self._update_enabled)
-        self.threshold_slider.valueChanged.connect(self._on_threshold_changed)
-        self.measure_button.clicked.connect(lambda: self._update_plan(probe=True))
-        self.tiles_button.clicked.connect(self._draw_tiles)
+            signal.connect(self.plan_panel.schedule)
+        self.tta_check.toggled.connect(self.refresh_enabled)
         self.run_button.clicked.connect(self._on_run_clicked)
         self.undo_button.clicked.connect(self.undo)
-        self.boundary_button.clicked.connect(self.boundary_from_mask)
-        self.instances_button.clicked.connect(self.instances_from_mask)
-        self.reference_combo.currentIndexChanged.connect(self.update_metrics)
-        self.metrics_button.clicked.connect(self.update_metrics)
         for emitter, callback in self._viewer_hooks():
             emitter.connect(callback)
 
     def _viewer_hooks(self) -> list[tuple[Any, Any]]:
         """The viewer's events the widget follows: its layer list, the slice, the camera."""
         return self._layer_hooks() + [
-            (self.viewer.dims.events.current_step, self._on_view_changed),
-            (self.viewer.camera.events.zoom, self._on_view_changed),
-            (self.viewer.camera.events.center, self._on_view_changed)]
+            (self.viewer.dims.events.current_step, self.plan_panel.follow_view),
+            (self.viewer.camera.events.zoom, self.plan_panel.follow_view),
+            (self.viewer.camera.events.center, self.plan_panel.follow_view)]
 
     # --------------------------------------------------------------- lists -----------
     def _on_layer_removed(self, event: Any) -> None:
@@ -445,92 +199,30 @@ class SegmentWidget(LayerListMixin, QWidget):
         image = self.image_combo.currentText()
         labels = [lay.name for lay in self.viewer.layers
                   if isinstance(lay, Labels) and not result_layers.is_output(lay, image)]
-        ref = self.reference_combo.currentText()
-        self.reference_combo.blockSignals(True)
-        self.reference_combo.clear()
-        self.reference_combo.addItems([_NONE] + labels)
-        self.reference_combo.setCurrentText(ref if ref in labels else _NONE)
-        self.reference_combo.blockSignals(False)
-        self._update_scope_label()
-        self._update_enabled()
-        if self._plan is not None and self._plan[2] != image:
-            self._schedule_plan()
+        self.metrics_panel.set_references(labels)
+        shown = self.current_image()
+        self.run_panel.set_whole_label(
+            shown is not None and len(result_layers.image_shape(shown)) > 2)
+        self.refresh_enabled()
+        if self.plan_panel.plan is not None and self.plan_panel.plan[2] != image:
+            self.plan_panel.schedule()
 
     def _on_image_changed(self, *_: Any) -> None:
         self._refresh_layers()
-        self._schedule_plan()
-        if self.reference_combo.currentText() != _NONE:
+        self.plan_panel.schedule()
+        if self.metrics_panel.reference:
             self.update_metrics()
 
-    def _on_network_changed(self, *_: Any) -> None:
-        network = self.network_combo.currentText()
-        if not network or not self._ready:
-            return
-        self.variant_combo.blockSignals(True)
-        current = self.variant_combo.currentText()
-        self.variant_combo.clear()
-        variants = list(self._catalog.get(network, ()))
-        self.variant_combo.addItems(variants)
-        self.variant_combo.setCurrentText(current if current in variants else (
-            "lite" if "lite" in variants else variants[0]))
-        self.variant_combo.blockSignals(False)
-        self._fill_weights(list_weight_choices(network))
-
-    def _fill_weights(self, choices: list[WeightsChoice], select: int | None = None) -> None:
-        self.weights_combo.blockSignals(True)
-        self.weights_combo.clear()
-        for choice in choices:
-            self.weights_combo.addItem(choice.label, choice)
-            self.weights_combo.setItemData(self.weights_combo.count() - 1,
-                                           choice.detail or choice.label,
-                                           Qt.ItemDataRole.ToolTipRole)
-        if select is None:  # installed trained weights first, else random init
-            select = next((i for i, c in enumerate(choices) if c.installed and not c.untrained),
-                          len(choices) - 1)
-        self.weights_combo.setCurrentIndex(select)
-        self.weights_combo.blockSignals(False)
-        self._on_weights_changed()
-
-    def _on_weights_changed(self, *_: Any) -> None:
-        choice = self.current_weights()
-        if choice is None:
-            return
-        self.untrained_label.setVisible(choice.untrained)
-        self.variant_combo.setEnabled(choice.untrained)
-        if not choice.untrained:
-            self.variant_combo.blockSignals(True)
-            self.variant_combo.setCurrentText(choice.variant)
-            self.variant_combo.blockSignals(False)
-        self.weights_combo.setToolTip(choice.detail or choice.label)
-        self._update_enabled()
-        self._schedule_plan()
-
-    def _browse_checkpoint(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(
-            self, "Add a checkpoint", "", "napari-medseg checkpoints (*.safetensors *.json)")
-        if path:
-            self.add_checkpoint(path)
+    def _on_weights_changed(self) -> None:
+        self.refresh_enabled()
+        self.plan_panel.schedule()
 
     def add_checkpoint(self, path: str) -> None:
         """Add a checkpoint file to the weights list and select it (its network too)."""
-        try:
-            choice = checkpoint_choice(path)
-        except MedsegError as exc:
-            self._error(str(exc))
-            return
-        self.network_combo.setCurrentText(choice.network)
-        choices = list_weight_choices(choice.network)
-        choices.insert(len(choices) - 1, choice)
-        self._fill_weights(choices, select=len(choices) - 2)
+        self.weights_panel.add_checkpoint(path)
 
-    def _update_scope_label(self) -> None:
-        image = self.current_image()
-        whole = "whole image"
-        if image is not None and len(result_layers.image_shape(image)) > 2:
-            whole = "whole volume"
-        self.scope_combo.setItemText(2, whole)
-
-    def _update_enabled(self, *_: Any) -> None:
+    def refresh_enabled(self, *_: Any) -> None:
+        """Enable the controls that may change now (none while a prediction runs)."""
         running = self.running
         has_image = self.current_image() is not None and self._ready
         for w in (self.image_combo, self.network_combo, self.weights_combo,
@@ -560,7 +252,7 @@ class SegmentWidget(LayerListMixin, QWidget):
 
     def current_weights(self) -> WeightsChoice | None:
         """The chosen weights."""
-        return self.weights_combo.currentData()
+        return self.weights_panel.current_weights()
 
     def settings(self, image: Image) -> RunSettings:
         """The widget's values for ``image``.
@@ -584,32 +276,26 @@ class SegmentWidget(LayerListMixin, QWidget):
 
     def region(self, image: Image) -> Region:
         """The part of ``image`` the scope covers (its non-channel axes)."""
-        shape = result_layers.image_shape(image)
         scope = self.scope_combo.currentData()
         if scope == "whole":
-            return whole_region(shape)
-        point = np.asarray(image.world_to_data(self.viewer.dims.point), float)
-        point = point[-len(shape):] if len(point) >= len(shape) else np.concatenate(
-            [np.zeros(len(shape) - len(point)), point])
-        if scope == "slice":
-            return plane_region(shape, point)
-        corners = np.asarray(image.corner_pixels, float)
+            return scope_region(scope, result_layers.image_shape(image))
         level = getattr(image, "data_level", 0)
-        if getattr(image, "multiscale", False) and level:
-            corners = corners * np.asarray(image.downsample_factors[level])
-        if corners.shape[1] != len(shape):
-            corners = None
-        return visible_region(shape, point, corners, min_size=self.tile_spin.value() or 128)
+        factors = (image.downsample_factors[level]
+                   if getattr(image, "multiscale", False) and level else None)
+        return scope_region(scope, result_layers.image_shape(image),
+                            image.world_to_data(self.viewer.dims.point), image.corner_pixels,
+                            factors, min_size=self.tile_spin.value() or 128)
 
     @staticmethod
     def _in_channels(image: Image) -> int:
         return 3 if getattr(image, "rgb", False) else 1
 
-    def _crop(self, image: Image, region: Region) -> Any:
+    def crop(self, image: Image, region: Region) -> Any:
+        """The part of ``image``'s data (all its channels) inside ``region``."""
         extra = 1 if getattr(image, "rgb", False) else 0
         return result_layers.image_array(image)[region.key(extra)]
 
-    def _start(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+    def start_worker(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         """Start a job in a thread worker and keep it referenced until it finishes."""
         token = object()
         self._workers.add(token)
@@ -621,99 +307,16 @@ class SegmentWidget(LayerListMixin, QWidget):
         """True while any job of this widget (run, plan, threshold, tools, metrics) runs."""
         return bool(self._workers)
 
-    # ---------------------------------------------------------------- plan -------------
-    def _schedule_plan(self, *_: Any) -> None:
-        if not self.running and self._ready:
-            self._plan_timer.start()
-
-    def _on_view_changed(self, *_: Any) -> None:
-        """The slice or the camera moved: the region of a slice/visible scope follows.
-
-        A region of the same shape keeps its plan (only its position is shown again);
-        another shape gets a new plan (debounced).
-        """
-        if self.scope_combo.currentData() == "whole" or self.running or not self._ready:
-            return
-        image = self.current_image()
-        if image is None:
-            return
-        try:
-            region = self.region(image)
-        except MedsegError:
-            return
-        if self._plan is not None and self._plan[2] == image.name and (
-                self._plan[1].shape == region.shape) and not self._plan_timer.isActive():
-            self._plan = (self._plan[0], region, image.name)
-            self._show_plan(self._plan[0], region)
-        else:
-            self._schedule_plan()
-
-    def _update_plan(self, probe: bool = False) -> None:
-        image = self.current_image()
-        if image is None:
-            self.plan_label.setText("Open or choose an image layer.")
-            return
-        if self._job.running:
-            return
-        try:
-            settings = self.settings(image)
-            config = settings.config()
-            region = self.region(image)
-        except MedsegError as exc:
-            self.plan_label.setText(error_html(exc))
-            return
-        self._plan_generation += 1
-        generation = self._plan_generation
-        self.plan_label.setText("Measuring one batch…" if probe else "Computing the plan…")
-        self._start(plan_job, self.session, settings.weights, settings.variant,
-                    self._in_channels(image), self._crop(image, region), config, probe,
-                    on_done=functools.partial(self._on_plan_done, generation, settings,
-                                              region, image.name))
-
-    def _on_plan_done(self, generation: int, settings: RunSettings, region: Region,
-                      image_name: str, outcome: JobOutcome) -> None:
-        if generation != self._plan_generation:
-            return
-        if not outcome.ok:
-            self.plan_label.setText(error_html(outcome.error))
-            self._draw_after_plan = False
-            return
-        plan, _spec = outcome.value
-        self.session.remember_timing(settings.weights, settings.variant, plan)
-        plan = self.session.with_known_timing(settings.weights, settings.variant, plan)
-        self._plan = (plan, region, image_name)
-        self.session.last_plan = plan
-        self._show_plan(plan, region)
-        if self._draw_after_plan:
-            self._draw_after_plan = False
-            self._draw_tiles()
-
-    def _show_plan(self, plan: Any, region: Region) -> None:
-        image = self.current_image()
-        axes = result_layers.image_axes(image).replace("C", "") if image is not None else None
-        text = plan.describe()
-        if plan.seconds is None:
-            text += "\nTime: press Measure time (runs one batch)."
-        where = region.describe(axes)
-        self.plan_label.setText(f"{where}\n{text}")
-
-    def _draw_tiles(self) -> None:
-        image = self.current_image()
-        if image is None:
-            return
-        if self._plan is None or self._plan[2] != image.name or self._plan_timer.isActive():
-            self._draw_after_plan = True
-            self._update_plan()
-            return
-        plan, region, _ = self._plan
-        result_layers.draw_tiles(self.viewer, image, plan, region)
-        self.viewer.layers.selection.active = image
-
     # ------------------------------------------------------------------ run -------------
     @property
     def running(self) -> bool:
         """True while a prediction runs (or its output layers are being added)."""
         return self._job.running or self._staging is not None
+
+    @property
+    def predicting(self) -> bool:
+        """True while the network runs (not counting the output layers being added)."""
+        return self._job.running
 
     def _on_run_clicked(self) -> None:
         self._job.toggle(self.run, self.cancel)
@@ -724,17 +327,16 @@ class SegmentWidget(LayerListMixin, QWidget):
             return None
         image = self.current_image()
         if image is None:
-            self._error("Choose an image layer to segment.")
+            self.report_error("Choose an image layer to segment.")
             return None
         try:
             settings = self.settings(image)
             config = settings.config()
             region = self.region(image)
         except MedsegError as exc:
-            self._error(str(exc))
+            self.report_error(str(exc))
             return None
-        self._plan_timer.stop()
-        self._plan_generation += 1  # a plan in flight is stale now
+        self.plan_panel.stop()  # a plan in flight is stale now
         context = (image.name, settings, region)
         token = self._job.begin(context)
         self._progress = RunProgress(total=0, desc=f"Segmenting {image.name}",
@@ -746,12 +348,12 @@ class SegmentWidget(LayerListMixin, QWidget):
                          f"{settings.weights.network} ({settings.variant}): the masks are "
                          "meaningless until it is trained.")
         self.status_label.setText(f"Segmenting {region.describe(settings.axes.replace('C', ''))}…")
-        worker = self._start(run_job, self.session, settings.weights, settings.variant,
-                           self._in_channels(image), self._crop(image, region), config, token,
+        worker = self.start_worker(run_job, self.session, settings.weights, settings.variant,
+                           self._in_channels(image), self.crop(image, region), config, token,
                            on_done=functools.partial(self._on_run_done, context),
                            on_yield=self._on_run_event, cancel_token=token)
         self._job.worker = worker
-        self._update_enabled()
+        self.refresh_enabled()
         return worker
 
     def cancel(self) -> None:
@@ -768,7 +370,7 @@ class SegmentWidget(LayerListMixin, QWidget):
             self.status_label.setText(f"{where}{event.done}/{event.total} tile passes{eta}")
         elif isinstance(event, PlanEvent) and event.plan is not None:
             if self._job.context is not None:
-                self._show_plan(event.plan, self._job.context[2])
+                self.plan_panel.show_plan(event.plan, self._job.context[2])
         elif isinstance(event, NoticeEvent):
             show_notice(event, self.status_label)
         elif isinstance(event, StageEvent):
@@ -817,13 +419,13 @@ class SegmentWidget(LayerListMixin, QWidget):
         written = False
         try:
             if not outcome.ok:
-                self._error(outcome.error or "The run failed.")
+                self.report_error(outcome.error or "The run failed.")
                 return
             result, spec = outcome.value.result, outcome.value.spec
             if result.plan is not None:
                 self.session.remember_timing(settings.weights, settings.variant, result.plan)
             if image_name not in self.viewer.layers:
-                self._error(f"The image {image_name!r} was removed during the run; nothing "
+                self.report_error(f"The image {image_name!r} was removed during the run; nothing "
                             "was written.")
                 return
             image = self.viewer.layers[image_name]
@@ -859,50 +461,15 @@ class SegmentWidget(LayerListMixin, QWidget):
             mask = result_layers.find_output(self.viewer, image_name, "mask")
             if mask is not None:
                 self.viewer.layers.selection.active = mask
-            if self.reference_combo.currentText() != _NONE:
+            if self.metrics_panel.reference:
                 self.update_metrics()
         finally:
             if not written:  # layers made for a result that was not written go again
                 for layer in created:
                     if layer in self.viewer.layers:
                         self.viewer.layers.remove(layer)
-            self._update_enabled()
-            if self._plan is not None:
-                self._show_plan(self._plan[0], self._plan[1])
-
-    # ------------------------------------------------------------ threshold -------------
-    def _on_threshold_changed(self, *_: Any) -> None:
-        image = self.current_image()
-        if image is not None and self.session.cache_for(image.name) is not None:
-            self._threshold_timer.start()
-
-    def _apply_threshold(self) -> None:
-        image = self.current_image()
-        if image is None or self.session.cache_for(image.name) is None or self.running:
-            return
-        if self._threshold_busy:
-            self._threshold_pending = True
-            return
-        self._threshold_busy = True
-        threshold = round(float(self.threshold_slider.value()), 4)
-        self._start(threshold_job, self.session, image.name, threshold,
-                    on_done=functools.partial(self._on_threshold_done, image.name, threshold))
-
-    def _on_threshold_done(self, image_name: str, threshold: float,
-                           outcome: JobOutcome) -> None:
-        self._threshold_busy = False
-        if not outcome.ok:
-            self._error(outcome.error or "The threshold could not be applied.")
-        elif image_name in self.viewer.layers:
-            result_layers.apply_masks(self.viewer, self.viewer.layers[image_name],
-                                      outcome.value, self.session, f"threshold {threshold:.2f}")
-            self.status_label.setText(f"Mask re-derived at threshold {threshold:.2f}.")
-            if self.reference_combo.currentText() != _NONE:
-                self.update_metrics()
-        self._update_enabled()
-        if self._threshold_pending:
-            self._threshold_pending = False
-            self._apply_threshold()
+            self.refresh_enabled()
+            self.plan_panel.show_last()
 
     # --------------------------------------------------------------- undo --------------
     def undo(self) -> None:
@@ -913,120 +480,25 @@ class SegmentWidget(LayerListMixin, QWidget):
         names = result_layers.undo(self.viewer, edit)
         self.status_label.setText(f"Undid {edit.label}" + (
             f" ({', '.join(names)})." if names else "."))
-        self._update_enabled()
+        self.refresh_enabled()
 
-    # ----------------------------------------------------------- boundary tools --------
-    def _label_layer(self, image: Image, output: str) -> Labels | None:
-        layer = result_layers.find_output(self.viewer, image.name, output)
-        return layer if isinstance(layer, Labels) else None
-
+    # ------------------------------------------------- boundary tools, metrics --------
     def boundary_from_mask(self) -> Any:
         """Derive the boundary layer from the mask layer (in a worker; undoable)."""
-        image = self.current_image()
-        mask = self._label_layer(image, "mask") if image is not None else None
-        if mask is None:
-            self._error("Segment the image first; the boundary tools work on its mask layer.")
-            return None
-        axes = result_layers.image_axes(image).replace("C", "")
-        self.status_label.setText("Deriving the boundary from the mask…")
-        return self._start(boundary_job, np.array(mask.data), axes,
-                         on_done=functools.partial(self._on_tool_done, image.name, "boundary",
-                                                   "boundary from mask"))
+        return self.tools_panel.boundary_from_mask()
 
     def instances_from_mask(self) -> Any:
         """Split the mask into instances along the boundary layer (watershed; undoable)."""
-        image = self.current_image()
-        mask = self._label_layer(image, "mask") if image is not None else None
-        if mask is None:
-            self._error("Segment the image first; the boundary tools work on its mask layer.")
-            return None
-        boundary = self._label_layer(image, "boundary")
-        axes = result_layers.image_axes(image).replace("C", "")
-        self.status_label.setText("Splitting the mask into instances…")
-        return self._start(instances_job, np.array(mask.data),
-                         None if boundary is None else np.array(boundary.data), axes,
-                         on_done=functools.partial(self._on_tool_done, image.name,
-                                                   "instances", "instances"))
+        return self.tools_panel.instances_from_mask()
 
-    def _on_tool_done(self, image_name: str, output: str, label: str,
-                      outcome: JobOutcome) -> None:
-        if not outcome.ok:
-            self._error(outcome.error or f"{label} failed.")
-            return
-        if image_name not in self.viewer.layers:
-            return
-        result_layers.apply_array(self.viewer, self.viewer.layers[image_name], output,
-                                  outcome.value, self.session, label)
-        if output == "instances":
-            count = int(outcome.value.max())
-            self.status_label.setText(f"{count} instance(s) found.")
-        else:
-            self.status_label.setText("Boundary re-derived from the mask.")
-        self._update_enabled()
-
-    # -------------------------------------------------------------- metrics -----------
     def update_metrics(self, *_: Any) -> Any:
         """Score the mask against the chosen reference layer (in a worker)."""
-        self._metrics_generation += 1
-        ref_name = self.reference_combo.currentText()
-        image = self.current_image()
-        if ref_name == _NONE or not ref_name or image is None:
-            self.metrics_table.setVisible(False)
-            self.metrics_caption.setText("")
-            return None
-        mask = self._label_layer(image, "mask")
-        if mask is None:
-            self.metrics_caption.setText("Segment the image to compare it with the reference.")
-            self.metrics_table.setVisible(False)
-            return None
-        ref = self.viewer.layers[ref_name]
-        axes = result_layers.image_axes(image).replace("C", "")
-        region = self.session.last_region.get(image.name, whole_region(np.shape(mask.data)))
-        if tuple(np.shape(ref.data)) != tuple(np.shape(mask.data)):
-            self.metrics_table.setVisible(False)
-            message = (f"The reference {ref_name!r} has shape {tuple(np.shape(ref.data))} but "
-                       f"the mask has {tuple(np.shape(mask.data))}; pick a reference on the "
-                       "same grid.")
-            self.metrics_caption.setText(message)
-            self._error(message)
-            return None
-        num_classes = self.session.num_classes.get(image.name, 1)
-        key = region.slices
-        unit = str(tuple(mask.units)[-1]) if getattr(mask, "units", None) else "pixel"
-        self.metrics_caption.setText("Computing…")
-        generation = self._metrics_generation
-        return self._start(metrics_job, np.array(mask.data[key]), np.asarray(ref.data[key]),
-                         axes, num_classes, tuple(float(s) for s in mask.scale),
-                         on_done=functools.partial(self._on_metrics_done, generation, region,
-                                                   axes, unit))
+        return self.metrics_panel.refresh_scores()
 
-    def _on_metrics_done(self, generation: int, region: Region, axes: str, unit: str,
-                         outcome: JobOutcome) -> None:
-        if generation != self._metrics_generation:
-            return
-        if not outcome.ok:
-            self.metrics_caption.setText(outcome.error or "")
-            self.metrics_table.setVisible(False)
-            return
-        scores: dict[int, dict[str, float]] = outcome.value
-        self.last_metrics = scores
-        table = self.metrics_table
-        table.setRowCount(len(scores))
-        unit = {"pixel": "px", "micrometer": "µm", "millimeter": "mm",
-                "nanometer": "nm"}.get(unit, unit)
-        table.setHorizontalHeaderLabels(["class", "Dice", "IoU", f"HD95 ({unit})", "BF1"])
-        for row, (cls, values) in enumerate(sorted(scores.items())):
-            hd = values["hd95"]
-            cells = [str(cls), f"{values['dice']:.3f}", f"{values['iou']:.3f}",
-                     "∞" if math.isinf(hd) else f"{hd:.2f}", f"{values['boundary_f1']:.3f}"]
-            for col, text in enumerate(cells):
-                item = QTableWidgetItem(text)
-                item.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
-                table.setItem(row, col, item)
-        rows = sum(table.rowHeight(r) for r in range(min(table.rowCount(), 6)))
-        table.setFixedHeight(table.horizontalHeader().height() + rows + 2 * table.frameWidth())
-        table.setVisible(True)
-        self.metrics_caption.setText(f"Over {region.describe(axes)} of the mask.")
+    @property
+    def last_metrics(self) -> dict[int, dict[str, float]] | None:
+        """The scores last shown in the metrics table, or None."""
+        return self.metrics_panel.last_scores
 
     # ------------------------------------------------- fine-tuning hook (issue 8) ------
     def use_weights(self, source: str, image_name: str | None = None,
@@ -1043,47 +515,12 @@ class SegmentWidget(LayerListMixin, QWidget):
             The run's worker, or None when no run started (a run is going on, or an error
             was shown).
         """
-        from pathlib import Path
-
-        from ..engine.checkpoints import checkpoint_paths, list_model_cards
-
         if not self.ready:  # the network list is still loading: try again shortly
             QTimer.singleShot(200, functools.partial(self.use_weights, source, image_name,
                                                      scope))
             return None
-        text = str(source)
-        weights_file, description = checkpoint_paths(text)
-        if weights_file.is_file() or description.is_file():
-            from .session import checkpoint_choice
-
-            try:
-                network = checkpoint_choice(text).network
-            except MedsegError as exc:
-                self._error(str(exc))
-                return None
-            self.network_combo.setCurrentText(network)
-            self._on_network_changed()  # the list again: the checkpoint may be new
-            wanted = {str(description), str(weights_file), str(Path(text))}
-            index = next((i for i in range(self.weights_combo.count())
-                          if getattr(self.weights_combo.itemData(i), "source", None) in wanted),
-                         None)
-            if index is None:
-                self.add_checkpoint(text)
-            else:
-                self.weights_combo.setCurrentIndex(index)
-        else:
-            card = next((c for c in list_model_cards() if c.tag == text), None)
-            if card is None:
-                self._error(f"Unknown weights {text!r}.")
-                return None
-            self.network_combo.setCurrentText(card.network)
-            index = next((i for i in range(self.weights_combo.count())
-                          if getattr(self.weights_combo.itemData(i), "source", None) == text),
-                         None)
-            if index is None:
-                self._error(f"The weights {text!r} are not in the list.")
-                return None
-            self.weights_combo.setCurrentIndex(index)
+        if not self.weights_panel.select_source(str(source)):
+            return None
         if image_name and image_name in [self.image_combo.itemText(i)
                                          for i in range(self.image_combo.count())]:
             self.image_combo.setCurrentText(image_name)
@@ -1103,7 +540,7 @@ class SegmentWidget(LayerListMixin, QWidget):
                 self.scope_combo.blockSignals(False)
 
     # ------------------------------------------------------------- messages -----------
-    def _error(self, message: str) -> None:
+    def report_error(self, message: str) -> None:
         """Show one sentence as a napari error notification (and in the status line)."""
         self.last_error = message
         self.status_label.setText(error_html(message))
@@ -1115,7 +552,12 @@ class SegmentWidget(LayerListMixin, QWidget):
         self._disconnect()
         super().closeEvent(event)
 
+    def _serve_weights(self, source: str, image_name: str | None, scope: str | None) -> bool:
+        return self.use_weights(source, image_name=image_name, scope=scope) is not None
+
     def _disconnect(self) -> None:
+        self.state.serve_weights(None)
+        self.state.choose(None, "")
         for emitter, callback in self._viewer_hooks():
             emitter.disconnect(callback)
 

@@ -1,30 +1,38 @@
-"""The Segment widget's session: weights choices, model cache, settings -> config, caches, undo.
+"""The Segment widget's session: settings -> config, probability caches, timings, undo.
 
-One :class:`SegmentSession` belongs to one dock widget (no global state). It holds no Qt or
-napari object and does no numeric work of its own: it loads networks (cached), turns the
-widget's values (:class:`RunSettings`) into a :class:`~napari_medseg.config.PredictConfig`,
-keeps the probabilities of every region a run covered (so a new threshold re-derives the mask
-without running the network), remembers measured tile timings for the plan, and keeps the
-undo stack of edits (what :mod:`.result_layers` overwrote). Methods that load networks or
-touch big arrays are safe to call from a worker thread.
+One :class:`SegmentSession` belongs to one dock widget. It holds no Qt or napari object and
+does no numeric work of its own: it loads networks through the viewer's shared
+:class:`~.viewer_state.ModelCache`, turns the widget's values (:class:`RunSettings`) into a
+:class:`~napari_medseg.config.PredictConfig`, keeps the probabilities of every region a run
+covered (so a new threshold re-derives the mask without running the network, see
+:mod:`napari_medseg.engine.inference.editing`), remembers measured tile timings for the plan,
+and keeps the undo stack of edits (what :mod:`.result_layers` overwrote). Methods that load
+networks or touch big arrays are safe to call from a worker thread.
+
+The weights choices live in :mod:`.weights_choices` (re-exported here).
 """
 
 from __future__ import annotations
 
-import threading
-import warnings
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import PredictConfig
-from ..engine.inference import postprocess
+from ..engine.inference.editing import drop_contained, rethreshold_regions, store_probabilities
 from ..engine.inference.regions import Region
-from ..errors import ConfigError, WeightsNotFoundError
+from ..errors import ConfigError
+from .viewer_state import ModelCache
+from .weights_choices import (
+    RANDOM_INIT,
+    RANDOM_INIT_CLASSES,
+    WeightsChoice,
+    checkpoint_choice,
+    list_weight_choices,
+    user_checkpoint_dir,
+)
 
 __all__ = [
     "RANDOM_INIT",
@@ -39,123 +47,10 @@ __all__ = [
     "checkpoint_choice",
 ]
 
-#: Label of the untrained choice in the weights picker.
-RANDOM_INIT = "random init (untrained)"
-#: Classes of an untrained network: one sigmoid foreground logit (the threshold applies).
-RANDOM_INIT_CLASSES = 1
 #: Memory the undo stack may hold before the oldest edits are dropped.
 UNDO_BUDGET_BYTES = 1 << 30
 #: Edits kept at most.
 UNDO_DEPTH = 10
-
-
-@dataclass(frozen=True)
-class WeightsChoice:
-    """One entry of the weights picker.
-
-    Attributes:
-        kind: ``"card"`` (shipped model card), ``"checkpoint"`` (a user's checkpoint) or
-            ``"random"`` (untrained).
-        label: what the picker shows.
-        network: registry name.
-        variant: network variant (for ``random`` the picker's variant is used instead).
-        source: the card's tag or the checkpoint's path; None for ``random``.
-        in_channels: image channels the weights take (None: follow the image).
-        num_classes: K of the weights.
-        installed: False for a card whose weights file is missing.
-        detail: a line for the tooltip (dataset, metrics, parent).
-    """
-
-    kind: str
-    label: str
-    network: str
-    variant: str
-    source: str | None = None
-    in_channels: int | None = None
-    num_classes: int = RANDOM_INIT_CLASSES
-    installed: bool = True
-    detail: str = ""
-
-    @property
-    def untrained(self) -> bool:
-        """True for the random-init choice."""
-        return self.kind == "random"
-
-
-def user_checkpoint_dir() -> Path:
-    """The folder holding the user's (fine-tuned) checkpoints."""
-    from ..resources import user_data_dir
-
-    return user_data_dir() / "checkpoints"
-
-
-def _metric_text(metrics: dict) -> str:
-    parts = [f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)]
-    return ", ".join(parts[:3])
-
-
-def list_weight_choices(network: str) -> list[WeightsChoice]:
-    """The weights a picker offers for ``network``: shipped cards, user checkpoints, random.
-
-    Cards whose weights file is missing are listed as not installed; unreadable checkpoint
-    descriptions are skipped (one bad file must not hide the others).
-    """
-    from ..engine.checkpoints import list_model_cards, read_checkpoint_info
-
-    choices: list[WeightsChoice] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cards = list_model_cards()
-    for card in cards:
-        if card.network != network:
-            continue
-        installed = card.weights_path() is not None
-        label = card.tag
-        if not installed:
-            label += " - not installed"
-        detail = f"Shipped {card.network} ({card.variant}) weights trained on {card.dataset}"
-        if card.metrics:
-            detail += f"; {_metric_text(card.metrics)}"
-        choices.append(WeightsChoice("card", label, card.network, card.variant, card.tag,
-                                     card.in_channels, card.num_classes, installed, detail))
-    folder = user_checkpoint_dir()
-    if folder.is_dir():
-        for path in sorted(folder.rglob("*.json")):
-            try:
-                info = read_checkpoint_info(path)
-            except Exception:  # noqa: BLE001 - a broken file is skipped, not fatal
-                continue
-            if info.network != network:
-                continue
-            name = path.relative_to(folder).with_suffix("").as_posix()
-            detail = f"Your checkpoint {path}"
-            if info.parent:
-                detail += f"; fine-tuned from {info.parent[:12]}"
-            if info.metrics:
-                detail += f"; {_metric_text(info.metrics)}"
-            choices.append(WeightsChoice(
-                "checkpoint", f"{name} ({info.variant}, yours)", info.network, info.variant,
-                str(path), info.in_channels, info.num_classes, True, detail))
-    choices.append(WeightsChoice("random", RANDOM_INIT, network, "", None, None,
-                                 RANDOM_INIT_CLASSES, True,
-                                 "Random weights: the masks are meaningless; for trying the "
-                                 "pipeline or as a starting point for training."))
-    return choices
-
-
-def checkpoint_choice(path: str | Path) -> WeightsChoice:
-    """A picker entry for a checkpoint file the user browsed to.
-
-    Raises:
-        WeightsNotFoundError, CheckpointError: the file is not a napari-medseg checkpoint.
-    """
-    from ..engine.checkpoints import read_checkpoint_info
-
-    info = read_checkpoint_info(path)
-    name = Path(path).with_suffix("").name
-    return WeightsChoice("checkpoint", f"{name} ({info.variant}, file)", info.network,
-                         info.variant, str(path), info.in_channels, info.num_classes, True,
-                         f"Checkpoint {path}")
 
 
 @dataclass(frozen=True)
@@ -277,12 +172,11 @@ class SegmentSession:
         max_models: networks kept loaded (least recently used dropped first).
     """
 
-    def __init__(self, max_models: int = 2) -> None:
-        self.max_models = int(max_models)
-        self._models: OrderedDict[tuple, Any] = OrderedDict()
-        self._load_lock = threading.Lock()
+    def __init__(self, max_models: int = 2, models: ModelCache | None = None) -> None:
+        #: the loaded networks (the viewer's shared cache, or a private one).
+        self.models = models if models is not None else ModelCache(max_models)
         #: Held while a network runs or is probed (one user of a network at a time).
-        self.model_lock = threading.RLock()
+        self.model_lock = self.models.model_lock
         self.caches: dict[str, ProbabilityCache] = {}
         self.history: list[Edit] = []
         self.timings: dict[tuple, float] = {}
@@ -293,64 +187,13 @@ class SegmentSession:
         self.last_plan: Any = None
 
     # -- networks ---------------------------------------------------------------------
-    @staticmethod
-    def model_key(choice: WeightsChoice, variant: str, in_channels: int) -> tuple:
-        """Cache key of the network a choice loads."""
-        if choice.untrained:
-            return ("random", choice.network, variant, int(in_channels), RANDOM_INIT_CLASSES)
-        return (choice.kind, choice.source)
-
     def load_model(self, choice: WeightsChoice, variant: str, in_channels: int) -> Any:
-        """The network of a weights choice (loaded once, then cached).
-
-        Untrained networks take ``in_channels`` (the image's: 1 or 3) and one sigmoid class;
-        they are built from a fixed seed so that repeated runs agree.
-
-        Raises:
-            WeightsNotFoundError: a card's weights file is not installed.
-            CheckpointError: the weights are corrupt or do not fit the network.
-            ModelNotFoundError: an unknown network or variant.
-        """
-        key = self.model_key(choice, variant, in_channels)
-        with self._load_lock:
-            model = self._models.get(key)
-            if model is not None:
-                self._models.move_to_end(key)
-                return model
-        model = self._build(choice, variant, in_channels)
-        with self._load_lock:
-            self._models[key] = model
-            self._models.move_to_end(key)
-            while len(self._models) > self.max_models:
-                self._models.popitem(last=False)
-        return model
-
-    @staticmethod
-    def _build(choice: WeightsChoice, variant: str, in_channels: int) -> Any:
-        if choice.untrained:
-            import torch
-
-            from ..models import create_model
-
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                return create_model(choice.network, variant, int(in_channels),
-                                    RANDOM_INIT_CLASSES)
-        if choice.kind == "card" and not choice.installed:
-            raise WeightsNotFoundError(
-                f"The weights of {choice.source!r} are not installed; choose other weights "
-                "or random init.")
-        from ..engine.checkpoints import load_checkpoint, resolve_weights
-
-        if choice.kind == "checkpoint":
-            model, _ = load_checkpoint(str(choice.source))
-        else:
-            model, _ = resolve_weights(str(choice.source))
-        return model
+        """The network of a weights choice (see :meth:`.viewer_state.ModelCache.load_model`)."""
+        return self.models.load_model(choice, variant, in_channels)
 
     def cached_models(self) -> list[tuple]:
         """Keys of the loaded networks, least recently used first."""
-        return list(self._models)
+        return self.models.cached_models()
 
     # -- timings for the plan -----------------------------------------------------------
     @staticmethod
@@ -415,19 +258,8 @@ class SegmentSession:
             edit.cache_before = (list(cache.covered), [
                 (region, cache.probs[(slice(None),) + region.slices].copy())])
         cache.has_boundary_head = bool(has_boundary_head)
-        probs = postprocess.dequantize_probabilities(probabilities).astype(np.float16)
-        for key in keys:
-            target = (slice(None),) + region.offset(key)
-            cache.probs[target] = probs[(slice(None),) + tuple(key)]
-        if all(isinstance(k, slice) for key in keys for k in key):
-            cache.covered.append(region)
-        else:
-            for key in keys:
-                full = region.offset(key)
-                start = tuple(k.start if isinstance(k, slice) else k for k in full)
-                stop = tuple(k.stop if isinstance(k, slice) else k + 1 for k in full)
-                cache.covered.append(Region(start, stop))
-        cache.covered = _dedupe(cache.covered)
+        cache.covered = drop_contained(
+            cache.covered + store_probabilities(cache.probs, region, probabilities, keys))
 
     def rethreshold(self, image: str, threshold: float) -> list[tuple[tuple, np.ndarray,
                                                                       np.ndarray | None]]:
@@ -450,15 +282,8 @@ class SegmentSession:
         if cache.num_classes != 1:
             raise ConfigError("This network has several classes; its mask is the most "
                               "probable class, so there is no threshold to change.")
-        out = []
-        for region in cache.covered:
-            probs = cache.probs[(slice(None),) + region.slices].astype(np.float32)
-            mask = postprocess.mask_from_probabilities(probs, float(threshold))
-            boundary = None
-            if not cache.has_boundary_head:
-                boundary = postprocess.boundary_per_block(mask, cache.axes)
-            out.append((region.slices, mask, boundary))
-        return out
+        return rethreshold_regions(cache.probs, cache.covered, threshold, cache.axes,
+                                   derive_boundary=not cache.has_boundary_head)
 
     def forget(self, image: str) -> None:
         """Drop what is cached for an image (its layer was removed)."""
@@ -504,14 +329,3 @@ class SegmentSession:
                 cache.covered = list(covered)
         return edit
 
-
-def _dedupe(regions: list[Region]) -> list[Region]:
-    """Drop regions contained in a later one (a re-run of the same box)."""
-    kept: list[Region] = []
-    for i, r in enumerate(regions):
-        inside = any(
-            all(a2 <= a and b <= b2 for a, b, a2, b2 in zip(r.start, r.stop, o.start, o.stop))
-            for o in regions[i + 1:])
-        if not inside:
-            kept.append(r)
-    return kept

@@ -7,7 +7,8 @@ job a widget runs at a time (:class:`LongJob`), notices and error lines shown to
 :func:`row_widget`).
 
 Every job the Segment widget starts (a prediction, a plan, a re-threshold, metrics, boundary
-tools) runs in a napari ``thread_worker`` through :func:`start_job`. Jobs never raise into
+tools) runs in a napari ``thread_worker`` through :func:`start_job`; the numeric ones are
+engine functions called through :func:`guarded`. Jobs never raise into
 Qt: each returns a :class:`JobOutcome` carrying either its value or one sentence for the
 user (:func:`error_message`), so the widget shows a notification instead of napari's
 "error in thread" traceback dialog.
@@ -55,10 +56,7 @@ __all__ = [
     "catalog_job",
     "run_job",
     "plan_job",
-    "threshold_job",
-    "metrics_job",
-    "boundary_job",
-    "instances_job",
+    "guarded",
 ]
 
 
@@ -229,7 +227,10 @@ def _failed(exc: BaseException, t0: float) -> JobOutcome:
     return JobOutcome(error=error_message(exc), exception=exc, seconds=time.perf_counter() - t0)
 
 
-def _guard(func: Callable[..., Any], *args: Any, **kwargs: Any) -> JobOutcome:
+def guarded(func: Callable[..., Any], *args: Any, **kwargs: Any) -> JobOutcome:
+    """Call ``func``; its value or the error it raised comes back as a :class:`JobOutcome`
+    (never raised). Jobs that are plain engine calls run as ``start_job(guarded, func, ...)``.
+    """
     t0 = time.perf_counter()
     try:
         value = func(*args, **kwargs)
@@ -396,7 +397,7 @@ def catalog_job() -> JobOutcome:
 
         return {name: list_variants(name) for name in list_models()}, list_devices()
 
-    return _guard(work)
+    return guarded(work)
 
 
 def run_job(session: Any, choice: Any, variant: str, in_channels: int, image: Any,
@@ -441,31 +442,4 @@ def plan_job(session: Any, choice: Any, variant: str, in_channels: int, image: A
             plan = plan_prediction(image, model, config, probe=probe)
         return plan, model.spec
 
-    return _guard(work)
-
-
-def threshold_job(session: Any, image_name: str, threshold: float) -> JobOutcome:
-    """Re-derive the masks of an image from its cached probabilities."""
-    return _guard(session.rethreshold, image_name, threshold)
-
-
-def metrics_job(prediction: Any, reference: Any, axes: str, num_classes: int,
-                spacing: Any) -> JobOutcome:
-    """Per-class Dice, IoU, HD95 and boundary F1 of a prediction against a reference."""
-    from ..engine.inference.regions import region_metrics
-
-    return _guard(region_metrics, prediction, reference, axes, num_classes, spacing)
-
-
-def boundary_job(mask: Any, axes: str) -> JobOutcome:
-    """A boundary map (uint8) from a label image, per ``T``/``I`` block."""
-    from ..engine.inference.postprocess import boundary_per_block
-
-    return _guard(boundary_per_block, mask, axes)
-
-
-def instances_job(mask: Any, boundary: Any, axes: str, min_size: int = 8) -> JobOutcome:
-    """Instance labels (int32) from a mask split by a boundary map, numbered per block."""
-    from ..engine.inference.postprocess import instances_per_block
-
-    return _guard(instances_per_block, mask, boundary, axes, min_size)
+    return guarded(work)
