@@ -423,6 +423,60 @@ def test_dask_local_cluster_gives_the_same_outputs_as_a_local_run(local_run, tmp
 # --- the command line -------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def sr_checkpoint(tmp_path_factory) -> Path:
+    """A tiny 2-class SASR-Net checkpoint: its masks are twice the input's side."""
+    from napari_medseg.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("sasrnet", "tiny", 1, 2)
+    folder = tmp_path_factory.mktemp("sr")
+    save_checkpoint(model, folder / "sr", dtype="float32")
+    return folder / "sr.safetensors"
+
+
+@pytest.mark.parametrize("network,fmt,suffix", [("msa2net", "tif", ".tif"),
+                                                ("sasrnet", "tif", ".tif"),
+                                                ("sasrnet", "nii", ".nii.gz")])
+def test_cli_predict_of_several_files_writes_what_batch_writes(tmp_path, checkpoint,
+                                                                sr_checkpoint, capsys, network,
+                                                                fmt, suffix):
+    from napari_medseg.cli import main
+
+    ckpt = checkpoint[0] if network == "msa2net" else sr_checkpoint
+    src = tmp_path / "in"
+    src.mkdir()
+    meta = ImageMeta(axes="YX", spacing=(0.5, 0.25), origin=(3.0, -2.0),
+                     units=("micrometer", "micrometer"))
+    write_image(src / "a.tif", _blobs((64, 64), 1), meta)
+    write_image(src / "b.png", _blobs((64, 64), 2))
+    write_image(src / "c.tif", np.stack([_blobs((64, 80), 3)] * 3, axis=-1),
+                ImageMeta(axes="YXC", rgb=True))
+    rc = main(["predict", str(src), "-o", str(tmp_path / "cli"), "--weights", str(ckpt),
+               "--format", fmt, "--device", "cpu", "--precision", "fp32", "--tile", "64", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    summary = run_folder(src, tmp_path / "batch", weights=str(ckpt), format=fmt, **FAST)
+    assert summary.ok and summary.done == 3
+    scale = 2 if network == "sasrnet" else 1
+    for stem, shape in (("a", (64, 64)), ("b", (64, 64)), ("c", (64, 80))):
+        cli, cli_meta = read_image(tmp_path / "cli" / f"{stem}{suffix}")
+        batch, batch_meta = read_image(tmp_path / "batch" / f"{stem}_mask{suffix}")
+        np.testing.assert_array_equal(np.asarray(cli), np.asarray(batch))
+        assert cli.shape == tuple(n * scale for n in shape)
+        assert (cli_meta.axes, cli_meta.spacing, cli_meta.origin, cli_meta.units) == \
+            (batch_meta.axes, batch_meta.spacing, batch_meta.origin, batch_meta.units)
+        if cli_meta.affine is not None or batch_meta.affine is not None:
+            np.testing.assert_allclose(cli_meta.affine, batch_meta.affine)
+    _, a_meta = read_image(tmp_path / "batch" / f"a_mask{suffix}")
+    # a finer grid: the spacing divided by the scale, the first pixel a quarter input pixel
+    # back for x2 (upsampled_geometry)
+    assert a_meta.spacing == pytest.approx((0.5 / scale, 0.25 / scale))
+    shift = 0.25 if scale == 2 else 0.0
+    assert a_meta.origin == pytest.approx((3.0 - shift * 0.5, -2.0 - shift * 0.25))
+    assert _partials(tmp_path / "cli") == [] and _partials(tmp_path / "batch") == []
+
+
+
 def test_cli_batch_exit_status_progress_and_skips(local_run, tmp_path, checkpoint, capsys):
     from napari_medseg.cli import main
 
