@@ -75,15 +75,23 @@ def checkpoint(tmp_path_factory) -> tuple[Path, str]:
     return folder / "tiny.safetensors", str(info.sha256)
 
 
-def _make_folder(src: Path) -> Path:
-    """Three good images (TIFF with spacing, PNG, RGB TIFF), a truncated TIFF, text named
-    .tif, a notes.txt and a hidden file."""
+def _good_images(src: Path, origin: tuple[float, float] = (0.0, 0.0)) -> Path:
+    """Three good images in a new folder: a TIFF with spacing (and ``origin``), a PNG, an
+    RGB TIFF."""
     src.mkdir(parents=True)
-    meta = ImageMeta(axes="YX", spacing=(0.5, 0.25), units=("micrometer", "micrometer"))
+    meta = ImageMeta(axes="YX", spacing=(0.5, 0.25), origin=origin,
+                     units=("micrometer", "micrometer"))
     write_image(src / "a.tif", _blobs((64, 64), 1), meta)
     write_image(src / "b.png", _blobs((64, 64), 2))
     rgb = np.stack([_blobs((64, 80), 3)] * 3, axis=-1)
     write_image(src / "c.tif", rgb, ImageMeta(axes="YXC", rgb=True))
+    return src
+
+
+def _make_folder(src: Path) -> Path:
+    """The three :func:`_good_images`, a truncated TIFF, text named .tif, a notes.txt and a
+    hidden file."""
+    _good_images(src)
     whole = (src / "a.tif").read_bytes()
     (src / "corrupt.tif").write_bytes(whole[: len(whole) // 3])
     (src / "fake.tif").write_text("this is not an image\n")
@@ -429,10 +437,9 @@ def sr_checkpoint(tmp_path_factory) -> Path:
     from napari_medseg.models import create_model
 
     torch.manual_seed(0)
-    model = create_model("sasrnet", "tiny", 1, 2)
-    folder = tmp_path_factory.mktemp("sr")
-    save_checkpoint(model, folder / "sr", dtype="float32")
-    return folder / "sr.safetensors"
+    path = tmp_path_factory.mktemp("sr") / "sr"
+    save_checkpoint(create_model("sasrnet", "tiny", 1, 2), path, dtype="float32")
+    return path.with_suffix(".safetensors")
 
 
 @pytest.mark.parametrize("network,fmt,suffix", [("msa2net", "tif", ".tif"),
@@ -444,14 +451,7 @@ def test_cli_predict_of_several_files_writes_what_batch_writes(tmp_path, checkpo
     from napari_medseg.cli import main
 
     ckpt = checkpoint[0] if network == "msa2net" else sr_checkpoint
-    src = tmp_path / "in"
-    src.mkdir()
-    meta = ImageMeta(axes="YX", spacing=(0.5, 0.25), origin=(3.0, -2.0),
-                     units=("micrometer", "micrometer"))
-    write_image(src / "a.tif", _blobs((64, 64), 1), meta)
-    write_image(src / "b.png", _blobs((64, 64), 2))
-    write_image(src / "c.tif", np.stack([_blobs((64, 80), 3)] * 3, axis=-1),
-                ImageMeta(axes="YXC", rgb=True))
+    src = _good_images(tmp_path / "in", origin=(3.0, -2.0))
     rc = main(["predict", str(src), "-o", str(tmp_path / "cli"), "--weights", str(ckpt),
                "--format", fmt, "--device", "cpu", "--precision", "fp32", "--tile", "64", "-q"])
     assert rc == 0, capsys.readouterr().err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .common import Progress, ctrl_c_cancels, load_config, notice_line
 from .common import add_compute_args, add_run_args, add_tiling_args, compute_flags

@@ -11,6 +11,12 @@ from .common import load_config, notice_line
 
 __all__ = ["add_finetune", "cmd_finetune"]
 
+_DESCRIPTION = (
+    "Fine-tune a checkpoint or shipped weights on image/mask pairs matched by file name (a.tif "
+    "<-> a.tif or a_mask.tif). One image in four is held out for the validation Dice; the best "
+    "weights are kept and written to CKPT with their lineage (parent, data hash, settings, "
+    "metrics). Ctrl-C stops and keeps the best weights so far.")
+
 
 def _finetune_config(args: argparse.Namespace):
     from ..config import FinetuneConfig
@@ -97,14 +103,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def add_finetune(sub) -> argparse.ArgumentParser:
     """The ``finetune`` sub-command's arguments."""
-    p = sub.add_parser(
-        "finetune", help="fine-tune weights on corrected masks (image/mask folders)",
-        description="Fine-tune a checkpoint or shipped weights on image/mask pairs matched by "
-                    "file name (a.tif <-> a.tif or a_mask.tif). One image in four is held "
-                    "out for the validation Dice; the best weights are kept and written to "
-                    "CKPT with their lineage (parent, data hash, settings, metrics). Ctrl-C "
-                    "stops and keeps the best weights so far.",
-    )
+    p = sub.add_parser("finetune", description=_DESCRIPTION,
+                       help="fine-tune weights on corrected masks (image/mask folders)")
     p.add_argument("--weights", required=True, metavar="BASE",
                    help="shipped weights tag (see `napari-medseg models`) or a checkpoint path")
     p.add_argument("--images", required=True, metavar="DIR", help="folder of images")

@@ -195,6 +195,7 @@ class _Predictor:
         self.failures = 0
 
     def _failed(self, task, exc: Exception) -> None:
+        """One input failed: raised for a single input, else counted and reported."""
         if self.single:
             raise exc
         self.failures += 1
@@ -218,7 +219,8 @@ class _Predictor:
         try:
             image, meta = read_image(task.input_path)
         except MedsegError as exc:
-            return self._failed(task, exc)
+            self._failed(task, exc)
+            return None
         self._ensure_model(image, meta)
         try:
             if args.plan_only:
@@ -236,7 +238,7 @@ class _Predictor:
             if not args.quiet:
                 print(_done_line(task, result), file=err)
         except MedsegError as exc:
-            return self._failed(task, exc)
+            self._failed(task, exc)
         return None
 
 

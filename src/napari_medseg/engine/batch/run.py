@@ -162,7 +162,8 @@ class BatchSummary:
     @property
     def failures(self) -> dict[str, str]:
         """Failed file name -> error sentence."""
-        return {n: str(e.get("error")) for n, e in self.files.items() if e.get("status") == "failed"}
+        return {n: str(e.get("error")) for n, e in self.files.items()
+                if e.get("status") == "failed"}
 
     def line(self) -> str:
         """One line for a person: counts and time."""
@@ -333,8 +334,9 @@ def _folders(in_dir: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Pat
     return root, out
 
 
-def _open_iter(root: Path, out: Path, config: BatchConfig, items: list[ImageItem], t0: float,
-               started: str) -> Generator[ProgressEvent, None, tuple[_Ledger, Any]]:
+def _open_iter(
+    root: Path, out: Path, config: BatchConfig, items: list[ImageItem], t0: float, started: str
+) -> Generator[ProgressEvent, None, tuple[_Ledger, Any]]:
     """Load the weights, read the manifest and enter every file; returns the ledger and the
     driver's model."""
     weights, model, notices = resolve_run_weights(config)
@@ -358,8 +360,9 @@ def _open_iter(root: Path, out: Path, config: BatchConfig, items: list[ImageItem
     return ledger, model
 
 
-def _predict_iter(ledger: _Ledger, model, cancel: CancelToken) -> Generator[ProgressEvent, None,
-                                                                           bool]:
+def _execute_iter(
+    ledger: _Ledger, model: Any, cancel: CancelToken
+) -> Generator[ProgressEvent, None, bool]:
     """Predict the ledger's files on its executor; returns True when the run was cancelled."""
     config = ledger.config
     pconfig = run_predict_config(config)
@@ -434,7 +437,7 @@ def run_folder_iter(
     items = find_images(root, config.pattern, config.recursive, out, config.format,
                         config.output)
     ledger, model = yield from _open_iter(root, out, config, items, t0, started)
-    was_cancelled = yield from _predict_iter(ledger, model, cancel)
+    was_cancelled = yield from _execute_iter(ledger, model, cancel)
     summary = ledger.summary(was_cancelled)
     if was_cancelled:
         for it in ledger.images:
