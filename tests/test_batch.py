@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from napari_medseg.config import BatchConfig
-from napari_medseg.engine.batch import run as batch
 from napari_medseg.engine.batch.run import (
     MANIFEST_NAME,
     PARTIAL_PREFIX,
@@ -34,6 +33,7 @@ from napari_medseg.engine.progress import (
 )
 from napari_medseg.errors import ConfigError, ImageReadError, ImageWriteError
 from napari_medseg.io import ImageMeta, read_image, write_image
+from napari_medseg.io.metadata import output_meta
 
 #: Fast, deterministic settings for every run here.
 FAST = {"device": "cpu", "precision": "fp32", "tile": 64}
@@ -75,15 +75,23 @@ def checkpoint(tmp_path_factory) -> tuple[Path, str]:
     return folder / "tiny.safetensors", str(info.sha256)
 
 
-def _make_folder(src: Path) -> Path:
-    """Three good images (TIFF with spacing, PNG, RGB TIFF), a truncated TIFF, text named
-    .tif, a notes.txt and a hidden file."""
+def _good_images(src: Path, origin: tuple[float, float] = (0.0, 0.0)) -> Path:
+    """Three good images in a new folder: a TIFF with spacing (and ``origin``), a PNG, an
+    RGB TIFF."""
     src.mkdir(parents=True)
-    meta = ImageMeta(axes="YX", spacing=(0.5, 0.25), units=("micrometer", "micrometer"))
+    meta = ImageMeta(axes="YX", spacing=(0.5, 0.25), origin=origin,
+                     units=("micrometer", "micrometer"))
     write_image(src / "a.tif", _blobs((64, 64), 1), meta)
     write_image(src / "b.png", _blobs((64, 64), 2))
     rgb = np.stack([_blobs((64, 80), 3)] * 3, axis=-1)
     write_image(src / "c.tif", rgb, ImageMeta(axes="YXC", rgb=True))
+    return src
+
+
+def _make_folder(src: Path) -> Path:
+    """The three :func:`_good_images`, a truncated TIFF, text named .tif, a notes.txt and a
+    hidden file."""
+    _good_images(src)
     whole = (src / "a.tif").read_bytes()
     (src / "corrupt.tif").write_bytes(whole[: len(whole) // 3])
     (src / "fake.tif").write_text("this is not an image\n")
@@ -367,13 +375,13 @@ def test_bad_settings_are_one_sentence(folder, tmp_path, checkpoint):
 def test_label_meta_follows_a_super_resolved_output():
     meta = ImageMeta(axes="ZYX", spacing=(2.0, 1.0, 1.0), origin=(0.0, 10.0, 20.0),
                      affine=np.diag([1.0, 1.0, 2.0, 1.0]))
-    out = batch._label_meta(meta, "ZYX", (4, 8, 8), "ZYX", (4, 16, 16))
+    out = output_meta(meta, "ZYX", (4, 8, 8), "ZYX", (4, 16, 16))
     assert out.spacing == (2.0, 0.5, 0.5)
     assert out.origin == (0.0, 9.75, 19.75)
     # voxel (0, 0, 0) of the output sits a quarter input voxel before the input's first
     np.testing.assert_allclose(out.affine @ [0, 0, 0, 1], [-0.25, -0.25, 0, 1])
     np.testing.assert_allclose(out.affine @ [2, 2, 1, 1], [0.75, 0.75, 2, 1])
-    same = batch._label_meta(ImageMeta(axes="YXC", rgb=True), "YXC", (8, 8, 3), "YX", (8, 8))
+    same = output_meta(ImageMeta(axes="YXC", rgb=True), "YXC", (8, 8, 3), "YX", (8, 8))
     assert same.axes == "YX" and same.spacing == (1.0, 1.0)
 
 
@@ -421,6 +429,52 @@ def test_dask_local_cluster_gives_the_same_outputs_as_a_local_run(local_run, tmp
 
 
 # --- the command line -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sr_checkpoint(tmp_path_factory) -> Path:
+    """A tiny 2-class SASR-Net checkpoint: its masks are twice the input's side."""
+    from napari_medseg.models import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("sr") / "sr"
+    save_checkpoint(create_model("sasrnet", "tiny", 1, 2), path, dtype="float32")
+    return path.with_suffix(".safetensors")
+
+
+@pytest.mark.parametrize("network,fmt,suffix", [("msa2net", "tif", ".tif"),
+                                                ("sasrnet", "tif", ".tif"),
+                                                ("sasrnet", "nii", ".nii.gz")])
+def test_cli_predict_of_several_files_writes_what_batch_writes(tmp_path, checkpoint,
+                                                                sr_checkpoint, capsys, network,
+                                                                fmt, suffix):
+    from napari_medseg.cli import main
+
+    ckpt = checkpoint[0] if network == "msa2net" else sr_checkpoint
+    src = _good_images(tmp_path / "in", origin=(3.0, -2.0))
+    rc = main(["predict", str(src), "-o", str(tmp_path / "cli"), "--weights", str(ckpt),
+               "--format", fmt, "--device", "cpu", "--precision", "fp32", "--tile", "64", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    summary = run_folder(src, tmp_path / "batch", weights=str(ckpt), format=fmt, **FAST)
+    assert summary.ok and summary.done == 3
+    scale = 2 if network == "sasrnet" else 1
+    for stem, shape in (("a", (64, 64)), ("b", (64, 64)), ("c", (64, 80))):
+        cli, cli_meta = read_image(tmp_path / "cli" / f"{stem}{suffix}")
+        batch, batch_meta = read_image(tmp_path / "batch" / f"{stem}_mask{suffix}")
+        np.testing.assert_array_equal(np.asarray(cli), np.asarray(batch))
+        assert cli.shape == tuple(n * scale for n in shape)
+        assert (cli_meta.axes, cli_meta.spacing, cli_meta.origin, cli_meta.units) == \
+            (batch_meta.axes, batch_meta.spacing, batch_meta.origin, batch_meta.units)
+        if cli_meta.affine is not None or batch_meta.affine is not None:
+            np.testing.assert_allclose(cli_meta.affine, batch_meta.affine)
+    _, a_meta = read_image(tmp_path / "batch" / f"a_mask{suffix}")
+    # a finer grid: the spacing divided by the scale, the first pixel a quarter input pixel
+    # back for x2 (upsampled_geometry)
+    assert a_meta.spacing == pytest.approx((0.5 / scale, 0.25 / scale))
+    shift = 0.25 if scale == 2 else 0.0
+    assert a_meta.origin == pytest.approx((3.0 - shift * 0.5, -2.0 - shift * 0.25))
+    assert _partials(tmp_path / "cli") == [] and _partials(tmp_path / "batch") == []
+
 
 
 def test_cli_batch_exit_status_progress_and_skips(local_run, tmp_path, checkpoint, capsys):

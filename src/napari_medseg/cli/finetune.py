@@ -1,0 +1,129 @@
+"""``napari-medseg finetune``: fine-tune weights on image/mask folders within their model line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .common import Progress, add_compute_args, add_run_args, ctrl_c_cancels
+from .common import load_config, notice_line
+
+__all__ = ["add_finetune", "cmd_finetune"]
+
+_DESCRIPTION = (
+    "Fine-tune a checkpoint or shipped weights on image/mask pairs matched by file name (a.tif "
+    "<-> a.tif or a_mask.tif). One image in four is held out for the validation Dice; the best "
+    "weights are kept and written to CKPT with their lineage (parent, data hash, settings, "
+    "metrics). Ctrl-C stops and keeps the best weights so far.")
+
+
+def _finetune_config(args: argparse.Namespace):
+    from ..config import FinetuneConfig
+
+    return load_config(FinetuneConfig, args, "finetune", {
+        "steps": args.steps, "lr": args.lr, "device": args.device, "precision": args.precision,
+        "batch_size": args.batch_size, "patch": args.patch, "val_fraction": args.val_fraction,
+        "max_minutes": args.max_minutes, "seed": args.seed,
+        "freeze_encoder": True if args.freeze_encoder else None,
+        "freeze_norm_stats": False if args.update_norm_stats else None,
+    })
+
+
+def _show(events, bar: Progress, quiet: bool):
+    """Print fine-tuning's stages, validations and step progress; returns its result."""
+    from ..engine.progress import FinishedEvent, NoticeEvent, StageEvent
+    from ..engine.training.train import StepEvent, ValidationEvent
+
+    result = None
+    for event in events:
+        if isinstance(event, NoticeEvent):
+            bar.say(notice_line(event))
+        elif isinstance(event, StepEvent):
+            bar.advance(event.step, event.steps)
+            bar.postfix(f"loss {event.loss:.4f}")
+        elif isinstance(event, ValidationEvent) and not quiet:
+            bar.say(f"napari-medseg: {event.message}" + (" (best)" if event.improved else ""))
+        elif isinstance(event, StageEvent) and not quiet:
+            bar.say(f"napari-medseg: {event.message}")
+        elif isinstance(event, FinishedEvent):
+            result = event.result
+            bar.close()
+            print(f"napari-medseg: {event.message}", file=sys.stderr)
+    return result
+
+
+def _summary(result, parent: str | None) -> dict:
+    def finite(x: float) -> float | None:
+        return None if x != x else round(float(x), 4)  # NaN (no validation) -> null
+
+    return {
+        "checkpoint": str(result.checkpoint), "parent": parent,
+        "val_dice_before": finite(result.baseline_dice), "val_dice": finite(result.best_dice),
+        "best_step": result.best_step, "steps_done": result.steps_done,
+        "stopped": result.stopped, "seconds": round(result.seconds, 1),
+    }
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """``napari-medseg finetune``: writes the checkpoint; 0 done, 2 an error."""
+    from ..engine.checkpoints import resolve_weights
+    from ..engine.progress import CancelToken
+    from ..engine.training.finetune import samples_from_folders
+    from ..engine.training.workflow import finetune_samples_iter
+
+    config = _finetune_config(args)
+    model, info = resolve_weights(args.weights)
+    spec = model.spec
+    samples, files_hash = samples_from_folders(
+        args.images, args.masks, num_classes=spec.num_classes, in_channels=spec.in_channels,
+        normalization=info.normalization_config(), config=config,
+        output_scale=spec.output_scale, pattern=args.pattern or "*")
+    if not args.quiet:
+        print(f"napari-medseg: fine-tuning {info.network}/{info.variant} "
+              f"({info.tag or args.weights}) on {len(samples)} image plane(s)", file=sys.stderr)
+    token = CancelToken()
+    data = {"images": str(args.images), "masks": str(args.masks), "data_hash": files_hash}
+    with Progress("step", desc="fine-tune", quiet=args.quiet) as bar:
+        # first Ctrl-C: stop and keep the best; second: abort
+        with ctrl_c_cancels(token, lambda: bar.say(
+                "napari-medseg: stopping after this step; the best weights so far are kept "
+                "(Ctrl-C again to abort)")):
+            result = _show(finetune_samples_iter(
+                model, samples, config, output=args.output, data=data,
+                base_source=args.weights, cancel=token), bar, args.quiet)
+    assert result is not None
+    if args.json:
+        print(json.dumps(_summary(result, info.sha256), indent=2))
+    else:
+        print(f"napari-medseg: wrote {result.checkpoint} (use it with --weights "
+              f"{result.checkpoint})")
+    return 0
+
+
+def add_finetune(sub) -> argparse.ArgumentParser:
+    """The ``finetune`` sub-command's arguments."""
+    p = sub.add_parser("finetune", description=_DESCRIPTION,
+                       help="fine-tune weights on corrected masks (image/mask folders)")
+    p.add_argument("--weights", required=True, metavar="BASE",
+                   help="shipped weights tag (see `napari-medseg models`) or a checkpoint path")
+    p.add_argument("--images", required=True, metavar="DIR", help="folder of images")
+    p.add_argument("--masks", required=True, metavar="DIR",
+                   help="folder of masks (class or instance labels) named like the images")
+    p.add_argument("-o", "--output", required=True, metavar="CKPT",
+                   help="the fine-tuned checkpoint (.safetensors; the .json goes beside it)")
+    p.add_argument("--steps", help="optimisation steps at most (default 200)")
+    p.add_argument("--lr", help="peak learning rate (default 3e-4)")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="train only the decoder and heads")
+    p.add_argument("--update-norm-stats", action="store_true",
+                   help="re-estimate batch-norm statistics from the new images (default: "
+                        "keep the base model's; only worth it with many images)")
+    p.add_argument("--patch", help="patch side in pixels (default 128)")
+    p.add_argument("--val-fraction", help="fraction of images held out (default 0.25)")
+    p.add_argument("--max-minutes", help="stop after this many minutes, keeping the best")
+    p.add_argument("--seed", help="random seed (default 0)")
+    add_compute_args(p, batch_help="patches per step (default 4)")
+    p.add_argument("--pattern", help="glob the file names must match (default *)")
+    add_run_args(p, "finetune", json=True)
+    return p
