@@ -18,7 +18,8 @@ predictors in ``tests/test_tiling.py``:
 * :class:`Stitcher` accumulates weighted tile outputs in a band one tile high that slides
   along the first spatial axis: rows that no later tile touches are normalised and handed to
   a callback at once, so memory is one band, not the whole output.
-* :func:`sliding_window` puts them together for a numpy predictor.
+* :func:`sliding_window_iter` is the tile loop the engine runs (read a batch, predict,
+  stitch, yield); :func:`sliding_window` runs it to the end for a numpy predictor.
 
 Outputs may be larger than inputs: with ``scale = s`` a tile of side T gives an output of side
 ``s * T`` (SASR-Net's super-resolved mask), placed at ``s`` times the tile's position.
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -45,6 +46,8 @@ __all__ = [
     "gaussian_weight_1d",
     "tile_weight",
     "Stitcher",
+    "PredictorOutput",
+    "sliding_window_iter",
     "sliding_window",
 ]
 
@@ -510,6 +513,77 @@ class Stitcher:
         self._done = True
 
 
+#: A predictor's outputs for a batch: one array (N x C x out tile), or a tuple of them (or
+#: None for an output it did not compute), each stitched by its own :class:`Stitcher`.
+PredictorOutput = np.ndarray | tuple[np.ndarray | None, ...]
+
+
+def sliding_window_iter(
+    source,
+    grid: TileGrid,
+    predictor: Callable[[np.ndarray], PredictorOutput],
+    stitchers: Sequence[Stitcher | None] | Callable[[tuple], Sequence[Stitcher | None]],
+    *,
+    batch_size: int | Callable[[], int] = 4,
+    padding: str = "reflect",
+    prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> Generator[int, None, bool]:
+    """The tile loop: read batches of tiles, predict them, stitch the outputs band by band.
+
+    Tiles are read in the grid's raster order (only their pixels, padded on the fly), stacked
+    into batches, passed to ``predictor``, and each output goes to its stitcher, which hands
+    the rows no later tile touches to its ``emit`` callback at once. The stitchers are
+    finished after the last batch.
+
+    Args:
+        source: array-like C x (grid shape), read tile by tile.
+        grid: the tile grid of ``source``.
+        predictor: maps a batch N x C x (tile) to the outputs N x C' x (scale * tile): one
+            array, or a tuple of arrays (None for one it skipped).
+        stitchers: one stitcher (or None: not stitched) per predictor output, or a callable
+            that opens them from the first batch's outputs (a tuple).
+        batch_size: tiles per predictor call; a callable is asked before every batch (a
+            predictor may shrink its batch on out-of-memory).
+        padding: how the parts of a tile outside the image are filled.
+        prepare: applied to each tile (C x tile) after reading it (normalization, checks).
+        cancelled: asked after every batch; when true the loop stops unfinished.
+
+    Yields:
+        The number of tiles of each batch done.
+
+    Returns:
+        True when every tile was stitched and the stitchers finished, False when cancelled.
+    """
+    size = batch_size if callable(batch_size) else (lambda: int(batch_size))
+    tiles = list(grid)
+    opened = None if callable(stitchers) else list(stitchers)
+    i = 0
+    while i < len(tiles):
+        chunk = tiles[i: i + size()]
+        if prepare is None:
+            batch = np.stack([read_tile(source, grid, t, padding) for t in chunk])
+        else:
+            batch = np.stack([prepare(read_tile(source, grid, t, padding)) for t in chunk])
+        outputs = predictor(batch)
+        if not isinstance(outputs, tuple):
+            outputs = (np.asarray(outputs),)
+        if opened is None:
+            opened = list(stitchers(outputs))
+        for stitcher, values in zip(opened, outputs):
+            if stitcher is not None and values is not None:
+                for tile, v in zip(chunk, values):
+                    stitcher.add(tile, v)
+        i += len(chunk)
+        yield len(chunk)
+        if cancelled is not None and cancelled() and i < len(tiles):
+            return False
+    for stitcher in opened or ():
+        if stitcher is not None:
+            stitcher.finish()
+    return True
+
+
 def sliding_window(
     image: np.ndarray,
     predictor: Callable[[np.ndarray], np.ndarray],
@@ -527,6 +601,9 @@ def sliding_window(
     balance: bool = False,
 ) -> np.ndarray:
     """Run a numpy predictor over tiles of ``image`` and stitch its outputs.
+
+    The same loop as the inference engine's (:func:`sliding_window_iter`), run to the end
+    with one float64 stitcher writing into an array.
 
     Args:
         image: C x H x W or C x D x H x W (any array-like; read tile by tile).
@@ -548,23 +625,17 @@ def sliding_window(
     """
     grid = TileGrid.build(image.shape[1:], tile, overlap, divisor, min_size, scale,
                           balance=balance)
-    out: np.ndarray | None = None
-    stitcher: Stitcher | None = None
+    out: list[np.ndarray] = []
 
     def emit(a: int, b: int, values: np.ndarray) -> None:
-        assert out is not None
-        out[:, a:b] = values
+        out[0][:, a:b] = values
 
-    tiles = list(grid)
-    for i in range(0, len(tiles), batch_size):
-        chunk = tiles[i: i + batch_size]
-        batch = np.stack([read_tile(image, grid, t, padding) for t in chunk])
-        result = np.asarray(predictor(batch))
-        if stitcher is None:
-            out = np.zeros((result.shape[1],) + grid.out_shape, np.float32)
-            stitcher = Stitcher(grid, result.shape[1], emit, blend, sigma_scale, min_weight)
-        for t, r in zip(chunk, result):
-            stitcher.add(t, r)
-    assert stitcher is not None and out is not None
-    stitcher.finish()
-    return out
+    def open_stitcher(outputs: tuple) -> list[Stitcher]:
+        channels = outputs[0].shape[1]
+        out.append(np.zeros((channels,) + grid.out_shape, np.float32))
+        return [Stitcher(grid, channels, emit, blend, sigma_scale, min_weight)]
+
+    for _ in sliding_window_iter(image, grid, predictor, open_stitcher, batch_size=batch_size,
+                                 padding=padding):
+        pass
+    return out[0]
