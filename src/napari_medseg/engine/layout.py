@@ -17,19 +17,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InputShapeError
+from ..errors import ConfigError, InputShapeError
 
 __all__ = [
     "LUMINANCE",
+    "CONVERSION_WORDS",
     "guess_axes",
     "channel_conversion",
     "Layout",
     "PlaneView",
+    "run_layouts",
     "convert_channels",
 ]
 
 #: Weights of R, G, B in a grey value (ITU-R BT.709, as scikit-image's rgb2gray).
 LUMINANCE = (0.2125, 0.7154, 0.0721)
+
+#: The channel conversions in words (for notices).
+CONVERSION_WORDS = {"rgb2grey": "RGB to grey", "rgba2grey": "RGBA to grey",
+                    "grey2rgb": "grey to RGB", "rgba2rgb": "RGBA to RGB (alpha dropped)"}
 
 _STACK_LETTERS = "TI"
 
@@ -302,3 +308,33 @@ class PlaneView:
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[(slice(None),) * self.ndim]
         return out if dtype is None else out.astype(dtype)
+
+
+def run_layouts(shape: Sequence[int], axes: str, spatial_dims: int, in_channels: int,
+                axis: str = "Z", channels: str = "auto", volume_mode: str = "slices",
+                scale: int = 1) -> list[Layout]:
+    """The layouts of one prediction: one, or three for orthogonal-plane consensus.
+
+    Args:
+        shape: the image's shape.
+        axes: its axes.
+        spatial_dims: the network's spatial axes (2 or 3).
+        in_channels: the network's input channels.
+        axis: the slicing axis of a volume for a 2D network.
+        channels: the channel conversion mode (``auto``, ``grey``, ``rgb``).
+        volume_mode: ``slices``, or ``orthogonal`` (a ZYX volume sliced along Z, Y and X).
+        scale: the network's output side / input side.
+
+    Raises:
+        ConfigError: orthogonal consensus without a 2D network, a Z axis, or a same-size
+            output.
+    """
+    if volume_mode != "orthogonal":
+        return [Layout.build(shape, axes, spatial_dims, in_channels, axis, channels)]
+    if spatial_dims != 2 or "Z" not in axes:
+        raise ConfigError("Orthogonal-plane consensus needs a 2D network and a volume "
+                          "with Z, Y and X axes.")
+    if scale != 1:
+        raise ConfigError("Orthogonal-plane consensus needs a network whose output has "
+                          "the input's size (this one upsamples).")
+    return [Layout.build(shape, axes, 2, in_channels, a, channels) for a in ("Z", "Y", "X")]

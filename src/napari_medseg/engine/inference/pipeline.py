@@ -22,7 +22,7 @@ What happens, in order:
    time per tile) is sent before the work starts.
 5. **Tiles** are read lazily, batched, run (with flip TTA if asked: 4 passes in 2D, 8 in 3D,
    giving also a ``variance`` output), turned into probabilities (sigmoid for one class,
-   softmax otherwise, in fp32) and merged by a band-streaming :class:`~.tiling.Stitcher`
+   softmax otherwise, in fp32) and merged by a band-streaming :class:`~.stitching.Stitcher`
    (gaussian for probabilities, ``crop`` for the boundary head by default). Finished rows
    go straight into the outputs, a numpy array or a zarr store (:mod:`.sinks`), so peak
    memory is one band, not the volume; each finished slice is recorded in the store, and a
@@ -53,7 +53,7 @@ from ...errors import ConfigError, InputShapeError
 from ...io.metadata import ImageMeta, output_meta
 from ...models.spec import HEAD_BOUNDARY
 from ..device import resolve_device
-from ..layout import Layout, convert_channels, guess_axes
+from ..layout import CONVERSION_WORDS, Layout, convert_channels, guess_axes, run_layouts
 from ..precision import resolve_precision
 from ..progress import (
     CancelledEvent,
@@ -69,9 +69,10 @@ from ..progress import (
 )
 from . import postprocess
 from .normalization import DEFAULT_NORMALIZATION, fit_normalization, sample_values
-from .plan import ACTIVATION_BYTES_PER_PIXEL, TilePlan
+from .plan import ACTIVATION_BYTES_PER_PIXEL, TilePlan, band_bytes
 from .predictor import OutOfMemory, TilePredictor, TileTooBig, model_bytes, tta_flips
-from .tiling import Stitcher, TileGrid, read_tile, sliding_window_iter
+from .stitching import Stitcher
+from .tiling import TileGrid, read_tile, sliding_window_iter
 from .writer import Consensus, OutputWriter, store_fingerprint
 
 __all__ = [
@@ -85,11 +86,6 @@ __all__ = [
 
 #: Out-of-memory recovery halves the tile while it stays at least this big.
 MIN_OOM_TILE = 32
-
-#: Words for the channel conversions' notice.
-_CONVERSIONS = {"rgb2grey": "RGB to grey", "rgba2grey": "RGBA to grey",
-                "grey2rgb": "grey to RGB", "rgba2rgb": "RGBA to RGB (alpha dropped)"}
-
 
 @dataclass
 class PredictionResult:
@@ -205,23 +201,13 @@ class _Run:
                                   "axes if that is wrong.")
         if "C" not in axes and len(axes) == len(shape) - 1 and shape[-1] in (3, 4):
             axes = axes + "C"  # metadata without the colour samples
-        if cfg.volume_mode == "orthogonal":
-            if spec.spatial_dims != 2 or "Z" not in axes:
-                raise ConfigError("Orthogonal-plane consensus needs a 2D network and a volume "
-                                  "with Z, Y and X axes.")
-            if self.scale != 1:
-                raise ConfigError("Orthogonal-plane consensus needs a network whose output has "
-                                  "the input's size (this one upsamples).")
-            self.layouts = [Layout.build(shape, axes, 2, spec.in_channels, a, cfg.channels)
-                            for a in ("Z", "Y", "X")]
-        else:
-            self.layouts = [Layout.build(shape, axes, spec.spatial_dims, spec.in_channels,
-                                         cfg.axis, cfg.channels)]
+        self.layouts = run_layouts(shape, axes, spec.spatial_dims, spec.in_channels, cfg.axis,
+                                   cfg.channels, cfg.volume_mode, self.scale)
         self.layout = self.layouts[0]
         conv = self.layout.conversion
         if conv is not None:
             yield self.notice(f"The network takes {spec.in_channels} channel(s); converting the "
-                              f"image from {_CONVERSIONS[conv]}.")
+                              f"image from {CONVERSION_WORDS[conv]}.")
 
     def _check_input(self) -> None:
         if "variance" in self.config.outputs and not self.config.tta:
@@ -314,13 +300,6 @@ class _Run:
                                       self.config, self.stats.to_dict()),
             self.meta, consensus)
 
-    def _band_bytes(self, grid: TileGrid) -> int:
-        row = grid.out_tile[0] * math.prod(p * grid.scale for p in grid.padded[1:])
-        channels = (self.stitched + 1 + (1 if self.config.tta else 0))
-        if self.use_boundary:
-            channels += 2
-        return row * channels * 4  # float32 accumulators
-
     def _make_plan(self) -> TilePlan:
         lay, pred = self.layout, self.predictor
         output_bytes = self.writer.memory_bytes()
@@ -338,7 +317,8 @@ class _Run:
             passes=len(self.layouts), tta_flips=self.n_flips, batch_size=pred.batch_size,
             device=str(pred.device), precision=pred.policy.name,
             channels_last=pred.channels_last, model_bytes=model_bytes(self.model),
-            band_bytes=self._band_bytes(self.grid), output_bytes=output_bytes,
+            band_bytes=band_bytes(self.grid, self.stitched + (1 if self.config.tta else 0),
+                                  self.use_boundary), output_bytes=output_bytes,
             activation_bytes=guess // (2 if half else 1), notes=tuple(notes + self.notices),
         )
 

@@ -26,12 +26,9 @@ from ..layout import Layout
 from ..progress import ProgressEvent, StageEvent
 from . import postprocess
 from .sinks import MemorySink, OutputSink, ZarrSink
+from .stitching import EmitFn
 
 __all__ = ["Consensus", "OutputWriter", "store_fingerprint", "weights_id"]
-
-#: ``emit(start, stop, values)`` of a stitcher (see :class:`~.tiling.Stitcher`).
-EmitFn = Callable[[int, int, np.ndarray], None]
-
 
 def weights_id(model) -> str:
     """The identity of a model's weights: its checkpoint's sha256, else a hash of them."""
