@@ -22,7 +22,6 @@ from ..errors import ConfigError, InputShapeError
 __all__ = [
     "LUMINANCE",
     "CONVERSION_WORDS",
-    "guess_axes",
     "channel_conversion",
     "Layout",
     "PlaneView",
@@ -38,36 +37,6 @@ CONVERSION_WORDS = {"rgb2grey": "RGB to grey", "rgba2grey": "RGBA to grey",
                     "grey2rgb": "grey to RGB", "rgba2rgb": "RGBA to RGB (alpha dropped)"}
 
 _STACK_LETTERS = "TI"
-
-
-def guess_axes(shape: Sequence[int], in_channels: int | None = None) -> str:
-    """Axes for an array whose reader gave none.
-
-    Rules: 2-D is ``YX``; 3-D with 3 or 4 in the last axis (and more in the first) is
-    ``YXC``; 3-D whose first axis equals the network's channels (2-4) is ``CYX``; other
-    3-D arrays are ``ZYX``; 4-D is ``ZYXC`` with 3-4 last, ``CZYX`` when the first axis equals
-    the network's channels, else ``TZYX`` is not guessed.
-
-    Raises:
-        InputShapeError: the shape is ambiguous or has too many axes.
-    """
-    shape = tuple(int(s) for s in shape)
-    if len(shape) == 2:
-        return "YX"
-    if len(shape) == 3:
-        if shape[-1] in (3, 4) and shape[0] > 4:
-            return "YXC"
-        if in_channels and 2 <= in_channels <= 4 and shape[0] == in_channels:
-            return "CYX"
-        return "ZYX"
-    if len(shape) == 4:
-        if shape[-1] in (3, 4) and shape[1] > 4:
-            return "ZYXC"
-        if in_channels and shape[0] == in_channels and shape[0] <= 4:
-            return "CZYX"
-    raise InputShapeError(
-        f"Cannot tell the axes of an array of shape {shape}; give them (e.g. axes='ZYX')."
-    )
 
 
 def channel_conversion(have: int, need: int, mode: str = "auto") -> str | None:

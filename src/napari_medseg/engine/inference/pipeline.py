@@ -50,10 +50,11 @@ import numpy as np
 
 from ...config import PredictConfig
 from ...errors import ConfigError, InputShapeError
+from ...io.axes import guess_axes
 from ...io.metadata import ImageMeta, output_meta
 from ...models.spec import HEAD_BOUNDARY
 from ..device import resolve_device
-from ..layout import CONVERSION_WORDS, Layout, convert_channels, guess_axes, run_layouts
+from ..layout import CONVERSION_WORDS, Layout, convert_channels, run_layouts
 from ..precision import resolve_precision
 from ..progress import (
     CancelledEvent,
@@ -519,7 +520,7 @@ def predict_iter(
 
     Args:
         image: numpy, zarr or dask array; axes from ``config.axes``, else ``meta.axes``,
-            else guessed (see :func:`~napari_medseg.engine.layout.guess_axes`).
+            else guessed (see :func:`~napari_medseg.io.axes.guess_axes`).
         model: a registered network (``create_model`` / ``resolve_weights``); it is moved to
             the chosen device and put in eval mode (its previous mode is restored after).
         config: settings (a :class:`~napari_medseg.config.PredictConfig` or a mapping).
