@@ -20,20 +20,23 @@ What happens, in order:
    ``torch.inference_mode``; channels-last on CPU and CUDA.
 4. **Plan**: a :class:`~.plan.TilePlan` (tiles, memory, and after the first batch the measured
    time per tile) is sent before the work starts.
-5. **Tiles** are read lazily, batched, run (with flip TTA if asked: 4 passes in 2D, 8 in 3D,
-   giving also a ``variance`` output), turned into probabilities (sigmoid for one class,
-   softmax otherwise, in fp32) and merged by a band-streaming :class:`~.stitching.Stitcher`
-   (gaussian for probabilities, ``crop`` for the boundary head by default). Finished rows
-   go straight into the outputs, a numpy array or a zarr store (:mod:`.sinks`), so peak
-   memory is one band, not the volume; each finished slice is recorded in the store, and a
-   re-run resumes after it.
-6. **Post-processing** once all planes are written: a boundary map derived from the mask
-   (networks without a boundary head), instance labels (watershed seeded by mask minus
-   boundary), and for slice-wise volumes a z-consistency score.
+5. **Tiles**: every plane runs the tile loop :func:`~.tiling.sliding_window_iter` (the loop
+   the tests prove exact with analytic predictors): tiles are read lazily and batched, the
+   :class:`~.predictor.TilePredictor` runs them (flip TTA if asked: 4 passes in 2D, 8 in 3D,
+   giving also a ``variance`` output; sigmoid for one class, softmax otherwise, in fp32) and
+   band-streaming :class:`~.stitching.Stitcher` s merge them (gaussian for probabilities,
+   ``crop`` for the boundary head by default). The :class:`~.writer.OutputWriter` puts the
+   finished rows straight into the outputs, a numpy array or a zarr store (:mod:`.sinks`),
+   so peak memory is one band, not the volume; each finished slice is recorded in the store,
+   and a re-run resumes after it.
+6. **Post-processing** once all planes are written (:meth:`~.writer.OutputWriter.postprocess`):
+   a boundary map derived from the mask (networks without a boundary head), instance labels
+   (watershed seeded by mask minus boundary), and for slice-wise volumes a z-consistency
+   score; orthogonal consensus first averages its three passes.
 
 A cancel token is checked between batches: a cancelled run returns what it finished (whole
 slices, and for a single plane the rows already merged). On GPU out-of-memory the batch is
-halved, then the tile, then the run moves to the CPU, each with a visible notice.
+halved (by the predictor), then the tile, then the run moves to the CPU, with notices.
 """
 
 from __future__ import annotations
@@ -590,6 +593,7 @@ def plan_prediction(
         with contextlib.suppress(TileTooBig):
             run.predictor.forward(batch)
         run.predictor.probe(batch)
+        drain(run.predictor_notices())  # into the plan's notes
         run.measured_plan()
         return run.plan
     finally:
