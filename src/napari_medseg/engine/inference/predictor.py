@@ -228,7 +228,7 @@ class TilePredictor:
         self.forward_seconds += time.perf_counter() - t0
         return output
 
-    def forward_once(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _forward_once(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities (N x K'(+1 variance) x out) and boundary (N x 1 x out), no split.
 
         Raises:
@@ -284,15 +284,19 @@ class TilePredictor:
         return probs.cpu().numpy(), bnd
 
     def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Like :meth:`forward_once`; on out-of-memory the batch is split in halves.
+        """Probabilities and boundary of a batch (see the class); out of memory splits it.
 
-        The batch size is halved for the batches to come, with a notice.
+        On out-of-memory the batch is split in halves and the batch size is halved for the
+        batches to come, with a notice.
+
+        Returns:
+            ``(probabilities, boundary)``: N x K'(+1 variance) x out, and N x 1 x out or None.
 
         Raises:
             TileTooBig: a batch of one ran out of memory.
         """
         try:
-            return self.forward_once(batch)
+            return self._forward_once(batch)
         except TileTooBig:
             if len(batch) == 1:
                 raise
