@@ -11,7 +11,11 @@ import torch
 from analytic_models import AnalyticConfig, logits_of, make_analytic
 from napari_medseg.config import PredictConfig
 from napari_medseg.engine.inference import pipeline as inference
+from napari_medseg.engine.inference import postprocess
 from napari_medseg.engine.inference.pipeline import plan_prediction, predict, predict_iter, tta_flips
+from napari_medseg.engine.inference.predictor import TilePredictor, TileTooBig
+from napari_medseg.engine.inference.tiling import TileGrid, sliding_window
+from napari_medseg.engine.precision import resolve_precision
 from napari_medseg.engine.progress import (
     CancelledEvent,
     CancelToken,
@@ -69,6 +73,31 @@ def test_tiled_prediction_equals_the_whole_image(shape, blend, overlap, K, scale
     expected = (ref[0] > 0.5) if K == 1 else ref.argmax(0)
     assert np.array_equal(result["mask"][clear], expected[clear])
     assert result.axes == {"mask": "YX", "probabilities": "CYX"}
+
+
+@pytest.mark.parametrize("kind,scale", [("identity", 1), ("plus_one", 1), ("identity", 2)])
+@pytest.mark.parametrize("K", [1, 2])
+def test_the_engine_runs_the_tested_loop(kind, scale, K):
+    # sliding_window (the loop tests/test_tiling.py proves exact) with the engine's own tile
+    # predictor and float32 accumulators gives bit for bit what predict() writes.
+    model = make_analytic(kind=kind, scale=scale, num_classes=K)
+    image = _img((45, 77), seed=2)
+    tiling = PredictConfig().tiling
+    result = predict(image, model, outputs="mask,probabilities", tile=16, overlap=0.5,
+                     batch_size=3, device="cpu", **FP32)
+    predictor = TilePredictor(model, torch.device("cpu"), resolve_precision("fp32", "cpu"),
+                              channels_last=True, batch_size=3)
+    stitched = sliding_window(
+        image[None], predictor, 16, overlap=0.5, blend=tiling.blend, divisor=8, min_size=8,
+        scale=scale, batch_size=3, padding=tiling.padding, sigma_scale=tiling.sigma_scale,
+        min_weight=tiling.min_weight, balance=tiling.balance, dtype=np.float32)
+    assert result.plan.grid.tile == TileGrid.build(image.shape, 16, 0.5, 8, 8, scale,
+                                                   balance=tiling.balance).tile
+    probs = postprocess.two_class(stitched[0]) if K == 2 else stitched
+    assert np.array_equal(result["probabilities"],
+                          postprocess.quantize_probabilities(probs, "float16"))
+    assert np.array_equal(result["mask"],
+                          postprocess.mask_from_probabilities(stitched, 0.5))
 
 
 def test_uint8_probabilities_are_scaled():
@@ -150,6 +179,25 @@ def test_orthogonal_consensus_of_a_pointwise_network_agrees_everywhere():
     ref = _reference(volume[None], model.config)
     assert np.abs(result["probabilities"] - ref).max() <= 1e-3
     assert result.plan.passes == 3
+
+
+def test_orthogonal_consensus_averages_the_three_slice_wise_passes():
+    # The ramp is not the same along every axis, so the three passes disagree somewhere.
+    model = make_analytic(kind="ramp")
+    volume = _img((12, 20, 28), seed=5)
+    settings = dict(axes="ZYX", tile=16, outputs="mask,probabilities", **FP32)
+    result = predict(volume, model, volume_mode="orthogonal", **settings)
+    passes = [predict(volume, model, axis=a, **settings) for a in "ZYX"]
+    mean = sum(p["probabilities"].astype(np.float32) for p in passes) / 3
+    assert np.abs(result["probabilities"].astype(np.float32) - mean).max() <= 2e-3
+    clear = np.abs(mean[0] - 0.5) > 2e-3
+    assert np.array_equal(result["mask"][clear], (mean[0] > 0.5)[clear])
+    agree = np.ones(volume.shape, bool)
+    for p in passes:
+        agree &= p["mask"] == result["mask"]
+    assert 0.0 < result.stats["plane_agreement"] < 1.0
+    assert abs(result.stats["plane_agreement"] - agree.mean()) <= 1 - clear.mean() + 1e-9
+    assert result.planes_done == tuple(range(12))
 
 
 def test_orthogonal_consensus_needs_a_volume():
@@ -545,6 +593,50 @@ def test_oom_on_an_accelerator_falls_back_to_the_cpu(monkeypatch):
     assert result.stats["device"] == "cpu"
     assert np.abs(result["probabilities"] - _reference(image[None], AnalyticConfig())).max() \
         <= 1e-3
+
+
+def _predictor(model, device="cpu", batch_size=8, **kwargs):
+    device = torch.device(device)
+    return TilePredictor(model, device, resolve_precision("fp32", "cpu"), channels_last=False,
+                         batch_size=batch_size, **kwargs)
+
+
+def test_the_predictor_halves_the_batch_on_out_of_memory():
+    predictor = _predictor(_limited(max_batch=2))
+    batch = _img((8, 1, 16, 16))
+    probs, boundary = predictor.forward(batch)
+    assert boundary is None and predictor.batch_size == 2
+    assert predictor.notices == [("Out of memory on cpu: batch size reduced to 4.", "warning"),
+                                 ("Out of memory on cpu: batch size reduced to 2.", "warning")]
+    assert np.array_equal(probs, _predictor(make_analytic()).forward(batch)[0])
+    with pytest.raises(TileTooBig):
+        _predictor(_limited(max_side=8)).forward(batch[:1])
+
+
+def test_the_predictor_falls_back_to_the_cpu():
+    predictor = _predictor(_CpuOnly().eval(), device="meta")
+    batch = _img((2, 1, 16, 16))
+    with pytest.raises(TileTooBig):
+        predictor(batch)
+    assert predictor.fall_back_to_cpu()
+    assert predictor.device == torch.device("cpu") and predictor.channels_last
+    assert "continuing on the CPU" in predictor.notices[-1][0]
+    probs, _ = predictor(batch)
+    expected = np.stack([_reference(tile, AnalyticConfig()) for tile in batch])
+    assert np.abs(probs - expected).max() <= 1e-6
+    assert not predictor.fall_back_to_cpu()  # already there
+
+
+def test_the_predictor_probes_on_its_first_call_then_times_its_forward_passes():
+    predictor = _predictor(make_analytic(), batch_size=2, tta=True)
+    assert predictor.measured is None
+    batch = _img((2, 1, 16, 16))
+    first, _ = predictor(batch)
+    assert predictor.measured.bytes_per_sample > 0 and predictor.probe_passes == 2 * 4
+    assert predictor.forward_seconds == 0.0
+    second, _ = predictor(batch)
+    assert predictor.forward_seconds > 0.0
+    assert np.array_equal(first, second) and first.shape == (2, 2, 16, 16)  # + variance
 
 
 def test_oom_on_the_cpu_with_the_smallest_tile_is_an_error():

@@ -5,16 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from napari_medseg.engine.inference.stitching import Stitcher, gaussian_weight_1d, tile_weight
 from napari_medseg.engine.inference.tiling import (
-    Stitcher,
     TileGrid,
     balance_tile,
     fit_tile,
-    gaussian_weight_1d,
     read_tile,
     sliding_window,
+    sliding_window_iter,
     tile_starts,
-    tile_weight,
 )
 
 OVERLAPS = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9]
@@ -231,3 +230,80 @@ def test_empty_axes_are_refused(shape):
     with pytest.raises(ValueError):
         TileGrid.build(shape, 16)
 
+
+
+# --- the tile loop ----------------------------------------------------------------------
+
+
+def _loop(image, predictor, grid, channels, batch_size=3, **kwargs):
+    """Run ``sliding_window_iter`` with one float64 stitcher per output; (outs, yields, done)."""
+    outs = [np.full((c,) + grid.out_shape, np.nan, np.float32) for c in channels]
+
+    def writer(out):
+        def emit(a, b, values):
+            out[:, a:b] = values
+        return emit
+
+    stitchers = [Stitcher(grid, c, writer(o)) for c, o in zip(channels, outs)]
+    gen = sliding_window_iter(image, grid, predictor, stitchers, batch_size=batch_size,
+                              **kwargs)
+    yields = []
+    while True:
+        try:
+            yields.append(next(gen))
+        except StopIteration as stop:
+            return outs, yields, stop.value
+
+
+def test_the_loop_stitches_every_output_of_a_tuple_and_skips_none():
+    image = _image((40, 56))
+    grid = TileGrid.build((40, 56), 16, 0.5)
+
+    def two_heads(batch):
+        return batch + 1, None, batch.mean(axis=1, keepdims=True)
+
+    outs, yields, done = _loop(image, two_heads, grid, (2, 1, 1))
+    assert done and sum(yields) == len(grid) and max(yields) == 3
+    assert np.array_equal(outs[0], image + 1)
+    assert np.isnan(outs[1]).all()  # its output was None: never stitched, never emitted
+    assert np.allclose(outs[2], image.mean(axis=0, keepdims=True), atol=1e-6)
+
+
+def test_the_loop_asks_the_batch_size_before_every_batch_and_prepares_each_tile():
+    image = _image((64, 64), channels=1)
+    grid = TileGrid.build((64, 64), 16, 0.0)
+    sizes = iter([1, 2, 4, 8, 16])
+    seen = []
+
+    def record(batch):
+        seen.append(len(batch))
+        return batch
+
+    outs, yields, done = _loop(image, record, grid, (1,), batch_size=lambda: next(sizes),
+                               prepare=lambda block: block * 2)
+    assert done and seen == yields == [1, 2, 4, 8, 1]
+    assert np.array_equal(outs[0], image * 2)
+
+
+def test_the_loop_stops_unfinished_when_cancelled():
+    image = _image((64, 64), channels=1)
+    grid = TileGrid.build((64, 64), 16, 0.0)  # 4 rows of 4 tiles
+    asked = []
+
+    def cancelled():
+        asked.append(True)
+        return len(asked) == 2  # asked after every batch: cancel after the second
+
+    outs, yields, done = _loop(image, identity, grid, (1,), batch_size=4, cancelled=cancelled)
+    assert not done and yields == [4, 4]
+    # Only the first row of tiles was final when it stopped (the stitcher is not finished).
+    assert np.array_equal(outs[0][:, :16], image[:, :16])
+    assert np.isnan(outs[0][:, 16:]).all()
+
+
+def test_sliding_window_float32_accumulators_stay_within_rounding():
+    image = _image((37, 53))
+    exact = sliding_window(image, plus_one, 16, overlap=0.5)
+    fast = sliding_window(image, plus_one, 16, overlap=0.5, dtype=np.float32)
+    assert np.array_equal(exact, image + 1)
+    assert np.abs(fast - exact).max() <= 1e-5

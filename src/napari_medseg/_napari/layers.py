@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputShapeError
+from ..io.axes import guess_axes
 from ..io.metadata import SPATIAL_AXES, ImageMeta, normalize_unit
 
 __all__ = [
@@ -184,10 +186,10 @@ def meta_from_attributes(data: Any, attributes: Mapping[str, Any]) -> ImageMeta:
         elif stored.without_channels().ndim == ndim:
             meta = stored.without_channels()
     if meta is None:
-        guessed = {2: "YX", 3: "ZYX", 4: "TZYX"}.get(ndim - (1 if rgb else 0))
-        if guessed is None:
-            raise ValueError(f"cannot tell the axes of a {ndim}-D layer")
-        meta = ImageMeta(axes=guessed + ("C" if rgb else ""), rgb=rgb)
+        try:
+            meta = ImageMeta(axes=guess_axes(np.shape(level0), rgb=rgb), rgb=rgb)
+        except InputShapeError:
+            raise ValueError(f"cannot tell the axes of a {ndim}-D layer") from None
     shown = meta.axes[:-1] if meta.rgb else meta.axes
     scale = attributes.get("scale")
     translate = attributes.get("translate")

@@ -17,51 +17,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InputShapeError
+from ..errors import ConfigError, InputShapeError
 
 __all__ = [
     "LUMINANCE",
-    "guess_axes",
+    "CONVERSION_WORDS",
     "channel_conversion",
     "Layout",
     "PlaneView",
+    "run_layouts",
     "convert_channels",
 ]
 
 #: Weights of R, G, B in a grey value (ITU-R BT.709, as scikit-image's rgb2gray).
 LUMINANCE = (0.2125, 0.7154, 0.0721)
 
+#: The channel conversions in words (for notices).
+CONVERSION_WORDS = {"rgb2grey": "RGB to grey", "rgba2grey": "RGBA to grey",
+                    "grey2rgb": "grey to RGB", "rgba2rgb": "RGBA to RGB (alpha dropped)"}
+
 _STACK_LETTERS = "TI"
-
-
-def guess_axes(shape: Sequence[int], in_channels: int | None = None) -> str:
-    """Axes for an array whose reader gave none.
-
-    Rules: 2-D is ``YX``; 3-D with 3 or 4 in the last axis (and more in the first) is
-    ``YXC``; 3-D whose first axis equals the network's channels (2-4) is ``CYX``; other
-    3-D arrays are ``ZYX``; 4-D is ``ZYXC`` with 3-4 last, ``CZYX`` when the first axis equals
-    the network's channels, else ``TZYX`` is not guessed.
-
-    Raises:
-        InputShapeError: the shape is ambiguous or has too many axes.
-    """
-    shape = tuple(int(s) for s in shape)
-    if len(shape) == 2:
-        return "YX"
-    if len(shape) == 3:
-        if shape[-1] in (3, 4) and shape[0] > 4:
-            return "YXC"
-        if in_channels and 2 <= in_channels <= 4 and shape[0] == in_channels:
-            return "CYX"
-        return "ZYX"
-    if len(shape) == 4:
-        if shape[-1] in (3, 4) and shape[1] > 4:
-            return "ZYXC"
-        if in_channels and shape[0] == in_channels and shape[0] <= 4:
-            return "CZYX"
-    raise InputShapeError(
-        f"Cannot tell the axes of an array of shape {shape}; give them (e.g. axes='ZYX')."
-    )
 
 
 def channel_conversion(have: int, need: int, mode: str = "auto") -> str | None:
@@ -302,3 +277,33 @@ class PlaneView:
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[(slice(None),) * self.ndim]
         return out if dtype is None else out.astype(dtype)
+
+
+def run_layouts(shape: Sequence[int], axes: str, spatial_dims: int, in_channels: int,
+                axis: str = "Z", channels: str = "auto", volume_mode: str = "slices",
+                scale: int = 1) -> list[Layout]:
+    """The layouts of one prediction: one, or three for orthogonal-plane consensus.
+
+    Args:
+        shape: the image's shape.
+        axes: its axes.
+        spatial_dims: the network's spatial axes (2 or 3).
+        in_channels: the network's input channels.
+        axis: the slicing axis of a volume for a 2D network.
+        channels: the channel conversion mode (``auto``, ``grey``, ``rgb``).
+        volume_mode: ``slices``, or ``orthogonal`` (a ZYX volume sliced along Z, Y and X).
+        scale: the network's output side / input side.
+
+    Raises:
+        ConfigError: orthogonal consensus without a 2D network, a Z axis, or a same-size
+            output.
+    """
+    if volume_mode != "orthogonal":
+        return [Layout.build(shape, axes, spatial_dims, in_channels, axis, channels)]
+    if spatial_dims != 2 or "Z" not in axes:
+        raise ConfigError("Orthogonal-plane consensus needs a 2D network and a volume "
+                          "with Z, Y and X axes.")
+    if scale != 1:
+        raise ConfigError("Orthogonal-plane consensus needs a network whose output has "
+                          "the input's size (this one upsamples).")
+    return [Layout.build(shape, axes, 2, in_channels, a, channels) for a in ("Z", "Y", "X")]

@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import ImageReadError, ImageWriteError, MedsegError
+from .axes import guess_axes
 from .detect import FORMATS, WRITE_SUFFIXES, detect_format, format_from_name
 from .metadata import ImageMeta
 from .messages import brief
 
-__all__ = ["read_image", "read_levels", "write_labels", "write_image", "default_axes"]
+__all__ = ["read_image", "read_levels", "write_labels", "write_image"]
 
 _WRITE_FORMATS = {"tiff", "zarr", "nifti", "raster"}
 _FORMAT_ALIASES = {
@@ -122,14 +123,6 @@ def read_levels(path: str | os.PathLike) -> tuple[list[Any], list[ImageMeta]]:
         ) from exc
 
 
-def default_axes(ndim: int) -> str:
-    """Axes assumed for an array without metadata: ``YX``, ``ZYX`` or ``CZYX``."""
-    axes = {2: "YX", 3: "ZYX", 4: "CZYX"}.get(ndim)
-    if axes is None:
-        raise ValueError(f"no default axes for a {ndim}-D array")
-    return axes
-
-
 def _target_format(path: Path, format: str | None) -> str:
     if format is not None:
         fmt = _FORMAT_ALIASES.get(format.lower())
@@ -155,7 +148,8 @@ def _fit_meta(path: Path, data: Any, meta: ImageMeta | None, labels: bool) -> Im
             raise ImageWriteError(
                 f"Cannot write {path}: a {data.ndim}-D array needs an ImageMeta saying its axes."
             )
-        return ImageMeta(axes=default_axes(data.ndim))
+        axes = guess_axes(tuple(data.shape), rgb=False if labels else None)
+        return ImageMeta(axes=axes, rgb=axes.endswith("C"))
     if labels and meta.ndim != data.ndim and "C" in meta.axes:
         meta = meta.without_channels()
     if meta.ndim != data.ndim:

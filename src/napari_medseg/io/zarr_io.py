@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import ImageReadError, ImageWriteError
 from .metadata import MAX_NDIM, SPATIAL_AXES, ImageMeta, normalize_unit
+from .axes import guess_axes
 from .messages import brief
 
 __all__ = ["read_zarr", "read_zarr_levels", "write_zarr", "NGFF_VERSION"]
@@ -82,8 +83,8 @@ def _axis_letters(axes: list, path: Path) -> str:
 
 
 def _guess_axes(shape: tuple[int, ...]) -> str:
-    """Axes of an array without metadata: YX, ZYX, CZYX."""
-    return {2: "YX", 3: "ZYX", 4: "CZYX"}.get(len(shape), "")
+    """Axes of an array without metadata (:func:`.axes.guess_axes`); "" beyond 2-4 axes."""
+    return guess_axes(shape) if 2 <= len(shape) <= 4 else ""
 
 
 def _transform(transforms: list | None, ndim: int) -> tuple[np.ndarray, np.ndarray]:

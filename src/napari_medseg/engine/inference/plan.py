@@ -16,11 +16,24 @@ from dataclasses import dataclass, field
 
 from .tiling import TileGrid
 
-__all__ = ["TilePlan", "format_bytes", "format_seconds"]
+__all__ = ["TilePlan", "band_bytes", "format_bytes", "format_seconds"]
 
 #: Activation bytes guessed per input pixel and sample before a probe measures them (a
 #: U-Net-like network in fp32 holds roughly this many bytes of live feature maps per pixel).
 ACTIVATION_BYTES_PER_PIXEL = 1024
+
+
+def band_bytes(grid: TileGrid, channels: int, boundary: bool = False) -> int:
+    """Bytes of the float32 band buffers of one plane's stitchers.
+
+    Args:
+        grid: the plane's tile grid.
+        channels: channels of the probability stitcher (with the variance channel).
+        boundary: a boundary stitcher too.
+    """
+    row = grid.out_tile[0] * math.prod(p * grid.scale for p in grid.padded[1:])
+    channels = channels + 1 + (2 if boundary else 0)  # + the weight sums
+    return row * channels * 4
 
 
 def format_bytes(n: int | float | None) -> str:

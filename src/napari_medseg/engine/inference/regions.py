@@ -31,6 +31,7 @@ from itertools import product
 import numpy as np
 
 from ...errors import InputShapeError
+from ...io.metadata import upsampled_geometry
 from .. import metrics
 
 __all__ = [
@@ -221,15 +222,8 @@ def output_geometry(
     Returns:
         ``(scale, translate)`` of the output layers.
     """
-    scale = tuple(float(s) for s in scale)
-    translate = tuple(float(t) for t in translate)
-    if factor == 1:
-        return scale, translate
     n = len(scale) - plane_ndim
-    new_scale = scale[:n] + tuple(s / factor for s in scale[n:])
-    new_translate = translate[:n] + tuple(
-        t + s * (0.5 / factor - 0.5) for t, s in zip(translate[n:], scale[n:]))
-    return new_scale, new_translate
+    return upsampled_geometry(scale, translate, (1,) * n + (factor,) * plane_ndim)
 
 
 def finished_keys(

@@ -1,4 +1,4 @@
-"""Tile grids, blending weights and a streaming stitcher; knows nothing about torch modules.
+"""Tile grids, tile reading and the tile loop; knows nothing about torch modules.
 
 The pieces, used by :mod:`napari_medseg.engine.inference.pipeline` and proven exact with analytic
 predictors in ``tests/test_tiling.py``:
@@ -10,15 +10,11 @@ predictors in ``tests/test_tiling.py``:
   away again when stitching.
 * :func:`read_tile` reads one tile from any array-like (numpy, zarr, dask) with the padding
   applied on the fly, so a large input is never loaded whole.
-* :func:`tile_weight` gives the blending weight of a tile: ``gaussian`` (sigma = 0.125 x the
-  tile side, normalised to 1 at the centre and floored at 1e-3 like MONAI, so border pixels
-  seen by one tile only still get a finite average), ``constant`` (plain average) or ``crop``
-  (each pixel from the one tile whose centre region owns it: no averaging, for thin
-  boundary maps).
-* :class:`Stitcher` accumulates weighted tile outputs in a band one tile high that slides
-  along the first spatial axis: rows that no later tile touches are normalised and handed to
-  a callback at once, so memory is one band, not the whole output.
-* :func:`sliding_window` puts them together for a numpy predictor.
+* :func:`sliding_window_iter` is the tile loop: it reads batches of tiles, runs a predictor
+  and merges the outputs with band-streaming :class:`~.stitching.Stitcher` s (blending
+  weights in :mod:`.stitching`). The inference engine runs it for every plane;
+  :func:`sliding_window` runs it to the end for a numpy predictor, so the tests with
+  analytic predictors prove the very loop the engine runs.
 
 Outputs may be larger than inputs: with ``scale = s`` a tile of side T gives an output of side
 ``s * T`` (SASR-Net's super-resolved mask), placed at ``s`` times the tile's position.
@@ -28,28 +24,24 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
+from .stitching import Stitcher
+
 __all__ = [
-    "BLEND_MODES",
     "fit_tile",
     "tile_starts",
     "balance_tile",
     "Tile",
     "TileGrid",
     "read_tile",
-    "gaussian_weight_1d",
-    "tile_weight",
-    "Stitcher",
+    "PredictorOutput",
+    "sliding_window_iter",
     "sliding_window",
 ]
-
-BLEND_MODES = ("gaussian", "constant", "crop")
-
 
 def fit_tile(size: int, requested: int, divisor: int = 1, min_size: int = 1) -> int:
     """The tile side used along one axis.
@@ -304,210 +296,75 @@ def read_tile(
     return block
 
 
-@lru_cache(maxsize=64)
-def gaussian_weight_1d(length: int, sigma_scale: float = 0.125) -> np.ndarray:
-    """A gaussian over ``length`` pixels centred on the tile, peak 1 (float64).
-
-    Args:
-        length: tile side in output pixels.
-        sigma_scale: sigma as a fraction of ``length``.
-    """
-    centre = (length - 1) / 2.0
-    sigma = max(sigma_scale * length, 1e-6)
-    x = np.arange(length, dtype=np.float64) - centre
-    w = np.exp(-0.5 * (x / sigma) ** 2)
-    w.setflags(write=False)
-    return w
+#: A predictor's outputs for a batch: one array (N x C x out tile), or a tuple of them (or
+#: None for an output it did not compute), each stitched by its own :class:`Stitcher`.
+PredictorOutput = np.ndarray | tuple[np.ndarray | None, ...]
 
 
-def _crop_weight_1d(grid: TileGrid, axis: int, index: int) -> np.ndarray:
-    """1 where tile ``index`` owns the pixel along ``axis`` (output pixels), else 0.
-
-    The owner of a pixel in an overlap is the tile whose centre is nearer: the overlap of
-    tiles i-1 and i is split in the middle.
-    """
-    starts = grid.starts[axis]
-    t = grid.tile[axis]
-    s = grid.scale
-    lo = 0 if index == 0 else (starts[index] + starts[index - 1] + t) * s // 2
-    hi = grid.padded[axis] * s if index == len(starts) - 1 else (
-        (starts[index + 1] + starts[index] + t) * s // 2)
-    w = np.zeros(t * s, np.float64)
-    w[max(0, lo - starts[index] * s): max(0, hi - starts[index] * s)] = 1.0
-    return w
-
-
-def tile_weight(
+def sliding_window_iter(
+    source,
     grid: TileGrid,
-    tile: Tile,
-    mode: str = "gaussian",
-    sigma_scale: float = 0.125,
-    min_weight: float = 1e-3,
-    dtype: type | np.dtype = np.float32,
-) -> np.ndarray:
-    """The blending weight of one tile's output (shape ``grid.out_tile``).
+    predictor: Callable[[np.ndarray], PredictorOutput],
+    stitchers: Sequence[Stitcher | None] | Callable[[tuple], Sequence[Stitcher | None]],
+    *,
+    batch_size: int | Callable[[], int] = 4,
+    padding: str = "reflect",
+    prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> Generator[int, None, bool]:
+    """The tile loop: read batches of tiles, predict them, stitch the outputs band by band.
+
+    Tiles are read in the grid's raster order (only their pixels, padded on the fly), stacked
+    into batches, passed to ``predictor``, and each output goes to its stitcher, which hands
+    the rows no later tile touches to its ``emit`` callback at once. The stitchers are
+    finished after the last batch.
 
     Args:
-        grid: the tile grid.
-        tile: the tile (``crop`` weights depend on its neighbours).
-        mode: ``gaussian``, ``constant`` or ``crop``.
-        sigma_scale: gaussian sigma as a fraction of the tile side.
-        min_weight: floor of the gaussian weight (relative to its peak of 1).
-        dtype: dtype of the result.
+        source: array-like C x (grid shape), read tile by tile.
+        grid: the tile grid of ``source``.
+        predictor: maps a batch N x C x (tile) to the outputs N x C' x (scale * tile): one
+            array, or a tuple of arrays (None for one it skipped).
+        stitchers: one stitcher (or None: not stitched) per predictor output, or a callable
+            that opens them from the first batch's outputs (a tuple).
+        batch_size: tiles per predictor call; a callable is asked before every batch (a
+            predictor may shrink its batch on out-of-memory).
+        padding: how the parts of a tile outside the image are filled.
+        prepare: applied to each tile (C x tile) after reading it (normalization, checks).
+        cancelled: asked after every batch; when true the loop stops unfinished.
+
+    Yields:
+        The number of tiles of each batch done.
+
+    Returns:
+        True when every tile was stitched and the stitchers finished, False when cancelled.
     """
-    if mode == "constant":
-        return np.ones(grid.out_tile, dtype)
-    if mode == "gaussian":
-        parts = [gaussian_weight_1d(n, float(sigma_scale)) for n in grid.out_tile]
-        w = parts[0]
-        for p in parts[1:]:
-            w = np.multiply.outer(w, p)
-        w = w / w.max()
-        return np.maximum(w, min_weight).astype(dtype)
-    if mode == "crop":
-        parts = [_crop_weight_1d(grid, a, i) for a, i in enumerate(tile.index)]
-        w = parts[0]
-        for p in parts[1:]:
-            w = np.multiply.outer(w, p)
-        return w.astype(dtype)
-    raise ValueError(f"unknown blend mode {mode!r}; choose one of {', '.join(BLEND_MODES)}")
-
-
-#: ``emit(start, stop, values)``: output rows ``[start, stop)`` (first spatial axis, image
-#: output coordinates) are final; ``values`` is C x rows x (other output axes), float32.
-EmitFn = Callable[[int, int, np.ndarray], None]
-
-
-class Stitcher:
-    """Weighted average of tile outputs, streamed out band by band.
-
-    Tiles must be added in the grid's raster order (first spatial axis outermost); when a
-    tile of a new grid row arrives, the rows no later tile can touch are final: they are
-    divided by their summed weights, cropped to the image and passed to ``emit``. The buffer
-    holds one tile row (tile height x padded width x channels).
-
-    Args:
-        grid: the tile grid.
-        channels: channels of each tile output.
-        emit: receives the finished rows.
-        blend: ``gaussian``, ``constant`` or ``crop``.
-        sigma_scale: gaussian sigma as a fraction of the tile side.
-        min_weight: floor of the gaussian weight.
-        dtype: accumulator precision. float64 (the default) makes the stitch exact: a pixel
-            seen identically by every tile comes back bit for bit after the cast to
-            float32, whatever the overlap; float32 (what the inference engine uses) halves
-            the band's memory and is 2-4x faster, within float32 rounding (~1e-7).
-    """
-
-    def __init__(
-        self,
-        grid: TileGrid,
-        channels: int,
-        emit: EmitFn,
-        blend: str = "gaussian",
-        sigma_scale: float = 0.125,
-        min_weight: float = 1e-3,
-        dtype: type | np.dtype = np.float64,
-    ) -> None:
-        if blend not in BLEND_MODES:
-            raise ValueError(f"unknown blend mode {blend!r}")
-        self.grid = grid
-        self.channels = int(channels)
-        self.emit = emit
-        self.blend = blend
-        self.sigma_scale = sigma_scale
-        self.min_weight = min_weight
-        s = grid.scale
-        band = (grid.out_tile[0],) + tuple(p * s for p in grid.padded[1:])
-        self.dtype = np.dtype(dtype)
-        self._acc = np.zeros((self.channels,) + band, self.dtype)
-        self._wsum = np.zeros(band, self.dtype)
-        self._scratch = np.empty((self.channels,) + grid.out_tile, self.dtype)
-        self._origin = 0  # padded output row of the band's first row
-        self._emitted = 0  # padded output rows already emitted
-        self._weight_cache: dict[tuple[int, ...], np.ndarray] = {}
-        self._done = False
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the band buffers."""
-        return self._acc.nbytes + self._wsum.nbytes
-
-    def _weight(self, tile: Tile) -> np.ndarray:
-        key = tile.index if self.blend == "crop" else ()
-        w = self._weight_cache.get(key)
-        if w is None:
-            w = tile_weight(self.grid, tile, self.blend, self.sigma_scale, self.min_weight,
-                            dtype=self.dtype)
-            self._weight_cache[key] = w
-        return w
-
-    def add(self, tile: Tile, values: np.ndarray) -> None:
-        """Add one tile's output.
-
-        Args:
-            tile: the tile, from ``grid``.
-            values: C x (tile output shape), e.g. C x sH x sW.
-        """
-        if self._done:
-            raise RuntimeError("this stitcher has already finished")
-        values = np.asarray(values)
-        expected = (self.channels,) + self.grid.out_tile
-        if values.shape != expected:
-            raise ValueError(f"tile output has shape {values.shape}, expected {expected}")
-        row = tile.start[0] * self.grid.scale
-        if row < self._origin:
-            raise RuntimeError("tiles must be added in raster order")
-        if row > self._origin:
-            self._advance(row)
-        w = self._weight(tile)
-        region = (slice(0, self.grid.out_tile[0]),) + tile.output_slices(self.grid.scale)[1:]
-        # One buffer for the weighted values (cast to the accumulator's dtype on the way).
-        np.multiply(values, w, out=self._scratch)
-        self._acc[(slice(None),) + region] += self._scratch
-        self._wsum[region] += w
-
-    def _flush(self, rows: int) -> None:
-        """Emit the first ``rows`` rows of the band (cropped to the image)."""
-        if rows <= 0:
-            return
-        s = self.grid.scale
-        lo_img = self.grid.pad_before[0] * s
-        hi_img = lo_img + self.grid.shape[0] * s
-        a = max(self._origin, lo_img)
-        b = min(self._origin + rows, hi_img)
-        if b > a:
-            crop = tuple(
-                slice(pb * s, (pb + n) * s)
-                for pb, n in zip(self.grid.pad_before[1:], self.grid.shape[1:])
-            )
-            band = slice(a - self._origin, b - self._origin)
-            wsum = self._wsum[(band,) + crop]
-            acc = self._acc[(slice(None), band) + crop]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                values = (acc / wsum).astype(np.float32, copy=False)
-            self.emit(a - lo_img, b - lo_img, values)
-        self._emitted = self._origin + rows
-
-    def _advance(self, new_origin: int) -> None:
-        d = new_origin - self._origin
-        height = self._wsum.shape[0]
-        if d > height:
-            raise RuntimeError("a tile row skipped part of the image")
-        self._flush(d)
-        if d < height:
-            self._acc[:, : height - d] = self._acc[:, d:]
-            self._wsum[: height - d] = self._wsum[d:]
-        self._acc[:, height - d:] = 0.0
-        self._wsum[height - d:] = 0.0
-        self._origin = new_origin
-
-    def finish(self) -> None:
-        """Emit every remaining row; call once after the last tile."""
-        if self._done:
-            return
-        self._flush(self._wsum.shape[0])
-        self._done = True
+    size = batch_size if callable(batch_size) else (lambda: int(batch_size))
+    tiles = list(grid)
+    opened = None if callable(stitchers) else list(stitchers)
+    i = 0
+    while i < len(tiles):
+        chunk = tiles[i: i + size()]
+        if prepare is None:
+            batch = np.stack([read_tile(source, grid, t, padding) for t in chunk])
+        else:
+            batch = np.stack([prepare(read_tile(source, grid, t, padding)) for t in chunk])
+        outputs = predictor(batch)
+        if not isinstance(outputs, tuple):
+            outputs = (np.asarray(outputs),)
+        if opened is None:
+            opened = list(stitchers(outputs))
+        for stitcher, values in zip(opened, outputs):
+            if stitcher is not None and values is not None:
+                for tile, v in zip(chunk, values):
+                    stitcher.add(tile, v)
+        i += len(chunk)
+        yield len(chunk)
+        if cancelled is not None and cancelled() and i < len(tiles):
+            return False
+    for stitcher in opened or ():
+        if stitcher is not None:
+            stitcher.finish()
+    return True
 
 
 def sliding_window(
@@ -525,12 +382,17 @@ def sliding_window(
     sigma_scale: float = 0.125,
     min_weight: float = 1e-3,
     balance: bool = False,
+    dtype: type | np.dtype = np.float64,
 ) -> np.ndarray:
     """Run a numpy predictor over tiles of ``image`` and stitch its outputs.
 
+    The same loop as the inference engine's (:func:`sliding_window_iter`), run to the end
+    with one stitcher (its first output) writing into an array.
+
     Args:
         image: C x H x W or C x D x H x W (any array-like; read tile by tile).
-        predictor: maps a batch N x C x (tile) to N x C' x (scale * tile).
+        predictor: maps a batch N x C x (tile) to N x C' x (scale * tile) (or a tuple whose
+            first array is that).
         tile: requested tile side(s); fitted to the image, ``divisor`` and ``min_size``.
         overlap: fraction of a tile shared with its neighbour.
         blend: ``gaussian``, ``constant`` or ``crop``.
@@ -542,29 +404,24 @@ def sliding_window(
         sigma_scale: gaussian sigma as a fraction of the tile side.
         min_weight: floor of the gaussian weight.
         balance: shrink the tiles to cover each axis with the same number of tiles.
+        dtype: the stitcher's accumulators (float64 exact; float32 as the engine).
 
     Returns:
         float32 array C' x (scale * spatial shape).
     """
     grid = TileGrid.build(image.shape[1:], tile, overlap, divisor, min_size, scale,
                           balance=balance)
-    out: np.ndarray | None = None
-    stitcher: Stitcher | None = None
+    out: list[np.ndarray] = []
 
     def emit(a: int, b: int, values: np.ndarray) -> None:
-        assert out is not None
-        out[:, a:b] = values
+        out[0][:, a:b] = values
 
-    tiles = list(grid)
-    for i in range(0, len(tiles), batch_size):
-        chunk = tiles[i: i + batch_size]
-        batch = np.stack([read_tile(image, grid, t, padding) for t in chunk])
-        result = np.asarray(predictor(batch))
-        if stitcher is None:
-            out = np.zeros((result.shape[1],) + grid.out_shape, np.float32)
-            stitcher = Stitcher(grid, result.shape[1], emit, blend, sigma_scale, min_weight)
-        for t, r in zip(chunk, result):
-            stitcher.add(t, r)
-    assert stitcher is not None and out is not None
-    stitcher.finish()
-    return out
+    def open_stitcher(outputs: tuple) -> list[Stitcher]:
+        channels = outputs[0].shape[1]
+        out.append(np.zeros((channels,) + grid.out_shape, np.float32))
+        return [Stitcher(grid, channels, emit, blend, sigma_scale, min_weight, dtype)]
+
+    for _ in sliding_window_iter(image, grid, predictor, open_stitcher, batch_size=batch_size,
+                                 padding=padding):
+        pass
+    return out[0]
