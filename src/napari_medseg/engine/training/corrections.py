@@ -23,6 +23,7 @@ import numpy as np
 
 from ...config import FinetuneConfig, NormalizationConfig, PredictConfig
 from ...errors import ConfigError, InputShapeError
+from ...io.axes import guess_axes
 from ..progress import CancelToken, ProgressEvent, StageEvent
 from .changes import CorrectionRegion, changed_mask, class_targets, find_regions, group_regions
 from .datasets import Sample
@@ -87,19 +88,12 @@ def _read_crop(image: Any, axes: str, plane: tuple[int, ...], box: tuple[int, in
     return np.moveaxis(block, kept.index("C"), 0)
 
 
-def _guess_axes(labels_ndim: int, image_ndim: int) -> str:
-    """``YX``/``ZYX`` when the image has the labels' dimensions, else with a trailing ``C``."""
-    if image_ndim == labels_ndim:
-        return "ZYX" if labels_ndim == 3 else "YX"
-    return "ZYXC" if labels_ndim == 3 else "YXC"
-
-
 def _checked_axes(image: Any, labels: np.ndarray, axes: str | None,
                   scale: int) -> tuple[str, str]:
     """(image axes, leading plane axes), checked against the labels' shape."""
     shape = tuple(int(s) for s in image.shape)
     if axes is None:
-        axes = _guess_axes(labels.ndim, len(shape))
+        axes = guess_axes(shape, rgb=len(shape) != labels.ndim)
     axes, label_axes = _split_axes(axes, len(shape))
     spatial = tuple(s for a, s in zip(axes, shape) if a != "C")
     expected = spatial[:-2] + (spatial[-2] * scale, spatial[-1] * scale)
@@ -312,7 +306,8 @@ def _predict_labelled(image, corrected, model, config, axes, want_boundary, canc
 
     labels = np.asarray(corrected)
     shape = tuple(int(s) for s in image.shape)
-    axes, label_axes = _split_axes(axes or _guess_axes(labels.ndim, len(shape)), len(shape))
+    axes = axes or guess_axes(shape, rgb=len(shape) != labels.ndim)
+    axes, label_axes = _split_axes(axes, len(shape))
     outputs = ("mask", "boundary") if want_boundary else ("mask",)
     pred = np.zeros(labels.shape, np.int64)
     pbnd = np.zeros(labels.shape, np.uint8) if want_boundary else None
