@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import tifffile
+from conftest import stall_bar_ms
 
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
@@ -151,7 +152,9 @@ def test_fine_tune_runs_in_the_background_and_segment_uses_the_result(
     assert result.steps_done == 4 and result.n_train == 1 and result.n_val == 1
     assert len(widget.plot.loss) == 4 and len(widget.plot.dice) == 3  # before, step 2, 4
     assert result.improved and result.best_step == 4 and result.best_dice == 0.6
-    assert stall < 2.0  # no freeze (the goal, < 0.1 s, is measured by the benchmark note)
+    bar = stall_bar_ms("finetune_gui_stall.json", "training_longest_gap_ms") / 1000
+    assert stall <= bar, (  # the bar: bench_finetune.py --gui on a quiet machine, x10
+        f"the event loop stalled {stall * 1000:.0f} ms while fine-tuning; bar {bar * 1000:.0f} ms")
     # The labels were autosaved before training.
     saved = tifffile.imread(autosave_dir() / "cells_mask.tif")
     np.testing.assert_array_equal(saved, corrected)

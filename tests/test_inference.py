@@ -699,3 +699,18 @@ def test_cpu_batch_follows_the_network_unless_asked(name, expected):
     plan = plan_prediction(image, model, device="cpu", probe=False)
     assert plan.batch_size == model.spec.cpu_batch_size == expected
     assert plan_prediction(image, model, device="cpu", batch_size=3, probe=False).batch_size == 3
+
+
+def test_per_block_instances_are_numbered_from_one_and_counted_over_blocks():
+    """Each T/I block is split on its own (objects 1, 2 in both frames) and the count sums
+    the blocks (4), where the highest label alone would say 2."""
+    mask = np.zeros((2, 32, 32), np.uint8)
+    mask[:, 2:10, 2:10] = 1
+    mask[:, 18:30, 16:28] = 1
+    inst = postprocess.instances_per_block(mask, None, "TYX", min_size=4)
+    for t in range(2):
+        assert sorted(np.unique(inst[t]).tolist()) == [0, 1, 2]
+    assert postprocess.count_per_block(inst, "TYX") == 4
+    # A 3D block stays whole: the same two objects through Z are 2 objects, not 4.
+    assert postprocess.count_per_block(postprocess.instances_per_block(
+        mask, None, "ZYX", min_size=4), "ZYX") == 2

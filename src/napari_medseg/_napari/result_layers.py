@@ -29,6 +29,7 @@ import numpy as np
 from ..engine.inference.postprocess import dequantize_probabilities
 from ..engine.inference.regions import Region, finished_keys, output_geometry, whole_region
 from ..errors import InputShapeError
+from ..io.metadata import upsampled_geometry
 from .layers import META_KEY, meta_from_layer
 from .session import Edit, ProbabilityCache, SegmentSession
 
@@ -175,10 +176,8 @@ def output_kwargs(image_layer: Any, factor: int = 1,
     try:
         meta = meta_from_layer(image_layer).without_channels()
         if factor != 1 and meta.spacing:
-            n = len(meta.spacing) - 2
-            spacing = tuple(meta.spacing[:n]) + tuple(s / factor for s in meta.spacing[n:])
-            origin = tuple(meta.origin[:n]) + tuple(
-                o + s * (0.5 / factor - 0.5) for o, s in zip(meta.origin[n:], meta.spacing[n:]))
+            factors = (1,) * (len(meta.spacing) - 2) + (factor, factor)
+            spacing, origin = upsampled_geometry(meta.spacing, meta.origin, factors)
             meta = meta.replace(spacing=spacing, origin=origin, affine=None)
         metadata[META_KEY] = meta
     except (ValueError, TypeError):

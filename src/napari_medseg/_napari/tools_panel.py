@@ -101,6 +101,16 @@ class ToolsPanel(QGroupBox):
             None if boundary is None else np.array(boundary.data), axes, 8,
             on_done=functools.partial(self._on_done, image.name, "instances", "instances"))
 
+    def _count_instances(self, instances: Any, axes: str) -> None:
+        """Show how many objects the instances hold (counted in a worker, per T/I block)."""
+        from ..engine.inference.postprocess import count_per_block
+
+        def shown(outcome: JobOutcome) -> None:
+            if outcome.ok:
+                self.host.status_label.setText(f"{outcome.value} instance(s) found.")
+
+        self.host.start_worker(guarded, count_per_block, instances, axes, on_done=shown)
+
     def _mask(self, status: str) -> tuple[Image, Labels, str] | None:
         """The host's image, its mask layer and the mask's axes (``status`` then shows), or
         None with an error when there is no mask yet."""
@@ -123,7 +133,8 @@ class ToolsPanel(QGroupBox):
         result_layers.apply_array(host.viewer, host.viewer.layers[image_name], output,
                                   outcome.value, host.session, label)
         if output == "instances":
-            host.status_label.setText(f"{int(outcome.value.max())} instance(s) found.")
+            self._count_instances(outcome.value, result_layers.image_axes(
+                host.viewer.layers[image_name]).replace("C", ""))
         else:
             host.status_label.setText("Boundary re-derived from the mask.")
         host.refresh_enabled()

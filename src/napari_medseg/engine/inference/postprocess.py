@@ -28,6 +28,7 @@ __all__ = [
     "instances",
     "boundary_per_block",
     "instances_per_block",
+    "count_per_block",
     "z_consistency",
     "dice",
 ]
@@ -162,6 +163,22 @@ def instances_per_block(mask, boundary, axes: str, min_size: int = 8, out=None):
         bnd = None if boundary is None else np.asarray(boundary[key])
         out[key] = instances(np.asarray(mask[key]), bnd, min_size)
     return out
+
+
+def count_per_block(labels, axes: str) -> int:
+    """How many objects a label image holds, counted in each ``T``/``I`` block and summed.
+
+    Objects are numbered per block, so the highest label is not the count of a stack.
+
+    Args:
+        labels: instance labels (numpy or zarr), axes ``axes``; 0 is background.
+        axes: its axes.
+    """
+    total = 0
+    for key in stack_blocks(axes, tuple(labels.shape)):
+        values = np.unique(np.asarray(labels[key]))
+        total += int(np.count_nonzero(values))
+    return total
 
 
 def z_consistency(mask, axis: int = 0) -> float | None:
