@@ -493,10 +493,12 @@ def test_workflow_replays_earlier_samples_of_the_same_line(nuclei, tmp_path):
         lambda: model, _corrections(nuclei, "two"), cfg, replay_store=store,
         output=tmp_path / "second"))
     assert second.n_replay == 3 and second.checkpoint == tmp_path / "second.safetensors"
-    # ... but never a round's own samples, and not without replay.
+    # ... but never a round's own samples, and not without replay; the user is told.
     samples = store.load(info.sha256, 1)
-    third = drain(finetune_samples_iter(model, samples[:3], cfg, replay_store=store))
+    events = list(finetune_samples_iter(model, samples[:3], cfg, replay_store=store))
+    third = events[-1].result
     assert third.n_replay == 3 and third.checkpoint is None
+    assert any("Mixing in 3 sample(s)" in getattr(e, "message", "") for e in events)
     off = cfg.replace(replay=0.0)
     fourth = drain(finetune_samples_iter(model, samples[:3], off, replay_store=store))
     assert fourth.n_replay == 0

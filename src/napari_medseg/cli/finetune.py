@@ -15,7 +15,10 @@ _DESCRIPTION = (
     "Fine-tune a checkpoint or shipped weights on image/mask pairs matched by file name (a.tif "
     "<-> a.tif or a_mask.tif). One image in four is held out for the validation Dice; the best "
     "weights are kept and written to CKPT with their lineage (parent, data hash, settings, "
-    "metrics). Ctrl-C stops and keeps the best weights so far.")
+    "metrics). As in the Fine-tune widget, samples from earlier rounds on the same weights are "
+    "mixed in (a quarter of each batch), these images are kept for the next round, and "
+    "weights that beat their parent become the active ones of their line (user data folder, "
+    "NAPARI_MEDSEG_HOME). Ctrl-C stops and keeps the best weights so far.")
 
 
 def _finetune_config(args: argparse.Namespace):

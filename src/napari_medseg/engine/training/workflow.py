@@ -164,6 +164,10 @@ def finetune_samples_iter(
     if config.replay > 0 and root:
         replay = store.load(root, model.spec.in_channels, config.max_replay,
                             exclude=[s.name for s in samples])
+    if replay:
+        yield NoticeEvent(f"Mixing in {len(replay)} sample(s) kept from earlier fine-tuning "
+                          f"of these weights ({config.replay:.0%} of each batch), so the "
+                          "network does not forget them.")
     if base_source is not None:
         data = {**dict(data or {}), "parent_source": base_source}
     result = yield from finetune_iter(model, samples, config, replay=replay, cancel=cancel,
