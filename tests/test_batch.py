@@ -33,7 +33,6 @@ from napari_medseg.engine.progress import (
 )
 from napari_medseg.errors import ConfigError, ImageReadError, ImageWriteError
 from napari_medseg.io import ImageMeta, read_image, write_image
-from napari_medseg.io.metadata import output_meta
 
 #: Fast, deterministic settings for every run here.
 FAST = {"device": "cpu", "precision": "fp32", "tile": 64}
@@ -370,22 +369,6 @@ def test_bad_settings_are_one_sentence(folder, tmp_path, checkpoint):
                                     "dask-local": "2", "format": "NII"})
     assert (cfg.predict.tiling.tile, cfg.predict.tta, cfg.dask_local, cfg.format) == \
         (128, True, 2, "nii")
-
-
-def test_label_meta_follows_a_super_resolved_output():
-    meta = ImageMeta(axes="ZYX", spacing=(2.0, 1.0, 1.0), origin=(0.0, 10.0, 20.0),
-                     affine=np.diag([1.0, 1.0, 2.0, 1.0]))
-    out = output_meta(meta, "ZYX", (4, 8, 8), "ZYX", (4, 16, 16))
-    assert out.spacing == (2.0, 0.5, 0.5)
-    assert out.origin == (0.0, 9.75, 19.75)
-    # voxel (0, 0, 0) of the output sits a quarter input voxel before the input's first
-    np.testing.assert_allclose(out.affine @ [0, 0, 0, 1], [-0.25, -0.25, 0, 1])
-    np.testing.assert_allclose(out.affine @ [2, 2, 1, 1], [0.75, 0.75, 2, 1])
-    same = output_meta(ImageMeta(axes="YXC", rgb=True), "YXC", (8, 8, 3), "YX", (8, 8))
-    assert same.axes == "YX" and same.spacing == (1.0, 1.0)
-
-
-# --- parallel runs --------------------------------------------------------------------------
 
 
 def test_threads_give_the_same_outputs_with_one_model_per_worker(local_run, tmp_path,

@@ -34,9 +34,13 @@ def test_the_rule(shape):
 
 @pytest.mark.parametrize("shape", sorted(CASES))
 def test_the_engine_reads_a_bare_array_by_the_rule(shape):
-    assert guess_axes(shape, in_channels=1) == CASES[shape][0]
     image = np.zeros(shape, np.float32)
-    if shape[0] == 2:  # two channels for a grey network: read as CZYX, then refused
+    if len(shape) == 4 and shape[0] == 2:  # 2 channels or 2 time points, for a grey network
+        with pytest.raises(InputShapeError, match="channels or time points"):
+            plan_prediction(image, make_analytic(), probe=False)
+        return
+    assert guess_axes(shape, in_channels=1) == CASES[shape][0]
+    if shape[0] == 2:  # two channels for a grey network: read as CYX, then refused
         with pytest.raises(InputShapeError, match="has 2"):
             plan_prediction(image, make_analytic(), probe=False)
         return
@@ -80,3 +84,15 @@ def test_hints_say_what_the_shape_cannot():
     for shape in [(5,), (2, 3, 4, 5, 6)]:
         with pytest.raises(InputShapeError, match="Cannot tell the axes"):
             guess_axes(shape)
+
+
+@pytest.mark.parametrize("first", [2, 3, 4])
+def test_a_short_first_axis_of_a_4d_array_is_refused_unless_it_fits_the_network(first):
+    """3 or 4 time points of a volume look like channels: the engine asks for the axes
+    rather than converting them into the network's channels."""
+    shape = (first, 6, 40, 48)
+    assert guess_axes(shape) == "CZYX"  # readers and writers: no network to compare with
+    assert guess_axes(shape, in_channels=first) == "CZYX"
+    with pytest.raises(InputShapeError, match="axes='CZYX' or 'TZYX'"):
+        guess_axes(shape, in_channels=1 if first != 1 else 3)
+    assert guess_axes((1, 6, 40, 48), in_channels=3) == "CZYX"  # one channel: grey -> RGB

@@ -12,6 +12,7 @@ from napari_medseg.io.metadata import (
     affine_from_geometry,
     geometry_from_affine,
     normalize_unit,
+    output_meta,
 )
 
 
@@ -106,3 +107,19 @@ def test_affine_helpers_invert_each_other():
     spacing, _ = geometry_from_affine(rot @ affine, "ZYX")
     assert spacing == pytest.approx((2.5, 0.7, 0.6))
     assert ImageMeta(axes="YX", spacing=(0.5, 0.25)).world_affine()[0, 0] == 0.25
+
+
+def test_output_meta_follows_a_super_resolved_output():
+    meta = ImageMeta(axes="ZYX", spacing=(2.0, 1.0, 1.0), origin=(0.0, 10.0, 20.0),
+                     affine=np.diag([1.0, 1.0, 2.0, 1.0]))
+    out = output_meta(meta, "ZYX", (4, 8, 8), "ZYX", (4, 16, 16))
+    assert out.spacing == (2.0, 0.5, 0.5)
+    assert out.origin == (0.0, 9.75, 19.75)
+    # voxel (0, 0, 0) of the output sits a quarter input voxel before the input's first
+    np.testing.assert_allclose(out.affine @ [0, 0, 0, 1], [-0.25, -0.25, 0, 1])
+    np.testing.assert_allclose(out.affine @ [2, 2, 1, 1], [0.75, 0.75, 2, 1])
+    same = output_meta(ImageMeta(axes="YXC", rgb=True), "YXC", (8, 8, 3), "YX", (8, 8))
+    assert same.axes == "YX" and same.spacing == (1.0, 1.0)
+
+
+# --- parallel runs --------------------------------------------------------------------------

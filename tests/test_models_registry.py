@@ -122,3 +122,17 @@ def test_eval_is_deterministic(name):
         a, b = model(x), model(x)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_seeded_network_is_the_same_every_time_and_leaves_the_random_state_alone():
+    import torch
+
+    from napari_medseg.models import create_model, state_sha256
+
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a = create_model("unet_sharp", "tiny", 1, 1, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    b = create_model("unet_sharp", "tiny", 1, 1, seed=5)
+    c = create_model("unet_sharp", "tiny", 1, 1, seed=6)
+    assert state_sha256(a) == state_sha256(b) != state_sha256(c)

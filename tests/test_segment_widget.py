@@ -664,6 +664,36 @@ def test_viewer_state_shares_the_choice_the_cache_and_weights_requests():
     assert not state.serving and not state.request_weights("a.json")
 
 
+def test_a_segment_dock_closed_with_its_button_stops_serving(make_napari_viewer, qtbot, env):
+    """napari's dock close button only takes the widget out of its dock: the widget then
+    lets go of the shared state (no weights requests, no choice), and a bound handler is
+    held weakly, so a widget that is gone cannot keep the viewer alive."""
+    import gc
+
+    from napari_medseg._napari.viewer_state import viewer_state
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32), np.float32), name="img")
+    widget = _widget(viewer, qtbot)
+    state = viewer_state(viewer)
+    assert state.serving and state.weights is not None
+    viewer.window.remove_dock_widget(widget)
+    qtbot.wait(50)
+    assert not state.serving and state.weights is None
+    assert not state.request_weights("anything.json")
+
+    class _Handler:
+        def serve(self, *args):
+            return True
+
+    handler = _Handler()
+    state.serve_weights(handler.serve)
+    assert state.serving
+    del handler
+    gc.collect()
+    assert not state.serving
+
+
 def test_scope_region_from_the_viewer_position():
     """The widget's scope becomes a region through the engine: the whole image, the plane
     through the viewer's point (missing leading axes count as 0), or the visible box of a

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_warning
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QEvent, QTimer
 from qtpy.QtWidgets import QLabel, QPushButton, QVBoxLayout, QWidget
 
 from ..engine.inference.plan import format_seconds
@@ -72,6 +72,7 @@ class SegmentWidget(LayerListMixin, QWidget):
         #: what the viewer's dock widgets share (networks, the weights chosen here).
         self.state = viewer_state(napari_viewer)
         self.session = SegmentSession(models=self.state.models)
+        self._disconnected = False
         self._workers: set[Any] = set()
         #: the prediction; its context is (image name, settings, region).
         self._job = LongJob()
@@ -552,10 +553,22 @@ class SegmentWidget(LayerListMixin, QWidget):
         self._disconnect()
         super().closeEvent(event)
 
+    def event(self, event: Any) -> bool:  # noqa: D102 - Qt override
+        # napari's dock close button takes the widget out of its dock without closing it:
+        # a Segment widget without a parent stops serving the viewer's other widgets.
+        if (event.type() == QEvent.Type.ParentChange and self.parent() is None
+                and getattr(self, "_disconnected", None) is False):
+            self.cancel()
+            self._disconnect()
+        return super().event(event)
+
     def _serve_weights(self, source: str, image_name: str | None, scope: str | None) -> bool:
         return self.use_weights(source, image_name=image_name, scope=scope) is not None
 
     def _disconnect(self) -> None:
+        if self._disconnected:
+            return
+        self._disconnected = True
         self.state.serve_weights(None)
         self.state.choose(None, "")
         for emitter, callback in self._viewer_hooks():

@@ -81,13 +81,10 @@ class ModelCache:
 
 def _build(choice: WeightsChoice, variant: str, in_channels: int) -> Any:
     if choice.untrained:
-        import torch
-
         from ..models import create_model
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            return create_model(choice.network, variant, int(in_channels), RANDOM_INIT_CLASSES)
+        return create_model(choice.network, variant, int(in_channels), RANDOM_INIT_CLASSES,
+                            seed=0)
     if choice.kind == "card" and not choice.installed:
         raise WeightsNotFoundError(
             f"The weights of {choice.source!r} are not installed; choose other weights "
@@ -117,7 +114,7 @@ class ViewerState:
         self.models = ModelCache()
         self.weights: WeightsChoice | None = None
         self.variant = ""
-        self._handler: WeightsHandler | None = None
+        self._handler: Callable[[], WeightsHandler | None] | None = None
 
     def choose(self, weights: WeightsChoice | None, variant: str) -> None:
         """Publish the Segment widget's choice (emits :attr:`weights_changed` on a change)."""
@@ -135,13 +132,25 @@ class ViewerState:
                                  int(in_channels))
 
     def serve_weights(self, handler: WeightsHandler | None) -> None:
-        """Set (or clear, with None) who segments with requested weights."""
-        self._handler = handler
+        """Set (or clear, with None) who segments with requested weights.
+
+        Only a weak reference to a bound method is kept, so a widget that went away without
+        clearing it neither keeps serving nor keeps the viewer alive.
+        """
+        if handler is None:
+            self._handler = None
+        elif hasattr(handler, "__self__"):
+            self._handler = weakref.WeakMethod(handler)
+        else:
+            self._handler = lambda: handler
+
+    def _serving_handler(self) -> WeightsHandler | None:
+        return self._handler() if self._handler is not None else None
 
     @property
     def serving(self) -> bool:
         """True when a widget serves weights requests."""
-        return self._handler is not None
+        return self._serving_handler() is not None
 
     def request_weights(self, source: str, image_name: str | None = None,
                         scope: str | None = "visible") -> bool:
@@ -150,7 +159,8 @@ class ViewerState:
         Returns:
             True when a run started.
         """
-        return bool(self._handler(source, image_name, scope)) if self._handler else False
+        handler = self._serving_handler()
+        return bool(handler(source, image_name, scope)) if handler is not None else False
 
 
 _STATES: weakref.WeakKeyDictionary[Any, ViewerState] = weakref.WeakKeyDictionary()

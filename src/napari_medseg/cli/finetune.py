@@ -72,7 +72,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     """``napari-medseg finetune``: writes the checkpoint; 0 done, 2 an error."""
     from ..engine.checkpoints import resolve_weights
     from ..engine.progress import CancelToken
-    from ..engine.training.finetune import samples_from_folders
+    from ..engine.training.corrections import samples_from_folders
     from ..engine.training.workflow import finetune_samples_iter
 
     config = _finetune_config(args)

@@ -31,7 +31,8 @@ def guess_axes(shape: Sequence[int], in_channels: int | None = None,
     * otherwise from the shape: 2-D is ``YX``. 3-D is ``YXC`` with 3 or 4 last (and more
       than 4 first), ``CYX`` when the first axis equals the network's channels (2-4), else
       ``ZYX`` (a short stack). 4-D is ``ZYXC`` with 3 or 4 last (and more than 4 second),
-      ``CZYX`` with at most 4 first, else ``TZYX``.
+      ``CZYX`` with at most 4 first, else ``TZYX``; for a network whose channels differ from
+      a first axis of 2-4 the array is refused (channels or time points cannot be told).
 
     Args:
         shape: the array's shape.
@@ -59,5 +60,10 @@ def guess_axes(shape: Sequence[int], in_channels: int | None = None,
     if last in (3, 4) and shape[1] > 4:
         return "ZYXC"
     if first <= 4:
+        if in_channels and 1 < first != in_channels:
+            raise InputShapeError(
+                f"Cannot tell whether the first axis of an array of shape {shape} holds "
+                f"channels or time points (the network takes {in_channels} channel(s)); give "
+                "the axes (e.g. axes='CZYX' or 'TZYX').")
         return "CZYX"
     return "TZYX"

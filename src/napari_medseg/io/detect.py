@@ -71,14 +71,6 @@ def supported_suffixes(write: bool = False) -> tuple[str, ...]:
     return tuple(WRITE_SUFFIXES if write else SUFFIXES)
 
 
-def _suffix_of(path: Path) -> str | None:
-    name = path.name.lower()
-    for suffix in SUFFIXES:
-        if name.endswith(suffix):
-            return suffix
-    return None
-
-
 def format_from_name(path: str | os.PathLike, write: bool = False) -> str | None:
     """The format a path's name implies (``"tiff"``, ``"nifti"`` ...), or None."""
     name = Path(path).name.lower().rstrip("/")

@@ -356,8 +356,9 @@ def output_meta(
 
     Channels are dropped; a spatial axis that is longer in the output than in the input (a
     super-resolving network) gets :func:`upsampled_geometry`, and a NIfTI/DICOM affine the
-    same change. Computed once per prediction and carried on its result, so writers, the
-    CLI and napari layers place outputs alike.
+    same change. Computed once per prediction and carried on its result, which the batch
+    task and the CLI write; napari layers and zarr stores scale their own transforms with the
+    same rule (:func:`upsampled_geometry`).
 
     Args:
         meta: the reader's metadata of the input, or None (unit spacing, zero origin).

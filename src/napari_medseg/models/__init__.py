@@ -14,6 +14,7 @@ from .registry import (
     list_variants,
     make_config,
     register_network,
+    state_sha256,
 )
 from .spec import (
     HEAD_BOUNDARY,
@@ -32,6 +33,7 @@ __all__ = [
     "make_config",
     "register_network",
     "config_to_dict",
+    "state_sha256",
     "ModelSpec",
     "HEAD_MASK",
     "HEAD_BOUNDARY",

@@ -9,6 +9,7 @@ the keyword overrides of its variants. ``create_model`` is the only constructor 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ __all__ = [
     "make_config",
     "create_model",
     "config_to_dict",
+    "state_sha256",
 ]
 
 #: Modules imported on first use of the registry, one per network.
@@ -159,6 +161,8 @@ def create_model(
     variant: str = "lite",
     in_channels: int = 1,
     num_classes: int = 2,
+    *,
+    seed: int | None = None,
     **overrides: Any,
 ) -> Any:
     """Build a randomly initialised network by registry name.
@@ -168,12 +172,38 @@ def create_model(
         variant: ``"tiny"`` (tests), ``"lite"`` (CPU-friendly, shipped weights) or ``"paper"``.
         in_channels: image channels.
         num_classes: K output classes (1 = a single sigmoid logit).
+        seed: when given, the weights are drawn from this seed (the same network every time)
+            and the caller's random state is left as it was.
         **overrides: fields of the network's config dataclass.
     """
     config = make_config(name, variant, in_channels, num_classes, **overrides)
-    return get_entry(name).build(config)
+    if seed is None:
+        return get_entry(name).build(config)
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return get_entry(name).build(config)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A JSON-friendly dict of a config dataclass."""
     return dataclasses.asdict(config)
+
+
+def state_sha256(model: Any) -> str:
+    """sha256 of a network's state dict: names and raw bytes, in name order.
+
+    The identity of weights that have no checkpoint (an untrained network), used wherever a
+    run records or compares which weights it used (batch manifests, resumable stores).
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        raw = value.detach().to("cpu").contiguous().reshape(-1)
+        if raw.dtype != torch.bool:
+            raw = raw.view(torch.uint8)
+        digest.update(raw.numpy().tobytes())
+    return digest.hexdigest()

@@ -1,11 +1,10 @@
 """Batch wing: scan a folder, run the per-file task on threads or a Dask cluster, keep a manifest.
 
-:mod:`.scan` finds the images, :mod:`.task` reads, predicts and writes one file (also for
-``napari-medseg predict``), :mod:`.executors` runs the tasks in this process, on threads or
-on Dask, :mod:`.manifest` keeps ``run.json``, and :mod:`.run` drives a run over a folder.
-
 May use :mod:`napari_medseg.engine.inference`; the inference wing never imports this one.
-Callers import the submodule they need.
+``run_folder_iter`` is the generator the Batch widget and ``napari-medseg batch`` run;
+``run_folder`` drains it. Importing this package imports numpy but not torch.
 """
 
-__all__: list[str] = []
+from .run import BatchSummary, FileEvent, find_images, run_folder, run_folder_iter
+
+__all__ = ["BatchSummary", "FileEvent", "find_images", "run_folder", "run_folder_iter"]

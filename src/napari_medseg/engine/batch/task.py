@@ -11,7 +11,6 @@ worker's own copy of the model, loaded once from a :class:`WeightsSource` and ke
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import socket
@@ -27,6 +26,7 @@ import numpy as np
 
 from ...config import BatchConfig, PredictConfig
 from ...errors import CheckpointError, ConfigError, MedsegError
+from ...models.registry import state_sha256
 from ..progress import (
     CancelToken,
     FinishedEvent,
@@ -95,29 +95,11 @@ class WeightsSource:
         return out
 
 
-def _state_sha256(model) -> str:
-    """sha256 of a model's state dict (names and raw bytes, in name order)."""
-    import torch
-
-    digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        t = value.detach().to("cpu").contiguous()
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-        digest.update(t.numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _build_random(src: WeightsSource):
-    import torch
-
     from ...models import create_model
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(src.seed)
-        model = create_model(str(src.network), str(src.variant), src.in_channels,
-                             src.num_classes)
+    model = create_model(str(src.network), str(src.variant), src.in_channels, src.num_classes,
+                         seed=src.seed)
     model.eval()
     return model
 
@@ -143,7 +125,7 @@ def resolve_run_weights(config: BatchConfig) -> tuple[WeightsSource, Any, list[N
     src = WeightsSource(source=None, sha256="", network=config.model, variant=config.variant,
                         in_channels=config.in_channels, num_classes=config.num_classes)
     model = _build_random(src)
-    src = WeightsSource(**{**src.__dict__, "sha256": _state_sha256(model)})
+    src = WeightsSource(**{**src.__dict__, "sha256": state_sha256(model)})
     notice = NoticeEvent(
         message=f"No trained weights: {config.model}/{config.variant} has RANDOM weights, "
                 "so its masks are meaningless; use this only to test a pipeline.",
@@ -155,7 +137,7 @@ def _load_model(src: WeightsSource):
     """Load (or, for random weights, build) the model and check its sha256."""
     if src.source is None:
         model = _build_random(src)
-        sha = _state_sha256(model)
+        sha = state_sha256(model)
     else:
         from ..checkpoints import resolve_weights
 

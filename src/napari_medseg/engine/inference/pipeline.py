@@ -1,7 +1,7 @@
 """Tiled inference: ``predict_iter`` (a generator of progress events) and ``predict``.
 
-``predict_iter(image, model, config)`` yields typed events (:mod:`.progress`) and *returns*
-a :class:`PredictionResult`; its last event, :class:`~.progress.FinishedEvent`, carries the
+``predict_iter(image, model, config)`` yields typed events (:mod:`..progress`) and *returns*
+a :class:`PredictionResult`; its last event, :class:`~..progress.FinishedEvent`, carries the
 same result, so both ``result = yield from predict_iter(...)`` and a plain ``for`` loop work.
 ``predict()`` drains it. The napari widget runs the same generator in a thread worker, the
 CLI prints its events with a progress bar.
@@ -16,7 +16,7 @@ What happens, in order:
 2. **Normalization** fitted once on the whole image (percentile 1-99.8 unless the config or
    the checkpoint's model card says otherwise) and applied tile by tile.
 3. **Device and precision**: ``auto`` is cuda > mps > cpu; autocast bf16 on CPUs with native
-   bf16 and on bf16-capable GPUs, fp16 on older CUDA, fp32 elsewhere (:mod:`.precision`);
+   bf16 and on bf16-capable GPUs, fp16 on older CUDA, fp32 elsewhere (:mod:`..precision`);
    ``torch.inference_mode``; channels-last on CPU and CUDA.
 4. **Plan**: a :class:`~.plan.TilePlan` (tiles, memory, and after the first batch the measured
    time per tile) is sent before the work starts.

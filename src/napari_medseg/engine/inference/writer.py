@@ -22,6 +22,7 @@ import numpy as np
 
 from ...config import PredictConfig
 from ...io.metadata import upsampled_geometry
+from ...models.registry import state_sha256
 from ..layout import Layout
 from ..progress import ProgressEvent, StageEvent
 from . import postprocess
@@ -30,21 +31,13 @@ from .stitching import EmitFn
 
 __all__ = ["Consensus", "OutputWriter", "store_fingerprint", "weights_id"]
 
+
 def weights_id(model) -> str:
     """The identity of a model's weights: its checkpoint's sha256, else a hash of them."""
     info = getattr(model, "checkpoint_info", None)
     if info is not None and getattr(info, "sha256", None):
         return str(info.sha256)
-    import torch
-
-    digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        raw = value.detach().to("cpu").contiguous().reshape(-1)
-        if raw.dtype != torch.bool:
-            raw = raw.view(torch.uint8)
-        digest.update(raw.numpy().tobytes())
-    return digest.hexdigest()
+    return state_sha256(model)
 
 
 def store_fingerprint(image, layout: Layout, content_id: str, model, config: PredictConfig,

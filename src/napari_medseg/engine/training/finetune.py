@@ -12,7 +12,7 @@ cosine decay, augmentation, early stopping) on them:
    are mixed into the batches (``config.replay`` of the patches) against forgetting.
 3. **Training.** :class:`~.replay.RegionSampler` draws patches centred on valid pixels; the
    validation Dice before training is the baseline; the best weights so far are kept in
-   memory, so Stop (the :class:`~.progress.CancelToken`) and early stopping keep them. The
+   memory, so Stop (the :class:`~..progress.CancelToken`) and early stopping keep them. The
    result is written as a self-describing checkpoint with its lineage (parent sha256, data
    hash, settings, metrics), atomically (:mod:`.lineage`).
 

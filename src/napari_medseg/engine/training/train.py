@@ -10,7 +10,7 @@ One loop serves ``napari-medseg train`` and fine-tuning's full-image mode:
   the papers train for hundreds of epochs on a GPU; a CPU budget of minutes needs a schedule
   that anneals within the run), bf16 autocast + channels-last on CPUs that run bf16 natively;
 * validation Dice on whole held-out images through the tiled inference engine, early stopping,
-  the best checkpoint kept (self-describing: see :mod:`.checkpoints`), resumable, seeded.
+  the best checkpoint kept (self-describing: see :mod:`..checkpoints`), resumable, seeded.
 """
 
 from __future__ import annotations
