@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -38,6 +37,8 @@ from .. import resources
 from .._version import __version__
 from ..config import NormalizationConfig
 from ..errors import CheckpointError, ConfigError, ModelNotFoundError, WeightsNotFoundError
+from .descriptions import (HEADER_HASH_KEY, HEADER_KEY, check_description, description_sha256,
+                           read_header, sha256_file)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -89,6 +90,7 @@ class CheckpointInfo:
         dtype: ``float16`` or ``float32``.
         sha256: sha256 of the weights file (None inside the safetensors header).
         tag: the model card's tag when loaded through one.
+        description_sha256: hash of this description (:mod:`~.descriptions`), None before.
         extra: anything else (kept on a round trip).
     """
 
@@ -111,6 +113,7 @@ class CheckpointInfo:
     dtype: str = "float16"
     sha256: str | None = None
     tag: str | None = None
+    description_sha256: str | None = None
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,15 +183,6 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     """The ``(weights, json)`` paths of a checkpoint given either file or their common stem."""
     path = Path(path)
@@ -230,7 +224,7 @@ def save_checkpoint(
         The written description (with the weights' sha256).
     """
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from ..models import config_to_dict
     from ..models.working_resolution import input_downsample, unwrap
@@ -273,8 +267,11 @@ def save_checkpoint(
             # A tensor out of fp16's range stays fp32 rather than turning into inf.
             t = t.to(torch.float32 if too_big else target)
         tensors[key] = t.contiguous().clone()
-    header = json.dumps(info.to_dict())
-    save_file(tensors, str(weights_path), metadata={"napari_medseg": header})
+    digest = description_sha256(info.to_dict())
+    info = dataclasses.replace(info, description_sha256=digest)
+    # Written with open(), not safetensors' own writer (mode 0600): the umask applies.
+    weights_path.write_bytes(save(tensors, metadata={
+        HEADER_KEY: json.dumps(info.to_dict()), HEADER_HASH_KEY: digest}))
     info = dataclasses.replace(info, sha256=sha256_file(weights_path))
     json_path.write_text(json.dumps(info.to_dict(), indent=2) + "\n", encoding="utf-8")
     return info
@@ -306,19 +303,13 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
             f"The weights file of checkpoint {json_path} ({info.weights}) is missing."
         )
     if weights_path.is_file():
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(weights_path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-        except Exception:  # safetensors raises its own error types
-            raise CheckpointError(f"The file {weights_path} is not a safetensors file.") from None
-        if "napari_medseg" not in meta:
+        meta = read_header(weights_path)
+        if HEADER_KEY not in meta:
             raise CheckpointError(
                 f"The file {weights_path} has no napari-medseg description (no {json_path.name})."
             )
         info = CheckpointInfo.from_dict(
-            json.loads(meta["napari_medseg"]), source=f"file {weights_path.name}")
+            json.loads(meta[HEADER_KEY]), source=f"file {weights_path.name}")
         return dataclasses.replace(info, weights=weights_path.name)
     raise WeightsNotFoundError(f"No checkpoint at {path} (looked for {weights_path.name}).")
 
@@ -391,15 +382,25 @@ def load_checkpoint(path: str | Path, device: str | Any = "cpu", verify: bool = 
     return _load(info, weights_path, device, verify, f"checkpoint {weights_path.stem}")
 
 
-def _load(info: CheckpointInfo, weights_path: Path, device, verify: bool, source: str):
-    if verify and info.sha256:
-        actual = sha256_file(weights_path)
-        if actual != info.sha256:
-            raise CheckpointError(
-                f"The {source} weights do not match their recorded sha256; the file is corrupt "
-                "or was replaced."
-            )
-    elif info.sha256 is None:
+def _verify_description(info: CheckpointInfo, weights_path: Path, source: str,
+                        card: bool) -> None:
+    """Refuse a description edited after saving (see :mod:`~.descriptions`)."""
+    meta = read_header(weights_path)
+    try:
+        header = CheckpointInfo.from_dict(json.loads(meta[HEADER_KEY])).to_dict()
+    except (KeyError, ValueError, CheckpointError):
+        header = {}  # a weights file without its own description: nothing to compare
+    check_description(info.to_dict(), header, meta, source, card=card)
+
+
+def _load(info: CheckpointInfo, weights_path: Path, device, verify: bool, source: str,
+          card: bool = False):
+    if verify and info.sha256 and sha256_file(weights_path) != info.sha256:
+        raise CheckpointError(f"The {source} weights do not match their recorded sha256; the "
+                              "file is corrupt or was replaced.")
+    if verify:
+        _verify_description(info, weights_path, source, card)
+    if info.sha256 is None:
         info = dataclasses.replace(info, sha256=sha256_file(weights_path))
     from ..models.working_resolution import with_downsample
 
@@ -592,4 +593,5 @@ def resolve_weights(tag_or_path: str | Path, device: str | Any = "cpu", verify: 
         described = read_checkpoint_info(sidecar)
         info = dataclasses.replace(described, tag=card.tag, sha256=card.sha256,
                                    weights=path.name)
-    return _load(info, path, device, verify, f"weights {card.tag!r}")
+    return _load(info, path, device, verify, f"weights {card.tag!r}",
+                 card=not sidecar.is_file())

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...config import NormalizationConfig
-from ...errors import InputShapeError
+from ...errors import InputShapeError, MedsegError
 
 __all__ = [
     "DEFAULT_NORMALIZATION",
@@ -25,6 +25,9 @@ __all__ = [
     "sample_values",
     "fit_normalization",
     "normalize",
+    "FLOAT32_MAX",
+    "check_pixels",
+    "check_network_batch",
 ]
 
 #: Percentile 1-99.8 per channel: the default when neither the user nor the model card says.
@@ -33,6 +36,60 @@ DEFAULT_NORMALIZATION = NormalizationConfig()
 MAX_SAMPLES = 2_000_000
 
 _EPS = 1e-6
+#: Largest magnitude float32 (the networks' number type) holds.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+_NONFINITE = "The image contains NaN or infinite pixels; replace them (e.g. with 0) first."
+_NONFINITE_NORMALISED = ("The normalised image holds NaN or infinite values (its intensity "
+                         "range overflows float32); rescale it or choose another normalization.")
+
+
+def check_pixels(values) -> None:
+    """Refuse pixels the networks cannot take: NaN, infinite, or beyond float32's range.
+
+    Integer images always fit; a float64 image reaching beyond +-3.4e38 would turn into
+    infinities at the cast to float32 and give an all-background mask. Two passes (min and
+    max), no copy.
+
+    Args:
+        values: an array-like of pixels (a whole in-memory image, a tile, or samples).
+
+    Raises:
+        InputShapeError: NaN or infinite pixels, or values float32 cannot represent.
+    """
+    values = np.asarray(values)
+    if values.size == 0 or not np.issubdtype(values.dtype, np.floating):
+        return
+    lo, hi = float(values.min()), float(values.max())  # NaN propagates into both
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise InputShapeError(_NONFINITE)
+    if max(-lo, hi) > FLOAT32_MAX:
+        raise InputShapeError(
+            f"The image holds values from {lo:.3g} to {hi:.3g}, beyond what float32 (the "
+            f"networks' number type, +-{FLOAT32_MAX:.3g}) can represent; rescale it first.")
+
+
+def check_network_batch(inputs_finite: bool, outputs_finite: bool, precision: str) -> None:
+    """Refuse a batch whose normalised tiles or whose network output is not finite.
+
+    Called once per batch by the tile predictor; both flags are computed on the device and read
+    once the output came back (no extra synchronisation).
+
+    Args:
+        inputs_finite: whether every value of the normalised batch fed to the network is finite.
+        outputs_finite: whether every output probability of the network is finite.
+        precision: the precision the network ran in (``fp32``, ``bf16``, ``fp16``).
+
+    Raises:
+        InputShapeError: non-finite normalised tiles (the intensity range overflows float32).
+        MedsegError: the network returned NaN or infinite values.
+    """
+    if not inputs_finite:
+        raise InputShapeError(_NONFINITE_NORMALISED)
+    if not outputs_finite:
+        hint = ("run again in fp32 precision (--precision fp32)" if precision != "fp32"
+                else "the checkpoint may be broken; try other weights")
+        raise MedsegError(f"The network returned NaN or infinite values in {precision} "
+                          f"precision; {hint}.")
 
 
 @dataclass(frozen=True)
@@ -145,10 +202,7 @@ def fit_normalization(
     samples = np.asarray(samples, dtype=np.float64)
     if samples.ndim == 1:
         samples = samples[None]
-    if not np.isfinite(samples).all():
-        raise InputShapeError(
-            "The image contains NaN or infinite pixels; replace them (e.g. with 0) first."
-        )
+    check_pixels(samples)
     channels = samples.shape[0]
     groups = [samples[c] for c in range(channels)] if config.per_channel else [samples.ravel()]
     offsets: list[float] = []
@@ -186,7 +240,20 @@ def fit_normalization(
         offsets, scales = [float(m) for m in mean], [float(s) for s in std]
     if mode in ("zscore", "meanstd", "none"):
         clip = False
+    _check_float32(offsets, scales)
     return NormalizationStats(tuple(offsets), tuple(scales), clip)
+
+
+def _check_float32(offsets: list[float], scales: list[float]) -> None:
+    """The fitted statistics as float32 holds them (what :meth:`~NormalizationStats.apply`
+    computes with) must be finite, and the scales above zero."""
+    with np.errstate(over="ignore"):
+        offset32 = np.asarray(offsets, np.float64).astype(np.float32)
+        scale32 = np.asarray(scales, np.float64).astype(np.float32)
+    if not (np.isfinite(offset32).all() and np.isfinite(scale32).all() and (scale32 > 0).all()):
+        raise InputShapeError(
+            "The image's intensity range cannot be normalised in float32 (offset "
+            f"{max(offsets, key=abs):.3g}, scale {max(scales, key=abs):.3g}); rescale it first.")
 
 
 def normalize(
@@ -202,7 +269,9 @@ def normalize(
         channel_axis: index of the channel axis, or None.
     """
     image = np.asarray(image)
+    check_pixels(image)
     stats = fit_normalization(sample_values(image, channel_axis), config)
-    if channel_axis is None:
-        return stats.apply(image[None], 0)[0]
-    return stats.apply(image, channel_axis)
+    out = stats.apply(image[None] if channel_axis is None else image, channel_axis or 0)
+    if not np.isfinite(out).all():
+        raise InputShapeError(_NONFINITE_NORMALISED)
+    return out[0] if channel_axis is None else out

@@ -72,7 +72,8 @@ from ..progress import (
     drain,
 )
 from . import postprocess
-from .normalization import DEFAULT_NORMALIZATION, fit_normalization, sample_values
+from .normalization import (DEFAULT_NORMALIZATION, check_pixels, fit_normalization,
+                            sample_values)
 from .plan import ACTIVATION_BYTES_PER_PIXEL, TilePlan, band_bytes
 from .predictor import OutOfMemory, TilePredictor, TileTooBig, model_bytes, tta_flips
 from .stitching import Stitcher
@@ -219,9 +220,8 @@ class _Run:
         # NaN/inf: checked here for in-memory images, per tile for lazy ones.
         self.float_input = np.issubdtype(np.dtype(self.image.dtype), np.floating)
         self.check_tiles = self.float_input and not isinstance(self.image, np.ndarray)
-        if self.float_input and not self.check_tiles and not np.isfinite(self.image).all():
-            raise InputShapeError(
-                "The image contains NaN or infinite pixels; replace them (e.g. with 0) first.")
+        if not self.check_tiles:
+            check_pixels(self.image)  # NaN, inf, or beyond float32's range
 
     def _normalization(self) -> Generator[ProgressEvent, None, None]:
         """Fitted once on the whole image (a regular subsample of it)."""
@@ -340,9 +340,8 @@ class _Run:
     # -- tiles --------------------------------------------------------------------------
     def prepare_tile(self, block: np.ndarray) -> np.ndarray:
         """A tile as the network takes it: checked for NaN (lazy images) and normalised."""
-        if self.check_tiles and not np.isfinite(block).all():
-            raise InputShapeError(
-                "The image contains NaN or infinite pixels; replace them (e.g. with 0) first.")
+        if self.check_tiles:
+            check_pixels(block)
         return self.stats.apply(block, 0)
 
     def first_batch(self) -> np.ndarray:

@@ -33,6 +33,7 @@ from ...errors import MedsegError
 from ...models.spec import HEAD_BOUNDARY, HEAD_MASK
 from ..device import free_memory
 from ..precision import PrecisionPolicy, autocast, resolve_precision
+from .normalization import check_network_batch
 
 __all__ = [
     "MAX_AUTO_BATCH",
@@ -237,6 +238,7 @@ class TilePredictor:
         import torch
 
         x = torch.from_numpy(batch).to(self.device)
+        finite = torch.isfinite(x).all()  # read after the output came back: no extra sync
         if self.channels_last:
             fmt = torch.channels_last if self.spec.spatial_dims == 2 else torch.channels_last_3d
             x = x.contiguous(memory_format=fmt)
@@ -281,7 +283,10 @@ class TilePredictor:
             var = (prob_sq / m - probs * probs).clamp_min(0.0).mean(dim=1, keepdim=True)
             probs = torch.cat([probs, var], dim=1)
         bnd = None if bnd_sum is None else (bnd_sum / m).cpu().numpy()
-        return probs.cpu().numpy(), bnd
+        finite_out = torch.isfinite(probs).all()
+        probs = probs.cpu().numpy()
+        check_network_batch(bool(finite), bool(finite_out), self.policy.name)
+        return probs, bnd
 
     def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities and boundary of a batch (see the class); out of memory splits it.
