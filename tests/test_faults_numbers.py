@@ -71,6 +71,22 @@ def test_lazy_float64_image_beyond_float32_range_is_refused(tmp_path):
         predict(z, make_analytic(), **FP32)
 
 
+def test_float64_image_below_float32_range_is_refused():
+    with pytest.raises(InputShapeError, match="float32") as err:
+        predict(_image(1e-300), make_analytic(), **FP32)  # was: zeros in float32, no mask
+    _one_sentence(err)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_an_image_of_small_values_is_scaled_by_its_own_range(dtype):
+    # Percentiles 1e-30 apart were floored to a 1e-6 scale: flat, an all-background mask.
+    image = _image()
+    settings = {"outputs": ("probabilities",), **FP32}
+    expected = predict(image.astype(dtype), make_analytic(), **settings)["probabilities"]
+    small = predict((image * 1e-30).astype(dtype), make_analytic(), **settings)["probabilities"]
+    np.testing.assert_allclose(small, expected, atol=1e-4)
+
+
 def test_float64_image_within_float32_range_still_predicts():
     result = predict(_image(1e30), make_analytic(), **FP32)
     assert result["mask"].any() and not result["mask"].all()

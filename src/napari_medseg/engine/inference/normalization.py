@@ -38,6 +38,7 @@ MAX_SAMPLES = 2_000_000
 _EPS = 1e-6
 #: Largest magnitude float32 (the networks' number type) holds.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 _NONFINITE = "The image contains NaN or infinite pixels; replace them (e.g. with 0) first."
 _NONFINITE_NORMALISED = ("The normalised image holds NaN or infinite values (its intensity "
                          "range overflows float32); rescale it or choose another normalization.")
@@ -47,8 +48,8 @@ def check_pixels(values) -> None:
     """Refuse pixels the networks cannot take: NaN, infinite, or beyond float32's range.
 
     Integer images always fit; a float64 image reaching beyond +-3.4e38 would turn into
-    infinities at the cast to float32 and give an all-background mask. Two passes (min and
-    max), no copy.
+    infinities at the cast to float32, one whose values all lie below 1.2e-38 into zeros
+    (subnormals), either giving an all-background mask. Two passes (min and max), no copy.
 
     Args:
         values: an array-like of pixels (a whole in-memory image, a tile, or samples).
@@ -62,10 +63,12 @@ def check_pixels(values) -> None:
     lo, hi = float(values.min()), float(values.max())  # NaN propagates into both
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise InputShapeError(_NONFINITE)
-    if max(-lo, hi) > FLOAT32_MAX:
+    largest = max(-lo, hi)
+    if largest > FLOAT32_MAX or 0 < largest < _FLOAT32_TINY:
         raise InputShapeError(
-            f"The image holds values from {lo:.3g} to {hi:.3g}, beyond what float32 (the "
-            f"networks' number type, +-{FLOAT32_MAX:.3g}) can represent; rescale it first.")
+            f"The image holds values from {lo:.3g} to {hi:.3g}, outside what float32 (the "
+            f"networks' number type, magnitudes {_FLOAT32_TINY:.2g} to {FLOAT32_MAX:.2g}) can "
+            "represent; rescale it first.")
 
 
 def check_network_batch(inputs_finite: bool, outputs_finite: bool, precision: str) -> None:
@@ -225,7 +228,7 @@ def fit_normalization(
         else:  # pragma: no cover - config validates the mode
             raise ValueError(f"unknown normalization {mode!r}")
         offsets.append(float(lo))
-        scales.append(max(float(hi) - float(lo), _EPS))
+        scales.append(_scale(float(lo), float(hi)))
     if not config.per_channel:
         offsets *= channels
         scales *= channels
@@ -244,13 +247,27 @@ def fit_normalization(
     return NormalizationStats(tuple(offsets), tuple(scales), clip)
 
 
+def _scale(lo: float, hi: float) -> float:
+    """``hi - lo``; a range within float32's rounding of the values (or none) is floored.
+
+    The floor ``_EPS`` keeps a constant image from dividing by zero; it is not applied to a
+    real range of small values (an image in metres, x1e-30), which it would flatten to an
+    all-background mask.
+    """
+    span = hi - lo
+    if span >= max(_EPS * max(abs(lo), abs(hi)), _FLOAT32_TINY):
+        return span
+    return max(span, _EPS)
+
+
 def _check_float32(offsets: list[float], scales: list[float]) -> None:
     """The fitted statistics as float32 holds them (what :meth:`~NormalizationStats.apply`
-    computes with) must be finite, and the scales above zero."""
+    computes with) must be finite, and the scales normal float32 numbers (above 1.2e-38)."""
     with np.errstate(over="ignore"):
         offset32 = np.asarray(offsets, np.float64).astype(np.float32)
         scale32 = np.asarray(scales, np.float64).astype(np.float32)
-    if not (np.isfinite(offset32).all() and np.isfinite(scale32).all() and (scale32 > 0).all()):
+    if not (np.isfinite(offset32).all() and np.isfinite(scale32).all()
+            and (scale32 >= _FLOAT32_TINY).all()):
         raise InputShapeError(
             "The image's intensity range cannot be normalised in float32 (offset "
             f"{max(offsets, key=abs):.3g}, scale {max(scales, key=abs):.3g}); rescale it first.")
