@@ -9,7 +9,8 @@ A checkpoint is two files with one stem:
   network's full config), ``in_channels``, ``num_classes``, ``classes``, ``normalization``,
   ``training_data`` (dataset, images, split), ``settings``, ``metrics``, ``parent`` (sha256 of
   the parent checkpoint's weights), ``plugin_version``, ``torch_version``, ``created``,
-  ``weights`` (the file name), ``dtype`` and ``sha256`` (of the weights file).
+  ``weights`` (the file name), ``dtype``, ``sha256`` (of the weights file) and
+  ``description_sha256`` (of this description, also in the header: :mod:`.descriptions`).
 
 Loading never unpickles (safetensors holds only tensors); the network is rebuilt from the
 registry with the stored config, and any missing, unexpected or mis-shaped tensor is a
