@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import Progress, ctrl_c_cancels, load_config, notice_line
+from .common import EXIT_CANCELLED, Progress, ctrl_c_cancels, load_config, notice_line
 from .common import add_compute_args, add_run_args, add_tiling_args, compute_flags
 
 __all__ = ["add_batch", "cmd_batch"]
@@ -57,7 +57,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     print(f"napari-medseg: {summary.line()}")
     print(f"napari-medseg: manifest {summary.manifest}")
     if summary.was_cancelled:
-        return 130
+        return EXIT_CANCELLED
     return 1 if summary.failed else 0
 
 
