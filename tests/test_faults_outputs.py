@@ -55,6 +55,13 @@ def _refused(capsys, *argv) -> str:
     return lines[0]
 
 
+def _deny_writes(monkeypatch, folder) -> None:
+    """``os.access`` says ``folder`` is not writable (as for a user without the right)."""
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if (
+        mode & os.W_OK and os.path.abspath(p) == str(folder)) else real(p, mode, *a, **k))
+
+
 def _snapshot(path):
     return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
 
@@ -133,6 +140,14 @@ def test_an_existing_output_needs_overwrite(folder, tmp_path, capsys):
 # --- predict: the output folder ------------------------------------------------------------
 
 
+def test_a_folder_is_never_replaced_by_an_output_file(folder, tmp_path, capsys):
+    mine = tmp_path / "result.tif"  # a folder that happens to have an image's name
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    line = _refused(capsys, "predict", folder / "a.tif", "-o", mine, "--overwrite", *PREDICT)
+    assert "existing folder" in line and (mine / "notes.txt").read_text() == "mine"
+
+
 def test_an_output_folder_that_is_a_file_is_refused(folder, tmp_path, capsys):
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
@@ -144,9 +159,7 @@ def test_an_unwritable_output_folder_is_refused_before_predicting(folder, tmp_pa
                                                                   monkeypatch):
     out = tmp_path / "locked"
     out.mkdir()
-    real = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if (
-        mode & os.W_OK and os.path.abspath(p) == str(out)) else real(p, mode, *a, **k))
+    _deny_writes(monkeypatch, out)
     line = _refused(capsys, "predict", folder, "-o", out / "masks", *PREDICT)
     assert "not writable" in line and not list(out.iterdir())
 
@@ -213,9 +226,7 @@ def test_batch_unwritable_output_folder_is_one_sentence(folder, tmp_path, capsys
                                                         monkeypatch):
     parent = tmp_path / "locked"
     parent.mkdir()
-    real = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if (
-        mode & os.W_OK and os.path.abspath(p) == str(parent)) else real(p, mode, *a, **k))
+    _deny_writes(monkeypatch, parent)
     monkeypatch.setattr(os, "mkdir", lambda *a, **k: (_ for _ in ()).throw(
         PermissionError(13, "Permission denied")))  # what a read-only folder does
     rc, _, err = _run(capsys, "batch", folder, parent / "out", *BATCH)

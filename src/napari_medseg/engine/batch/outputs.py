@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ...errors import ConfigError
+from ...io.detect import dicom_files_in, is_zarr_dir
 from ..inference.plan import format_bytes
 from .manifest import MANIFEST_NAME
 
@@ -112,6 +113,9 @@ def check_not_inputs(outputs: Iterable[str | os.PathLike],
             if inp is not None:
                 raise ConfigError(f"The output {out} is a folder holding the input {inp}; "
                                   "choose another output name.")
+            if not is_zarr_dir(out):  # only a zarr output is a folder: this is someone's
+                raise ConfigError(f"The output {out} is an existing folder, not an image "
+                                  "file; choose another output name.")
 
 
 def check_new_paths(paths: Iterable[str | os.PathLike], flag: str = "--overwrite") -> None:
@@ -199,8 +203,6 @@ def check_batch_outputs(out: str | os.PathLike, items: Iterable, todo: Iterable,
         ConfigError: the output folder is an image, an output is an input, an existing
             file would be replaced, or the folder cannot take the outputs.
     """
-    from ...io.detect import dicom_files_in, is_zarr_dir
-
     out = Path(out)
     if out.is_dir() and (is_zarr_dir(out) or dicom_files_in(out, limit=1)):
         raise ConfigError(f"The output folder {out} is an image (a zarr store or a DICOM "
