@@ -70,7 +70,8 @@ def add_batch(sub) -> argparse.ArgumentParser:
         description="Segment every image in IN_DIR into OUT_DIR as <name>_mask.<ext>, with a "
                     "manifest run.json. A re-run skips the files an earlier run finished with "
                     "the same weights and settings; unreadable files are reported and the "
-                    "rest go on.",
+                    "rest go on. A file in OUT_DIR that no earlier run recorded is never "
+                    "replaced (the run is refused before it starts).",
         epilog="Exit status: 0 all images done, 1 some failed, 2 the run could not start, "
                "130 cancelled.",
     )
