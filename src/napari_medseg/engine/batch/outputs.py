@@ -26,8 +26,6 @@ from ..inference.plan import format_bytes
 from .manifest import MANIFEST_NAME
 
 __all__ = [
-    "same_path",
-    "is_within",
     "input_bytes",
     "check_not_inputs",
     "check_new_paths",
@@ -39,19 +37,6 @@ __all__ = [
 
 def _resolved(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.path.expanduser(path))).resolve()
-
-
-def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """True when ``a`` and ``b`` name the same file or folder (links followed)."""
-    key = _key(Path(a))
-    if key is not None and key == _key(Path(b)):
-        return True
-    return _resolved(a) == _resolved(b)
-
-
-def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
-    """True when ``path`` lies inside ``folder`` (links followed; not ``folder`` itself)."""
-    return _resolved(folder) in _resolved(path).parents
 
 
 def input_bytes(path: str | os.PathLike) -> int:
@@ -91,7 +76,8 @@ def check_not_inputs(outputs: Iterable[str | os.PathLike],
     inputs = [Path(p) for p in inputs]
     by_path = {_resolved(p): p for p in inputs}
     by_key = {k: p for p in inputs if (k := _key(p)) is not None}
-    folders = {_resolved(p): p for p in inputs if p.is_dir()}
+    folders = {r: p for r, p in by_path.items() if p.is_dir()}
+    holders = {parent: p for r, p in by_path.items() for parent in r.parents}
     seen: set[Path] = set()
     for out in map(Path, outputs):
         resolved = _resolved(out)
@@ -109,7 +95,7 @@ def check_not_inputs(outputs: Iterable[str | os.PathLike],
             raise ConfigError(f"The output {out} lies inside the input {inp}; choose an "
                               "output folder outside it.")
         if out.is_dir():
-            inp = next((p for p in inputs if is_within(p, out)), None)
+            inp = holders.get(resolved)
             if inp is not None:
                 raise ConfigError(f"The output {out} is a folder holding the input {inp}; "
                                   "choose another output name.")
@@ -165,8 +151,8 @@ def check_task_outputs(tasks: Iterable, overwrite: bool = False) -> None:
 
     Outputs must not be inputs (see :func:`check_not_inputs`); existing outputs are refused
     without ``overwrite`` (a task streaming into a zarr store leaves that to the store, which
-    resumes its own run); each output folder must take about the inputs' size (a lower
-    bound of a label image's size is not known before reading, the input's is used).
+    resumes its own run); each output folder must have room for about the input's size per
+    output (the outputs' real size is known only once an image is read).
 
     Raises:
         ConfigError: one sentence for the first problem found.
