@@ -291,3 +291,24 @@ def test_finetune_ctrl_c_exits_130_and_keeps_the_best(base, nuclei_folders, tmp_
     rc, _, err = _finetune(capsys, base, nuclei_folders, out, "--steps", "50")
     assert rc == 130, err
     assert out.is_file() and out.with_suffix(".json").is_file()
+
+
+def test_a_write_that_fails_after_predicting_is_one_sentence(folder, tmp_path, capsys,
+                                                             monkeypatch):
+    """A folder the checks passed but the write is refused (made read-only meanwhile, an
+    ACL os.access does not see): one sentence, nothing half-written."""
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    real = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == out:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    rc, _, err = _run(capsys, "predict", folder / "a.tif", "-o", out, *PREDICT)
+    assert rc == 2 and "Traceback" not in err, err
+    assert "Could not write" in err and "Permission denied" in err
+    assert not out.exists()
