@@ -312,3 +312,25 @@ def test_a_write_that_fails_after_predicting_is_one_sentence(folder, tmp_path, c
     assert rc == 2 and "Traceback" not in err, err
     assert "Could not write" in err and "Permission denied" in err
     assert not out.exists()
+
+
+def test_a_zarr_output_being_replaced_survives_a_failed_rename(tmp_path, monkeypatch):
+    from napari_medseg.engine.batch.task import PARTIAL_PREFIX, write_atomic
+    from napari_medseg.errors import ImageWriteError
+    from napari_medseg.io import read_image
+
+    final = tmp_path / "a_mask.zarr"
+    write_atomic(final, np.ones((8, 8), np.uint8), ImageMeta("YX"))
+    real = os.replace
+
+    def replace(src, dst):  # moving the new store into place fails (the disk filled up)
+        name = os.path.basename(src)
+        if name.startswith(PARTIAL_PREFIX) and "-old-" not in name:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(ImageWriteError, match="No space left"):
+        write_atomic(final, np.zeros((8, 8), np.uint8), ImageMeta("YX"))
+    assert np.asarray(read_image(final)[0]).min() == 1  # the earlier output is still there
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(PARTIAL_PREFIX)]

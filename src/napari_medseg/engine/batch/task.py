@@ -250,6 +250,9 @@ def write_atomic(final: Path, data: Any, meta: Any, labels: bool = True) -> Path
             os.replace(final, old)  # a directory (zarr) cannot be replaced in one step
         os.replace(tmp, final)
     except OSError as exc:  # a full disk, a folder made read-only meanwhile
+        if old.exists() and not final.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, final)  # the earlier output stays
         raise ImageWriteError(f"Could not write {final} ({exc.strerror or exc}); check the "
                               "output folder's free space and permissions.") from exc
     finally:
