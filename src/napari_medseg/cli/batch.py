@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import Progress, ctrl_c_cancels, load_config, notice_line
+from .common import EXIT_CANCELLED, Progress, ctrl_c_cancels, load_config, notice_line
 from .common import add_compute_args, add_run_args, add_tiling_args, compute_flags
 
 __all__ = ["add_batch", "cmd_batch"]
@@ -57,7 +57,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     print(f"napari-medseg: {summary.line()}")
     print(f"napari-medseg: manifest {summary.manifest}")
     if summary.was_cancelled:
-        return 130
+        return EXIT_CANCELLED
     return 1 if summary.failed else 0
 
 
@@ -70,7 +70,8 @@ def add_batch(sub) -> argparse.ArgumentParser:
         description="Segment every image in IN_DIR into OUT_DIR as <name>_mask.<ext>, with a "
                     "manifest run.json. A re-run skips the files an earlier run finished with "
                     "the same weights and settings; unreadable files are reported and the "
-                    "rest go on.",
+                    "rest go on. A file in OUT_DIR that no earlier run recorded is never "
+                    "replaced (the run is refused before it starts).",
         epilog="Exit status: 0 all images done, 1 some failed, 2 the run could not start, "
                "130 cancelled.",
     )

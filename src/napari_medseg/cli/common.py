@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 __all__ = [
+    "EXIT_CANCELLED",
     "Command",
     "Progress",
     "load_config",
@@ -21,6 +22,9 @@ __all__ = [
     "add_compute_args",
     "add_run_args",
 ]
+
+#: The exit status of a command stopped by Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_CANCELLED = 130
 
 #: A command: parsed arguments -> exit status.
 Command = Callable[[argparse.Namespace], int]
@@ -46,7 +50,9 @@ def notice_line(event) -> str:
 @contextmanager
 def ctrl_c_cancels(token, stopping: Callable[[], None]) -> Iterator[None]:
     """Inside: the first Ctrl-C cancels ``token`` and calls ``stopping()`` (to say so), a
-    second raises KeyboardInterrupt. Only in the main thread; elsewhere nothing changes."""
+    second raises KeyboardInterrupt. Only in the main thread; elsewhere nothing changes.
+
+    A command that ends after a cancel returns :data:`EXIT_CANCELLED`, whatever it kept."""
     import signal
 
     def on_sigint(signum, frame):

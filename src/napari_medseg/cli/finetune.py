@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .common import Progress, add_compute_args, add_run_args, ctrl_c_cancels
+from .common import EXIT_CANCELLED, Progress, add_compute_args, add_run_args, ctrl_c_cancels
 from .common import load_config, notice_line
 
 __all__ = ["add_finetune", "cmd_finetune"]
@@ -68,14 +68,30 @@ def _summary(result, parent: str | None) -> dict:
     }
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse an ``-o`` that is the base checkpoint (either of its files, or its stem), or
+    that exists without ``--overwrite``; before anything is loaded or trained."""
+    from ..engine.batch.outputs import check_new_paths, check_not_inputs, check_output_folder
+    from ..engine.checkpoints import checkpoint_paths
+
+    outputs = checkpoint_paths(args.output)
+    base = [p for p in checkpoint_paths(args.weights) if p.exists()]
+    check_not_inputs(outputs, base)  # both files: -o base.json or the stem are refused too
+    if not args.overwrite:
+        check_new_paths(outputs)
+    check_output_folder(outputs[0].parent)
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
-    """``napari-medseg finetune``: writes the checkpoint; 0 done, 2 an error."""
+    """``napari-medseg finetune``: writes the checkpoint; 0 done, 2 an error, 130 stopped by
+    Ctrl-C (the best weights so far are written all the same)."""
     from ..engine.checkpoints import resolve_weights
     from ..engine.progress import CancelToken
     from ..engine.training.corrections import samples_from_folders
     from ..engine.training.workflow import finetune_samples_iter
 
     config = _finetune_config(args)
+    _check_output(args)
     model, info = resolve_weights(args.weights)
     spec = model.spec
     samples, files_hash = samples_from_folders(
@@ -96,12 +112,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 model, samples, config, output=args.output, data=data,
                 base_source=args.weights, cancel=token), bar, args.quiet)
     assert result is not None
+    cancelled = result.stopped == "cancelled"
     if args.json:
         print(json.dumps(_summary(result, info.sha256), indent=2))
     else:
         print(f"napari-medseg: wrote {result.checkpoint} (use it with --weights "
               f"{result.checkpoint})")
-    return 0
+    return EXIT_CANCELLED if cancelled else 0
 
 
 def add_finetune(sub) -> argparse.ArgumentParser:
@@ -115,6 +132,8 @@ def add_finetune(sub) -> argparse.ArgumentParser:
                    help="folder of masks (class or instance labels) named like the images")
     p.add_argument("-o", "--output", required=True, metavar="CKPT",
                    help="the fine-tuned checkpoint (.safetensors; the .json goes beside it)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing CKPT (never the base checkpoint)")
     p.add_argument("--steps", help="optimisation steps at most (default 200)")
     p.add_argument("--lr", help="peak learning rate (default 3e-4)")
     p.add_argument("--freeze-encoder", action="store_true",

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .common import Progress, ctrl_c_cancels, load_config, notice_line
+from .common import EXIT_CANCELLED, Progress, ctrl_c_cancels, load_config, notice_line
 from .common import add_compute_args, add_run_args, add_tiling_args, compute_flags
 
 __all__ = ["add_predict", "cmd_predict"]
@@ -234,7 +234,7 @@ class _Predictor:
                 kept = (f"the finished slices are kept in {task.output_path}"
                         if args.format == "zarr" else "nothing was written")
                 print(f"napari-medseg: {task.name}: cancelled; {kept}.", file=err)
-                return 130
+                return EXIT_CANCELLED
             if not args.quiet:
                 print(_done_line(task, result), file=err)
         except MedsegError as exc:
@@ -248,6 +248,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     err = sys.stderr
     tasks = _tasks(args, _predict_config(args))
+    if not args.plan_only:  # before any prediction: never over an input, nor unasked
+        from ..engine.batch.outputs import check_task_outputs
+
+        check_task_outputs(tasks, overwrite=args.overwrite)
     token = CancelToken()
     predictor = _Predictor(args, token, single=len(tasks) == 1)
 
@@ -303,7 +307,8 @@ def add_predict(sub) -> argparse.ArgumentParser:
                    help="percentile, minmax, zscore, none ... (default: the model card's)")
     p.add_argument("--probabilities-dtype", choices=("float16", "uint8"))
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a zarr output that holds another run")
+                   help="replace existing outputs (and a zarr output that holds another run); "
+                        "an input is never replaced")
     p.add_argument("--plan-only", action="store_true",
                    help="print the tile plan (with a one-batch probe) and stop")
     add_run_args(p, "predict", quiet_help="no plan and no progress bar")

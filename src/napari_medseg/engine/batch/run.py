@@ -59,6 +59,7 @@ from .manifest import (
     settings_of,
     utc_now,
 )
+from .outputs import check_batch_outputs
 from .scan import ImageItem, find_images
 from .task import (
     PARTIAL_PREFIX,
@@ -341,12 +342,14 @@ def _open_iter(
     driver's model."""
     weights, model, notices = resolve_run_weights(config)
     yield from notices
-    out.mkdir(parents=True, exist_ok=True)
-    clean_partials(out)
     manifest = Manifest(out / MANIFEST_NAME)
     for note in manifest.notices:
         yield NoticeEvent(message=note, level="warning")
     ledger = _Ledger(root, out, config, weights, manifest, items, t0, started)
+    check_batch_outputs(out, items, ledger.todo,
+                        [f.get("output") for f in manifest.previous.values()])
+    out.mkdir(parents=True, exist_ok=True)
+    clean_partials(out)
     yield from ledger.notices
     for it in items:
         yield ledger.event(it.name)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ...config import BatchConfig, PredictConfig
-from ...errors import CheckpointError, ConfigError, MedsegError
+from ...errors import CheckpointError, ConfigError, ImageWriteError, MedsegError
 from ...models.registry import state_sha256
 from ..progress import (
     CancelToken,
@@ -233,19 +233,28 @@ def write_atomic(final: Path, data: Any, meta: Any, labels: bool = True) -> Path
 
     Returns:
         ``final``.
+
+    Raises:
+        ImageWriteError: the folder cannot be written or filled up (nothing is left behind).
     """
     from ...io import write_image, write_labels
 
-    final.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:8]
     tmp = final.with_name(f"{PARTIAL_PREFIX}{token}-{final.name}")
     old = final.with_name(f"{PARTIAL_PREFIX}{token}-old-{final.name}")
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         kwargs = {"name": image_stem(final.name)} if final.name.lower().endswith(".zarr") else {}
         (write_labels if labels else write_image)(tmp, data, meta, **kwargs)
         if final.is_dir() and not final.is_symlink():
             os.replace(final, old)  # a directory (zarr) cannot be replaced in one step
         os.replace(tmp, final)
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile
+        if old.exists() and not final.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, final)  # the earlier output stays
+        raise ImageWriteError(f"Could not write {final} ({exc.strerror or exc}); check the "
+                              "output folder's free space and permissions.") from exc
     finally:
         remove_path(tmp)
         remove_path(old)
