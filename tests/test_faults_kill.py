@@ -29,7 +29,9 @@ from napari_medseg.engine.checkpoints import resolve_weights
 from napari_medseg.io import ImageMeta, read_image, write_image
 from test_batch import _blobs, checkpoint  # noqa: F401 - the tiny checkpoint fixture
 
-pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+# Fifteen CLI starts (each imports torch): about a minute on a quiet 2-core machine. ``slow``
+# only labels them; the README's test command (scripts/test.sh) runs them.
+pytestmark = [pytest.mark.skipif(os.name != "posix", reason="POSIX signals"), pytest.mark.slow]
 
 #: Settings that make every run fast and deterministic.
 FAST = ("--device", "cpu", "--precision", "fp32", "--tile", "64")
