@@ -7,6 +7,7 @@ pixels that count, with ``replay_fraction`` of them from the earlier samples.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,8 @@ class ReplayStore:
         if not line.is_dir():
             return []
         skip = set(exclude)
-        files = sorted(line.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
+        files = sorted((p for p in line.glob("*.npz") if not p.name.startswith(".")),
+                       key=lambda p: p.stat().st_mtime, reverse=True)  # "." : being written
         out: list[RegionSample] = []
         for path in files:
             if len(out) >= limit:
@@ -169,6 +171,6 @@ class ReplayStore:
                         boundary=data["boundary"] if "boundary" in data else None,
                         name=name, group=f"replay:{data['group']}",
                         valid=data["valid"] if "valid" in data else None))
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
                 continue  # a damaged file is skipped
         return out
