@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import napari_medseg
 from napari_medseg.cli import main
 from napari_medseg.engine.batch.run import MANIFEST_NAME, run_folder, run_folder_iter
 from napari_medseg.engine.progress import NoticeEvent
@@ -28,7 +29,7 @@ from napari_medseg.models import create_model
 FAST = {"device": "cpu", "precision": "fp32", "tile": 64}
 RANDOM = {"model": "msa2net", "variant": "tiny", **FAST}
 LOCK_NAME = ".medseg-batch.lock"  # engine.batch.lock.LOCK_NAME
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(napari_medseg.__file__).resolve().parents[1])  # the package under test
 
 
 def _images(folder: Path, names=("a.tif", "b.tif", "c.tif", "d.tif")) -> Path:
@@ -154,12 +155,38 @@ def test_cli_plan_only_of_an_empty_100000_square_zarr(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(zarr.Array, "__getitem__", counting)
     monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr("napari_medseg.engine.inference.plan.available_memory", lambda: 2 ** 30)
+    monkeypatch.setattr("napari_medseg.engine.inference.plan.available_memory", lambda: 2 ** 30,
+                        raising=False)
     rc = main(["predict", str(path), "-o", str(tmp_path / "out"), "--model", "msa2net",
                "--variant", "tiny", "--device", "cpu", "--plan-only", "-q"])
     out = capsys.readouterr().out
     assert rc == 0 and reads == []
     assert "only 1.0 GiB is available; write them to a zarr store instead" in out
+    assert "The image holds no data: none of its 9604 chunks is written" in out
+
+
+def test_a_store_with_nothing_written_is_refused_before_a_long_job(tmp_path, monkeypatch,
+                                                                   capsys):
+    import zarr
+
+    path = tmp_path / "empty.zarr"
+    zarr.create_array(str(path), shape=(512, 512), chunks=(256, 256), dtype="uint8")
+    monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
+    rc = main(["predict", str(path), "-o", str(tmp_path / "out"), "--model", "msa2net",
+               "--variant", "tiny", "--device", "cpu", "--format", "zarr", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: The image holds no data: none of its 4 chunks is written, so " \
+        "every pixel is the store's fill value; write the image first" in err
+    assert "Traceback" not in err and not (tmp_path / "out" / "empty.zarr").exists()
+    from napari_medseg.engine.inference.pipeline import predict
+    from napari_medseg.errors import InputShapeError
+
+    with pytest.raises(InputShapeError, match="none of its 4 chunks is written"):
+        predict(zarr.open_array(str(path), mode="r"), create_model("msa2net", "tiny", 1, 2),
+                **FAST)
+    zarr.open_array(str(path), mode="r+")[:1, :1] = 7  # one chunk written: it runs
+    assert main(["predict", str(path), "-o", str(tmp_path / "out"), "--model", "msa2net",
+                 "--variant", "tiny", "--device", "cpu", "--format", "zarr", "-q"]) == 0
 
 
 def test_outputs_larger_than_the_memory_available_are_refused_before_any_work(
@@ -167,7 +194,8 @@ def test_outputs_larger_than_the_memory_available_are_refused_before_any_work(
     from napari_medseg.engine.inference import pipeline
     from napari_medseg.engine.inference.predictor import OutOfMemory
 
-    monkeypatch.setattr("napari_medseg.engine.inference.plan.available_memory", lambda: 1000)
+    monkeypatch.setattr("napari_medseg.engine.inference.plan.available_memory", lambda: 1000,
+                        raising=False)
     model = create_model("msa2net", "tiny", 1, 2)
     image = np.zeros((128, 128), np.uint8)
     events = []

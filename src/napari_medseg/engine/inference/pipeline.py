@@ -72,7 +72,13 @@ from ..progress import (
 )
 from . import postprocess
 from .normalization import DEFAULT_NORMALIZATION, fit_normalization, sample_values
-from .plan import ACTIVATION_BYTES_PER_PIXEL, TilePlan, band_bytes, memory_shortfall
+from .plan import (
+    ACTIVATION_BYTES_PER_PIXEL,
+    TilePlan,
+    band_bytes,
+    memory_shortfall,
+    unwritten_message,
+)
 from .predictor import OutOfMemory, TilePredictor, TileTooBig, model_bytes, tta_flips
 from .sinks import SizingSink
 from .stitching import Stitcher
@@ -184,9 +190,12 @@ class _Run:
 
         Raises:
             OutOfMemory: in-memory outputs larger than the memory available now.
+            InputShapeError: a store array none of whose chunks is written.
         """
         yield from self._layouts()
         self._check_input()
+        if not plan_only and (empty := unwritten_message(self.image, self.meta)):
+            raise InputShapeError(empty)
         yield from self._device()
         yield from self._tiling()
         self._open_writer(SizingSink())  # sized before any work; nothing allocated

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .tiling import TileGrid
 
 __all__ = ["TilePlan", "band_bytes", "format_bytes", "format_seconds", "available_memory",
-           "memory_shortfall"]
+           "memory_shortfall", "unwritten_message"]
 
 #: Activation bytes guessed per input pixel and sample before a probe measures them (a
 #: U-Net-like network in fp32 holds roughly this many bytes of live feature maps per pixel).
@@ -88,6 +88,27 @@ def memory_shortfall(output_bytes: int) -> str | None:
     return (f"The outputs would hold {format_bytes(output_bytes)} in memory but only "
             f"{format_bytes(free)} is available; write them to a zarr store instead "
             "(--format zarr on the command line, store= in Python).")
+
+
+def unwritten_message(image, meta=None) -> str | None:
+    """One sentence when ``image`` is a chunked store array (a zarr array, or one the reader
+    found without chunks: ``meta.extra["chunks_written"]`` False) none of whose chunks is
+    written, so every pixel is its fill value; None otherwise (or when it cannot be told)."""
+    extra = getattr(meta, "extra", None) or {}
+    if extra.get("chunks_written") is False:
+        total = math.prod(getattr(image, "numblocks", None) or (0,))
+    else:
+        count = getattr(image, "nchunks_initialized", None)
+        try:
+            if int(count() if callable(count) else count):
+                return None
+            total = int(image.nchunks)
+        except (TypeError, ValueError, AttributeError, OSError):
+            return None
+    if not total:
+        return None
+    return (f"The image holds no data: none of its {total} chunks is written, so every pixel "
+            "is the store's fill value; write the image first or check its path.")
 
 
 @dataclass(frozen=True)

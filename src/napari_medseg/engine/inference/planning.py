@@ -17,7 +17,7 @@ import numpy as np
 from ...config import PredictConfig
 from ..progress import CancelToken, drain
 from .pipeline import _config, _Run
-from .plan import TilePlan, memory_shortfall
+from .plan import TilePlan, memory_shortfall, unwritten_message
 from .predictor import TileTooBig
 
 __all__ = ["plan_prediction"]
@@ -44,7 +44,7 @@ def plan_prediction(
     (the first warms the kernels up) to measure the time per tile pass and the activation
     memory. Nothing is written (a store in the config is not opened; its outputs count as
     streamed, not held in memory). A plan whose in-memory outputs exceed the memory
-    available now carries a note saying so.
+    available now, or of a store array with no chunk written, carries a note saying so.
     """
     config = _config(config, settings)
     streamed = bool(config.store)
@@ -52,9 +52,9 @@ def plan_prediction(
     try:
         drain(run.setup(plan_only=True))
         shortfall = None if streamed else memory_shortfall(run.plan.output_bytes)
-        run.plan = run.plan.replace(
-            output_bytes=0 if streamed else run.plan.output_bytes,
-            notes=tuple(run.plan.notes) + ((shortfall,) if shortfall else ()))
+        notes = tuple(m for m in (unwritten_message(image, meta), shortfall) if m)
+        run.plan = run.plan.replace(output_bytes=0 if streamed else run.plan.output_bytes,
+                                    notes=tuple(run.plan.notes) + notes)
         if not probe:
             return run.plan
         batch = _zero_batch(run)
