@@ -15,7 +15,7 @@ import socket
 import uuid
 from pathlib import Path
 
-from ...errors import ConfigError
+from ...errors import ConfigError, ImageWriteError
 from .manifest import utc_now
 
 __all__ = ["LOCK_NAME", "RunLock", "pid_alive"]
@@ -77,6 +77,10 @@ class RunLock:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
+        except OSError as exc:
+            raise ImageWriteError(f"Cannot write into the output folder {self.path.parent} "
+                                  f"({exc.strerror or exc}); choose a folder you can write "
+                                  "to.") from None
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(self._content())
         return True
@@ -109,6 +113,7 @@ class RunLock:
 
         Raises:
             ConfigError: another run on this or another host holds the folder.
+            ImageWriteError: the folder is not writable.
         """
         for _ in range(5):
             if self._create():
