@@ -104,6 +104,22 @@ def test_a_lock_a_killed_run_left_is_taken_over_with_a_notice(tmp_path):
     assert not (out / LOCK_NAME).exists()
 
 
+def test_a_lock_whose_pid_now_belongs_to_a_newer_process_is_taken_over(tmp_path):
+    src, out = _images(tmp_path / "in", ("a.tif",)), tmp_path / "out"
+    out.mkdir()
+    newer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK_NAME).write_text(json.dumps({
+            "pid": newer.pid, "host": socket.gethostname(), "started": "an hour ago",
+            "epoch": time.time() - 3600, "token": "old"}))
+        events = list(run_folder_iter(src, out, **RANDOM))
+    finally:
+        newer.kill()
+        newer.wait()
+    assert any(isinstance(e, NoticeEvent) and "Took over the lock" in e.message for e in events)
+    assert not (out / LOCK_NAME).exists()
+
+
 def test_run_json_is_merged_with_what_is_on_disk(tmp_path):
     src, out = _images(tmp_path / "in"), tmp_path / "out"
     run_folder(src, out, pattern="[ab]*", **RANDOM)

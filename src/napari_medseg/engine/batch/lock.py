@@ -3,8 +3,9 @@
 The lock is created with ``O_CREAT | O_EXCL`` (only one process can create it) and holds the
 run's pid, host, start time and a random token. A second run into the same folder is refused
 with one sentence naming the first run. A lock left by a run that no longer exists on this
-host (killed, crashed) is taken over, with a notice; a lock of another host is never taken
-over (its process cannot be checked from here).
+host (killed, crashed; or its pid now belongs to a process started after the lock was written)
+is taken over, with a notice; a lock of another host is never taken over (its process cannot
+be checked from here).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -37,6 +39,17 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def _process_started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch; Linux ``/proc``), else None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        with open("/proc/stat", encoding="ascii") as fh:
+            boot = next(float(line.split()[1]) for line in fh if line.startswith("btime"))
+        return boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _read(path: Path) -> dict | None:
@@ -69,7 +82,8 @@ class RunLock:
 
     def _content(self) -> str:
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                           "started": utc_now(), "token": self.token}) + "\n"
+                           "started": utc_now(), "epoch": time.time(),
+                           "token": self.token}) + "\n"
 
     def _create(self) -> bool:
         """Create the lock file atomically; False when it exists."""
@@ -91,7 +105,14 @@ class RunLock:
             pid = int(other.get("pid"))
         except (TypeError, ValueError):
             return False
-        return other.get("host") == socket.gethostname() and not pid_alive(pid)
+        if other.get("host") != socket.gethostname():
+            return False
+        if not pid_alive(pid):
+            return True
+        started, written = _process_started(pid), other.get("epoch")
+        # the pid was reused: its process began after the lock was written (2 s margin)
+        return isinstance(written, (int, float)) and started is not None \
+            and started > written + 2
 
     def _take_over(self, other: dict) -> None:
         """Remove the stale lock ``other`` (only if it is still that one)."""
