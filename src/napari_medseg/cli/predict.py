@@ -217,7 +217,7 @@ class _Predictor:
 
         args, err = self.args, sys.stderr
         try:
-            image, meta = read_image(task.input_path)
+            image, meta = read_image(task.input_path, series=args.series)
         except MedsegError as exc:
             self._failed(task, exc)
             return None
@@ -282,6 +282,8 @@ def add_predict(sub) -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output folder (or one file name for a single input)")
+    p.add_argument("--series", metavar="UID",
+                   help="the DICOM SeriesInstanceUID to read from a folder holding several")
     p.add_argument("--model", help="network name (see `napari-medseg models`)")
     p.add_argument("--variant", help="network variant (tiny, lite, paper; default lite)")
     p.add_argument("--weights", metavar="TAG|PATH",

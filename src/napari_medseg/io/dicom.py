@@ -99,7 +99,8 @@ def _pick_series(path: Path, series: str | None) -> tuple[str, list[tuple[Path, 
             )
             raise ImageReadError(
                 f"The folder {folder} holds {len(groups)} DICOM series ({listing}); choose one "
-                "with series=<SeriesInstanceUID> or put each series in its own folder."
+                "with --series UID on the command line (series=UID in Python) or put each "
+                "series in its own folder."
             )
         series = next(iter(groups))
     if series not in groups:

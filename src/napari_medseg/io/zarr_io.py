@@ -46,6 +46,21 @@ def _open(path: Path) -> Any:
         ) from exc
 
 
+def _chunks_written(arr: Any) -> bool | None:
+    """Whether a local zarr array's folder holds any chunk (None: not a local folder).
+
+    Looks at the folder's first entries only, so it stays cheap on a store of many chunks.
+    """
+    root = getattr(getattr(getattr(arr, "store_path", None), "store", None), "root", None)
+    if root is None:
+        return None
+    try:
+        with os.scandir(Path(root) / str(getattr(arr, "path", ""))) as entries:
+            return any(e.name not in (".zarray", ".zattrs", "zarr.json") for e in entries)
+    except OSError:
+        return None
+
+
 def _ngff(attrs: dict) -> dict:
     """The NGFF attributes (0.5 nests them under ``"ome"``)."""
     ome = attrs.get("ome")
@@ -242,6 +257,9 @@ def read_zarr_levels(path: str | os.PathLike) -> tuple[list[Any], list[ImageMeta
             "ngff_version": _ngff_version(found.attrs),
             "labels": is_labels,
         })
+        written = _chunks_written(arr)
+        if written is not None:
+            extra["chunks_written"] = written
         if label_names:
             extra["label_names"] = label_names
         affine = stored.get("affine") if stored_ok and lvl == 0 else None

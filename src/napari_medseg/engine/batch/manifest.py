@@ -3,8 +3,10 @@
 The manifest in the output folder records the weights (sha256), the settings that decide what
 a run writes (hashed), each input's size and modification time, and each file's status. A
 later run skips a file when all of these match and its output exists. The manifest is only
-written by the driver, atomically, after every file; temporary files an interrupted run left
-behind are removed when the next run starts.
+written by the driver, atomically (a temporary file renamed over it), after every file, and
+merged with what is on disk: the entries of files this run does not touch and the other
+runs' entries are kept. Temporary files an interrupted run left behind are removed when the
+next run starts (one run per folder at a time: :mod:`.lock`).
 """
 
 from __future__ import annotations
@@ -116,15 +118,40 @@ class Manifest:
         self.notices: list[str] = []
         self.data: dict[str, Any] = {}
         if path.is_file():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-                if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-                    raise ValueError
-                self.previous = dict(data.get("files") or {})
-                self.runs = list(data.get("runs") or [])
-            except (ValueError, OSError):
+            data = self._load()
+            if data is None:
                 self.notices.append(f"The manifest {path} is not readable; starting a new one "
                                     "(every file is predicted again).")
+            else:
+                self.previous = dict(data.get("files") or {})
+                self.runs = list(data.get("runs") or [])
+
+    def _load(self) -> dict | None:
+        """The manifest on disk; None when it is absent or not a readable manifest."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            return None
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            return None
+        return data
+
+    def merged(self) -> dict[str, Any]:
+        """:attr:`data` merged with the manifest on disk: the files and runs it does not
+        hold are kept (this run's entries win; runs are told apart by ``run_id``)."""
+        disk = self._load()
+        if disk is None:
+            return self.data
+        data = dict(self.data)
+        files = {k: v for k, v in dict(disk.get("files") or {}).items() if isinstance(v, dict)}
+        files.update(data.get("files") or {})
+        data["files"] = files
+        runs = list(data.get("runs") or [])
+        if runs:
+            mine = runs[-1].get("run_id")
+            data["runs"] = [r for r in disk.get("runs") or []
+                            if not isinstance(r, dict) or r.get("run_id") != mine] + [runs[-1]]
+        return data
 
     def finished_before(self, name: str, output: str | None, stamp: dict, weights_sha256: str,
                         settings_hash: str) -> dict | None:
@@ -137,10 +164,12 @@ class Manifest:
         return prev if same and (self.path.parent / str(output)).exists() else None
 
     def write(self) -> None:
-        """Write :attr:`data` under a temporary name, then rename it over the manifest."""
+        """Write :attr:`data`, merged with the manifest on disk (:meth:`merged`), under a
+        temporary name, then rename it over the manifest."""
         tmp = self.path.with_name(f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:8]}-{self.path.name}")
         try:
-            tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n", encoding="utf-8")
+            tmp.write_text(json.dumps(self.merged(), indent=2, default=str) + "\n",
+                           encoding="utf-8")
             os.replace(tmp, self.path)
         finally:
             remove_path(tmp)

@@ -19,7 +19,9 @@ What a run does, in order:
    or on a Dask cluster (:mod:`.executors`).
 4. **Record**: ``run.json`` in ``out_dir`` (weights, settings, per-file status, timing and
    errors, counts, one entry per run in ``runs``) is rewritten atomically after every file,
-   by the driver only. Two runs must not share an output folder at the same time.
+   by the driver only, and merged with the file on disk (entries of other files are kept).
+   One run per output folder at a time: a second run is refused while the first holds the
+   folder's lock (:mod:`.lock`); a lock a killed run left is taken over.
 
 Each image's outputs are held in memory until written (one image at a time per worker).
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import uuid
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +50,7 @@ from ..progress import (
     drain,
 )
 from . import executors
+from .lock import RunLock
 from .manifest import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -59,7 +63,7 @@ from .manifest import (
     settings_of,
     utc_now,
 )
-from .outputs import check_batch_outputs
+from .outputs import check_batch_outputs, check_output_folder
 from .scan import ImageItem, find_images
 from .task import (
     PARTIAL_PREFIX,
@@ -196,6 +200,7 @@ class _Ledger:
         self.root, self.out, self.config, self.weights = root, out, config, weights
         self.manifest = manifest
         self.t0, self.started = t0, started
+        self.run_id = uuid.uuid4().hex[:12]
         self.settings = settings_of(config)
         self.settings_hash = settings_hash(self.settings)
         self.images = [it for it in items if it.reason is None]
@@ -247,9 +252,9 @@ class _Ledger:
             "started": self.started, "updated": utc_now(), "seconds": self._seconds(),
             "skipped": self.counts["skipped"], "summary": counts,
             "model_loads": self.counts["model_loads"], "files": self.files,
-            "runs": self.manifest.runs + [{"started": self.started, "state": state,
-                                           "executor": self.executor, **counts,
-                                           "seconds": self._seconds()}],
+            "runs": self.manifest.runs + [{"run_id": self.run_id, "started": self.started,
+                                           "state": state, "executor": self.executor,
+                                           **counts, "seconds": self._seconds()}],
         }
         self.manifest.write()
 
@@ -336,20 +341,25 @@ def _folders(in_dir: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Pat
 
 
 def _open_iter(
-    root: Path, out: Path, config: BatchConfig, items: list[ImageItem], t0: float, started: str
+    root: Path, out: Path, config: BatchConfig, items: list[ImageItem], t0: float, started: str,
+    lock: RunLock,
 ) -> Generator[ProgressEvent, None, tuple[_Ledger, Any]]:
-    """Load the weights, read the manifest and enter every file; returns the ledger and the
-    driver's model."""
+    """Load the weights, take the output folder's ``lock``, read the manifest and enter every
+    file; returns the ledger and the driver's model."""
     weights, model, notices = resolve_run_weights(config)
     yield from notices
+    check_output_folder(out)  # a file or an unwritable folder: before anything is made
+    out.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    for note in lock.notices:
+        yield NoticeEvent(message=note, level="warning")
+    clean_partials(out)
     manifest = Manifest(out / MANIFEST_NAME)
     for note in manifest.notices:
         yield NoticeEvent(message=note, level="warning")
     ledger = _Ledger(root, out, config, weights, manifest, items, t0, started)
     check_batch_outputs(out, items, ledger.todo,
                         [f.get("output") for f in manifest.previous.values()])
-    out.mkdir(parents=True, exist_ok=True)
-    clean_partials(out)
     yield from ledger.notices
     for it in items:
         yield ledger.event(it.name)
@@ -428,7 +438,7 @@ def run_folder_iter(
 
     Raises:
         ConfigError: invalid settings, no weights, the same input and output folder, an
-            unreachable scheduler.
+            unreachable scheduler, another run writing into ``out_dir``.
         ImageReadError: the input folder does not exist.
         WeightsNotFoundError, CheckpointError: the weights cannot be loaded.
     """
@@ -439,8 +449,12 @@ def run_folder_iter(
     yield StageEvent(message=f"Looking for images in {root}.", stage="scanning")
     items = find_images(root, config.pattern, config.recursive, out, config.format,
                         config.output)
-    ledger, model = yield from _open_iter(root, out, config, items, t0, started)
-    was_cancelled = yield from _execute_iter(ledger, model, cancel)
+    lock = RunLock(out)
+    try:
+        ledger, model = yield from _open_iter(root, out, config, items, t0, started, lock)
+        was_cancelled = yield from _execute_iter(ledger, model, cancel)
+    finally:
+        lock.release()
     summary = ledger.summary(was_cancelled)
     if was_cancelled:
         for it in ledger.images:

@@ -41,7 +41,6 @@ halved (by the predictor), then the tile, then the run moves to the CPU, with no
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import time
@@ -74,10 +73,17 @@ from ..progress import (
 from . import postprocess
 from .normalization import (DEFAULT_NORMALIZATION, check_pixels, fit_normalization,
                             sample_values)
-from .plan import ACTIVATION_BYTES_PER_PIXEL, TilePlan, band_bytes
+from .plan import (
+    ACTIVATION_BYTES_PER_PIXEL,
+    TilePlan,
+    band_bytes,
+    memory_shortfall,
+    unwritten_message,
+)
 from .predictor import OutOfMemory, TilePredictor, TileTooBig, model_bytes, tta_flips
+from .sinks import SizingSink
 from .stitching import Stitcher
-from .tiling import TileGrid, read_tile, sliding_window_iter
+from .tiling import TileGrid, sliding_window_iter
 from .writer import Consensus, OutputWriter, store_fingerprint
 
 __all__ = [
@@ -179,13 +185,28 @@ class _Run:
             yield self.notice(message, level)
 
     # -- setup --------------------------------------------------------------------------
-    def setup(self) -> Generator[ProgressEvent, None, None]:
-        """Layout, input checks, normalization, device, tile grid, outputs and plan."""
+    def setup(self, plan_only: bool = False) -> Generator[ProgressEvent, None, None]:
+        """Layout, input checks, device, tile grid and the outputs' size (a plan); unless
+        ``plan_only`` (no pixel read), then normalization, the outputs and the plan.
+
+        Raises:
+            OutOfMemory: in-memory outputs larger than the memory available now.
+            InputShapeError: a store array none of whose chunks is written.
+        """
         yield from self._layouts()
         self._check_input()
-        yield from self._normalization()
+        if not plan_only and (empty := unwritten_message(self.image, self.meta)):
+            raise InputShapeError(empty)
         yield from self._device()
         yield from self._tiling()
+        self._open_writer(SizingSink())  # sized before any work; nothing allocated
+        self.plan = self._make_plan()
+        if plan_only:
+            return
+        shortfall = None if self.config.store else memory_shortfall(self.plan.output_bytes)
+        if shortfall is not None:
+            raise OutOfMemory(shortfall)
+        yield from self._normalization()
         self._open_writer()
         if self.writer.resumed:
             yield self.notice(f"Resuming: {len(self.writer.finished)} of "
@@ -292,9 +313,9 @@ class _Run:
             yield self.notice(f"TTA is on: {self.n_flips} forward passes per tile "
                               f"({self.n_flips}x the time).")
 
-    def _open_writer(self) -> None:
+    def _open_writer(self, sink: SizingSink | None = None) -> None:
         consensus = None
-        if len(self.layouts) > 1:
+        if len(self.layouts) > 1 and sink is None:
             consensus = Consensus.zeros(
                 self.layout.out_shape(), self.stitched, len(self.layouts),
                 postprocess.mask_dtype(self.K), self.use_boundary, self.config.tta)
@@ -302,7 +323,7 @@ class _Run:
             self.config, self.layout, self.K, self.scale, self.use_boundary,
             lambda: store_fingerprint(self.image, self.layout, self.content_id, self.model,
                                       self.config, self.stats.to_dict()),
-            self.meta, consensus)
+            self.meta, consensus, sink)
 
     def _make_plan(self) -> TilePlan:
         lay, pred = self.layout, self.predictor
@@ -343,14 +364,6 @@ class _Run:
         if self.check_tiles:
             check_pixels(block)
         return self.stats.apply(block, 0)
-
-    def first_batch(self) -> np.ndarray:
-        """The first batch of tiles of the first plane, ready for the predictor."""
-        view = self.layout.view(self.image, next(iter(self.layout.plane_indices())))
-        tiles = list(self.grid)[: self.predictor.batch_size]
-        return np.stack([self.prepare_tile(read_tile(view, self.grid, t,
-                                                     self.config.tiling.padding))
-                         for t in tiles])
 
     # -- the plane loop -----------------------------------------------------------------
     def _plane(self, layout: Layout, plane: int,
@@ -565,35 +578,4 @@ def predict(
     return drain(predict_iter(image, model, config, meta=meta, cancel=cancel, **settings))
 
 
-def plan_prediction(
-    image,
-    model,
-    config: PredictConfig | dict | None = None,
-    *,
-    meta: Any = None,
-    probe: bool = True,
-    **settings: Any,
-) -> TilePlan:
-    """The tile plan of a prediction without running it (for a widget to show first).
-
-    With ``probe`` one batch of real tiles is run twice (the first warms the kernels up) to
-    measure the time per tile pass and the activation memory. Nothing is written (a store in
-    the config is ignored).
-    """
-    config = _config(config, settings)
-    if config.store:
-        config = config.replace(store=None)
-    run = _Run(image, model, config, meta, CancelToken())
-    try:
-        drain(run.setup())
-        if not probe:
-            return run.plan
-        batch = run.first_batch()
-        with contextlib.suppress(TileTooBig):
-            run.predictor.forward(batch)
-        run.predictor.probe(batch)
-        drain(run.predictor_notices())  # into the plan's notes
-        run.measured_plan()
-        return run.plan
-    finally:
-        run.restore()
+from .planning import plan_prediction  # noqa: E402  (it builds on _Run)

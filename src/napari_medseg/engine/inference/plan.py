@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 
 from .tiling import TileGrid
 
-__all__ = ["TilePlan", "band_bytes", "format_bytes", "format_seconds"]
+__all__ = ["TilePlan", "band_bytes", "format_bytes", "format_seconds", "available_memory",
+           "memory_shortfall", "unwritten_message"]
 
 #: Activation bytes guessed per input pixel and sample before a probe measures them (a
 #: U-Net-like network in fp32 holds roughly this many bytes of live feature maps per pixel).
@@ -59,6 +61,54 @@ def format_seconds(s: float | None) -> str:
         return f"{m} min {sec} s"
     h, m = divmod(m, 60)
     return f"{h} h {m} min"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (Linux ``MemAvailable``, else the free
+    physical pages); None when it cannot be told."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def memory_shortfall(output_bytes: int) -> str | None:
+    """One sentence when outputs of ``output_bytes`` held in memory would not fit in the
+    memory available now (proposing a zarr store); None when they fit."""
+    free = available_memory()
+    if free is None or output_bytes <= free:
+        return None
+    return (f"The outputs would hold {format_bytes(output_bytes)} in memory but only "
+            f"{format_bytes(free)} is available; write them to a zarr store instead "
+            "(--format zarr on the command line, store= in Python).")
+
+
+def unwritten_message(image, meta=None) -> str | None:
+    """One sentence when ``image`` is a chunked store array (a zarr array, or one the reader
+    found without chunks: ``meta.extra["chunks_written"]`` False) none of whose chunks is
+    written, so every pixel is its fill value; None otherwise (or when it cannot be told)."""
+    extra = getattr(meta, "extra", None) or {}
+    if extra.get("chunks_written") is False:
+        total = math.prod(getattr(image, "numblocks", None) or (0,))
+    else:
+        count = getattr(image, "nchunks_initialized", None)
+        try:
+            if int(count() if callable(count) else count):
+                return None
+            total = int(image.nchunks)
+        except (TypeError, ValueError, AttributeError, OSError):
+            return None
+    if not total:
+        return None
+    return (f"The image holds no data: none of its {total} chunks is written, so every pixel "
+            "is the store's fill value; write the image first or check its path.")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ import numpy as np
 
 from ...errors import ImageWriteError
 
-__all__ = ["STORE_FORMAT", "OutputSink", "MemorySink", "ZarrSink"]
+__all__ = ["STORE_FORMAT", "OutputSink", "MemorySink", "SizingSink", "ZarrSink"]
 
 STORE_FORMAT = "napari-medseg-prediction"
 _KEY = "napari_medseg"
@@ -74,6 +74,16 @@ class MemorySink(OutputSink):
         if array is None or array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
             array = np.zeros(shape, dtype)
             self.arrays[name] = array
+        return array
+
+
+class SizingSink(MemorySink):
+    """Outputs of the right shape and type that hold no memory (read-only zero views): what
+    a plan sizes the in-memory outputs with, without allocating them."""
+
+    def create(self, name, shape, dtype, chunks=None, axes=None):
+        array = np.broadcast_to(np.zeros((), dtype), tuple(shape))
+        self.arrays[name] = array
         return array
 
 

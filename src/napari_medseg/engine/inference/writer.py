@@ -109,11 +109,12 @@ class OutputWriter:
             only when ``config.store`` is set.
         meta: the reader's metadata (spacing and units for a store's image).
         consensus: the orthogonal passes' sums (None: each plane written directly).
+        sink: where the outputs go instead of the config's (a sizing sink for a plan).
     """
 
     def __init__(self, config: PredictConfig, layout: Layout, num_classes: int, scale: int,
                  use_boundary: bool, fingerprint: Callable[[], str], meta: Any = None,
-                 consensus: Consensus | None = None) -> None:
+                 consensus: Consensus | None = None, sink: OutputSink | None = None) -> None:
         self.config = config
         self.layout = layout
         self.K = int(num_classes)
@@ -122,8 +123,10 @@ class OutputWriter:
         self.scale = int(scale)
         self.meta = meta
         self.consensus = consensus
-        if config.store:
-            self.sink: OutputSink = ZarrSink(
+        if sink is not None:
+            self.sink: OutputSink = sink
+        elif config.store:
+            self.sink = ZarrSink(
                 config.store, fingerprint(),
                 resume=config.resume and config.volume_mode == "slices",
                 overwrite=config.overwrite)
