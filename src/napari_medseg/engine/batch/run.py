@@ -63,7 +63,7 @@ from .manifest import (
     settings_of,
     utc_now,
 )
-from .outputs import check_batch_outputs, check_output_folder
+from .outputs import check_batch_outputs, check_not_inputs, check_output_folder
 from .scan import ImageItem, find_images
 from .task import (
     PARTIAL_PREFIX,
@@ -348,7 +348,10 @@ def _open_iter(
     file; returns the ledger and the driver's model."""
     weights, model, notices = resolve_run_weights(config)
     yield from notices
-    check_output_folder(out)  # a file or an unwritable folder: before anything is made
+    # Before anything is made: a file or an unwritable folder, or a folder inside an input
+    # (a zarr store, a DICOM series), which the manifest, an output, would be written into.
+    check_output_folder(out)
+    check_not_inputs([out / MANIFEST_NAME], [it.path for it in items if it.reason is None])
     out.mkdir(parents=True, exist_ok=True)
     lock.acquire()
     for note in lock.notices:

@@ -241,8 +241,8 @@ class _Run:
         # NaN/inf: checked here for in-memory images, per tile for lazy ones.
         self.float_input = np.issubdtype(np.dtype(self.image.dtype), np.floating)
         self.check_tiles = self.float_input and not isinstance(self.image, np.ndarray)
-        if not self.check_tiles:
-            check_pixels(self.image)  # NaN, inf, or beyond float32's range
+        if self.float_input and not self.check_tiles:
+            check_pixels(self.image)  # NaN, inf, or beyond float32's range (integers fit)
 
     def _normalization(self) -> Generator[ProgressEvent, None, None]:
         """Fitted once on the whole image (a regular subsample of it)."""
