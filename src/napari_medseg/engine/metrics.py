@@ -134,8 +134,12 @@ def per_class_metrics(
     return out
 
 
-def _iou_matrix(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """IoU between every reference (rows) and predicted (columns) instance."""
+def _overlaps(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Overlap of every reference (rows) and predicted (columns) instance, background left out.
+
+    Returns:
+        ``(ious, inter, union, ref_areas, pred_areas)``.
+    """
     pred, ref = np.asarray(pred).ravel(), np.asarray(ref).ravel()
     p_ids, p_inv = np.unique(pred, return_inverse=True)
     r_ids, r_inv = np.unique(ref, return_inverse=True)
@@ -148,7 +152,7 @@ def _iou_matrix(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarr
     union = union[keep_r][:, keep_p]
     with np.errstate(divide="ignore", invalid="ignore"):
         ious = np.where(union > 0, inter / union, 0.0)
-    return ious, inter, union
+    return ious, inter, union, r_area[keep_r], p_area[keep_p]
 
 
 def match_instances(pred: np.ndarray, ref: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
@@ -156,7 +160,7 @@ def match_instances(pred: np.ndarray, ref: np.ndarray, threshold: float = 0.5) -
 
     With ``threshold >= 0.5`` a match is unique, so greedy matching is optimal.
     """
-    ious, _, _ = _iou_matrix(pred, ref)
+    ious = _overlaps(pred, ref)[0]
     n_ref, n_pred = ious.shape
     if n_ref == 0 or n_pred == 0:
         return {"tp": 0, "fp": n_pred, "fn": n_ref}
@@ -177,21 +181,23 @@ def instance_f1(pred: np.ndarray, ref: np.ndarray, threshold: float = 0.5) -> fl
 
 
 def aggregated_jaccard(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Aggregated Jaccard Index (Kumar et al. 2017) of two instance label images."""
-    ious, inter, union = _iou_matrix(pred, ref)
+    """Aggregated Jaccard Index (Kumar et al. 2017) of two instance label images.
+
+    Each reference object is paired with the prediction of highest IoU with it (the lowest
+    label on a tie); the pair adds its intersection to the numerator and its union to the
+    denominator. A reference object that no prediction overlaps adds its own area to the
+    denominator (as in HoVer-Net's ``get_fast_aji``; it is not paired with an arbitrary
+    prediction), and so does every prediction paired with no reference object. 1.0 when both
+    images are empty.
+    """
+    ious, inter, union, ref_area, pred_area = _overlaps(pred, ref)
     n_ref, n_pred = ious.shape
-    pred_flat = np.asarray(pred).ravel()
     if n_ref == 0:
         return 1.0 if n_pred == 0 else 0.0
-    if n_pred == 0:
-        return 0.0
-    best = ious.argmax(axis=1)
-    total_inter = inter[np.arange(n_ref), best].sum()
-    total_union = union[np.arange(n_ref), best].sum()
-    unused = np.setdiff1d(np.arange(n_pred), best)
-    if unused.size:
-        p_ids = np.unique(pred_flat)
-        p_ids = p_ids[p_ids != 0]
-        areas = np.bincount(np.searchsorted(p_ids, pred_flat[pred_flat != 0]), minlength=n_pred)
-        total_union += areas[unused].sum()
+    best = ious.argmax(axis=1) if n_pred else np.zeros(n_ref, int)
+    paired = inter[np.arange(n_ref), best] > 0 if n_pred else np.zeros(n_ref, bool)
+    rows, cols = np.flatnonzero(paired), best[paired]
+    total_inter = inter[rows, cols].sum()
+    total_union = union[rows, cols].sum() + ref_area[~paired].sum()
+    total_union += pred_area[np.setdiff1d(np.arange(n_pred), cols)].sum()
     return float(total_inter / total_union) if total_union else 0.0
