@@ -123,9 +123,8 @@ def test_masks_beside_their_images_are_not_scored_as_images(tmp_path):
     both.mkdir()
     shutil.copy(sample_path("nuclei"), both / "a.tif")
     shutil.copy(sample_path("nuclei", mask=True), both / "a_mask.tif")
-    pairs, unpaired = match_pairs(both, both)
-    assert [(p.name, m.name) for p, m in pairs] == [("a.tif", "a_mask.tif")]
-    assert unpaired == []
+    assert [(p.name, m.name) for p, m in find_pairs(both, both)] == [("a.tif", "a_mask.tif")]
+    assert match_pairs(both, both)[1] == []
 
 
 def test_super_resolution_odd_size_is_scored_on_the_even_part(tmp_path, capsys, monkeypatch):
@@ -140,3 +139,13 @@ def test_super_resolution_odd_size_is_scored_on_the_even_part(tmp_path, capsys, 
                "--masks", str(masks), "-q", "--json"])
     assert rc == 0
     assert _rows(capsys.readouterr().out)["odd.tif"]["dice"] > 0.5
+
+
+def test_mask_saved_as_a_one_plane_stack_is_scored(folders, capsys):
+    """Not a size mismatch: a 1 x H x W mask of an H x W image is the same plane."""
+    images, masks = folders
+    ref = tifffile.imread(sample_path("nuclei", mask=True))
+    tifffile.imwrite(masks / "good.tif", ref[None], metadata={"axes": "ZYX"})
+    rc, out, err = _eval(images, masks, capsys, "--json")
+    assert rc == 0, err
+    assert _rows(out)["good.tif"]["dice"] > 0.8

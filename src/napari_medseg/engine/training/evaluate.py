@@ -112,6 +112,8 @@ def _score_pair(model, img_path: Path, mask_path: Path, config: PredictConfig,
     image, meta = read_image(img_path)
     ref_raw, ref_meta = read_image(mask_path)
     ref = _reference(ref_raw, ref_meta.axes)
+    while ref.ndim > len(_spatial_shape(image, meta.axes)) and ref.shape[0] == 1:
+        ref = ref[0]  # a 2D mask saved as a 1 x H x W stack
     if _spatial_shape(image, meta.axes) != ref.shape:
         raise InputShapeError(
             f"Mask {mask_path.name} is {'x'.join(map(str, ref.shape))} but its image is "
