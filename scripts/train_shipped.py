@@ -55,6 +55,33 @@ DATASETS = {
 }
 
 
+def held_out_folders(root: Path, val_files: list[str], planes: list[str],
+                     tmp: Path) -> tuple[Path, Path]:
+    """Copy a split's held-out images and masks from ``root`` into ``tmp``/images|masks.
+
+    Args:
+        root: the data set folder (``images/`` and ``masks/``).
+        val_files: stems of the held-out files.
+        planes: ``stem@z`` held-out slices of a stack split by slices (empty: whole files).
+        tmp: an empty folder.
+
+    Returns:
+        The image and mask folders to evaluate on.
+    """
+    vi, vm = tmp / "images", tmp / "masks"
+    vi.mkdir(), vm.mkdir()
+    for stem in val_files:
+        zs = [int(n.split("@")[1]) for n in planes if n.split("@")[0] == stem]
+        for src, dst in ((root / "images", vi), (root / "masks", vm)):
+            for f in src.glob(stem + ".*"):
+                if zs:  # a stack split by slices: only its held-out slices
+                    tifffile.imwrite(dst / (stem + ".tif"), tifffile.imread(f)[zs],
+                                     metadata={"axes": "ZYX"})
+                else:
+                    shutil.copy(f, dst / f.name)
+    return vi, vm
+
+
 def main(argv: list[str] | None = None) -> int:
     from napari_medseg.config import PredictConfig, TrainConfig
     from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
@@ -117,19 +144,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model, info = load_checkpoint(ckpt)
     val_files = info.training_data.get("val_files", [])
+    planes = info.training_data.get("val_planes") or []
     with tempfile.TemporaryDirectory() as tmp:
-        vi, vm = Path(tmp) / "images", Path(tmp) / "masks"
-        vi.mkdir(), vm.mkdir()
-        planes = info.training_data.get("val_planes") or []
-        for stem in val_files:
-            zs = [int(n.split("@")[1]) for n in planes if n.split("@")[0] == stem]
-            for src, dst in ((root / "images", vi), (root / "masks", vm)):
-                for f in src.glob(stem + ".*"):
-                    if zs:  # a stack split by slices: only its held-out slices
-                        tifffile.imwrite(dst / (stem + ".tif"), tifffile.imread(f)[zs],
-                                         metadata={"axes": "ZYX"})
-                    else:
-                        shutil.copy(f, dst / f.name)
+        vi, vm = held_out_folders(root, val_files, planes, Path(tmp))
         scores = evaluate(model, vi, vm, PredictConfig(), instances=ds["instances"])
     print(format_table(scores))
     metrics = {k: (round(v, 4) if v == v else None) for k, v in scores.mean.items()}

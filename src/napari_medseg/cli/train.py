@@ -53,7 +53,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """``napari-medseg eval``: a table (or JSON) of metrics per image and their means."""
+    """``napari-medseg eval``: a table (or JSON) of metrics per image and their means.
+
+    Returns 0 when every image was scored, 1 when some could not be (each named on stderr as
+    ``napari-medseg: error: NAME: why``, and in the table or JSON); 2 (raised) when the run
+    could not start.
+    """
     from ..config import PredictConfig
     from ..engine.checkpoints import resolve_weights
     from ..engine.training.evaluate import evaluate_iter, format_table
@@ -63,14 +68,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          {"tile": args.tile, "device": args.device, "precision": args.precision})
     result = None
     for event in evaluate_iter(model, args.images, args.masks, config, pattern=args.pattern):
-        if not args.json and not args.quiet and getattr(event, "message", ""):
+        if getattr(event, "error", ""):
+            print(f"napari-medseg: error: {event.name}: {event.error}", file=sys.stderr)
+        elif not args.json and not args.quiet and getattr(event, "message", ""):
             print(event.message, file=sys.stderr)
         result = getattr(event, "result", result)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(format_table(result))
-    return 0
+    return 1 if result.failed else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -157,7 +164,13 @@ def add_train_eval_demo(sub, commands: dict[str, Command]) -> None:
     _add_train(sub)
     commands["train"] = cmd_train
 
-    p = sub.add_parser("eval", help="score weights on image/mask folders")
+    p = sub.add_parser(
+        "eval", help="score weights on image/mask folders",
+        description="Score weights on every image of IMAGES against the mask of the same name "
+                    "in MASKS (a.png <-> a.* or a_mask.*). An image that cannot be scored (no "
+                    "mask, unreadable, a mask of another size) is reported and the rest go on.",
+        epilog="Exit status: 0 every image scored, 1 some could not be, 2 the run could not "
+               "start.")
     p.add_argument("--weights", required=True, help="model-card tag or checkpoint path")
     p.add_argument("--images", required=True)
     p.add_argument("--masks", required=True)

@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,6 +22,8 @@ from ..boundaries import boundary_from_labels
 __all__ = [
     "Sample",
     "find_pairs",
+    "match_pairs",
+    "Unpaired",
     "to_channels_first",
     "load_samples",
     "split_samples",
@@ -48,11 +51,40 @@ class Sample:
     group: str
 
 
-def find_pairs(images: str | Path, masks: str | Path, pattern: str = "*") -> list[tuple[Path, Path]]:
-    """Image and mask files matched by file stem (``a.tif`` <-> ``a.tif`` or ``a_mask.tif``).
+class Unpaired(NamedTuple):
+    """An image that has no mask to be scored or trained against.
+
+    Attributes:
+        image: the image file.
+        masks: the candidate masks (none, or more than one).
+        reason: one sentence saying what is wrong and what to do.
+    """
+
+    image: Path
+    masks: tuple[Path, ...]
+    reason: str
+
+
+def match_pairs(
+    images: str | Path, masks: str | Path, pattern: str = "*"
+) -> tuple[list[tuple[Path, Path]], list[Unpaired]]:
+    """Pair every image with its mask by file stem, and say why any image has none.
+
+    The mask of ``a.png`` is ``a.<any supported suffix>`` or ``a_mask.<suffix>`` in ``masks``.
+    An image with no such mask, or with more than one, is not paired: it is listed with the
+    reason. A file never pairs with itself, and when both folders are the same one, the
+    ``<stem>_mask`` files there are masks, not images.
+
+    Args:
+        images: image folder.
+        masks: mask folder (may be the image folder).
+        pattern: glob of the files to use, in both folders.
+
+    Returns:
+        ``(pairs, unpaired)``: (image, mask) paths, and an :class:`Unpaired` for the rest.
 
     Raises:
-        ImageReadError: a folder is missing or no pair matched.
+        ImageReadError: a folder is missing.
     """
     from ...io import is_supported
 
@@ -60,17 +92,44 @@ def find_pairs(images: str | Path, masks: str | Path, pattern: str = "*") -> lis
     for folder in (images, masks):
         if not folder.is_dir():
             raise ImageReadError(f"{folder} is not a folder.")
-    by_stem: dict[str, Path] = {}
+    by_stem: dict[str, list[Path]] = {}
     for m in sorted(masks.glob(pattern)):
         if m.is_file() and is_supported(m):
-            by_stem[_stem(m)] = m
-            if _stem(m).endswith("_mask"):
-                by_stem[_stem(m)[: -len("_mask")]] = m
-    pairs = [
-        (p, by_stem[_stem(p)])
-        for p in sorted(images.glob(pattern))
-        if p.is_file() and is_supported(p) and _stem(p) in by_stem
-    ]
+            by_stem.setdefault(_stem(m), []).append(m)
+    candidates = [p for p in sorted(images.glob(pattern)) if p.is_file() and is_supported(p)]
+    if images.resolve() == masks.resolve():  # masks stored beside their images
+        stems = {_stem(p) for p in candidates}
+        candidates = [p for p in candidates
+                      if not (_stem(p).endswith("_mask") and _stem(p)[:-5] in stems)]
+    pairs: list[tuple[Path, Path]] = []
+    unpaired: list[Unpaired] = []
+    for p in candidates:
+        found = [m for m in by_stem.get(_stem(p), []) + by_stem.get(_stem(p) + "_mask", [])
+                 if m.resolve() != p.resolve()]
+        if len(found) == 1:
+            pairs.append((p, found[0]))
+        elif not found:
+            unpaired.append(Unpaired(p, (), f"{p.name} has no mask named {_stem(p)}.* or "
+                                             f"{_stem(p)}_mask.* in {masks}; add one."))
+        else:
+            unpaired.append(Unpaired(p, tuple(found), f"{p.name} has {len(found)} masks in "
+                                     f"{masks} ({', '.join(m.name for m in found)}); keep one."))
+    return pairs, unpaired
+
+
+def find_pairs(images: str | Path, masks: str | Path, pattern: str = "*") -> list[tuple[Path, Path]]:
+    """Image and mask files matched by file stem (``a.tif`` <-> ``a.tif`` or ``a_mask.tif``).
+
+    Images without a mask are left out (see :func:`match_pairs`); an image with two masks is
+    an error, since either could be the wrong one.
+
+    Raises:
+        ImageReadError: a folder is missing, an image has several masks, or no pair matched.
+    """
+    pairs, unpaired = match_pairs(images, masks, pattern)
+    for item in unpaired:
+        if item.masks:
+            raise ImageReadError(item.reason)
     if not pairs:
         raise ImageReadError(
             f"No image in {images} has a mask of the same name in {masks}."
