@@ -291,9 +291,8 @@ def test_finetune_interrupted_leaves_the_base_and_no_half_written_checkpoint(
     _check_user_data(tmp_path)
     leftovers = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
     if sig == signal.SIGINT:
-        # Ctrl-C keeps the best weights so far. The exit status is 0 today; issue #20 asks
-        # for 130 like predict and batch (another change), so both are accepted here.
-        assert rc in (0, 130), _stderr(proc)
+        # Ctrl-C keeps the best weights so far and exits 130, like predict and batch.
+        assert rc == 130, _stderr(proc)
         assert leftovers == ["tuned.json", "tuned.safetensors"]
         _, info = resolve_weights(str(out))  # whole and verified against its sha256
         assert info.parent == before[0]
@@ -302,7 +301,9 @@ def test_finetune_interrupted_leaves_the_base_and_no_half_written_checkpoint(
         # Killed while training: nothing was written that looks like a checkpoint.
         assert not [n for n in leftovers if not n.startswith(".")], leftovers
 
-    rc, err = _run(tmp_path, *_finetune_args(pairs, base, out, 4))
+    # The re-run replaces what Ctrl-C kept only when asked to (an output is never replaced
+    # silently), and the base still is never touched.
+    rc, err = _run(tmp_path, *_finetune_args(pairs, base, out, 4), "--overwrite")
     assert rc == 0, err
     resolve_weights(str(out))
     assert (_sha(base), _sha(base.with_suffix(".json"))) == before

@@ -2,7 +2,8 @@
 
 The base (modules directly in this package) holds what every wing needs: progress events and
 the cancel token (:mod:`.progress`), device and precision policy (:mod:`.device`,
-:mod:`.precision`), self-describing checkpoints (:mod:`.checkpoints`), metrics
+:mod:`.precision`), self-describing checkpoints (:mod:`.checkpoints`, whose descriptions are
+verified by :mod:`.descriptions`), metrics
 (:mod:`.metrics`), label boundaries (:mod:`.boundaries`) and the axis / channel layout rule
 (:mod:`.layout`).
 
