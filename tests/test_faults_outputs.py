@@ -263,6 +263,19 @@ def test_finetune_never_replaces_its_base(base, nuclei_folders, capsys, name):
     assert {p.name: p.read_bytes() for p in base.parent.glob("base.*")} == before
 
 
+@pytest.mark.parametrize("name", ["base.safetensors", "base"])
+def test_train_never_replaces_the_checkpoint_it_starts_from(base, nuclei_folders, capsys,
+                                                            name):
+    images, masks = nuclei_folders
+    before = {p.name: p.read_bytes() for p in base.parent.glob("base.*")}
+    rc, _, err = _run(capsys, "train", "--weights", base, "--model", "unet_sharp", "--variant",
+                      "tiny", "--images", images, "--masks", masks, "-o", base.parent / name,
+                      "--steps", "2", "--batch-size", "2", "--patch", "64", "--device", "cpu",
+                      "--precision", "fp32", "-q")
+    assert rc == 2 and "is the input" in err and "Traceback" not in err, err
+    assert {p.name: p.read_bytes() for p in base.parent.glob("base.*")} == before
+
+
 def test_finetune_existing_output_needs_overwrite(base, nuclei_folders, tmp_path, capsys):
     out = tmp_path / "tuned.safetensors"
     out.write_bytes(b"last week's model")

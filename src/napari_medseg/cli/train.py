@@ -43,6 +43,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                        "freeze_encoder")},
         "resume": False if args.no_resume else None,
     })
+    if args.weights:  # the starting checkpoint is never the one written over
+        from ..engine.batch.outputs import check_not_inputs
+        from ..engine.checkpoints import checkpoint_paths
+
+        check_not_inputs(checkpoint_paths(args.output),
+                         [p for p in checkpoint_paths(args.weights) if p.exists()])
     with Progress("step", quiet=args.quiet) as bar:
         bar.advance(0, config.steps)
         result = _show_train(train_iter(args.images, args.masks, args.output, config,
