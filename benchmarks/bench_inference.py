@@ -284,7 +284,7 @@ def bench_case(name: str, image: np.ndarray, axes: str, repeats: int) -> dict:
     runs: dict[str, list[dict]] = {"engine": [], "monai": [], "raw": [], "fp32": [],
                                    "raw_before": [], "raw_after": []}
     result = monai_mask = fp32_result = None
-    from napari_medseg.engine.inference.pipeline import plan_prediction
+    from napari_medseg.engine.inference.planning import plan_prediction
 
     default_plan = plan_prediction(image, model, axes=axes, probe=False)
     for _ in range(repeats):

@@ -45,7 +45,7 @@ def rescore(card_path: Path, data_root: Path, keys: list[str], dry_run: bool) ->
     if result.failed:
         raise SystemExit(f"{card['tag']}: {result.failed} held-out images could not be scored")
     new = {k: (round(v, 4) if v == v else None) for k, v in result.mean.items()}
-    old = card.get("metrics", {})
+    old = card.setdefault("metrics", {})
     changes = {k: (old.get(k), new.get(k)) for k in sorted(set(new) | set(old))
                if k not in ("split", "n_images")}
     if not dry_run:

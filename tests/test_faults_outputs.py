@@ -276,6 +276,33 @@ def test_train_never_replaces_the_checkpoint_it_starts_from(base, nuclei_folders
     assert {p.name: p.read_bytes() for p in base.parent.glob("base.*")} == before
 
 
+def test_a_shipped_tags_installed_weights_are_never_written_over(tmp_path, monkeypatch,
+                                                                 nuclei_folders, capsys):
+    """``--weights TAG`` protects the files the tag loads (the model card's installed weights
+    and their sidecar), not only a path spelled like the tag."""
+    import shutil
+
+    from napari_medseg import resources
+
+    tag = "banet_lite_dsb2018"
+    shipped = next((d / f"{tag}.safetensors" for d in resources.weights_dirs()
+                    if (d / f"{tag}.safetensors").is_file()), None)
+    if shipped is None:
+        pytest.skip("the shipped weights are not installed")
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    for src in (shipped, shipped.with_suffix(".json")):
+        shutil.copy(src, folder / src.name)
+    monkeypatch.setenv("NAPARI_MEDSEG_WEIGHTS", str(folder))
+    before = (folder / shipped.name).read_bytes()
+    images, masks = nuclei_folders
+    for name in (f"{tag}.safetensors", f"{tag}.json"):
+        rc, _, err = _run(capsys, "finetune", "--weights", tag, "--images", images, "--masks",
+                          masks, "-o", folder / name, "--overwrite", "--steps", "1", "-q")
+        assert rc == 2 and "is the input" in err and "Traceback" not in err, err
+    assert (folder / shipped.name).read_bytes() == before
+
+
 def test_finetune_existing_output_needs_overwrite(base, nuclei_folders, tmp_path, capsys):
     out = tmp_path / "tuned.safetensors"
     out.write_bytes(b"last week's model")

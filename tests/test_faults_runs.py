@@ -147,7 +147,7 @@ class _NoReads:
 
 
 def test_a_plan_reads_no_pixels_of_a_huge_lazy_array():
-    from napari_medseg.engine.inference.pipeline import plan_prediction
+    from napari_medseg.engine.inference.planning import plan_prediction
 
     model = create_model("msa2net", "tiny", 1, 2)
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@ import pytest
 
 from analytic_models import make_analytic
 from napari_medseg._napari.layers import meta_from_attributes
-from napari_medseg.engine.inference.pipeline import plan_prediction
+from napari_medseg.engine.inference.planning import plan_prediction
 from napari_medseg.errors import InputShapeError
 from napari_medseg.io import read_image, write_image, write_labels
 from napari_medseg.io.axes import guess_axes

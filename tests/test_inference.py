@@ -12,7 +12,8 @@ from analytic_models import AnalyticConfig, logits_of, make_analytic
 from napari_medseg.config import PredictConfig
 from napari_medseg.engine.inference import pipeline as inference
 from napari_medseg.engine.inference import postprocess
-from napari_medseg.engine.inference.pipeline import plan_prediction, predict, predict_iter, tta_flips
+from napari_medseg.engine.inference.pipeline import predict, predict_iter, tta_flips
+from napari_medseg.engine.inference.planning import plan_prediction
 from napari_medseg.engine.inference.predictor import TilePredictor, TileTooBig
 from napari_medseg.engine.inference.tiling import TileGrid, sliding_window
 from napari_medseg.engine.precision import resolve_precision

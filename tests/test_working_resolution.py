@@ -142,7 +142,8 @@ def test_the_shipped_lesion_weights_run_at_a_third_of_the_resolution():
 
 
 def test_a_small_tile_for_a_downsampled_network_gets_a_warning():
-    from napari_medseg.engine.inference.pipeline import plan_prediction, predict_iter
+    from napari_medseg.engine.inference.pipeline import predict_iter
+    from napari_medseg.engine.inference.planning import plan_prediction
     from napari_medseg.engine.progress import NoticeEvent
 
     model = WorkingResolution(_net(1), 2)

@@ -435,7 +435,7 @@ def plan_job(session: Any, choice: Any, variant: str, in_channels: int, image: A
     """
 
     def work():
-        from ..engine.inference.pipeline import plan_prediction
+        from ..engine.inference.planning import plan_prediction
 
         model = session.load_model(choice, variant, in_channels)
         with session.model_lock:

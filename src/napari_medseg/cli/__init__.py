@@ -58,4 +58,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("napari-medseg: cancelled", file=sys.stderr)
-        return 130
+        return EXIT_CANCELLED

@@ -68,30 +68,17 @@ def _summary(result, parent: str | None) -> dict:
     }
 
 
-def _check_output(args: argparse.Namespace) -> None:
-    """Refuse an ``-o`` that is the base checkpoint (either of its files, or its stem), or
-    that exists without ``--overwrite``; before anything is loaded or trained."""
-    from ..engine.batch.outputs import check_new_paths, check_not_inputs, check_output_folder
-    from ..engine.checkpoints import checkpoint_paths
-
-    outputs = checkpoint_paths(args.output)
-    base = [p for p in checkpoint_paths(args.weights) if p.exists()]
-    check_not_inputs(outputs, base)  # both files: -o base.json or the stem are refused too
-    if not args.overwrite:
-        check_new_paths(outputs)
-    check_output_folder(outputs[0].parent)
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     """``napari-medseg finetune``: writes the checkpoint; 0 done, 2 an error, 130 stopped by
     Ctrl-C (the best weights so far are written all the same)."""
+    from ..engine.batch.outputs import check_checkpoint_output
     from ..engine.checkpoints import resolve_weights
     from ..engine.progress import CancelToken
     from ..engine.training.corrections import samples_from_folders
     from ..engine.training.workflow import finetune_samples_iter
 
     config = _finetune_config(args)
-    _check_output(args)
+    check_checkpoint_output(args.output, args.weights, args.overwrite)
     model, info = resolve_weights(args.weights)
     spec = model.spec
     samples, files_hash = samples_from_folders(

@@ -211,7 +211,7 @@ class _Predictor:
     def run(self, task) -> int | None:
         """Predict one task; returns an exit status to stop with (cancelled), else None."""
         from ..engine.batch.task import predict_file_iter
-        from ..engine.inference.pipeline import plan_prediction
+        from ..engine.inference.planning import plan_prediction
         from ..errors import MedsegError
         from ..io import read_image
 

@@ -43,12 +43,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                        "freeze_encoder")},
         "resume": False if args.no_resume else None,
     })
-    if args.weights:  # the starting checkpoint is never the one written over
-        from ..engine.batch.outputs import check_not_inputs
-        from ..engine.checkpoints import checkpoint_paths
+    from ..engine.batch.outputs import check_checkpoint_output
 
-        check_not_inputs(checkpoint_paths(args.output),
-                         [p for p in checkpoint_paths(args.weights) if p.exists()])
+    # Never the starting weights; an earlier output of its own is replaced (a re-run resumes).
+    check_checkpoint_output(args.output, args.weights, overwrite=True)
     with Progress("step", quiet=args.quiet) as bar:
         bar.advance(0, config.steps)
         result = _show_train(train_iter(args.images, args.masks, args.output, config,

@@ -194,8 +194,10 @@ def aggregated_jaccard(pred: np.ndarray, ref: np.ndarray) -> float:
     n_ref, n_pred = ious.shape
     if n_ref == 0:
         return 1.0 if n_pred == 0 else 0.0
-    best = ious.argmax(axis=1) if n_pred else np.zeros(n_ref, int)
-    paired = inter[np.arange(n_ref), best] > 0 if n_pred else np.zeros(n_ref, bool)
+    if n_pred == 0:
+        return 0.0  # nothing intersects: the union is the reference objects alone
+    best = ious.argmax(axis=1)
+    paired = inter[np.arange(n_ref), best] > 0
     rows, cols = np.flatnonzero(paired), best[paired]
     total_inter = inter[rows, cols].sum()
     total_union = union[rows, cols].sum() + ref_area[~paired].sum()

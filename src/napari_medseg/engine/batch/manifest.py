@@ -137,19 +137,18 @@ class Manifest:
         return data
 
     def merged(self) -> dict[str, Any]:
-        """:attr:`data` merged with the manifest on disk: the files and runs it does not
-        hold are kept (this run's entries win; runs are told apart by ``run_id``)."""
-        disk = self._load()
-        if disk is None:
-            return self.data
+        """:attr:`data` merged with what the manifest held when it was read: the files and
+        runs it does not hold are kept (this run's entries win; runs are told apart by
+        ``run_id``). The output folder's run lock makes this run the only writer, so the file
+        is read once, not again before every write."""
         data = dict(self.data)
-        files = {k: v for k, v in dict(disk.get("files") or {}).items() if isinstance(v, dict)}
+        files = {k: v for k, v in self.previous.items() if isinstance(v, dict)}
         files.update(data.get("files") or {})
         data["files"] = files
         runs = list(data.get("runs") or [])
         if runs:
             mine = runs[-1].get("run_id")
-            data["runs"] = [r for r in disk.get("runs") or []
+            data["runs"] = [r for r in self.runs
                             if not isinstance(r, dict) or r.get("run_id") != mine] + [runs[-1]]
         return data
 
@@ -164,7 +163,7 @@ class Manifest:
         return prev if same and (self.path.parent / str(output)).exists() else None
 
     def write(self) -> None:
-        """Write :attr:`data`, merged with the manifest on disk (:meth:`merged`), under a
+        """Write :attr:`data`, merged with the manifest as read (:meth:`merged`), under a
         temporary name, then rename it over the manifest."""
         tmp = self.path.with_name(f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:8]}-{self.path.name}")
         try:

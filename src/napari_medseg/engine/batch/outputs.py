@@ -1,5 +1,6 @@
 """Where results may be written, checked before anything runs: the one rule set of
-``napari-medseg predict``, of batch runs (CLI and widget) and of ``napari-medseg finetune``.
+``napari-medseg predict``, of batch runs (CLI and widget) and of the checkpoints that
+``napari-medseg train`` and ``finetune`` write.
 
 * An output is never an input: not the same file (resolved, hard and symbolic links
   followed), not inside an input folder (a zarr store, a DICOM series), not a folder holding
@@ -32,6 +33,8 @@ __all__ = [
     "check_output_folder",
     "check_task_outputs",
     "check_batch_outputs",
+    "weights_files",
+    "check_checkpoint_output",
 ]
 
 
@@ -203,3 +206,38 @@ def check_batch_outputs(out: str | os.PathLike, items: Iterable, todo: Iterable,
                           f"earlier run recorded in {out / MANIFEST_NAME}; move it away or "
                           "choose another output folder.")
     check_output_folder(out, sum(input_bytes(it.path) for it in todo))
+
+
+def weights_files(tag_or_path: str | os.PathLike) -> list[Path]:
+    """The files that loading ``tag_or_path`` reads, in the order of
+    :func:`~napari_medseg.engine.checkpoints.resolve_weights`: a checkpoint's weights and
+    description, else a model card's installed weights and their sidecar (existing ones)."""
+    from ..checkpoints import checkpoint_paths, list_model_cards
+
+    pair = checkpoint_paths(str(tag_or_path))
+    if not any(p.is_file() for p in pair):
+        card = next((c for c in list_model_cards() if c.tag == str(tag_or_path)), None)
+        path = card.weights_path() if card is not None else None
+        pair = () if path is None else (path, path.with_suffix(".json"))
+    return [p for p in pair if p.is_file()]
+
+
+def check_checkpoint_output(output: str | os.PathLike, base: str | os.PathLike | None,
+                            overwrite: bool) -> None:
+    """Check a checkpoint about to be written before anything is loaded or trained.
+
+    It is never the checkpoint it starts from (either file of it, a tag's installed weights
+    included), replaces an existing checkpoint only with ``overwrite``, and its folder can
+    take it.
+
+    Raises:
+        ConfigError: one sentence for what is wrong.
+    """
+    from ..checkpoints import checkpoint_paths
+
+    outputs = checkpoint_paths(output)
+    if base:
+        check_not_inputs(outputs, weights_files(base))
+    if not overwrite:
+        check_new_paths(outputs)
+    check_output_folder(outputs[0].parent)

@@ -19,7 +19,8 @@ What a run does, in order:
    or on a Dask cluster (:mod:`.executors`).
 4. **Record**: ``run.json`` in ``out_dir`` (weights, settings, per-file status, timing and
    errors, counts, one entry per run in ``runs``) is rewritten atomically after every file,
-   by the driver only, and merged with the file on disk (entries of other files are kept).
+   by the driver only, and merged with what it held when the run started (entries of
+   other files are kept).
    One run per output folder at a time: a second run is refused while the first holds the
    folder's lock (:mod:`.lock`); a lock a killed run left is taken over.
 

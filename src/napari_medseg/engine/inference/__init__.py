@@ -4,6 +4,7 @@
 package imports numpy but not torch (torch is imported when a run starts).
 """
 
-from .pipeline import OutOfMemory, PredictionResult, plan_prediction, predict, predict_iter
+from .pipeline import OutOfMemory, PredictionResult, predict, predict_iter
+from .planning import plan_prediction
 
 __all__ = ["OutOfMemory", "PredictionResult", "plan_prediction", "predict", "predict_iter"]

@@ -57,8 +57,10 @@ def check_pixels(values) -> None:
     Raises:
         InputShapeError: NaN or infinite pixels, or values float32 cannot represent.
     """
+    if not np.issubdtype(np.dtype(values.dtype), np.floating):
+        return  # integers always fit; a lazy integer array is never read
     values = np.asarray(values)
-    if values.size == 0 or not np.issubdtype(values.dtype, np.floating):
+    if values.size == 0:
         return
     lo, hi = float(values.min()), float(values.max())  # NaN propagates into both
     if not (math.isfinite(lo) and math.isfinite(hi)):

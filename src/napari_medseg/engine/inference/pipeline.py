@@ -13,13 +13,17 @@ What happens, in order:
    ``config.axis``; ``T``/``I`` axes are iterated), or a ZYX block (3D network). The channels
    are converted grey <-> RGB when the network needs it (with a notice), else a wrong channel
    count is an :class:`~napari_medseg.errors.InputShapeError`.
-2. **Normalization** fitted once on the whole image (percentile 1-99.8 unless the config or
-   the checkpoint's model card says otherwise) and applied tile by tile.
+2. **Input checks**: NaN, infinite pixels or values float32 cannot hold are refused (whole
+   in-memory images here, lazy ones per tile); so is a zarr store with no chunk written.
 3. **Device and precision**: ``auto`` is cuda > mps > cpu; autocast bf16 on CPUs with native
    bf16 and on bf16-capable GPUs, fp16 on older CUDA, fp32 elsewhere (:mod:`..precision`);
    ``torch.inference_mode``; channels-last on CPU and CUDA.
-4. **Plan**: a :class:`~.plan.TilePlan` (tiles, memory, and after the first batch the measured
-   time per tile) is sent before the work starts.
+4. **Plan**: the outputs are sized without allocating them; in-memory outputs larger than
+   the memory available are refused (use a zarr store). Then the normalization is fitted once
+   on the whole image (percentile 1-99.8 unless the config or the checkpoint's model card
+   says otherwise), the outputs are opened and a :class:`~.plan.TilePlan` (tiles, memory,
+   and after the first batch the measured time per tile) is sent before the work starts.
+   :func:`~.planning.plan_prediction` stops before the normalization: it reads no pixel.
 5. **Tiles**: every plane runs the tile loop :func:`~.tiling.sliding_window_iter` (the loop
    the tests prove exact with analytic predictors): tiles are read lazily and batched, the
    :class:`~.predictor.TilePredictor` runs them (flip TTA if asked: 4 passes in 2D, 8 in 3D,
@@ -91,7 +95,6 @@ __all__ = [
     "OutOfMemory",
     "predict_iter",
     "predict",
-    "plan_prediction",
     "tta_flips",
 ]
 
@@ -194,7 +197,7 @@ class _Run:
             InputShapeError: a store array none of whose chunks is written.
         """
         yield from self._layouts()
-        self._check_input()
+        self._check_input(read_pixels=not plan_only)
         if not plan_only and (empty := unwritten_message(self.image, self.meta)):
             raise InputShapeError(empty)
         yield from self._device()
@@ -235,13 +238,13 @@ class _Run:
             yield self.notice(f"The network takes {spec.in_channels} channel(s); converting the "
                               f"image from {CONVERSION_WORDS[conv]}.")
 
-    def _check_input(self) -> None:
+    def _check_input(self, read_pixels: bool = True) -> None:
         if "variance" in self.config.outputs and not self.config.tta:
             raise ConfigError("The variance output comes from TTA; turn TTA on to get it.")
         # NaN/inf: checked here for in-memory images, per tile for lazy ones.
         self.float_input = np.issubdtype(np.dtype(self.image.dtype), np.floating)
         self.check_tiles = self.float_input and not isinstance(self.image, np.ndarray)
-        if self.float_input and not self.check_tiles:
+        if read_pixels and self.float_input and not self.check_tiles:
             check_pixels(self.image)  # NaN, inf, or beyond float32's range (integers fit)
 
     def _normalization(self) -> Generator[ProgressEvent, None, None]:
@@ -576,6 +579,3 @@ def predict(
 ) -> PredictionResult:
     """Run :func:`predict_iter` to the end and return its result (same arguments)."""
     return drain(predict_iter(image, model, config, meta=meta, cancel=cancel, **settings))
-
-
-from .planning import plan_prediction  # noqa: E402  (it builds on _Run)

@@ -95,6 +95,8 @@ def unwritten_message(image, meta=None) -> str | None:
     found without chunks: ``meta.extra["chunks_written"]`` False) none of whose chunks is
     written, so every pixel is its fill value; None otherwise (or when it cannot be told)."""
     extra = getattr(meta, "extra", None) or {}
+    if extra.get("chunks_written") is True:
+        return None  # the reader already found a chunk (it stops at the first)
     if extra.get("chunks_written") is False:
         total = math.prod(getattr(image, "numblocks", None) or (0,))
     else:

@@ -100,7 +100,7 @@ def match_pairs(
     if images.resolve() == masks.resolve():  # masks stored beside their images
         stems = {_stem(p) for p in candidates}
         candidates = [p for p in candidates
-                      if not (_stem(p).endswith("_mask") and _stem(p)[:-5] in stems)]
+                      if not (_stem(p).endswith("_mask") and _stem(p)[: -len("_mask")] in stems)]
     pairs: list[tuple[Path, Path]] = []
     unpaired: list[Unpaired] = []
     for p in candidates:

@@ -201,7 +201,8 @@ def evaluate_iter(
     t0 = time.perf_counter()
     rows: list[ImageScore] = []
     total = len(jobs)
-    yield StageEvent(f"Evaluating on {len(pairs)} images ...", stage="evaluating")
+    without = f" ({total - len(pairs)} without a usable mask)" if total > len(pairs) else ""
+    yield StageEvent(f"Evaluating {total} images{without} ...", stage="evaluating")
     for i, (img_path, mask_path, error) in enumerate(jobs):
         if cancel.cancelled:
             break
