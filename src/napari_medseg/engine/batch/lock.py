@@ -20,13 +20,13 @@ from pathlib import Path
 from ...errors import ConfigError, ImageWriteError
 from .manifest import utc_now
 
-__all__ = ["LOCK_NAME", "RunLock", "pid_alive"]
+__all__ = ["LOCK_NAME", "RunLock"]
 
 #: The lock file's name inside the output folder.
 LOCK_NAME = ".medseg-batch.lock"
 
 
-def pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int) -> bool:
     """True when a process ``pid`` exists on this host (one we may not signal counts too)."""
     if pid <= 0:
         return False
@@ -107,7 +107,7 @@ class RunLock:
             return False
         if other.get("host") != socket.gethostname():
             return False
-        if not pid_alive(pid):
+        if not _pid_alive(pid):
             return True
         started, written = _process_started(pid), other.get("epoch")
         # the pid was reused: its process began after the lock was written (2 s margin)
