@@ -305,8 +305,24 @@ def test_boundary_is_derived_from_instances_without_a_boundary_head():
     assert result["instances"].max() == 2
     from napari_medseg.engine.boundaries import boundary_from_labels
 
-    assert np.array_equal(result["boundary"], boundary_from_labels(result["instances"]))
+    assert np.array_equal(result["boundary"],
+                          boundary_from_labels(result["instances"], mode="inner"))
     assert "mask" not in result.outputs
+    # a one-pixel outline inside each object: no background pixel, every disc's edge
+    assert not result["boundary"][~discs].any()
+    assert result["boundary"].sum() < 0.3 * discs.sum()
+
+
+def test_derived_boundary_of_a_stack_outlines_each_plane():
+    """A stack's derived boundary is each slice's outline, not a 3D band: slices that differ
+    (an anisotropic EM stack) must not turn whole areas into boundary."""
+    from napari_medseg.engine.inference.postprocess import boundary_per_block
+
+    labels = np.zeros((2, 32, 32), np.uint8)
+    labels[0, 4:28, 4:28] = 1  # a square on slice 0, nothing on slice 1
+    boundary = boundary_per_block(labels, "ZYX")
+    assert not boundary[1].any()
+    assert boundary[0].sum() == 4 * 24 - 4  # the square's one-pixel outline
 
 
 def test_tta_costs_and_variance():

@@ -36,19 +36,20 @@ from qtpy.QtWidgets import (
     QHeaderView,
     QTableWidget,
     QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 
 from ..config import BATCH_FORMATS, BatchConfig
 from ..engine.progress import CancelToken, NoticeEvent, ProgressEvent, TilesEvent
 from ..errors import ConfigError, MedsegError
+from .viewer_state import viewer_state
 from .worker import (
     JobOutcome,
     LongJob,
     error_message,
     guard_iter,
     guard_llvm_clash,
+    scroll_root,
     show_notice,
     start_job,
 )
@@ -62,6 +63,8 @@ __all__ = ["CHECKPOINT_FILE", "COLUMNS", "BatchWidget", "batch_job", "weight_cho
 CHECKPOINT_FILE = "checkpoint file (below)"
 #: Columns of the progress table.
 COLUMNS = ("file", "status", "time")
+#: Rows the progress table shows without scrolling.
+MIN_TABLE_ROWS = 5
 _STATUS_TEXT = {
     "pending": "waiting", "running": "running", "done": "done", "skipped": "done earlier",
     "failed": "failed", "ignored": "not an image", "cancelled": "cancelled",
@@ -133,6 +136,10 @@ class BatchWidget(QWidget):
         super().__init__()
         guard_llvm_clash()  # before the engine imports torch (see the function)
         self.viewer = napari_viewer
+        #: the viewer's shared state: the Segment widget's weights are the default here.
+        self.state = viewer_state(napari_viewer)
+        #: the user chose weights in this widget (the Segment widget's no longer apply).
+        self.weights_explicit = False
         self.summary: Any = None
         self._job = LongJob()
         self._rows: dict[str, int] = {}
@@ -177,8 +184,11 @@ class BatchWidget(QWidget):
             header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
         self.table.setToolTip("Click a row to open the image and its result.")
 
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(4, 4, 4, 4)
+        rows = self.table.verticalHeader().defaultSectionSize()
+        self.table.setMinimumHeight(self.table.horizontalHeader().sizeHint().height()
+                                    + MIN_TABLE_ROWS * rows + 2 * self.table.frameWidth())
+
+        layout = scroll_root(self, margins=4)
         for part in (form, buttons, bar):
             layout.addWidget(part.native)
         layout.addWidget(self.table, stretch=1)
@@ -187,8 +197,30 @@ class BatchWidget(QWidget):
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.weights.changed.connect(self._on_weights_changed)
+        self.weights.native.activated.connect(self._on_user_weights)
         self.table.cellClicked.connect(lambda row, _col: self.open_row(row))
         self._on_weights_changed()
+        self.state.weights_changed.connect(self.follow_segment)
+        self.follow_segment(self.state.weights, self.state.variant)
+
+    def _on_user_weights(self, *_: Any) -> None:
+        """The user picked weights here: the Segment widget's choice no longer moves them."""
+        self.weights_explicit = True
+
+    def follow_segment(self, weights: Any, _variant: str = "") -> None:
+        """Start on the weights in use in the Segment widget (a fine-tuned checkpoint too),
+        until the user picks weights here."""
+        source = getattr(weights, "source", None)
+        if self.weights_explicit or not source:
+            return
+        if source not in self.weights.choices:  # a checkpoint made since the list was filled
+            self.weights.choices = weight_choices()
+        values = list(self.weights.choices)
+        if source in values:
+            self.weights.value = source
+        elif Path(source).is_file():
+            self.weights.value = CHECKPOINT_FILE
+            self.checkpoint.value = source
 
     def _on_weights_changed(self, *_: Any) -> None:
         self.checkpoint.enabled = self.weights.value == CHECKPOINT_FILE

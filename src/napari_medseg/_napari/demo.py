@@ -32,6 +32,7 @@ def open_demo(image: str | Path, labels: Sequence[str | Path] = (), weights: str
 
     from ..io import read_image
     from .layers import layer_kwargs
+    from .result_layers import output_name, style_labels
 
     viewer = napari.Viewer(title="napari-medseg demo")
     array, meta = read_image(image)
@@ -39,12 +40,15 @@ def open_demo(image: str | Path, labels: Sequence[str | Path] = (), weights: str
     image_layer = viewer.add_image(array, **kwargs)
     for path in labels:
         data, _ = read_image(path)
-        viewer.add_labels(np.asarray(data), name=Path(path).stem.replace("_", " "),
-                          scale=image_layer.scale[-2:], translate=image_layer.translate[-2:],
-                          visible=not Path(path).stem.endswith("instances"),
-                          opacity=0.5)
+        output = Path(path).stem.rsplit("_", 1)[-1]
+        output = output if output in ("mask", "boundary", "instances") else "mask"
+        layer = viewer.add_labels(np.asarray(data), name=output_name(image_layer.name, output),
+                                  scale=image_layer.scale[-2:],
+                                  translate=image_layer.translate[-2:],
+                                  visible=output != "instances")
+        style_labels(layer, output)
     _widget, segment = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
-    if weights and hasattr(segment, "select_weights"):
+    if weights:
         segment.select_weights(weights)
     return viewer
 

@@ -39,7 +39,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -55,7 +54,7 @@ from .curve_plot import CurvePlot
 from .lineage_panel import LineagePanel
 from .viewer_state import viewer_state
 from .worker import JobOutcome, LongJob, guard_iter, show_notice, start_job
-from .worker import LayerListMixin, error_html, form_layout, row_widget  # the dock's layout
+from .worker import LayerListMixin, error_html, form_layout, row_widget, scroll_root
 
 __all__ = ["BaseChoice", "FinetuneWidget", "finetune_job", "COMPARE_MODEL", "COMPARE_NONE"]
 
@@ -137,8 +136,7 @@ class FinetuneWidget(LayerListMixin, QWidget):
 
     # ------------------------------------------------------------------ UI ----------
     def _build(self) -> None:
-        root = QVBoxLayout(self)
-        root.setContentsMargins(6, 6, 6, 6)
+        root = scroll_root(self)
         root.setSpacing(6)
         defaults = FinetuneConfig()
 

@@ -29,6 +29,7 @@ __all__ = [
     "layer_data",
     "meta_from_layer",
     "meta_from_attributes",
+    "layer_traits",
 ]
 
 #: Key of the ImageMeta in a layer's ``metadata`` dict.
@@ -218,3 +219,16 @@ def meta_from_layer(layer: Any) -> ImageMeta:
     """The ImageMeta of a napari layer object (see :func:`meta_from_attributes`)."""
     data, attributes, _ = layer.as_layer_data_tuple()
     return meta_from_attributes(data, attributes)
+
+
+def layer_traits(layer: Any) -> Any:
+    """What an image layer's metadata says about its kind (``engine.matching.ImageTraits``),
+    for choosing the weights that suit it; no pixel is read."""
+    from ..engine.matching import ImageTraits, traits_from_meta
+
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    try:
+        meta = meta_from_layer(layer)
+    except (ValueError, TypeError):
+        return ImageTraits(channels=3 if getattr(layer, "rgb", False) else 1)
+    return traits_from_meta(meta, getattr(data, "dtype", None))

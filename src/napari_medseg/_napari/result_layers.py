@@ -50,6 +50,7 @@ __all__ = [
     "undo",
     "draw_tiles",
     "owned_layer_names",
+    "style_labels",
 ]
 
 #: Metadata key marking an output layer: ``{"image": <image name>, "output": <output>}``.
@@ -64,8 +65,28 @@ OUTPUT_SUFFIXES = {
     "tiles": "tiles",
 }
 _LABEL_OUTPUTS = ("mask", "boundary", "instances")
-_BOUNDARY_COLORS = {None: (1.0, 0.0, 1.0, 1.0), 0: (0.0, 0.0, 0.0, 0.0),
-                    1: (1.0, 0.85, 0.1, 1.0)}
+_CLEAR = (0.0, 0.0, 0.0, 0.0)
+#: Colours of the label outputs, each its own: the mask's classes cyan, orange, green...
+#: (a translucent fill), the boundary a magenta line drawn opaque over it, instances
+#: napari's random colours.
+_OUTPUT_COLORS = {
+    "mask": {None: (0.95, 0.95, 0.3, 1.0), 0: _CLEAR, 1: (0.0, 0.85, 1.0, 1.0),
+             2: (1.0, 0.55, 0.0, 1.0), 3: (0.35, 1.0, 0.35, 1.0), 4: (0.6, 0.4, 1.0, 1.0)},
+    "boundary": {None: (1.0, 0.2, 0.85, 1.0), 0: _CLEAR, 1: (1.0, 0.2, 0.85, 1.0)},
+}
+_OUTPUT_OPACITY = {"mask": 0.4, "boundary": 1.0, "instances": 0.5}
+
+
+def style_labels(layer: Any, output: str) -> None:
+    """Give a Labels layer holding ``output`` (mask, boundary, instances) its colours and
+    opacity, so that no output hides another (used for a run's layers and for files a
+    demo or batch wrote)."""
+    colors = _OUTPUT_COLORS.get(output)
+    if colors is not None:
+        from napari.utils.colormaps import DirectLabelColormap
+
+        layer.colormap = DirectLabelColormap(color_dict=colors)
+    layer.opacity = _OUTPUT_OPACITY.get(output, 0.5)
 
 
 @dataclass
@@ -211,15 +232,7 @@ def _ensure(viewer: Any, image_layer: Any, output: str, shape: Sequence[int], dt
     data = np.zeros(shape, dtype)
     if output in _LABEL_OUTPUTS:
         layer = viewer.add_labels(data, name=name, **kwargs)
-        if output == "boundary":
-            from napari.utils.colormaps import DirectLabelColormap
-
-            layer.colormap = DirectLabelColormap(color_dict=_BOUNDARY_COLORS)
-            layer.opacity = 0.9
-        elif output == "instances":
-            layer.opacity = 0.6
-        else:
-            layer.opacity = 0.5
+        style_labels(layer, output)
     else:
         if output == "variance":
             layer = viewer.add_image(data, name=name, colormap="magma", blending="additive",
@@ -362,8 +375,13 @@ def apply_run(
     show_variance: bool,
     has_boundary_head: bool = False,
     created: Sequence[Any] = (),
+    keep_painted: bool = False,
 ) -> Edit:
     """Write a prediction into the image's output layers and record the undo step.
+
+    Pixels of a label output that differ from what the network last wrote there are the
+    user's painting: counted in ``edit.painted`` (mask pixels), and kept with
+    ``keep_painted`` (the re-run after fine-tuning on those very corrections).
 
     Args:
         viewer: the napari viewer.
@@ -376,6 +394,7 @@ def apply_run(
         has_boundary_head: the network predicts its own boundary (a new threshold then
             leaves the boundary layer alone).
         created: output layers made empty for this run (:func:`create_missing_outputs`).
+        keep_painted: keep the user's painting in the label outputs.
 
     Returns:
         The recorded undo step (already pushed on the session; empty, and not pushed, when
@@ -386,7 +405,7 @@ def apply_run(
     out_region = region.output(factor)
     axes = result.axes["mask"]
     keys = _result_keys(result)
-    edit = Edit("run", image=image_layer.name)
+    edit = Edit("run", image=image_layer.name, kept_painted=keep_painted)
     if not keys:  # cancelled before any slice finished: nothing to write
         return edit
     touched = []
@@ -402,7 +421,18 @@ def apply_run(
                 values = np.asarray(result["variance"][key], np.float32)
             else:
                 values = np.asarray(result[output][key])
-            _write(layer, out_region.offset(key), values, edit.changes)
+            out_key = out_region.offset(key)
+            if output in _LABEL_OUTPUTS:
+                predicted = values
+                painted = session.painted_pixels(image_layer.name, output, layer.data, out_key)
+                if painted is not None and painted.any():
+                    if output == "mask":
+                        edit.painted += int(painted.sum())
+                    if keep_painted:
+                        values = np.where(painted, np.asarray(layer.data[out_key]), values)
+                session.remember_prediction(image_layer.name, output, tuple(layer.data.shape),
+                                            out_key, predicted)
+            _write(layer, out_key, values, edit.changes)
         touched.append(layer)
     if num_classes == 1:
         session.update_cache(image_layer.name, full_out, axes, 1, has_boundary_head,
@@ -444,6 +474,8 @@ def apply_masks(
             if values is None:
                 continue
             _write(layer, block[0], values, edit.changes)
+            session.remember_prediction(image_layer.name, output, tuple(layer.data.shape),
+                                        block[0], np.asarray(values))
             wrote = True
         if wrote:
             touched.append(layer)
@@ -474,6 +506,8 @@ def apply_array(
     factor = max(1, int(round(data.shape[-1] / max(1, image_shape(image_layer)[-1]))))
     layer = _ensure(viewer, image_layer, output, data.shape, data.dtype, factor, edit.changes)
     _write(layer, (slice(None),) * data.ndim, data, edit.changes)
+    session.remember_prediction(image_layer.name, output, tuple(data.shape),
+                                (slice(None),) * data.ndim, np.asarray(data))
     session.push(edit)
     _refresh([layer])
     return edit

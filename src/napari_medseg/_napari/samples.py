@@ -17,14 +17,18 @@ __all__ = ["nuclei", "nuclei_he", "em_stack", "dermoscopy", "ct_patches", "sampl
 def sample_layers(name: str) -> list[tuple[Any, dict[str, Any], str]]:
     """The image layer and the Labels layer of one shipped sample.
 
+    The labels open as ``"<sample> annotation"``, hidden: they are the reference a result is
+    scored against (the Segment widget picks them), not a result, and never hide the image
+    or a prediction (``"<sample> mask"`` is the name of the prediction).
+
     Args:
         name: a key of :data:`napari_medseg.io.samples.SAMPLES`.
     """
     image, meta, labels = load_sample(name)
-    return [
-        layer_data(image, meta, "image", name=name),
-        layer_data(labels, meta.without_channels(), "labels", name=f"{name} mask"),
-    ]
+    data, kwargs, kind = layer_data(labels, meta.without_channels(), "labels",
+                                    name=f"{name} annotation")
+    kwargs.update(visible=False, opacity=0.6)
+    return [layer_data(image, meta, "image", name=name), (data, kwargs, kind)]
 
 
 def nuclei() -> list[tuple[Any, dict[str, Any], str]]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import QEvent, QTimer
-from qtpy.QtWidgets import QLabel, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QLabel, QPushButton, QWidget
 
 from ..engine.inference.plan import format_seconds
 from ..engine.inference.editing import scope_region
@@ -33,6 +33,7 @@ from ..engine.inference.regions import Region
 from ..engine.progress import NoticeEvent, PlaneEvent, PlanEvent, StageEvent, TilesEvent
 from ..errors import ConfigError, MedsegError
 from . import result_layers
+from .layers import layer_traits
 from .plan_panel import PlanPanel
 from .run_panel import SCOPES, RunPanel
 from .session import RunSettings, SegmentSession, WeightsChoice
@@ -49,6 +50,7 @@ from .worker import (
     guard_llvm_clash,
     row_widget,
     run_job,
+    scroll_root,
     show_notice,
     start_job,
 )
@@ -57,6 +59,16 @@ if TYPE_CHECKING:  # pragma: no cover
     import napari
 
 __all__ = ["SegmentWidget", "SCOPES"]
+
+def _painted_text(edit: Any) -> str:
+    """What a run did to the pixels the user had painted, for the status line."""
+    if not edit.painted:
+        return ""
+    if edit.kept_painted:
+        return f" Kept the {edit.painted} mask pixels you painted."
+    return (f" Replaced {edit.painted} mask pixels you had painted (Undo last brings "
+            "them back).")
+
 
 class SegmentWidget(LayerListMixin, QWidget):
     """Dock widget running a segmentation network on an image layer.
@@ -85,6 +97,14 @@ class SegmentWidget(LayerListMixin, QWidget):
         self._staging: tuple | None = None
         result_layers.prewarm_layer_code()
         self.last_error: str | None = None
+        #: an image layer to choose at the next list refresh (newly opened or selected).
+        self._follow: str | None = None
+        #: the image chosen at the last list refresh.
+        self._image_name: str | None = None
+        #: weights chosen through :meth:`select_weights` before the network list arrived.
+        self._pending_weights: str | None = None
+        #: the run in flight keeps the user's painting (see :meth:`run`).
+        self._keep_painted = False
         self._build()
         self._plan_timer = self.plan_panel.timer
         self._threshold_timer = self.run_panel.threshold_timer
@@ -102,6 +122,11 @@ class SegmentWidget(LayerListMixin, QWidget):
             return
         self._ready = True
         self.weights_panel.set_catalog(*outcome.value)
+        image = self.current_image()
+        if self._pending_weights is not None:
+            self.select_weights(self._pending_weights)
+        if image is not None:
+            self.weights_panel.propose(layer_traits(image))
         self.refresh_enabled()
         self.plan_panel.schedule()
 
@@ -113,8 +138,7 @@ class SegmentWidget(LayerListMixin, QWidget):
     # ------------------------------------------------------------------ UI ----------
     def _build(self) -> None:
         """The boxes (each its own widget); their controls are attributes of the widget too."""
-        root = QVBoxLayout(self)
-        root.setContentsMargins(6, 6, 6, 6)
+        root = scroll_root(self)
         root.setSpacing(6)
         self.weights_panel = WeightsPanel(self.state)
         self.run_panel = RunPanel(self)
@@ -171,6 +195,7 @@ class SegmentWidget(LayerListMixin, QWidget):
     def _viewer_hooks(self) -> list[tuple[Any, Any]]:
         """The viewer's events the widget follows: its layer list, the slice, the camera."""
         return self._layer_hooks() + [
+            (self.viewer.layers.selection.events.active, self._on_active_layer),
             (self.viewer.dims.events.current_step, self.plan_panel.follow_view),
             (self.viewer.camera.events.zoom, self.plan_panel.follow_view),
             (self.viewer.camera.events.center, self.plan_panel.follow_view)]
@@ -183,11 +208,28 @@ class SegmentWidget(LayerListMixin, QWidget):
             self.session.forget(layer.name)
         self._refresh_layers()
 
+    def _on_layer_inserted(self, event: Any) -> None:
+        layer = event.value
+        layer.events.name.connect(self._refresh_layers)
+        if isinstance(layer, Image) and not result_layers.is_output(layer):
+            self._follow = layer.name  # a newly opened image is the one to segment
+        self._refresh_layers()
+
+    def _on_active_layer(self, event: Any) -> None:
+        layer = event.value
+        if (isinstance(layer, Image) and not result_layers.is_output(layer)
+                and not self.running and layer.name != self.image_combo.currentText()):
+            self._follow = layer.name
+            self._refresh_layers()
+
     def _refresh_layers(self, *_: Any) -> None:
         images = [lay.name for lay in self.viewer.layers
                   if isinstance(lay, Image) and not result_layers.is_output(lay)]
         current = self.image_combo.currentText()
-        if current not in images:
+        follow, self._follow = self._follow, None
+        if follow in images and not self.running:
+            current = follow
+        elif current not in images:
             active = self.viewer.layers.selection.active
             current = active.name if isinstance(active, Image) and active.name in images else (
                 images[-1] if images else "")
@@ -198,21 +240,41 @@ class SegmentWidget(LayerListMixin, QWidget):
             self.image_combo.setCurrentText(current)
         self.image_combo.blockSignals(False)
         image = self.image_combo.currentText()
-        labels = [lay.name for lay in self.viewer.layers
-                  if isinstance(lay, Labels) and not result_layers.is_output(lay, image)]
-        self.metrics_panel.set_references(labels)
         shown = self.current_image()
+        switched = image != self._image_name
+        self._image_name = image
+        self.metrics_panel.set_references(
+            self._reference_names(shown),
+            prefer=f"{image} annotation" if switched and image else None)
         self.run_panel.set_whole_label(
             shown is not None and len(result_layers.image_shape(shown)) > 2)
         self.refresh_enabled()
-        if self.plan_panel.plan is not None and self.plan_panel.plan[2] != image:
+        if switched:
+            self._on_image_switched(shown)
+        elif self.plan_panel.plan is not None and self.plan_panel.plan[2] != image:
             self.plan_panel.schedule()
 
-    def _on_image_changed(self, *_: Any) -> None:
-        self._refresh_layers()
+    def _reference_names(self, image: Image | None) -> list[str]:
+        """Labels layers that can score ``image``'s mask: on its grid, not its own outputs."""
+        if image is None:
+            return []
+        shape = result_layers.image_shape(image)
+        return [lay.name for lay in self.viewer.layers
+                if isinstance(lay, Labels) and not result_layers.is_output(lay, image.name)
+                and tuple(lay.data.shape) == shape]
+
+    def _on_image_switched(self, image: Image | None) -> None:
+        """Another image is chosen: weights that match it, a new plan, its scores."""
+        if image is not None and self._ready:
+            self.weights_panel.propose(layer_traits(image))
         self.plan_panel.schedule()
         if self.metrics_panel.reference:
             self.update_metrics()
+        else:
+            self.metrics_panel.show_message("")
+
+    def _on_image_changed(self, *_: Any) -> None:
+        self._refresh_layers()
 
     def _on_weights_changed(self) -> None:
         self.refresh_enabled()
@@ -322,10 +384,16 @@ class SegmentWidget(LayerListMixin, QWidget):
     def _on_run_clicked(self) -> None:
         self._job.toggle(self.run, self.cancel)
 
-    def run(self) -> Any:
-        """Segment the scope of the chosen image; returns the worker (None if refused)."""
+    def run(self, keep_painted: bool = False) -> Any:
+        """Segment the scope of the chosen image; returns the worker (None if refused).
+
+        Args:
+            keep_painted: keep the pixels the user painted over the last prediction (the
+                re-run after fine-tuning); otherwise the status says how many were replaced.
+        """
         if self.running:
             return None
+        self._keep_painted = bool(keep_painted)
         image = self.current_image()
         if image is None:
             self.report_error("Choose an image layer to segment.")
@@ -363,6 +431,8 @@ class SegmentWidget(LayerListMixin, QWidget):
             self.status_label.setText("Cancelling after the current batch…")
 
     def _on_run_event(self, event: Any) -> None:
+        if not self._job.running:  # an event queued behind the end of the run
+            return
         if isinstance(event, TilesEvent):
             if self._progress is not None:
                 self._progress.set_done(event.done, event.total)
@@ -435,7 +505,8 @@ class SegmentWidget(LayerListMixin, QWidget):
             edit = result_layers.apply_run(
                 self.viewer, image, result, region, self.session,
                 settings.show_probabilities, settings.show_variance,
-                has_boundary_head=HEAD_BOUNDARY in spec.heads, created=created)
+                has_boundary_head=HEAD_BOUNDARY in spec.heads, created=created,
+                keep_painted=self._keep_painted)
             written = bool(edit.changes)
             if not edit.changes:
                 message = "Cancelled before any slice finished; nothing was written."
@@ -454,7 +525,8 @@ class SegmentWidget(LayerListMixin, QWidget):
                 self.status_label.setText(
                     f"Done in {format_seconds(seconds)} on {result.stats.get('device', '?')} "
                     f"({result.stats.get('precision', '?')}, "
-                    f"{result.stats.get('forward_passes', '?')} tile passes).")
+                    f"{result.stats.get('forward_passes', '?')} tile passes)."
+                    + _painted_text(edit))
             self.threshold_slider.setEnabled(int(spec.num_classes) == 1)
             if int(spec.num_classes) == 1 and abs(
                     float(self.threshold_slider.value()) - settings.threshold) > 1e-6:
@@ -520,6 +592,7 @@ class SegmentWidget(LayerListMixin, QWidget):
             QTimer.singleShot(200, functools.partial(self.use_weights, source, image_name,
                                                      scope))
             return None
+        self.weights_panel.explicit = True  # fine-tuned weights stay chosen
         if not self.weights_panel.select_source(str(source)):
             return None
         if image_name and image_name in [self.image_combo.itemText(i)
@@ -534,11 +607,21 @@ class SegmentWidget(LayerListMixin, QWidget):
             self.scope_combo.blockSignals(True)
             self.scope_combo.setCurrentIndex(wanted_scope)
         try:
-            return self.run()
+            return self.run(keep_painted=True)
         finally:
             if wanted_scope >= 0:
                 self.scope_combo.setCurrentIndex(previous)
                 self.scope_combo.blockSignals(False)
+
+    def select_weights(self, source: str) -> bool:
+        """Choose weights (a card's tag or a checkpoint path) as the user would: they are
+        kept for every image until changed. False (with a message) when unknown."""
+        self.weights_panel.explicit = True
+        if not self.ready:  # the network list is still loading: chosen once it is there
+            self._pending_weights = str(source)
+            return True
+        self._pending_weights = None
+        return self.weights_panel.select_source(str(source))
 
     # ------------------------------------------------------------- messages -----------
     def report_error(self, message: str) -> None:

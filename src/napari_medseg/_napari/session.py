@@ -49,6 +49,8 @@ __all__ = [
 
 #: Memory the undo stack may hold before the oldest edits are dropped.
 UNDO_BUDGET_BYTES = 1 << 30
+#: Largest label output whose prediction is remembered to tell the user's painting apart.
+PREDICTED_BUDGET_BYTES = 512 << 20
 #: Edits kept at most.
 UNDO_DEPTH = 10
 
@@ -153,6 +155,10 @@ class Edit:
     cache_before: tuple[list[Region], list[tuple[Region, np.ndarray]]] | None = None
     cache_created: bool = False
     cache_replaced: ProbabilityCache | None = None
+    #: mask pixels the user had painted over the network's last prediction, found by a run.
+    painted: int = 0
+    #: a run kept those pixels (else it replaced them).
+    kept_painted: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -185,6 +191,9 @@ class SegmentSession:
         #: image -> K of the network that last segmented it.
         self.num_classes: dict[str, int] = {}
         self.last_plan: Any = None
+        #: (image, label output) -> what the network last wrote there, to tell the user's
+        #: painting from the prediction (outputs over PREDICTED_BUDGET_BYTES are not kept).
+        self.predicted: dict[tuple[str, str], np.ndarray] = {}
 
     # -- networks ---------------------------------------------------------------------
     def load_model(self, choice: WeightsChoice, variant: str, in_channels: int) -> Any:
@@ -285,8 +294,29 @@ class SegmentSession:
         return rethreshold_regions(cache.probs, cache.covered, threshold, cache.axes,
                                    derive_boundary=not cache.has_boundary_head)
 
+    def remember_prediction(self, image: str, output: str, shape: tuple[int, ...], key: tuple,
+                            values: np.ndarray) -> None:
+        """Record what a run wrote at ``key`` of a label output (of ``shape``)."""
+        snap = self.predicted.get((image, output))
+        if snap is None or snap.shape != tuple(shape) or snap.dtype != values.dtype:
+            if int(np.prod(shape)) * values.itemsize > PREDICTED_BUDGET_BYTES:
+                self.predicted.pop((image, output), None)
+                return
+            snap = self.predicted[(image, output)] = np.zeros(shape, values.dtype)
+        snap[key] = values
+
+    def painted_pixels(self, image: str, output: str, data: Any, key: tuple) -> np.ndarray | None:
+        """Where the layer data at ``key`` differ from what the network wrote there (the
+        user's painting), or None when the prediction is not known."""
+        snap = self.predicted.get((image, output))
+        if snap is None or snap.shape != tuple(np.shape(data)):
+            return None
+        return np.asarray(data[key]) != snap[key]
+
     def forget(self, image: str) -> None:
         """Drop what is cached for an image (its layer was removed)."""
+        for known in [k for k in self.predicted if k[0] == image]:
+            del self.predicted[known]
         self.caches.pop(image, None)
         self.last_region.pop(image, None)
         self.num_classes.pop(image, None)
@@ -315,6 +345,10 @@ class SegmentSession:
         if not self.history:
             return None
         edit = self.history.pop()
+        if edit.label == "run" and edit.image is not None:
+            # the layers go back to an older prediction: what was painted is unknown again
+            for known in [k for k in self.predicted if k[0] == edit.image]:
+                del self.predicted[known]
         if edit.image is not None:
             if edit.cache_created:
                 if edit.cache_replaced is None:

@@ -178,7 +178,14 @@ class MetricsPanel(QGroupBox):
         lay.addWidget(self.metrics_caption)
         self.setLayout(lay)
         self.reference_combo.currentIndexChanged.connect(self.refresh_scores)
+        self.reference_combo.activated.connect(self._on_user_pick)
         self.metrics_button.clicked.connect(self.refresh_scores)
+        #: the reference proposed for the current image, and whether the user picked one.
+        self._preferred: str | None = None
+        self._picked = False
+
+    def _on_user_pick(self, *_: Any) -> None:
+        self._picked = True
 
     def refresh_scores(self, *_: Any) -> Any:
         """Score the host's mask against the chosen reference layer (in a worker).
@@ -200,11 +207,9 @@ class MetricsPanel(QGroupBox):
             return None
         ref = host.viewer.layers[self.reference]
         if tuple(np.shape(ref.data)) != tuple(np.shape(mask.data)):
-            message = (f"The reference {ref.name!r} has shape {tuple(np.shape(ref.data))} but "
-                       f"the mask has {tuple(np.shape(mask.data))}; pick a reference on the "
-                       "same grid.")
-            self.show_message(message)
-            host.report_error(message)
+            self.show_message(
+                f"The reference {ref.name!r} ({tuple(np.shape(ref.data))}) is not on the "
+                f"mask's grid {tuple(np.shape(mask.data))}; no scores.")
             return None
         axes = result_layers.image_axes(image).replace("C", "")
         region = host.session.last_region.get(image.name, whole_region(np.shape(mask.data)))
@@ -232,9 +237,18 @@ class MetricsPanel(QGroupBox):
         name = self.reference_combo.currentText()
         return None if name in ("", NO_REFERENCE) else name
 
-    def set_references(self, names: list[str]) -> None:
-        """Offer ``names`` (keeping the chosen one when it is still there)."""
-        ref = self.reference_combo.currentText()
+    def set_references(self, names: list[str], prefer: str | None = None) -> None:
+        """Offer ``names``, keeping the chosen one when it is still there.
+
+        With ``prefer`` (another image was chosen) the choice starts again: ``prefer`` (the
+        image's annotation, say) whenever it is there and the user has not picked a
+        reference for this image, else none.
+        """
+        if prefer is not None:
+            self._preferred, self._picked = prefer, False
+        ref = self.reference_combo.currentText() if prefer is None else prefer
+        if ref not in names and not self._picked and self._preferred in names:
+            ref = self._preferred
         self.reference_combo.blockSignals(True)
         self.reference_combo.clear()
         self.reference_combo.addItems([NO_REFERENCE] + names)

@@ -4,6 +4,11 @@
 chosen network (shipped cards, the user's checkpoints, random init), keeps the variant in step
 with trained weights, selects weights by their source (a checkpoint path or a card's tag) and
 publishes the choice to the viewer's shared :class:`~.viewer_state.ViewerState`.
+
+When an image is chosen, :meth:`WeightsPanel.propose` selects the shipped weights whose model
+card matches it best (``engine.matching``) and says why in one line, until the user picks a
+network or weights themselves: from then on their choice is kept (the line then names better
+matching weights, if any).
 """
 
 from __future__ import annotations
@@ -123,6 +128,15 @@ class WeightsPanel(QGroupBox):
         self.browse_button.setText("…")
         self.browse_button.setToolTip("Add a checkpoint file (.safetensors or .json).")
         form.addRow("Weights", row_widget(self.weights_combo, self.browse_button))
+        self.match_label = QLabel("")
+        self.match_label.setWordWrap(True)
+        self.match_label.setToolTip("Why these weights: the model card's intended images "
+                                    "against the image's metadata.")
+        form.addRow(self.match_label)
+        #: the user picked the network or weights themselves (then no proposal replaces them).
+        self.explicit = False
+        #: the last proposal made (``engine.matching.Match``), or None.
+        self.proposal: Any = None
         self.untrained_label = QLabel(UNTRAINED_TEXT)
         self.untrained_label.setWordWrap(True)
         self.untrained_label.setStyleSheet(
@@ -136,6 +150,8 @@ class WeightsPanel(QGroupBox):
         self.weights_combo.currentIndexChanged.connect(self._on_weights_changed)
         self.variant_combo.currentIndexChanged.connect(self._on_variant_changed)
         self.browse_button.clicked.connect(self._browse_checkpoint)
+        self.network_combo.activated.connect(self._on_user_choice)
+        self.weights_combo.activated.connect(self._on_user_choice)
 
     # -- lists -------------------------------------------------------------------------
     def set_catalog(self, networks: dict[str, list[str]], devices: list[dict]) -> None:
@@ -209,6 +225,43 @@ class WeightsPanel(QGroupBox):
         self.state.choose(self.current_weights(), self.variant_combo.currentText())
         self.changed.emit()
 
+    # -- matching the image ------------------------------------------------------------
+    def _on_user_choice(self, *_: Any) -> None:
+        """The user picked from the network or weights list: keep it from now on."""
+        self.explicit = True
+        choice = self.current_weights()
+        if choice is not None:
+            self.match_label.setStyleSheet("")
+            self.match_label.setText(f"Your choice ({choice.label}) is kept for every image.")
+
+    def propose(self, traits: Any) -> Any:
+        """Select the shipped weights that best match an image (``ImageTraits``), unless the
+        user chose; show why in one line. Returns the proposal (None without cards)."""
+        from ..engine.matching import best_weights
+
+        if not self.catalog:
+            return None
+        match = self.proposal = best_weights(traits)
+        if match is None:
+            self.match_label.setText("")
+            return None
+        current = self.current_weights()
+        if self.explicit:
+            text = ""
+            if current is not None and current.source != match.tag and not match.guess:
+                text = (f"Your choice ({current.label}) is kept; {match.tag} matches this "
+                        "image better.")
+            self._show_match(text, warn=bool(text))
+            return match
+        if current is None or current.source != match.tag:
+            self.select_source(match.tag)
+        self._show_match(match.reason, warn=match.guess)
+        return match
+
+    def _show_match(self, text: str, warn: bool) -> None:
+        self.match_label.setStyleSheet("color: #ffb000;" if warn else "")
+        self.match_label.setText(("⚠ " if warn and text else "") + text)
+
     # -- checkpoints -------------------------------------------------------------------
     def _browse_checkpoint(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
@@ -217,7 +270,9 @@ class WeightsPanel(QGroupBox):
             self.add_checkpoint(path)
 
     def add_checkpoint(self, path: str) -> bool:
-        """Add a checkpoint file to the weights list and select it (its network too)."""
+        """Add a checkpoint file to the weights list and select it (its network too); a
+        checkpoint added is the user's choice from then on."""
+        self.explicit = True
         try:
             choice = checkpoint_choice(path)
         except MedsegError as exc:

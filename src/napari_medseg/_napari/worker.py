@@ -33,7 +33,7 @@ from napari.qt.threading import FunctionWorker, GeneratorWorker, create_worker
 from napari.utils.notifications import show_info, show_warning
 from napari.utils.progress import cancelable_progress
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QFormLayout, QHBoxLayout, QLabel, QWidget
+from qtpy.QtWidgets import QFormLayout, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from ..engine.progress import CancelToken, NoticeEvent, ProgressEvent, StageEvent
 from ..errors import MedsegError
@@ -53,6 +53,7 @@ __all__ = [
     "error_html",
     "form_layout",
     "row_widget",
+    "scroll_root",
     "catalog_job",
     "run_job",
     "plan_job",
@@ -330,10 +331,18 @@ class LayerListMixin:
         self._refresh_layers()
 
 
+#: The engine notices already shown as notifications in this session.
+_NOTICES_SHOWN: set[str] = set()
+
+
 def show_notice(event: NoticeEvent, label: QLabel | None = None) -> None:
-    """Show an engine notice as a napari notification (and in ``label``, if given)."""
+    """Show an engine notice in ``label`` (if given) and, the first time in this session
+    that it says this, as a napari notification (a notice on every run is noise)."""
     if label is not None:
         label.setText(event.message)
+    if event.message in _NOTICES_SHOWN:
+        return
+    _NOTICES_SHOWN.add(event.message)
     (show_warning if event.level == "warning" else show_info)(event.message)
 
 
@@ -443,3 +452,28 @@ def plan_job(session: Any, choice: Any, variant: str, in_channels: int, image: A
         return plan, model.spec
 
     return guarded(work)
+
+
+def scroll_root(widget: QWidget, margins: int = 6) -> QVBoxLayout:
+    """Give a dock widget a scrolling body and return the body's layout.
+
+    Docked together the three widgets are taller than a 1000-pixel screen; in a scroll area
+    each can be made as short as its dock allows, the rest scrolls, and the window keeps
+    its size.
+    """
+    from qtpy.QtWidgets import QFrame, QScrollArea
+
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    area.setMinimumHeight(120)
+    body = QWidget()
+    area.setWidget(body)
+    outer.addWidget(area)
+    root = QVBoxLayout(body)
+    root.setContentsMargins(margins, margins, margins, margins)
+    widget.scroll_area = area
+    return root

@@ -44,19 +44,22 @@ def boundary_target(mask, border: str = "replicate"):
     return ((y - pooled).abs() > 1e-6).to(torch.float32)[:, 0]
 
 
-def boundary_from_labels(labels: np.ndarray) -> np.ndarray:
+def boundary_from_labels(labels: np.ndarray, mode: str = "thick") -> np.ndarray:
     """A boundary band (uint8, 1 = boundary) for a label image of any dimension.
 
-    A pixel is boundary when its 3x3 (3x3x3) neighbourhood holds another label; the image
-    edge is not a boundary. Touching instances get a boundary between them.
+    With ``mode="thick"`` (the training target) a pixel is boundary when its 4-neighbourhood
+    (6 in 3D) holds another label: a band two pixels wide across each contour. With
+    ``"inner"`` only the object's own edge pixels are: a one-pixel line, what a person draws
+    as an outline. The image edge is not a boundary; touching instances get one between them.
 
     Args:
         labels: integer array, YX or ZYX.
+        mode: ``"thick"`` or ``"inner"``.
     """
     from skimage.segmentation import find_boundaries
 
     labels = np.asarray(labels)
-    return find_boundaries(labels, connectivity=1, mode="thick").astype(np.uint8)
+    return find_boundaries(labels, connectivity=1, mode=mode).astype(np.uint8)
 
 
 def instances_from_mask(

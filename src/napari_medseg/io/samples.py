@@ -29,6 +29,8 @@ class Sample:
         mask: file name of its label image in ``_samples``.
         dataset: the dataset it was cut from (see ATTRIBUTION.md).
         description: one line on what it is (axes, size, spacing).
+        modality: what kind of image it is, stored in ``meta.extra["modality"]`` when it is
+            read (the model cards' ``intended_for`` is matched against it).
     """
 
     name: str
@@ -37,26 +39,29 @@ class Sample:
     mask: str
     dataset: str
     description: str
+    modality: str = ""
 
 
-def _sample(name: str, title: str, dataset: str, description: str) -> Sample:
+def _sample(name: str, title: str, dataset: str, description: str, modality: str) -> Sample:
     """A sample whose files are ``<name>.tif`` and ``<name>_mask.tif``."""
-    return Sample(name, title, f"{name}.tif", f"{name}_mask.tif", dataset, description)
+    return Sample(name, title, f"{name}.tif", f"{name}_mask.tif", dataset, description,
+                  modality)
 
 
 SAMPLES: dict[str, Sample] = {
     s.name: s
     for s in (
         _sample("nuclei", "Nuclei, fluorescence (DSB2018)", "DSB2018 / BBBC038",
-                "YX uint8 256x256 grey nuclear stain; 82 labelled nuclei"),
+                "YX uint8 256x256 grey nuclear stain; 82 labelled nuclei", "fluorescence"),
         _sample("nuclei_he", "Nuclei, stained tissue (DSB2018)", "DSB2018 / BBBC038",
-                "YXC uint8 256x320 RGB H&E-like tissue; 82 labelled nuclei"),
+                "YXC uint8 256x320 RGB H&E-like tissue; 82 labelled nuclei", "H&E"),
         _sample("em_stack", "EM stack, 4x4x50 nm (ISBI 2012)", "ISBI 2012 EM",
-                "ZYX uint8 5x256x256 ssTEM crop, 4x4x50 nm voxels; membrane mask"),
+                "ZYX uint8 5x256x256 ssTEM crop, 4x4x50 nm voxels; membrane mask", "ssTEM"),
         _sample("dermoscopy", "Dermoscopy (PH2)", "PH2",
-                "YXC uint8 RGB melanoma image at half resolution; lesion mask"),
+                "YXC uint8 RGB melanoma image at half resolution; lesion mask", "dermoscopy"),
         _sample("ct_patches", "CT lung patches, 2 mm (MSD Task06)", "MSD Task06 Lung",
-                "IYX float32 6x48x48 CT patches (2 mm pixels, windowed to [0, 1]); tumour masks"),
+                "IYX float32 6x48x48 CT patches (2 mm pixels, windowed to [0, 1]); tumour masks",
+                "CT"),
     )
 }
 
@@ -101,4 +106,7 @@ def load_sample(name: str) -> tuple[Any, ImageMeta, Any]:
 
     image, meta = read_image(sample_path(name))
     labels, _ = read_image(sample_path(name, mask=True))
+    modality = SAMPLES[name].modality
+    if modality and not meta.extra.get("modality"):
+        meta = meta.replace(extra={**meta.extra, "modality": modality})
     return image, meta, labels

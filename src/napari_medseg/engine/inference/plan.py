@@ -226,8 +226,8 @@ class TilePlan:
         """A few lines for a person."""
         tile = "x".join(str(t) for t in self.grid.tile)
         lines = [
-            f"{self.tiles} tiles of {tile} ({self.tiles_per_plane} per plane x "
-            f"{self.planes_todo} plane(s)"
+            f"{_count(self.tiles, 'tile')} of {tile} ({self.tiles_per_plane} per plane x "
+            f"{_count(self.planes_todo, 'plane')}"
             + (f" x {self.passes} passes" if self.passes > 1 else "") + ")"
             + (f", x{self.tta_flips} TTA = {self.forward_passes} forward passes"
                if self.tta_flips > 1 else "")
@@ -244,3 +244,8 @@ class TilePlan:
                          f"({self.seconds_per_pass * 1000:.0f} ms per tile pass, one-batch probe).")
         lines.extend(self.notes)
         return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 tile``, ``4 tiles``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -90,10 +90,20 @@ def boundary_from_probability(prob: np.ndarray, threshold: float = 0.5) -> np.nd
 def derive_boundary(labels: np.ndarray) -> np.ndarray:
     """A boundary map for a network without a boundary head, from its mask or instances.
 
-    Uses :func:`~napari_medseg.engine.boundaries.boundary_from_labels` (a two-pixel band on
-    each contour; touching instances get a line between them; the image edge is not one).
+    Each YX plane on its own (the networks see planes, and the slices of an anisotropic stack
+    differ too much for a 3D outline: on the EM sample a 3D band covered 45 % of the voxels,
+    the plane outlines 6.5 %). Uses
+    :func:`~napari_medseg.engine.boundaries.boundary_from_labels` with ``mode="inner"``: each
+    object's one-pixel outline (touching instances get a line between them; the image edge is
+    not one).
     """
-    return boundary_from_labels(labels)
+    labels = np.asarray(labels)
+    if labels.ndim <= 2:
+        return boundary_from_labels(labels, mode="inner")
+    out = np.zeros(labels.shape, np.uint8)
+    for index in np.ndindex(*labels.shape[:-2]):
+        out[index] = boundary_from_labels(labels[index], mode="inner")
+    return out
 
 
 def instances(
@@ -116,8 +126,8 @@ def instances(
 def boundary_per_block(labels, axes: str, out=None):
     """A boundary map (uint8, 1 = boundary) of a label image, one spatial block at a time.
 
-    Each ``T``/``I`` index is its own block (a 3D block stays whole), so objects never touch
-    across unrelated images.
+    Each ``T``/``I`` index is its own block, and :func:`derive_boundary` outlines each plane
+    of a block, so objects never touch across unrelated images.
 
     Args:
         labels: the label image (numpy or zarr), axes ``axes`` (no ``C``).
