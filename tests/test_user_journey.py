@@ -147,3 +147,40 @@ def test_the_three_docks_fit_a_1600_by_1000_screen(make_napari_viewer, qtbot, us
     # Batch starts on the weights the Segment widget uses
     qtbot.waitUntil(lambda: docks[2].weights.value == docks[0].current_weights().source,
                     timeout=TIMEOUT)
+
+
+def test_a_users_choice_is_kept_and_the_image_state_follows(make_napari_viewer, qtbot,
+                                                             user_home, notifications):
+    """Explicit weights survive a new image (the line names better ones); the picker, the
+    plan and the reference follow the image opened or selected; a reference on another grid
+    is never offered, so it never turns into an error."""
+    viewer = make_napari_viewer()
+    _dock, segment = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
+    qtbot.waitUntil(lambda: segment.ready, timeout=TIMEOUT)
+    viewer.open_sample("napari-medseg", "nuclei")
+    assert "dsb2018" in segment.current_weights().source
+    mine = viewer.add_labels(np.zeros((256, 256), np.uint8), name="my labels")
+    assert segment.image_combo.currentText() == "nuclei"  # a Labels layer is not an image
+    refs = [segment.reference_combo.itemText(i) for i in range(segment.reference_combo.count())]
+    assert "my labels" in refs and segment.metrics_panel.reference == "nuclei annotation"
+    # the user picks the EM weights themselves
+    panel = segment.weights_panel
+    panel.network_combo.setCurrentText("sa2net")
+    index = segment.weights_combo.findText("sa2net_lite_isbi2012")
+    segment.weights_combo.setCurrentIndex(index)
+    segment.weights_combo.activated.emit(index)
+    viewer.open_sample("napari-medseg", "dermoscopy")
+    assert segment.image_combo.currentText() == "dermoscopy"
+    assert segment.current_weights().source == "sa2net_lite_isbi2012"  # kept
+    assert "sa2net_lite_ph2 matches this image better" in panel.match_label.text()
+    refs = [segment.reference_combo.itemText(i) for i in range(segment.reference_combo.count())]
+    assert "my labels" not in refs and "nuclei annotation" not in refs  # other grids
+    assert segment.metrics_panel.reference == "dermoscopy annotation"
+    qtbot.waitUntil(lambda: "Open or choose" not in segment.plan_label.text()
+                    and not segment.busy, timeout=TIMEOUT)
+    # selecting an image layer chooses it
+    viewer.layers.selection.active = viewer.layers["nuclei"]
+    assert segment.image_combo.currentText() == "nuclei"
+    assert segment.metrics_panel.reference == "nuclei annotation"
+    assert mine in viewer.layers
+    assert not [m for s, m in notifications if "error" in s]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from napari.layers import Image, Labels
+from napari.layers import Image
 from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import QEvent, QTimer
 from qtpy.QtWidgets import QLabel, QPushButton, QWidget
@@ -33,6 +33,7 @@ from ..engine.inference.regions import Region
 from ..engine.progress import NoticeEvent, PlaneEvent, PlanEvent, StageEvent, TilesEvent
 from ..errors import ConfigError, MedsegError
 from . import result_layers
+from .image_picker import ImagePickerMixin
 from .layers import layer_traits
 from .plan_panel import PlanPanel
 from .run_panel import SCOPES, RunPanel
@@ -42,7 +43,6 @@ from .viewer_state import viewer_state
 from .weights_panel import WeightsPanel
 from .worker import (
     JobOutcome,
-    LayerListMixin,
     LongJob,
     RunProgress,
     catalog_job,
@@ -70,7 +70,7 @@ def _painted_text(edit: Any) -> str:
             "them back).")
 
 
-class SegmentWidget(LayerListMixin, QWidget):
+class SegmentWidget(ImagePickerMixin, QWidget):
     """Dock widget running a segmentation network on an image layer.
 
     Args:
@@ -200,82 +200,7 @@ class SegmentWidget(LayerListMixin, QWidget):
             (self.viewer.camera.events.zoom, self.plan_panel.follow_view),
             (self.viewer.camera.events.center, self.plan_panel.follow_view)]
 
-    # --------------------------------------------------------------- lists -----------
-    def _on_layer_removed(self, event: Any) -> None:
-        layer = event.value
-        if isinstance(layer, Image) and layer.name not in [
-                lay.name for lay in self.viewer.layers]:
-            self.session.forget(layer.name)
-        self._refresh_layers()
-
-    def _on_layer_inserted(self, event: Any) -> None:
-        layer = event.value
-        layer.events.name.connect(self._refresh_layers)
-        if isinstance(layer, Image) and not result_layers.is_output(layer):
-            self._follow = layer.name  # a newly opened image is the one to segment
-        self._refresh_layers()
-
-    def _on_active_layer(self, event: Any) -> None:
-        layer = event.value
-        if (isinstance(layer, Image) and not result_layers.is_output(layer)
-                and not self.running and layer.name != self.image_combo.currentText()):
-            self._follow = layer.name
-            self._refresh_layers()
-
-    def _refresh_layers(self, *_: Any) -> None:
-        images = [lay.name for lay in self.viewer.layers
-                  if isinstance(lay, Image) and not result_layers.is_output(lay)]
-        current = self.image_combo.currentText()
-        follow, self._follow = self._follow, None
-        if follow in images and not self.running:
-            current = follow
-        elif current not in images:
-            active = self.viewer.layers.selection.active
-            current = active.name if isinstance(active, Image) and active.name in images else (
-                images[-1] if images else "")
-        self.image_combo.blockSignals(True)
-        self.image_combo.clear()
-        self.image_combo.addItems(images)
-        if current:
-            self.image_combo.setCurrentText(current)
-        self.image_combo.blockSignals(False)
-        image = self.image_combo.currentText()
-        shown = self.current_image()
-        switched = image != self._image_name
-        self._image_name = image
-        self.metrics_panel.set_references(
-            self._reference_names(shown),
-            prefer=f"{image} annotation" if switched and image else None)
-        self.run_panel.set_whole_label(
-            shown is not None and len(result_layers.image_shape(shown)) > 2)
-        self.refresh_enabled()
-        if switched:
-            self._on_image_switched(shown)
-        elif self.plan_panel.plan is not None and self.plan_panel.plan[2] != image:
-            self.plan_panel.schedule()
-
-    def _reference_names(self, image: Image | None) -> list[str]:
-        """Labels layers that can score ``image``'s mask: on its grid, not its own outputs."""
-        if image is None:
-            return []
-        shape = result_layers.image_shape(image)
-        return [lay.name for lay in self.viewer.layers
-                if isinstance(lay, Labels) and not result_layers.is_output(lay, image.name)
-                and tuple(lay.data.shape) == shape]
-
-    def _on_image_switched(self, image: Image | None) -> None:
-        """Another image is chosen: weights that match it, a new plan, its scores."""
-        if image is not None and self._ready:
-            self.weights_panel.propose(layer_traits(image))
-        self.plan_panel.schedule()
-        if self.metrics_panel.reference:
-            self.update_metrics()
-        else:
-            self.metrics_panel.show_message("")
-
-    def _on_image_changed(self, *_: Any) -> None:
-        self._refresh_layers()
-
+    # ------------------------------------------------------------- weights -----------
     def _on_weights_changed(self) -> None:
         self.refresh_enabled()
         self.plan_panel.schedule()
@@ -304,15 +229,6 @@ class SegmentWidget(LayerListMixin, QWidget):
         self.threshold_slider.setEnabled(single)
 
     # ----------------------------------------------------------- settings -------------
-    def current_image(self) -> Image | None:
-        """The chosen image layer, or None."""
-        name = self.image_combo.currentText()
-        if name and name in self.viewer.layers:
-            layer = self.viewer.layers[name]
-            if isinstance(layer, Image):
-                return layer
-        return None
-
     def current_weights(self) -> WeightsChoice | None:
         """The chosen weights."""
         return self.weights_panel.current_weights()

@@ -151,7 +151,13 @@ def _score(card: Any, traits: ImageTraits) -> tuple[float, bool, list[str], list
             if facts["unit"] and facts["pixel_value"] and traits.pixel_size:
                 ratio = (traits.pixel_size * _TO_NM.get(traits.unit or "", 1.0)) / (
                     facts["pixel_value"] * _TO_NM.get(facts["unit"], 1.0))
-                score += 1 if abs(math.log2(max(ratio, 1e-9))) <= 1 else -1
+                if abs(math.log2(max(ratio, 1e-9))) <= 1:
+                    score += 1
+                else:
+                    score -= 1
+                    good.append(f"but {traits.pixel_size:g} {traits.unit} pixels where the "
+                                f"weights saw {facts['pixel_value']:g} {facts['unit']}: "
+                                "expect a worse result")
         else:
             score -= 4
             bad.append(_FAMILY_TEXT[family])
@@ -181,6 +187,7 @@ def _reason(card: Any, guess: bool, good: Sequence[str], bad: Sequence[str],
         return (f"{card.tag} is a guess: the image's metadata ({traits.describe()}) does not "
                 f"tell its kind; it was trained on {kind} - choose other weights if that is "
                 "not what this is.")
+    good = sorted(good, key=lambda fact: fact.startswith("but "))  # the caveat last
     return f"{card.tag}: trained on {kind}, matching this image ({', '.join(good)})."
 
 
