@@ -60,6 +60,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["SegmentWidget", "SCOPES"]
 
+def _count(n: Any, noun: str) -> str:
+    """``1 tile pass``, ``6 tile passes``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
+
+
 def _painted_text(edit: Any) -> str:
     """What a run did to the pixels the user had painted, for the status line."""
     if not edit.painted:
@@ -354,7 +359,8 @@ class SegmentWidget(ImagePickerMixin, QWidget):
                 self._progress.set_done(event.done, event.total)
             eta = f", ~{format_seconds(event.eta_s)} left" if event.eta_s is not None else ""
             where = f"slice {event.plane + 1}/{event.planes}: " if event.planes > 1 else ""
-            self.status_label.setText(f"{where}{event.done}/{event.total} tile passes{eta}")
+            noun = "tile pass" if event.total == 1 else "tile passes"
+            self.status_label.setText(f"{where}{event.done}/{event.total} {noun}{eta}")
         elif isinstance(event, PlanEvent) and event.plan is not None:
             if self._job.context is not None:
                 self.plan_panel.show_plan(event.plan, self._job.context[2])
@@ -441,7 +447,7 @@ class SegmentWidget(ImagePickerMixin, QWidget):
                 self.status_label.setText(
                     f"Done in {format_seconds(seconds)} on {result.stats.get('device', '?')} "
                     f"({result.stats.get('precision', '?')}, "
-                    f"{result.stats.get('forward_passes', '?')} tile passes)."
+                    f"{_count(result.stats.get('forward_passes', '?'), 'tile pass')})."
                     + _painted_text(edit))
             self.threshold_slider.setEnabled(int(spec.num_classes) == 1)
             if int(spec.num_classes) == 1 and abs(
@@ -458,7 +464,10 @@ class SegmentWidget(ImagePickerMixin, QWidget):
                     if layer in self.viewer.layers:
                         self.viewer.layers.remove(layer)
             self.refresh_enabled()
-            self.plan_panel.show_last()
+            if written:  # planned again: the time this run measured is known now
+                self.plan_panel.schedule()
+            else:
+                self.plan_panel.show_last()
 
     # --------------------------------------------------------------- undo --------------
     def undo(self) -> None:

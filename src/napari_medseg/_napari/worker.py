@@ -32,8 +32,16 @@ from typing import Any
 from napari.qt.threading import FunctionWorker, GeneratorWorker, create_worker
 from napari.utils.notifications import show_info, show_warning
 from napari.utils.progress import cancelable_progress
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QFormLayout, QHBoxLayout, QLabel, QVBoxLayout, QWidget
+from qtpy.QtCore import QSize, Qt, QTimer
+from qtpy.QtWidgets import (
+    QFormLayout,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
 
 from ..engine.progress import CancelToken, NoticeEvent, ProgressEvent, StageEvent
 from ..errors import MedsegError
@@ -454,18 +462,65 @@ def plan_job(session: Any, choice: Any, variant: str, in_channels: int, image: A
     return guarded(work)
 
 
+#: The height a dock's scroll area asks for at most (docks stacked share a column).
+DOCK_HINT_HEIGHT = 320
+
+
+class _DockScroll(QScrollArea):
+    """A vertical scroll area as wide as its body: only the height scrolls."""
+
+    def _with_bar(self, size: QSize) -> QSize:
+        bar = self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()
+        return QSize(size.width() + bar, size.height())
+
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt override
+        body = self.widget()
+        if body is None:
+            return super().sizeHint()
+        size = self._with_bar(body.sizeHint())
+        # docks stacked in one column share its height about evenly, not by body length
+        return QSize(size.width(), min(size.height(), DOCK_HINT_HEIGHT))
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 - Qt override
+        body = self.widget()
+        if body is None:
+            return super().minimumSizeHint()
+        return QSize(self._with_bar(body.minimumSizeHint()).width(), self.minimumHeight())
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 - Qt override
+        super().showEvent(event)
+        QTimer.singleShot(0, self.share_column)
+
+    def share_column(self) -> None:
+        """Give the plugin's docks stacked in one column equal heights (Qt gives a new
+        dock what it asks and squeezes the others to their minimum)."""
+        from qtpy.QtWidgets import QDockWidget, QMainWindow
+
+        dock = self.parentWidget()
+        while dock is not None and not isinstance(dock, QDockWidget):
+            dock = dock.parentWidget()
+        main = dock.parentWidget() if dock is not None else None
+        if not isinstance(main, QMainWindow) or dock.isFloating():
+            return
+        area = main.dockWidgetArea(dock)
+        docks = [d for d in main.findChildren(QDockWidget)
+                 if d.isVisible() and not d.isFloating() and main.dockWidgetArea(d) == area
+                 and d.findChild(_DockScroll) is not None]
+        if len(docks) > 1:
+            height = sum(d.height() for d in docks) // len(docks)
+            main.resizeDocks(docks, [height] * len(docks), Qt.Orientation.Vertical)
+
+
 def scroll_root(widget: QWidget, margins: int = 6) -> QVBoxLayout:
     """Give a dock widget a scrolling body and return the body's layout.
 
     Docked together the three widgets are taller than a 1000-pixel screen; in a scroll area
     each can be made as short as its dock allows, the rest scrolls, and the window keeps
-    its size.
+    its size. The width stays the body's (nothing is cut off at the side).
     """
-    from qtpy.QtWidgets import QFrame, QScrollArea
-
     outer = QVBoxLayout(widget)
     outer.setContentsMargins(0, 0, 0, 0)
-    area = QScrollArea()
+    area = _DockScroll()
     area.setWidgetResizable(True)
     area.setFrameShape(QFrame.Shape.NoFrame)
     area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
