@@ -731,3 +731,29 @@ def test_per_block_instances_are_numbered_from_one_and_counted_over_blocks():
     # A 3D block stays whole: the same two objects through Z are 2 objects, not 4.
     assert postprocess.count_per_block(postprocess.instances_per_block(
         mask, None, "ZYX", min_size=4), "ZYX") == 2
+
+
+def test_the_plans_time_per_pass_leaves_the_warm_up_out():
+    """The first batch carries one-off costs (the probe); once later batches ran, the plan's
+    time per tile pass is theirs, so a time estimate is not inflated by the warm-up."""
+    import time
+
+    from napari_medseg.engine.progress import PlanEvent
+
+    model = make_analytic()
+    forward = model.forward
+    calls = []
+
+    def slow_first(x):
+        calls.append(1)
+        time.sleep(0.5 if len(calls) == 1 else 0.002)
+        return forward(x)
+
+    model.forward = slow_first
+    image = _img((64, 64))
+    plans = [e.plan for e in predict_iter(image, model, tile=16, overlap=0.0, batch_size=2,
+                                          outputs="mask", **FP32)
+             if isinstance(e, PlanEvent) and e.plan is not None and e.plan.probed]
+    assert len(calls) == 8 and len(plans) == 2  # the probe's plan, then the steady one
+    assert plans[0].seconds_per_pass > 0.2  # the probe: 0.5 s over 2 tiles
+    assert plans[1].seconds_per_pass < 0.1  # later batches: ~0.001 s a tile

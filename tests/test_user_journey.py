@@ -108,6 +108,14 @@ def test_each_sample_segments_with_defaults_then_corrections_survive_finetuning(
     painted[100:125, 100:125] = True  # 625 pixels, as the user in the issue painted
     new_value = np.where(np.asarray(mask.data)[painted] > 0, 0, 1).astype(mask.data.dtype)
     mask.data_setitem(np.nonzero(painted), new_value)
+    # a plain Run replaces the painting, says so, and Undo brings it back
+    segment.run_button.click()
+    qtbot.waitUntil(lambda: not segment.running, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: _idle(segment), timeout=TIMEOUT)
+    assert "Replaced 625 mask pixels you had painted (Undo last brings them back)" in \
+        segment.status_label.text()
+    segment.undo_button.click()
+    np.testing.assert_array_equal(np.asarray(mask.data)[painted], new_value)
     _dock2, finetune = viewer.window.add_plugin_dock_widget("napari-medseg", "Fine-tune")
     finetune.image_combo.setCurrentText("nuclei")
     assert finetune.labels_combo.currentText() == "nuclei mask"
@@ -184,3 +192,30 @@ def test_a_users_choice_is_kept_and_the_image_state_follows(make_napari_viewer, 
     assert segment.metrics_panel.reference == "nuclei annotation"
     assert mine in viewer.layers
     assert not [m for s, m in notifications if "error" in s]
+
+
+def test_the_demo_window_shows_the_weights_it_ran_and_each_output_in_its_colour(
+        qtbot, user_home, tmp_path):
+    import shutil
+
+    from napari_medseg._napari.demo import open_demo
+    from napari_medseg.io.samples import sample_path
+
+    image = tmp_path / "nuclei.tif"
+    shutil.copy(sample_path("nuclei"), image)
+    labels = []
+    for output in ("mask", "boundary"):
+        labels.append(tmp_path / f"nuclei_{output}.tif")
+        shutil.copy(sample_path("nuclei", mask=True), labels[-1])
+    viewer = open_demo(image, labels, weights="unet_sharp_lite_dsb2018")
+    try:
+        segment = next(w for w in viewer.window._dock_widgets.values()
+                       if hasattr(w.widget(), "select_weights")).widget()
+        qtbot.waitUntil(lambda: segment.ready, timeout=TIMEOUT)
+        # the demo's weights, not the proposal for the image
+        assert segment.current_weights().source == "unet_sharp_lite_dsb2018"
+        mask, boundary = viewer.layers["nuclei mask"], viewer.layers["nuclei boundary"]
+        assert not np.allclose(mask.colormap.map(np.array([1]))[0],
+                               boundary.colormap.map(np.array([1]))[0])
+    finally:
+        viewer.close()

@@ -431,7 +431,7 @@ def apply_run(
                     if keep_painted:
                         values = np.where(painted, np.asarray(layer.data[out_key]), values)
                 session.remember_prediction(image_layer.name, output, tuple(layer.data.shape),
-                                            out_key, predicted)
+                                            out_key, predicted, edit)
             _write(layer, out_key, values, edit.changes)
         touched.append(layer)
     if num_classes == 1:
@@ -475,7 +475,7 @@ def apply_masks(
                 continue
             _write(layer, block[0], values, edit.changes)
             session.remember_prediction(image_layer.name, output, tuple(layer.data.shape),
-                                        block[0], np.asarray(values))
+                                        block[0], np.asarray(values), edit)
             wrote = True
         if wrote:
             touched.append(layer)
@@ -507,7 +507,7 @@ def apply_array(
     layer = _ensure(viewer, image_layer, output, data.shape, data.dtype, factor, edit.changes)
     _write(layer, (slice(None),) * data.ndim, data, edit.changes)
     session.remember_prediction(image_layer.name, output, tuple(data.shape),
-                                (slice(None),) * data.ndim, np.asarray(data))
+                                (slice(None),) * data.ndim, np.asarray(data), edit)
     session.push(edit)
     _refresh([layer])
     return edit

@@ -159,6 +159,9 @@ class Edit:
     painted: int = 0
     #: a run kept those pixels (else it replaced them).
     kept_painted: bool = False
+    #: ``(image, output, key, what SegmentSession.predicted held there or None)`` per write.
+    predicted_before: list[tuple[str, str, tuple, np.ndarray | None]] = field(
+        default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -168,6 +171,7 @@ class Edit:
             total += sum(int(a.nbytes) for _, a in self.cache_before[1])
         if self.cache_replaced is not None:
             total += int(self.cache_replaced.probs.nbytes)
+        total += sum(int(b.nbytes) for *_, b in self.predicted_before if b is not None)
         return total
 
 
@@ -295,14 +299,20 @@ class SegmentSession:
                                    derive_boundary=not cache.has_boundary_head)
 
     def remember_prediction(self, image: str, output: str, shape: tuple[int, ...], key: tuple,
-                            values: np.ndarray) -> None:
-        """Record what a run wrote at ``key`` of a label output (of ``shape``)."""
+                            values: np.ndarray, edit: Edit | None = None) -> None:
+        """Record what a step wrote at ``key`` of a label output (of ``shape``); ``edit``
+        keeps what was recorded there before, so that undoing the step restores it."""
         snap = self.predicted.get((image, output))
+        before = None
         if snap is None or snap.shape != tuple(shape) or snap.dtype != values.dtype:
             if int(np.prod(shape)) * values.itemsize > PREDICTED_BUDGET_BYTES:
                 self.predicted.pop((image, output), None)
                 return
             snap = self.predicted[(image, output)] = np.zeros(shape, values.dtype)
+        elif edit is not None:
+            before = snap[key].copy()
+        if edit is not None:
+            edit.predicted_before.append((image, output, key, before))
         snap[key] = values
 
     def painted_pixels(self, image: str, output: str, data: Any, key: tuple) -> np.ndarray | None:
@@ -345,10 +355,12 @@ class SegmentSession:
         if not self.history:
             return None
         edit = self.history.pop()
-        if edit.label == "run" and edit.image is not None:
-            # the layers go back to an older prediction: what was painted is unknown again
-            for known in [k for k in self.predicted if k[0] == edit.image]:
-                del self.predicted[known]
+        for image, output, key, before in reversed(edit.predicted_before):
+            snap = self.predicted.get((image, output))
+            if before is None:  # the step started the record
+                self.predicted.pop((image, output), None)
+            elif snap is not None:
+                snap[key] = before
         if edit.image is not None:
             if edit.cache_created:
                 if edit.cache_replaced is None:
