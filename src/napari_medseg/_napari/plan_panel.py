@@ -64,7 +64,8 @@ class PlanPanel(QGroupBox):
 
     def schedule(self, *_: Any) -> None:
         """Compute the plan again shortly (settings changed)."""
-        if not self.host.running and self.host.ready:
+        if (not self.host.running and self.host.ready
+                and not getattr(self.host, "_disconnected", False)):
             self.timer.start()
 
     def stop(self) -> None:
@@ -121,8 +122,10 @@ class PlanPanel(QGroupBox):
 
     def _on_done(self, generation: int, settings: RunSettings, region: Region,
                  image_name: str, outcome: JobOutcome) -> None:
-        if generation != self._generation:
-            return
+        from qtpy import sip
+
+        if generation != self._generation or sip.isdeleted(self.plan_label):
+            return  # a newer plan was asked for, or the widget was closed meanwhile
         if not outcome.ok:
             self.plan_label.setText(error_html(outcome.error))
             self._draw_after_plan = False

@@ -577,6 +577,7 @@ class SegmentWidget(ImagePickerMixin, QWidget):
         if self._disconnected:
             return
         self._disconnected = True
+        self.plan_panel.stop()  # a plan in flight is for nobody now
         self.state.serve_weights(None)
         self.state.choose(None, "")
         for emitter, callback in self._viewer_hooks():
