@@ -190,3 +190,21 @@ def test_manifest_contributes_the_batch_widget():
                    if c.id == "napari-medseg.batch_widget")
     module, name = command.python_name.split(":")
     assert getattr(import_module(module), name) is BatchWidget
+
+
+def test_widget_starts_on_the_segment_widgets_weights_until_the_user_picks(widget, checkpoint):
+    """The weights chosen in the Segment widget (published in the viewer's shared state),
+    a checkpoint file too, are the Batch widget's until the user picks weights there."""
+    from napari_medseg._napari.batch_widget import CHECKPOINT_FILE
+    from napari_medseg._napari.viewer_state import viewer_state
+    from napari_medseg._napari.weights_choices import checkpoint_choice
+
+    state = viewer_state(widget.viewer)
+    state.choose(checkpoint_choice(checkpoint), "tiny")  # fine-tuned weights, not listed
+    assert widget.weights.value == CHECKPOINT_FILE
+    assert Path(widget.checkpoint.value) == checkpoint
+    widget.weights.native.activated.emit(0)  # the user picks in the Batch widget
+    chosen = widget.weights.value
+    state.choose(None, "")
+    state.choose(checkpoint_choice(checkpoint), "lite")
+    assert widget.weights.value == chosen
