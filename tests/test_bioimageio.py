@@ -26,8 +26,8 @@ pytest.importorskip("bioimageio.core")
 pytest.importorskip("onnxruntime")
 
 from napari_medseg.cli import main  # noqa: E402
-from napari_medseg.engine.checkpoints import (list_shipped_weights, read_checkpoint_info,  # noqa: E402
-                                              resolve_weights, save_checkpoint)
+from napari_medseg.engine.checkpoints import (  # noqa: E402
+    list_shipped_weights, read_checkpoint_info, resolve_weights, save_checkpoint)
 from napari_medseg.errors import CheckpointError  # noqa: E402
 
 BASE = "sa2net_lite_isbi2012"  # one input channel: the smallest test tensors

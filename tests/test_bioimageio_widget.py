@@ -61,7 +61,7 @@ def test_export_button_writes_a_package_of_the_selected_checkpoint(make_napari_v
     assert target.is_file()
     info = read_checkpoint_info(target)
     assert info.parent == "ab" * 32 and info.training_data["data_hash"] == "feedfacefeedface"
-    # The same export again onto one of its inputs is refused with a sentence.
+    # A path that is no package is refused with a sentence (nothing is written).
     messages: list[str] = []
     panel.failed.connect(messages.append)
     panel.export_selected(str(panel.selected_entry().path))

@@ -155,7 +155,7 @@ def _weights(module, example, info, folder: Path):
     import torch
     from bioimageio.spec.model import v0_5 as bio
 
-    from .graphs import export_onnx, export_torchscript
+    from .graphs import ONNX_OPSET, export_onnx, export_torchscript
 
     x = torch.from_numpy(example.normalised)
     onnx = export_onnx(module, x, folder / "weights.onnx")
@@ -164,8 +164,6 @@ def _weights(module, example, info, folder: Path):
     torch.save({k: v.detach().float().contiguous() for k, v in module.state_dict().items()},
                state)
     version = bio.Version(torch.__version__.split("+")[0])
-    from .graphs import ONNX_OPSET
-
     architecture = bio.ArchitectureFromLibraryDescr(
         import_from="napari_medseg.engine.export.graphs", callable=bio.Identifier(
             "package_network"),
