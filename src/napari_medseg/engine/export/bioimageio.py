@@ -110,8 +110,12 @@ def _tensors(spec, info, folder: Path, example) -> tuple[list, list]:
     ``folder``."""
     from bioimageio.spec.model import v0_5 as bio
 
+    import tifffile
+
     size = bio.ParameterizedSize(min=spec.min_size, step=spec.divisor)
     np.save(folder / "test_input.npy", example.raw)
+    # Sample tensors (for people and viewers): the same arrays as TIFF, singletons dropped.
+    tifffile.imwrite(folder / "sample_input.tif", example.raw[0].squeeze())
     names = _CHANNEL_NAMES.get(spec.in_channels,
                                [f"channel{i}" for i in range(spec.in_channels)])
     inputs = [bio.InputTensorDescr(
@@ -122,10 +126,12 @@ def _tensors(spec, info, folder: Path, example) -> tuple[list, list]:
               bio.SpaceInputAxis(id=bio.AxisId("y"), size=size),
               bio.SpaceInputAxis(id=bio.AxisId("x"), size=size)],
         test_tensor=bio.FileDescr(source=folder / "test_input.npy"),
+        sample_tensor=bio.FileDescr(source=folder / "sample_input.tif"),
         preprocessing=_preprocessing(info.normalization_config()))]
     outputs = []
     for head, probs in example.outputs.items():
         np.save(folder / f"test_output_{head}.npy", probs)
+        tifffile.imwrite(folder / f"sample_output_{head}.tif", probs[0].squeeze())
         channels = int(probs.shape[1])
         classes = list(info.classes) if head == "mask" and len(info.classes) == channels else []
         names = classes or ([head] if channels == 1 else [f"class{i}" for i in range(channels)])
@@ -141,6 +147,7 @@ def _tensors(spec, info, folder: Path, example) -> tuple[list, list]:
                   bio.SpaceOutputAxis(id=bio.AxisId("y"), size=ref[0], scale=scale),
                   bio.SpaceOutputAxis(id=bio.AxisId("x"), size=ref[1], scale=scale)],
             test_tensor=bio.FileDescr(source=folder / f"test_output_{head}.npy"),
+            sample_tensor=bio.FileDescr(source=folder / f"sample_output_{head}.tif"),
             postprocessing=_postprocessing(head, channels)))
     return inputs, outputs
 
