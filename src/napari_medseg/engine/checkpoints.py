@@ -593,7 +593,8 @@ def resolve_weights(tag_or_path: str | Path, device: str | Any = "cpu", verify: 
         shipped = [w["tag"] for w in list_shipped_weights()]
         valid = f"valid tags: {', '.join(shipped)}" if shipped else "no weights are installed yet"
         raise WeightsNotFoundError(
-            f"Unknown weights {text!r} ({valid}); or give the path of a .safetensors checkpoint."
+            f"Unknown weights {text!r} ({valid}); or give the path of a .safetensors checkpoint "
+            "or of a .zip package napari-medseg exported."
         )
     path = card.weights_path()
     if path is None:

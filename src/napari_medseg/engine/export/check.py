@@ -3,7 +3,8 @@
 ``python -m napari_medseg.engine.export.check test model.zip`` is the ``bioimageio`` command
 (bioimageio.core's command line, the same code and arguments) after
 :func:`~.spec_compat.mend_spec`, which bioimageio.core 0.11 with bioimageio.spec 0.5.12 needs
-under pydantic >= 2.12. :func:`test_package` runs the same test from Python.
+under the newer pydantic installed here (2.14). :func:`test_package` runs the same test from
+Python.
 """
 
 from __future__ import annotations

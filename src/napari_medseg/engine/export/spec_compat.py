@@ -1,4 +1,4 @@
-"""A mend for bioimageio.spec releases before 0.5.14 under pydantic >= 2.12.
+"""A mend for bioimageio.spec releases before 0.5.14 under a newer pydantic (2.14 here).
 
 Those releases call pydantic's serializer handler as ``handler(value, info)`` in three wrap
 serializers (a packaged file, the weights, a validated string); newer pydantic reads the
