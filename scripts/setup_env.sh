@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for napari-medseg: a virtual environment in .venv with torch pinned
 # to the pair that imports here (requirements/constraints-cpu.txt), the package in editable
-# mode with its test extras, and (as root, when missing) a virtual X server for the GUI tests.
+# mode with its test extras (bioimageio: the package export and its check), and (as root, when
+# missing) a virtual X server for the GUI tests.
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" --upgrade pip
 # torch first and pinned, so that nothing lets pip resolve it on its own.
 "${PIP[@]}" -c requirements/constraints-cpu.txt torch torchvision
-"${PIP[@]}" -c requirements/constraints-cpu.txt -e ".[dev,bench,cluster]"
+"${PIP[@]}" -c requirements/constraints-cpu.txt -e ".[dev,bench,cluster,bioimageio]"
 
 if ! command -v Xvfb >/dev/null 2>&1; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then

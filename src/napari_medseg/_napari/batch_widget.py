@@ -158,7 +158,7 @@ class BatchWidget(QWidget):
         self.weights = ComboBox(label="Weights", choices=weight_choices(),
                                 tooltip="Shipped weights, your checkpoints, or a file below")
         self.checkpoint = FileEdit(mode="r", label="Checkpoint",
-                                   filter="*.safetensors *.json")
+                                   filter="*.safetensors *.json *.zip")
         self.device = ComboBox(label="Device", choices=_device_choices())
         self.format = ComboBox(label="Save as", choices=list(BATCH_FORMATS), value="tif",
                                tooltip="tif: OME-TIFF, zarr: OME-Zarr, nii: NIfTI (.nii.gz)")

@@ -235,6 +235,7 @@ class FinetuneWidget(LayerListMixin, QWidget):
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
         self.lineage_panel.activated.connect(self._activate)
         self.lineage_panel.failed.connect(self._error)
+        self.lineage_panel.exported.connect(self.status_label.setText)
         self.lineage_panel.selection_changed.connect(self._update_enabled)
         for emitter, callback in self._layer_hooks():
             emitter.connect(callback)

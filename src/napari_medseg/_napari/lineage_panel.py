@@ -4,7 +4,9 @@
 of each model line; the tooltip gives the chain of parents, the data and the validation
 Dice). *Use* activates the selected entry; *Revert to parent* goes back to the weights it was
 fine-tuned from (nothing is deleted). Either emits :attr:`LineagePanel.activated` with the
-weights to use now.
+weights to use now. *Export* writes the selected checkpoint as a bioimage.io model package
+(:mod:`napari_medseg.engine.export.bioimageio`, in a thread worker) and emits
+:attr:`LineagePanel.exported` with a sentence saying where.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
+    QFileDialog,
     QGroupBox,
     QListWidget,
     QListWidgetItem,
@@ -23,7 +26,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import MedsegError
-from .worker import row_widget
+from .worker import guarded, row_widget, start_job
 
 __all__ = ["LineagePanel"]
 
@@ -49,10 +52,12 @@ class LineagePanel(QGroupBox):
         activated: ``(source, message)``: these weights are the ones to use now.
         failed: a sentence for the user.
         selection_changed: the selected row changed.
+        exported: a sentence naming the package an export wrote.
     """
 
     activated = Signal(str, str)
     failed = Signal(str)
+    exported = Signal(str)
     selection_changed = Signal()
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -72,8 +77,14 @@ class LineagePanel(QGroupBox):
         self.revert_button = QPushButton("Revert to parent")
         self.revert_button.setToolTip("Go back to the weights the selected checkpoint was "
                                       "fine-tuned from (nothing is deleted).")
-        lay.addWidget(row_widget(self.use_button, self.revert_button))
+        self.export_button = QPushButton("Export")
+        self.export_button.setToolTip(
+            "Write the selected checkpoint as a bioimage.io model package (.zip) that other "
+            "tools, and napari-medseg's --weights, open.")
+        self.export_worker: Any = None
+        lay.addWidget(row_widget(self.use_button, self.revert_button, self.export_button))
         self.setLayout(lay)
+        self.export_button.clicked.connect(lambda: self.export_selected())
         self.use_button.clicked.connect(self.use_selected)
         self.revert_button.clicked.connect(self.revert_selected)
         self.checkpoint_list.currentRowChanged.connect(self.selection_changed)
@@ -97,6 +108,7 @@ class LineagePanel(QGroupBox):
         selected = self.checkpoint_list.currentRow() >= 0
         self.use_button.setEnabled(selected and enabled)
         self.revert_button.setEnabled(selected and enabled)
+        self.export_button.setEnabled(selected and self.export_worker is None)
 
     def selected_entry(self) -> Any:
         """The selected lineage entry, or None."""
@@ -129,3 +141,33 @@ class LineagePanel(QGroupBox):
             return False
         self.activated.emit(source, f"Reverted to the parent of {entry.name}.")
         return True
+
+    def export_selected(self, path: str | None = None) -> Any:
+        """Export the selected checkpoint to ``path`` (asked for when None) in a worker;
+        returns the worker, or None when nothing was started."""
+        from ..engine.export.bioimageio import export_bioimageio
+
+        entry = self.selected_entry()
+        if entry is None or self.export_worker is not None:
+            return None
+        if path is None:
+            # The dialog asks before replacing an existing file; the package is never one
+            # of the checkpoint's own files (the engine refuses that).
+            path, _ = QFileDialog.getSaveFileName(
+                self, "Export as a bioimage.io package", f"{entry.name.replace('/', '_')}.zip",
+                "bioimage.io model packages (*.zip)")
+            if not path:
+                return None
+        self.export_button.setEnabled(False)
+        self.export_worker = start_job(guarded, export_bioimageio, entry.source, path,
+                                       overwrite=True, on_done=self._export_done)
+        return self.export_worker
+
+    def _export_done(self, outcome: Any) -> None:
+        self.export_worker = None
+        self.export_button.setEnabled(self.checkpoint_list.currentRow() >= 0)
+        if outcome.ok:
+            self.exported.emit(f"Exported {outcome.value.path} (bioimage.io package, test "
+                               f"tensors from the {outcome.value.sample} sample).")
+        else:
+            self.failed.emit(outcome.error)

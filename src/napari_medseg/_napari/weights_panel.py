@@ -126,7 +126,9 @@ class WeightsPanel(QGroupBox):
                                       "checkpoints, or an untrained network.")
         self.browse_button = QToolButton()
         self.browse_button.setText("…")
-        self.browse_button.setToolTip("Add a checkpoint file (.safetensors or .json).")
+        self.browse_button.setToolTip(
+            "Add a checkpoint file (.safetensors or .json) or a package napari-medseg "
+            "exported (.zip).")
         form.addRow("Weights", row_widget(self.weights_combo, self.browse_button))
         self.match_label = QLabel("")
         self.match_label.setWordWrap(True)
@@ -265,7 +267,8 @@ class WeightsPanel(QGroupBox):
     # -- checkpoints -------------------------------------------------------------------
     def _browse_checkpoint(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
-            self, "Add a checkpoint", "", "napari-medseg checkpoints (*.safetensors *.json)")
+            self, "Add a checkpoint", "",
+            "napari-medseg checkpoints and packages (*.safetensors *.json *.zip)")
         if path:
             self.add_checkpoint(path)
 
@@ -289,9 +292,10 @@ class WeightsPanel(QGroupBox):
         their network; a checkpoint not listed yet is added. False (with a message) when
         there are no such weights."""
         from ..engine.checkpoints import checkpoint_paths, list_model_cards
+        from ..engine.packages import is_package
 
         weights_file, description = checkpoint_paths(source)
-        if weights_file.is_file() or description.is_file():
+        if weights_file.is_file() or description.is_file() or is_package(source):
             try:
                 network = checkpoint_choice(source).network
             except MedsegError as exc:

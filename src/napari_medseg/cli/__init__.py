@@ -1,9 +1,9 @@
 """The ``napari-medseg`` command line: ``info``, ``models``, ``predict`` and friends.
 
 One module per command group (:mod:`.info`, :mod:`.predict`, :mod:`.batch`,
-:mod:`.finetune`, :mod:`.train`) over what they share (:mod:`.common`). Heavy modules (torch,
-the engine) are imported inside the command that needs them, so ``napari-medseg --help``
-stays fast. Project errors are printed as one sentence, exit 2.
+:mod:`.finetune`, :mod:`.train`, :mod:`.export`) over what they share (:mod:`.common`). Heavy
+modules (torch, the engine) are imported inside the command that needs them, so
+``napari-medseg --help`` stays fast. Project errors are printed as one sentence, exit 2.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from .._version import __version__
 from ..errors import MedsegError
 from .batch import add_batch, cmd_batch
 from .common import Command
+from .export import add_export, cmd_export
 from .finetune import add_finetune, cmd_finetune
 from .info import add_info_models
 from .predict import add_predict, cmd_predict
@@ -41,6 +42,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     add_batch(sub)
     commands["batch"] = cmd_batch
     add_train_eval_demo(sub, commands)
+    add_export(sub)
+    commands["export"] = cmd_export
     return parser, commands
 
 

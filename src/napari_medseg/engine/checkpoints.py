@@ -288,6 +288,8 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         WeightsNotFoundError: neither file exists.
         CheckpointError: the files are not a napari-medseg checkpoint.
     """
+    if _package(path):  # a bioimage.io package napari-medseg exported
+        return _package(path).read_package_info(path)
     weights_path, json_path = checkpoint_paths(path)
     if json_path.is_file():
         try:
@@ -313,6 +315,13 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
             json.loads(meta[HEADER_KEY]), source=f"file {weights_path.name}")
         return dataclasses.replace(info, weights=weights_path.name)
     raise WeightsNotFoundError(f"No checkpoint at {path} (looked for {weights_path.name}).")
+
+
+def _package(path):
+    """:mod:`.packages` when ``path`` is a package (a ``.zip`` file), else None."""
+    from . import packages
+
+    return packages if packages.is_package(path) else None
 
 
 def _build(info: CheckpointInfo, source: str):
@@ -366,7 +375,8 @@ def load_checkpoint(path: str | Path, device: str | Any = "cpu", verify: bool = 
     """Rebuild a network from a checkpoint.
 
     Args:
-        path: the stem, the ``.safetensors`` or the ``.json`` file.
+        path: the stem, the ``.safetensors`` or the ``.json`` file, or a bioimage.io
+            package napari-medseg exported (:mod:`.packages`).
         device: where to put the network.
         verify: check the weights' sha256 against the description.
 
@@ -377,6 +387,8 @@ def load_checkpoint(path: str | Path, device: str | Any = "cpu", verify: bool = 
         WeightsNotFoundError: no checkpoint at ``path``.
         CheckpointError: malformed files, a hash mismatch, or weights that do not fit.
     """
+    if _package(path):  # a bioimage.io package napari-medseg exported
+        return _package(path).load_package(path, device=device, verify=verify)
     info = read_checkpoint_info(path)
     weights_path, json_path = checkpoint_paths(path)
     weights_path = json_path.parent / info.weights if info.weights else weights_path
@@ -573,7 +585,7 @@ def resolve_weights(tag_or_path: str | Path, device: str | Any = "cpu", verify: 
     """
     text = str(tag_or_path)
     weights_path, json_path = checkpoint_paths(text)
-    if weights_path.is_file() or json_path.is_file():
+    if weights_path.is_file() or json_path.is_file() or _package(text):
         return load_checkpoint(text, device=device, verify=verify)
     cards = {c.tag: c for c in list_model_cards()}
     card = cards.get(text)
@@ -581,7 +593,8 @@ def resolve_weights(tag_or_path: str | Path, device: str | Any = "cpu", verify: 
         shipped = [w["tag"] for w in list_shipped_weights()]
         valid = f"valid tags: {', '.join(shipped)}" if shipped else "no weights are installed yet"
         raise WeightsNotFoundError(
-            f"Unknown weights {text!r} ({valid}); or give the path of a .safetensors checkpoint."
+            f"Unknown weights {text!r} ({valid}); or give the path of a .safetensors checkpoint "
+            "or of a .zip package napari-medseg exported."
         )
     path = card.weights_path()
     if path is None:

@@ -113,10 +113,11 @@ def resolve_run_weights(config: BatchConfig) -> tuple[WeightsSource, Any, list[N
     """
     if config.weights:
         from ..checkpoints import checkpoint_paths, resolve_weights
+        from ..packages import is_package
 
         model, info = resolve_weights(config.weights, device="cpu")
         weights_path, json_path = checkpoint_paths(config.weights)
-        is_path = weights_path.is_file() or json_path.is_file()
+        is_path = weights_path.is_file() or json_path.is_file() or is_package(config.weights)
         source = str(Path(config.weights).expanduser().resolve()) if is_path else config.weights
         return WeightsSource(source=source, sha256=str(info.sha256 or "")), model, []
     if not config.model:
