@@ -193,7 +193,8 @@ class _Run:
         ``plan_only`` (no pixel read), then normalization, the outputs and the plan.
 
         Raises:
-            OutOfMemory: in-memory outputs larger than the memory available now.
+            OutOfMemory: in-memory outputs over the memory budget (``memory_fraction`` of
+                the memory available now).
             InputShapeError: a store array none of whose chunks is written.
         """
         yield from self._layouts()
@@ -206,7 +207,8 @@ class _Run:
         self.plan = self._make_plan()
         if plan_only:
             return
-        shortfall = None if self.config.store else memory_shortfall(self.plan.output_bytes)
+        shortfall = None if self.config.store else memory_shortfall(
+            self.plan.output_bytes, self.config.memory_fraction)
         if shortfall is not None:
             raise OutOfMemory(shortfall)
         yield from self._normalization()

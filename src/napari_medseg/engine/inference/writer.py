@@ -54,7 +54,7 @@ def store_fingerprint(image, layout: Layout, content_id: str, model, config: Pre
     """
     cfg = config.to_dict()
     for key in ("device", "precision", "batch_size", "channels_last", "store", "resume",
-                "overwrite", "oom_fallback"):
+                "overwrite", "oom_fallback", "memory_fraction"):
         cfg.pop(key, None)
     spec = model.spec
     data = {
