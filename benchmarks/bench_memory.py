@@ -110,7 +110,9 @@ def resume_check(src: Path, out: Path, base: list[str], env: dict, kill_after: f
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="/tmp/medseg-bench-memory", help="inputs and outputs")
-    p.add_argument("--weights", default="banet_lite_dsb2018")
+    p.add_argument("--weights", default="banet_lite_dsb2018",
+                   help='weights tag or checkpoint; "" with --extra "--model banet --variant '
+                        'tiny" sweeps the sizes faster (random weights: memory, not masks)')
     p.add_argument("--volumes", default="0.25,0.5,1,2", help="GiB, comma-separated")
     p.add_argument("--planes", default="4096,16384,32768", help="sides, comma-separated")
     p.add_argument("--formats", default="zarr,tif,nii")
@@ -127,7 +129,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get(
         "PYTHONPATH", ""))
-    base = ["--weights", args.weights, "-q", *args.extra.split()]
+    base = (["--weights", args.weights] if args.weights else []) + ["-q", *args.extra.split()]
     if args.outputs:
         base += ["--outputs", args.outputs]
     report: dict = {
@@ -165,7 +167,7 @@ def main() -> int:
         shape = (16, SIDE, SIDE)
         src = make_input(work / f"in_{'x'.join(map(str, shape))}.zarr", shape)
         out = work / "big_out.zarr"
-        issue = ["--weights", args.weights, "-q", "--outputs", "mask,probabilities"]
+        issue = base + ["--outputs", "mask,probabilities"]
         shutil.rmtree(out, ignore_errors=True)
         if args.issue_case:
             case = {"input": "issue case: volume 1 GiB, --outputs mask,probabilities",
