@@ -32,7 +32,8 @@ What happens, in order:
    ``crop`` for the boundary head by default). The :class:`~.writer.OutputWriter` puts the
    finished rows straight into the outputs, a numpy array or a zarr store (:mod:`.sinks`),
    so peak memory is one band, not the volume; each finished slice is recorded in the store,
-   and a re-run resumes after it.
+   and within a slice the rows written so far (after each band): a re-run resumes after
+   them.
 6. **Post-processing** once all planes are written (:meth:`~.writer.OutputWriter.postprocess`):
    a boundary map derived from the mask (networks without a boundary head), instance labels
    (watershed seeded by mask minus boundary), and for slice-wise volumes a z-consistency
@@ -214,8 +215,10 @@ class _Run:
         yield from self._normalization()
         self._open_writer()
         if self.writer.resumed:
+            rows = self.writer.sink.rows
+            part = "".join(f", and {n} rows of slice {p + 1}" for p, n in sorted(rows.items()))
             yield self.notice(f"Resuming: {len(self.writer.finished)} of "
-                              f"{self.layout.n_planes} slice(s) are already in the store.")
+                              f"{self.layout.n_planes} slice(s) are already in the store{part}.")
         self.plan = self._make_plan()
 
     def _layouts(self) -> Generator[ProgressEvent, None, None]:
@@ -388,19 +391,23 @@ class _Run:
                     stack_index: tuple[int, ...]) -> Generator[ProgressEvent, None, bool]:
         t = self.config.tiling
         grid = self.grid if layout is self.layout else self.grid_for(self.tile_request, layout)
-        emit_probs, emit_boundary = self.writer.plane_writers(layout, stack_index)
+        resume = self.writer.rows_done(plane)  # a plane a killed run left half written
+        emit_probs, emit_boundary = self.writer.plane_writers(layout, stack_index, plane,
+                                                              self.use_boundary)
         # float32 accumulators: a 2048 x 2048 SASR-Net stitch (4096 x 4096 out) took 0.07 s
         # against 0.17-0.32 s in float64, and the probabilities differ by float32 rounding
         # (about 1e-7); the 3D band of a volume network is halved too.
         acc = np.float32
         channels = self.stitched + (1 if self.n_flips > 1 else 0)
-        stitch_p = Stitcher(grid, channels, emit_probs, t.blend, t.sigma_scale, t.min_weight, acc)
+        stitch_p = Stitcher(grid, channels, emit_probs, t.blend, t.sigma_scale, t.min_weight, acc,
+                            resume_row=resume)
         stitch_b = Stitcher(grid, 1, emit_boundary, t.boundary_blend, t.sigma_scale,
-                            t.min_weight, acc) if self.use_boundary else None
+                            t.min_weight, acc, resume_row=resume) if self.use_boundary else None
         loop = sliding_window_iter(
             layout.view(self.image, stack_index), grid, self.predictor, (stitch_p, stitch_b),
             batch_size=lambda: self.predictor.batch_size, padding=t.padding,
-            prepare=self.prepare_tile, cancelled=lambda: self.cancel.cancelled)
+            prepare=self.prepare_tile, cancelled=lambda: self.cancel.cancelled,
+            resume_row=resume)
         while True:
             try:
                 tiles = next(loop)
