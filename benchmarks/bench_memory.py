@@ -45,8 +45,9 @@ proc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess
 wall = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 err = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+resumed = [ln.strip() for ln in proc.stderr.splitlines() if "Resuming" in ln]
 print(json.dumps({"rc": proc.returncode, "peak_rss_kb": peak, "wall_s": round(wall, 1),
-                  "error": err[-1] if err else None}))
+                  "error": err[-1] if err else None, "resumed": resumed[0] if resumed else None}))
 """
 
 
