@@ -293,3 +293,24 @@ def test_a_cancelled_tiff_run_says_where_its_slices_are(tmp_path, checkpoint):  
               "a slice in the staging store")
     assert _signal(proc, signal.SIGINT) == 130
     assert "the same command resumes there and writes the outputs" in _stderr(proc)
+
+
+def test_a_store_does_not_hide_the_orthogonal_sums_from_the_budget(analytic, tmp_path,
+                                                                   monkeypatch):
+    from analytic_models import make_analytic
+    from napari_medseg.engine.inference.pipeline import predict
+    from napari_medseg.engine.inference.planning import plan_prediction
+    from napari_medseg.engine.inference.predictor import OutOfMemory
+
+    vol = np.random.default_rng(0).random((6, 40, 40)).astype(np.float32)
+    model = make_analytic(num_classes=2)
+    settings = {"device": "cpu", "precision": "fp32", "tile": 16, "axes": "ZYX"}
+    monkeypatch.setattr("napari_medseg.engine.inference.plan.available_memory", lambda: 20000)
+    store = str(tmp_path / "o.zarr")
+    assert predict(vol, model, store=store, **settings)["mask"].shape == (6, 40, 40)
+    plan = plan_prediction(vol, model, store=store, volume_mode="orthogonal", probe=False,
+                           **settings)
+    assert plan.output_bytes == 6 * 40 * 40 * 7 and "over the memory budget" in plan.describe()
+    with pytest.raises(OutOfMemory, match="over the memory budget of 9.8 KiB"):
+        predict(vol, model, store=str(tmp_path / "p.zarr"), volume_mode="orthogonal",
+                **settings)

@@ -208,8 +208,8 @@ class _Run:
         self.plan = self._make_plan()
         if plan_only:
             return
-        shortfall = None if self.config.store else memory_shortfall(
-            self.plan.output_bytes, self.config.memory_fraction)
+        shortfall = memory_shortfall(self.held_bytes(bool(self.config.store)),
+                                     self.config.memory_fraction)
         if shortfall is not None:
             raise OutOfMemory(shortfall)
         yield from self._normalization()
@@ -333,11 +333,20 @@ class _Run:
                                       self.config, self.stats.to_dict()),
             self.meta, consensus, sink)
 
+    def consensus_bytes(self) -> int:
+        """Memory of the orthogonal passes' sums (held even when streaming to a store)."""
+        if len(self.layouts) == 1:
+            return 0
+        return math.prod(self.layout.out_shape()) * (self.stitched * 4 + 3)
+
+    def held_bytes(self, streamed: bool) -> int:
+        """What the run holds in memory besides one band: the outputs (unless streamed to a
+        store) and the orthogonal consensus sums; the plan must be made."""
+        return self.consensus_bytes() if streamed else self.plan.output_bytes
+
     def _make_plan(self) -> TilePlan:
         lay, pred = self.layout, self.predictor
-        output_bytes = self.writer.memory_bytes()
-        if len(self.layouts) > 1:
-            output_bytes += math.prod(lay.out_shape()) * (self.stitched * 4 + 3)
+        output_bytes = self.writer.memory_bytes() + self.consensus_bytes()
         half = pred.policy.name in ("bf16", "fp16")
         guess = pred.batch_size * math.prod(self.grid.tile) * ACTIVATION_BYTES_PER_PIXEL
         notes = []
