@@ -314,3 +314,15 @@ def test_a_store_does_not_hide_the_orthogonal_sums_from_the_budget(analytic, tmp
     with pytest.raises(OutOfMemory, match="over the memory budget of 9.8 KiB"):
         predict(vol, model, store=str(tmp_path / "p.zarr"), volume_mode="orthogonal",
                 **settings)
+
+
+def test_the_memory_budget_is_a_flag_too(analytic, tmp_path, capsys, monkeypatch):
+    src = tmp_path / "p.tif"
+    write_image(src, np.zeros((64, 64), np.uint8))
+    monkeypatch.setattr("napari_medseg.engine.inference.plan.available_memory", lambda: 40000)
+    out = str(tmp_path / "o" / "p.nii.gz")
+    assert main(["predict", str(src), "-o", out, "--memory-fraction", "0.5", *ANALYTIC]) == 0
+    rc = main(["predict", str(src), "-o", out, "--overwrite", "--memory-fraction", "0.05",
+               *ANALYTIC])
+    err = capsys.readouterr().err
+    assert rc == 2 and "over the memory budget of 2.0 KiB" in err

@@ -173,6 +173,7 @@ def _predict_config(args: argparse.Namespace):
         "outputs": args.outputs, "channels": args.channels,
         "normalization": args.normalization, "probabilities_dtype": args.probabilities_dtype,
         "volume_mode": "orthogonal" if args.orthogonal else None,
+        "memory_fraction": args.memory_fraction,
     })
 
 
@@ -360,6 +361,9 @@ def add_predict(sub) -> argparse.ArgumentParser:
     p.add_argument("--normalization",
                    help="percentile, minmax, zscore, none ... (default: the model card's)")
     p.add_argument("--probabilities-dtype", choices=("float16", "uint8"))
+    p.add_argument("--memory-fraction", type=float, metavar="F",
+                   help="memory budget: the share of the available memory outputs may hold "
+                        "(default 0.5); larger ones stream (zarr, TIFF) or are refused (NIfTI)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (and a zarr output that holds another run); "
                         "an input is never replaced")
