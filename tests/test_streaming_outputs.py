@@ -326,3 +326,30 @@ def test_the_memory_budget_is_a_flag_too(analytic, tmp_path, capsys, monkeypatch
                *ANALYTIC])
     err = capsys.readouterr().err
     assert rc == 2 and "over the memory budget of 2.0 KiB" in err
+
+
+def test_a_run_stopped_between_two_outputs_is_finished_by_the_same_command(analytic, tmp_path,
+                                                                          monkeypatch):
+    from napari_medseg.engine.batch import task as task_module
+
+    src = _volume(tmp_path / "v.tif")
+    argv = ["predict", str(src), "-o", str(tmp_path / "o"), "--outputs",
+            "mask,probabilities", *ANALYTIC]
+    real = task_module.write_atomic
+    written = []
+
+    def dies_after_the_first(final, data, meta, labels=True):
+        if written:
+            raise KeyboardInterrupt  # as if killed while writing the second output
+        written.append(real(final, data, meta, labels))
+        return written[-1]
+
+    monkeypatch.setattr(task_module, "write_atomic", dies_after_the_first)
+    assert main(argv) == 130  # a second Ctrl-C (an interrupt the run does not catch)
+    monkeypatch.undo()
+    stage = tmp_path / "o" / ".~partial-stage-v_mask.tif.zarr"
+    assert stage.is_dir() and (tmp_path / "o" / "v_mask.tif").is_file()
+    assert main(argv) == 0  # no --overwrite needed: the staging store says it is this run's
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "v_mask.tif", "v_probabilities.tif"]
+    assert main(argv) == 2  # a finished output is never replaced unasked
