@@ -173,12 +173,16 @@ def test_cli_plan_only_of_an_empty_100000_square_zarr(tmp_path, monkeypatch, cap
     monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
     monkeypatch.setattr("napari_medseg.engine.inference.plan.available_memory", lambda: 2 ** 30,
                         raising=False)
-    rc = main(["predict", str(path), "-o", str(tmp_path / "out"), "--model", "msa2net",
-               "--variant", "tiny", "--device", "cpu", "--plan-only", "-q"])
+    argv = ["predict", str(path), "-o", str(tmp_path / "out"), "--model", "msa2net",
+            "--variant", "tiny", "--device", "cpu", "--plan-only", "-q"]
+    rc = main(argv + ["--format", "nii"])  # NIfTI is written whole: the plan says so
     out = capsys.readouterr().out
     assert rc == 0 and reads == []
     assert "over the memory budget of 512.0 MiB (50% of the 1.0 GiB available); write them " \
         "to a zarr store instead" in out
+    assert main(argv) == 0  # TIFF streams through a store: nothing held, nothing to say
+    out = capsys.readouterr().out
+    assert "memory budget" not in out and "outputs 0 B" in out and reads == []
     assert "The image holds no data: none of its 9604 chunks is written" in out
 
 

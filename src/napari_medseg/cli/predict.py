@@ -271,7 +271,9 @@ class _Predictor:
         self._ensure_model(image, meta)
         try:
             if args.plan_only:
-                plan = plan_prediction(image, self.model, task.predict, meta=meta)
+                from ..engine.batch.staging import plan_config
+
+                plan = plan_prediction(image, self.model, plan_config(task), meta=meta)
                 print(f"{task.name}:\n{plan.describe()}")
                 return None
             result = _show(predict_file_iter(task, self.model, image, meta, self.token),

@@ -29,7 +29,7 @@ from ..inference.plan import format_bytes, memory_budget
 from ..progress import CancelToken, ProgressEvent, StageEvent
 
 __all__ = ["STREAM_ABOVE_BYTES", "STREAMABLE_SUFFIXES", "choose_route", "is_staging_store",
-           "staging_path", "staged_iter"]
+           "plan_config", "staging_path", "staged_iter"]
 
 #: Outputs larger than this stream through a store even when they would fit the budget, so
 #: peak memory stays flat in the image's size.
@@ -58,6 +58,15 @@ def is_staging_store(path: str | Path | None) -> bool:
 
 def _streamable(path: str) -> bool:
     return path.lower().endswith(STREAMABLE_SUFFIXES)
+
+
+def plan_config(task):
+    """The config a plan of ``task`` is made with: its outputs count as streamed when every
+    one of them can be written from a store (so the plan does not warn about memory it will
+    not use)."""
+    if task.predict.store or not all(_streamable(p) for _, p in task.outputs):
+        return task.predict
+    return task.predict.replace(store=str(staging_path(task)))
 
 
 def choose_route(task, model, image, meta) -> str:
