@@ -115,7 +115,8 @@ def main() -> int:
                    help='weights tag or checkpoint; "" with --extra "--model banet --variant '
                         'tiny" sweeps the sizes faster (random weights: memory, not masks)')
     p.add_argument("--volumes", default="0.25,0.5,1,2", help="GiB, comma-separated")
-    p.add_argument("--planes", default="4096,16384,32768", help="sides, comma-separated")
+    p.add_argument("--planes", default="4096,16384,32768",
+                   help="sides, comma-separated; ROWSxCOLS for a strip")
     p.add_argument("--formats", default="zarr,tif,nii")
     p.add_argument("--outputs", default=None, help="extra --outputs (default: the default)")
     p.add_argument("--issue-case", action="store_true",
@@ -149,7 +150,11 @@ def main() -> int:
         slices = max(1, round(float(gib) * 2**30 / (SIDE * SIDE * 4)))
         inputs.append((f"volume {gib} GiB", (slices, SIDE, SIDE)))
     for side in filter(None, args.planes.split(",")):
-        inputs.append((f"plane {side}^2", (int(side), int(side))))
+        if "x" in side:  # ROWSxCOLS: a strip as wide as a big plane (the peak follows width)
+            rows, cols = (int(n) for n in side.split("x"))
+            inputs.append((f"strip {rows} x {cols}", (rows, cols)))
+        else:
+            inputs.append((f"plane {side}^2", (int(side), int(side))))
     for label, shape in inputs:
         src = make_input(work / f"in_{'x'.join(map(str, shape))}.zarr", shape)
         for fmt in filter(None, args.formats.split(",")):
