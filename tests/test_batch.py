@@ -442,7 +442,7 @@ def test_cli_predict_of_several_files_writes_what_batch_writes(tmp_path, checkpo
     assert summary.ok and summary.done == 3
     scale = 2 if network == "sasrnet" else 1
     for stem, shape in (("a", (64, 64)), ("b", (64, 64)), ("c", (64, 80))):
-        cli, cli_meta = read_image(tmp_path / "cli" / f"{stem}{suffix}")
+        cli, cli_meta = read_image(tmp_path / "cli" / f"{stem}_mask{suffix}")
         batch, batch_meta = read_image(tmp_path / "batch" / f"{stem}_mask{suffix}")
         np.testing.assert_array_equal(np.asarray(cli), np.asarray(batch))
         assert cli.shape == tuple(n * scale for n in shape)

@@ -56,8 +56,8 @@ def test_predict_one_image_writes_mask_and_suffixed_outputs(images, tmp_path, ca
     assert "WARNING" in err and "RANDOMLY INITIALISED" in err
     assert "tiles of 16x16" in err  # the plan is shown before running
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["a.tif", "a_boundary.tif", "a_instances.tif", "a_probabilities.tif"]
-    mask, meta = read_image(out / "a.tif")
+    assert names == ["a_boundary.tif", "a_instances.tif", "a_mask.tif", "a_probabilities.tif"]
+    mask, meta = read_image(out / "a_mask.tif")
     assert mask.shape == (40, 56) and meta.spacing == (0.5, 0.5)
     probs, pmeta = read_image(out / "a_probabilities.tif")
     assert probs.shape == (2, 40, 56) and pmeta.axes == "CYX"
@@ -73,7 +73,7 @@ def test_predict_a_folder_skips_non_images(images, tmp_path, capsys):
     rc, _, err = _run(capsys, "predict", images, "-o", out, "--model", "analytic", "-q")
     assert rc == 0, err
     assert "skipping notes.txt" in err
-    assert sorted(p.name for p in out.iterdir()) == ["a.tif", "b.tif"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.tif", "b_mask.tif"]
 
 
 def test_an_unreadable_file_in_a_folder_is_reported_and_the_rest_done(images, tmp_path,
@@ -83,7 +83,7 @@ def test_an_unreadable_file_in_a_folder_is_reported_and_the_rest_done(images, tm
     rc, _, err = _run(capsys, "predict", images, "-o", out, "--model", "analytic", "-q")
     assert rc == 2
     assert "0_broken.tif" in _one_error_line(err)
-    assert sorted(p.name for p in out.iterdir()) == ["a.tif", "b.tif"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.tif", "b_mask.tif"]
 
 
 def test_single_output_file_name(images, tmp_path, capsys):
@@ -99,9 +99,9 @@ def test_zarr_format_streams_into_a_readable_store(images, tmp_path, capsys):
     rc, _, err = _run(capsys, "predict", images / "a.tif", "-o", out, "--model", "analytic",
                       "--format", "zarr", "--outputs", "mask,probabilities", "-q")
     assert rc == 0, err
-    mask, meta = read_image(out / "a.zarr")
+    mask, meta = read_image(out / "a_mask.zarr")
     assert mask.shape == (40, 56) and meta.axes == "YX" and meta.spacing == (0.5, 0.5)
-    probs, _ = read_image(out / "a.zarr" / "probabilities")
+    probs, _ = read_image(out / "a_mask.zarr" / "probabilities")
     assert probs.shape == (2, 40, 56)
     # A second run finds the finished store and resumes (nothing left to do).
     rc, _, err = _run(capsys, "predict", images / "a.tif", "-o", out, "--model", "analytic",
@@ -115,7 +115,7 @@ def test_volume_to_nifti_slice_wise(tmp_path, capsys):
     rc, _, err = _run(capsys, "predict", tmp_path / "v.tif", "-o", tmp_path / "o", "--model",
                       "analytic", "--format", "nii", "--axis", "Z", "-q")
     assert rc == 0, err
-    mask, meta = read_image(tmp_path / "o" / "v.nii.gz")
+    mask, meta = read_image(tmp_path / "o" / "v_mask.nii.gz")
     assert mask.shape == (4, 24, 24) and meta.spacing == (3.0, 1.0, 1.0)
 
 
@@ -226,5 +226,5 @@ def test_a_real_network_on_the_bundled_sample(tmp_path, capsys):
     rc, _, err = _run(capsys, "predict", sample, "-o", tmp_path / "o", "--model", name,
                       "--variant", "tiny", "--outputs", "mask,boundary", "-q")
     assert rc == 0, err
-    mask, _ = read_image(tmp_path / "o" / "nuclei.tif")
+    mask, _ = read_image(tmp_path / "o" / "nuclei_mask.tif")
     assert mask.shape == np.asarray(read_image(sample)[0]).shape[:2]

@@ -129,7 +129,7 @@ def predicted(tmp_path_factory, volume, checkpoint) -> np.ndarray:  # noqa: F811
     out = tmp_path_factory.mktemp("ref")
     rc, err = _run(out, *_predict_args(volume, out, checkpoint[0]))
     assert rc == 0, err
-    mask = np.asarray(read_image(out / "vol.zarr")[0])
+    mask = np.asarray(read_image(out / "vol_mask.zarr")[0])
     assert 0 < mask.mean() < 1, "a constant mask would make the comparisons below weak"
     return mask
 
@@ -139,7 +139,7 @@ def test_predict_to_zarr_interrupted_keeps_finished_slices_and_resumes(
         tmp_path, volume, checkpoint, predicted, sig):  # noqa: F811
     ckpt = checkpoint[0]
     out = tmp_path / "out"
-    store = out / "vol.zarr"
+    store = out / "vol_mask.zarr"
     proc = _start(tmp_path, *_predict_args(volume, out, ckpt))
     _wait_for(proc, lambda: len(_store_attrs(store).get("finished", [])) >= 2,
               "two slices recorded in the store")

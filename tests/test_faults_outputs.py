@@ -71,8 +71,9 @@ def _snapshot(path):
 
 @pytest.mark.parametrize("where", ["folder", "file", "folder_into_itself"])
 def test_predict_into_its_own_input_is_refused_and_the_image_kept(folder, capsys, where):
+    shutil.copy(folder / "b.tif", folder / "a_mask.tif")  # an input named like a's mask
     before = _snapshot(folder)
-    args = {"folder": (folder / "a.tif", "-o", folder),
+    args = {"folder": (folder / "a.tif", folder / "a_mask.tif", "-o", folder),
             "file": (folder / "a.tif", "-o", folder / "a.tif"),
             "folder_into_itself": (folder, "-o", folder)}[where]
     line = _refused(capsys, "predict", *args, *PREDICT)
@@ -80,21 +81,31 @@ def test_predict_into_its_own_input_is_refused_and_the_image_kept(folder, capsys
     assert _snapshot(folder) == before
 
 
-def test_predict_with_overwrite_still_never_replaces_an_input(folder, capsys):
+def test_predict_into_its_own_folder_writes_beside_the_image(folder, capsys):
     before = _snapshot(folder)
-    line = _refused(capsys, "predict", folder / "a.tif", "-o", folder, "--overwrite", *PREDICT)
+    rc, _, err = _run(capsys, "predict", folder / "a.tif", "-o", folder, "-q", *PREDICT)
+    assert rc == 0, err
+    after = _snapshot(folder)
+    assert after.pop("a_mask.tif") and after == before  # <stem>_mask, the input untouched
+
+
+def test_predict_with_overwrite_still_never_replaces_an_input(folder, capsys):
+    shutil.copy(folder / "b.tif", folder / "a_mask.tif")
+    before = _snapshot(folder)
+    line = _refused(capsys, "predict", folder / "a.tif", folder / "a_mask.tif", "-o", folder,
+                    "--overwrite", *PREDICT)
     assert "is the input" in line and _snapshot(folder) == before
 
 
 def test_predict_through_a_link_to_the_output_folder_is_refused(folder, tmp_path, capsys):
     links = tmp_path / "links"
     links.mkdir()
-    (links / "a.tif").symlink_to(folder / "a.tif")
-    os.link(folder / "b.tif", links / "b.tif")  # a hard link: the same file too
+    (links / "a_mask.tif").symlink_to(folder / "a.tif")
+    os.link(folder / "b.tif", links / "b_mask.tif")  # a hard link: the same file too
     before = _snapshot(folder)
     for name in ("a.tif", "b.tif"):
-        assert "is the input" in _refused(capsys, "predict", links / name, "-o", folder,
-                                          *PREDICT)
+        assert "is the input" in _refused(capsys, "predict", folder / name, "-o", links,
+                                          "--overwrite", *PREDICT)
     assert _snapshot(folder) == before
 
 
@@ -106,7 +117,7 @@ def test_predict_into_an_input_zarr_store_is_refused(tmp_path, capsys):
     before = sorted(p.relative_to(store) for p in store.rglob("*"))
     line = _refused(capsys, "predict", store, "-o", store / "masks", *PREDICT)
     assert "inside the input" in line
-    for argv in (("-o", store), ("-o", tmp_path, "--format", "zarr")):
+    for argv in (("-o", store), ("-o", store, "--format", "zarr")):
         assert "is the input" in _refused(capsys, "predict", store, *argv, *PREDICT)
     assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
 
@@ -114,11 +125,11 @@ def test_predict_into_an_input_zarr_store_is_refused(tmp_path, capsys):
 def test_two_outputs_on_one_path_are_refused(folder, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
-    shutil.copy(folder / "b.tif", other / "a_probabilities.tif")
+    shutil.copy(folder / "b.tif", other / "a.tif")
     out = tmp_path / "out"
-    line = _refused(capsys, "predict", folder / "a.tif", other / "a_probabilities.tif", "-o",
+    line = _refused(capsys, "predict", folder / "a.tif", other / "a.tif", "-o",
                     out, "--outputs", "mask,probabilities", *PREDICT)
-    assert "Two outputs" in line and not out.exists()
+    assert "same name stem" in line and not out.exists()
 
 
 # --- predict: existing outputs -------------------------------------------------------------
@@ -127,14 +138,14 @@ def test_two_outputs_on_one_path_are_refused(folder, tmp_path, capsys):
 def test_an_existing_output_needs_overwrite(folder, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "a.tif").write_bytes(b"someone's mask")
+    (out / "a_mask.tif").write_bytes(b"someone's mask")
     line = _refused(capsys, "predict", folder / "a.tif", "-o", out, *PREDICT)
     assert "already exists" in line and "--overwrite" in line
-    assert (out / "a.tif").read_bytes() == b"someone's mask"
+    assert (out / "a_mask.tif").read_bytes() == b"someone's mask"
     rc, _, err = _run(capsys, "predict", folder / "a.tif", "-o", out, "--overwrite", "-q",
                       *PREDICT)
     assert rc == 0, err
-    assert (out / "a.tif").read_bytes() != b"someone's mask"
+    assert (out / "a_mask.tif").read_bytes() != b"someone's mask"
 
 
 # --- predict: the output folder ------------------------------------------------------------

@@ -173,11 +173,16 @@ def test_cli_plan_only_of_an_empty_100000_square_zarr(tmp_path, monkeypatch, cap
     monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
     monkeypatch.setattr("napari_medseg.engine.inference.plan.available_memory", lambda: 2 ** 30,
                         raising=False)
-    rc = main(["predict", str(path), "-o", str(tmp_path / "out"), "--model", "msa2net",
-               "--variant", "tiny", "--device", "cpu", "--plan-only", "-q"])
+    argv = ["predict", str(path), "-o", str(tmp_path / "out"), "--model", "msa2net",
+            "--variant", "tiny", "--device", "cpu", "--plan-only", "-q"]
+    rc = main(argv + ["--format", "nii"])  # NIfTI is written whole: the plan says so
     out = capsys.readouterr().out
     assert rc == 0 and reads == []
-    assert "only 1.0 GiB is available; write them to a zarr store instead" in out
+    assert "over the memory budget of 512.0 MiB (50% of the 1.0 GiB available); write them " \
+        "to a zarr store instead" in out
+    assert main(argv) == 0  # TIFF streams through a store: nothing held, nothing to say
+    out = capsys.readouterr().out
+    assert "memory budget" not in out and "outputs 0 B" in out and reads == []
     assert "The image holds no data: none of its 9604 chunks is written" in out
 
 
@@ -215,8 +220,9 @@ def test_outputs_larger_than_the_memory_available_are_refused_before_any_work(
     model = create_model("msa2net", "tiny", 1, 2)
     image = np.zeros((128, 128), np.uint8)
     events = []
-    with pytest.raises(OutOfMemory, match=r"outputs would hold 16\.0 KiB in memory but only "
-                                          r"1000 B is available; write them to a zarr store"):
+    with pytest.raises(OutOfMemory, match=r"outputs would hold 16\.0 KiB in memory, over the "
+                                          r"memory budget of 500 B \(50% of the 1000 B "
+                                          r"available\); write them to a zarr store"):
         for event in pipeline.predict_iter(image, model, **FAST):
             events.append(event)
     assert not any(type(e).__name__ in ("PlanEvent", "TilesEvent") for e in events)
@@ -224,11 +230,15 @@ def test_outputs_larger_than_the_memory_available_are_refused_before_any_work(
     assert streamed["mask"].shape == (128, 128)  # a store holds nothing in memory
     write_image(tmp_path / "img.tif", image)
     monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
-    rc = main(["predict", str(tmp_path / "img.tif"), "-o", str(tmp_path / "out"), "--model",
-               "msa2net", "--variant", "tiny", "--device", "cpu", "-q"])
+    argv = ["predict", str(tmp_path / "img.tif"), "--model", "msa2net", "--variant", "tiny",
+            "--device", "cpu", "-q"]
+    rc = main(argv + ["-o", str(tmp_path / "out" / "img.nii.gz")])  # NIfTI cannot stream
     err = capsys.readouterr().err
-    assert rc == 2 and "write them to a zarr store instead (--format zarr" in err
+    assert rc == 2 and "over the memory budget of 500 B, and img.nii.gz cannot be written " \
+        "slice by slice; write zarr instead" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+    assert main(argv + ["-o", str(tmp_path / "out")]) == 0  # TIFF streams through a store
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img_mask.tif"]
 
 
 # -- 9a. a DICOM folder of two series ----------------------------------------------------------

@@ -32,7 +32,7 @@ from ..engine.inference.editing import scope_region
 from ..engine.inference.regions import Region
 from ..engine.progress import NoticeEvent, PlaneEvent, PlanEvent, StageEvent, TilesEvent
 from ..errors import ConfigError, MedsegError
-from . import result_layers
+from . import lazy_outputs, result_layers
 from .image_picker import ImagePickerMixin
 from .layers import layer_traits
 from .plan_panel import PlanPanel
@@ -100,6 +100,8 @@ class SegmentWidget(ImagePickerMixin, QWidget):
         #: (layer steps, layers added so far, run context, outcome) while a finished run's
         #: new output layers are added one per event-loop turn.
         self._staging: tuple | None = None
+        #: a run of a lazy (dask, zarr, multiscale) image streams into a store (issue #23).
+        self._lazy: lazy_outputs.LazyResult | None = None
         result_layers.prewarm_layer_code()
         self.last_error: str | None = None
         #: an image layer to choose at the next list refresh (newly opened or selected).
@@ -327,6 +329,9 @@ class SegmentWidget(ImagePickerMixin, QWidget):
             self.report_error(str(exc))
             return None
         self.plan_panel.stop()  # a plan in flight is stale now
+        self._lazy = lazy_outputs.LazyResult.for_run(self.viewer, image, region, config) if (
+            lazy_outputs.is_lazy(image)) else None
+        config = self._lazy.config(config) if self._lazy is not None else config
         context = (image.name, settings, region)
         token = self._job.begin(context)
         self._progress = RunProgress(total=0, desc=f"Segmenting {image.name}",
@@ -354,6 +359,8 @@ class SegmentWidget(ImagePickerMixin, QWidget):
     def _on_run_event(self, event: Any) -> None:
         if not self._job.running:  # an event queued behind the end of the run
             return
+        if self._lazy is not None:
+            self._lazy.on_event(event)
         if isinstance(event, TilesEvent):
             if self._progress is not None:
                 self._progress.set_done(event.done, event.total)
@@ -378,6 +385,14 @@ class SegmentWidget(ImagePickerMixin, QWidget):
         if self._progress is not None:
             self._progress.close()
             self._progress = None
+        if self._lazy is not None:  # streamed into a store: its layer is the result
+            lazy, self._lazy, self.last_outcome = self._lazy, None, outcome
+            if outcome.ok:
+                self.status_label.setText(lazy.finish(outcome.value.result))
+            else:
+                self.report_error(outcome.error or "The run failed.")
+            self.refresh_enabled()
+            return
         if outcome.ok and image_name in self.viewer.layers:
             # New output layers are added one per event-loop turn: napari takes a few
             # hundred milliseconds to add each, and all at once would freeze the viewer

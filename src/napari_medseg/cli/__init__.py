@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from .._version import __version__
 from ..errors import MedsegError
 from .batch import add_batch, cmd_batch
-from .common import Command
+from .common import EXIT_CANCELLED, Command
 from .export import add_export, cmd_export
 from .finetune import add_finetune, cmd_finetune
 from .info import add_info_models

@@ -1,8 +1,11 @@
 """``napari-medseg predict``: segment image files or folders with a network.
 
 Each input is one task of the batch wing (:mod:`napari_medseg.engine.batch.task`), run in
-this process with one model: the same read -> predict -> write step as ``napari-medseg batch``,
-here with the outputs named ``<stem>.<ext>`` (mask) and ``<stem>_<output>.<ext>``.
+this process with one model: the same read -> predict -> write step as ``napari-medseg batch``.
+Into an output folder the mask goes to ``<stem>_mask.<ext>`` and every other output to
+``<stem>_<output>.<ext>`` (as ``demo`` and ``batch`` name them); ``-o`` naming one file makes
+that file the mask. The format follows ``-o``: ``-o x.zarr`` is a zarr store (every output
+streamed into it, resumable), ``-o x.tif`` a TIFF, ``-o dir/`` the ``--format`` (default tif).
 """
 
 from __future__ import annotations
@@ -54,23 +57,53 @@ def _collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
     return found, skipped
 
 
+def _single_file(inputs: list[Path], out: Path) -> bool:
+    """``-o`` names one output file (a single input and a suffix napari-medseg writes)."""
+    from ..io import supported_suffixes
+
+    return len(inputs) == 1 and any(
+        out.name.lower().endswith(s) for s in supported_suffixes(write=True))
+
+
+def output_format(inputs: list[Path], out: Path, asked: str | None) -> str:
+    """The output format: from ``-o``'s suffix when it names one file, else ``--format``
+    (default tif).
+
+    Raises:
+        ConfigError: ``--format`` contradicts the suffix of ``-o``.
+    """
+    if not _single_file(inputs, out):
+        return asked or "tif"
+    from ..io.detect import format_from_name
+
+    found = {"tiff": "tif", "zarr": "zarr", "nifti": "nii"}.get(
+        format_from_name(out, write=True) or "", None)
+    if found is None:  # png and the like: written whole, as before
+        return asked or "tif"
+    if asked and asked != found:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"The output {out.name} is a {found} name but --format says "
+                          f"{asked}; drop --format (the name decides) or rename the output.")
+    return found
+
+
 def _output_paths(
     inputs: list[Path], out: Path, fmt: str, outputs: Sequence[str]
 ) -> list[dict[str, Path]]:
-    """Per input: output name -> path (``mask`` at ``<stem>.<ext>``, others suffixed)."""
-    from ..io import supported_suffixes
-
+    """Per input: output name -> path (``<stem>_<output>.<ext>`` in a folder; a file named
+    by ``-o`` is the mask, the others beside it suffixed)."""
     ext = _FORMAT_SUFFIX[fmt]
-    single_file = len(inputs) == 1 and any(
-        out.name.lower().endswith(s) for s in supported_suffixes(write=True))
+    single_file = _single_file(inputs, out)
     plans = []
     for path in inputs:
         if single_file:
             folder, stem = out.parent, _stem(out)
             ext_here = out.name[len(stem):]
+            names = {"mask": out}
         else:
             folder, stem, ext_here = out, _stem(path), ext
-        names = {"mask": folder / f"{stem}{ext_here}"}
+            names = {"mask": folder / f"{stem}_mask{ext_here}"}
         for name in outputs:
             if name != "mask":
                 names[name] = folder / f"{stem}_{name}{ext_here}"
@@ -91,11 +124,12 @@ def _tasks(args: argparse.Namespace, config) -> list[Any]:
     inputs, skipped = _collect_inputs(args.inputs)
     for line in skipped:
         print(f"napari-medseg: notice: {line}", file=sys.stderr)
+    fmt = output_format(inputs, Path(args.output), args.format)
     tasks = []
-    for path, paths in zip(inputs, _output_paths(inputs, Path(args.output), args.format,
+    for path, paths in zip(inputs, _output_paths(inputs, Path(args.output), fmt,
                                                  config.outputs)):
         cfg = config
-        if args.format == "zarr":  # stream into the store (and resume it)
+        if fmt == "zarr":  # stream into the store (and resume it)
             cfg = config.replace(store=str(paths["mask"]), overwrite=args.overwrite)
         tasks.append(FileTask(name=path.name, input_path=str(path), predict=cfg,
                               outputs=tuple((n, str(p)) for n, p in paths.items())))
@@ -139,6 +173,7 @@ def _predict_config(args: argparse.Namespace):
         "outputs": args.outputs, "channels": args.channels,
         "normalization": args.normalization, "probabilities_dtype": args.probabilities_dtype,
         "volume_mode": "orthogonal" if args.orthogonal else None,
+        "memory_fraction": args.memory_fraction,
     })
 
 
@@ -178,6 +213,18 @@ def _done_line(task, result) -> str:
         extra += f", plane agreement {result.stats['plane_agreement']:.3f}"
     written = ", ".join(str(w) for w in written_paths(task, result))
     return f"napari-medseg: {task.name} -> {written} ({result.stats['seconds']:.1f} s{extra})"
+
+
+def _kept_line(task, result) -> str:
+    """What a cancelled prediction left, and how to go on."""
+    from ..engine.batch.staging import is_staging_store
+
+    if result.store and is_staging_store(result.store):
+        return (f"the finished slices are kept in {result.store}; the same command resumes "
+                "there and writes the outputs")
+    if result.store:
+        return f"the finished slices are kept in {task.output_path}"
+    return "nothing was written"
 
 
 class _Predictor:
@@ -224,15 +271,16 @@ class _Predictor:
         self._ensure_model(image, meta)
         try:
             if args.plan_only:
-                plan = plan_prediction(image, self.model, task.predict, meta=meta)
+                from ..engine.batch.staging import plan_config
+
+                plan = plan_prediction(image, self.model, plan_config(task), meta=meta)
                 print(f"{task.name}:\n{plan.describe()}")
                 return None
             result = _show(predict_file_iter(task, self.model, image, meta, self.token),
                            task.name, args.quiet)
             assert result is not None
             if result.cancelled:
-                kept = (f"the finished slices are kept in {task.output_path}"
-                        if args.format == "zarr" else "nothing was written")
+                kept = _kept_line(task, result)
                 print(f"napari-medseg: {task.name}: cancelled; {kept}.", file=err)
                 return EXIT_CANCELLED
             if not args.quiet:
@@ -276,12 +324,18 @@ def add_predict(sub) -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "predict", help="segment images (files or folders) with a network",
-        description="Segment images tile by tile. Several inputs or a folder go to the output "
-                    "folder as <stem>.tif (mask) and <stem>_<output>.tif beside it.",
+        description="Segment images tile by tile. Into an output folder the mask goes to "
+                    "<stem>_mask.tif and the other outputs to <stem>_<output>.tif; -o naming "
+                    "one file (a single input) makes it the mask and sets the format: "
+                    "-o out.zarr streams every output into one zarr store and resumes a "
+                    "killed run. Volumes and large images are streamed slice by slice; "
+                    "outputs that cannot stream (NIfTI) and would exceed the memory budget "
+                    "are refused before any work.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output folder (or one file name for a single input)")
+                   help="output folder, or for a single input the mask's file name (its "
+                        "suffix sets the format: .zarr, .tif, .nii.gz)")
     p.add_argument("--series", metavar="UID",
                    help="the DICOM SeriesInstanceUID to read from a folder holding several")
     p.add_argument("--model", help="network name (see `napari-medseg models`)")
@@ -301,13 +355,17 @@ def add_predict(sub) -> argparse.ArgumentParser:
                    help="flip test-time augmentation (4x the time in 2D)")
     p.add_argument("--outputs", help=f"comma-separated, from {','.join(OUTPUT_NAMES)} "
                                      "(default mask)")
-    p.add_argument("--format", choices=tuple(_FORMAT_SUFFIX), default="tif",
-                   help="output format (default tif; zarr streams and resumes)")
+    p.add_argument("--format", choices=tuple(_FORMAT_SUFFIX), default=None,
+                   help="output format into a folder (default tif; zarr streams and resumes); "
+                        "a file name given to -o sets it")
     p.add_argument("--channels", choices=("auto", "grey", "rgb"),
                    help="convert the image's channels (default auto: grey <-> RGB as needed)")
     p.add_argument("--normalization",
                    help="percentile, minmax, zscore, none ... (default: the model card's)")
     p.add_argument("--probabilities-dtype", choices=("float16", "uint8"))
+    p.add_argument("--memory-fraction", type=float, metavar="F",
+                   help="memory budget: the share of the available memory outputs may hold "
+                        "(default 0.5); larger ones stream (zarr, TIFF) or are refused (NIfTI)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (and a zarr output that holds another run); "
                         "an input is never replaced")

@@ -161,6 +161,11 @@ class PredictConfig(ConfigBase):
         resume: continue a run the store holds (finished slices are skipped).
         overwrite: replace a store that holds a different run instead of stopping.
         oom_fallback: on GPU out-of-memory, retry with a smaller batch and tile, then the CPU.
+        memory_fraction: the memory budget, as a fraction of the memory available when a run
+            starts: outputs held in memory may take at most this much. Larger outputs are
+            streamed (a zarr store; a TIFF file through a temporary store beside it) or,
+            where the format cannot stream (NIfTI, PNG, an in-memory result), refused before
+            any work with one sentence.
     """
 
     tiling: TilingConfig = field(default_factory=TilingConfig)
@@ -183,8 +188,12 @@ class PredictConfig(ConfigBase):
     resume: bool = True
     overwrite: bool = False
     oom_fallback: bool = True
+    memory_fraction: float = 0.5
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ConfigError("memory_fraction is the share of the available memory outputs "
+                              f"may take, in (0, 1], not {self.memory_fraction}.")
         bad = [o for o in self.outputs if o not in OUTPUT_NAMES]
         if bad:
             raise ConfigError(

@@ -22,10 +22,15 @@ from ..errors import ImageReadError, ImageWriteError
 from .metadata import MAX_NDIM, SPATIAL_AXES, ImageMeta, normalize_unit
 from .messages import brief
 
-__all__ = ["read_tiff", "write_tiff", "LAZY_BYTES"]
+__all__ = ["read_tiff", "write_tiff", "LAZY_BYTES", "STREAM_TILE"]
 
 #: Series larger than this many bytes are returned as lazy dask arrays.
 LAZY_BYTES = 2**30
+#: A lazy array (zarr, dask) is written in tiles of this side, read one band of tile rows
+#: at a time, so writing holds one band, never the image.
+STREAM_TILE = 512
+#: Files above this size are written as BigTIFF (classic TIFF offsets stop at 4 GiB).
+BIGTIFF_BYTES = 2**32 - 2**25
 
 _META_KEY = "napari_medseg"
 _UNKNOWN_TO = ("Z", "T", "I")
@@ -253,6 +258,10 @@ def read_tiff(path: str | os.PathLike, level: int | None = None) -> tuple[Any, I
 def write_tiff(path: str | os.PathLike, array: Any, meta: ImageMeta) -> Path:
     """Write an array as a zlib-compressed OME-TIFF with its geometry.
 
+    A numpy array is written in one go; a lazy one (zarr, dask) is streamed: tiles of
+    :data:`STREAM_TILE` read one band of rows at a time, so a volume or a plane larger than
+    memory is written with memory for one band. Files over 4 GiB are BigTIFF.
+
     Args:
         path: target file (``.tif``, ``.tiff``, ``.ome.tif``).
         array: data with axes ``meta.axes``.
@@ -267,7 +276,9 @@ def write_tiff(path: str | os.PathLike, array: Any, meta: ImageMeta) -> Path:
     import tifffile
 
     p = Path(path)
-    data = np.asarray(array)
+    lazy = not isinstance(array, np.ndarray) and hasattr(array, "shape") and hasattr(
+        array, "dtype") and getattr(array, "ndim", 0) >= 2
+    data = array if lazy else np.asarray(array)
     if data.dtype == bool:
         data = data.astype(np.uint8)
     if data.ndim != meta.ndim:
@@ -300,6 +311,14 @@ def write_tiff(path: str | os.PathLike, array: Any, meta: ImageMeta) -> Path:
     if meta.units and all(meta.units[meta.spatial_axes.index(a)] == "micrometer" for a in "YX"):
         kwargs["resolution"] = (1e4 / xy["X"], 1e4 / xy["Y"])
         kwargs["resolutionunit"] = "CENTIMETER"
+    nbytes = int(np.prod(data.shape, dtype=np.int64)) * np.dtype(data.dtype).itemsize
+    kwargs["bigtiff"] = nbytes > BIGTIFF_BYTES
+    if lazy and photometric != "rgb":
+        kwargs.update(shape=tuple(data.shape), dtype=np.dtype(data.dtype),
+                      tile=(STREAM_TILE, STREAM_TILE))
+        data = _tiles(data, STREAM_TILE)
+    elif lazy:
+        data = np.asarray(data)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         tifffile.imwrite(
@@ -308,6 +327,18 @@ def write_tiff(path: str | os.PathLike, array: Any, meta: ImageMeta) -> Path:
     except Exception as exc:  # noqa: BLE001
         raise ImageWriteError(f"Cannot write {p}: {brief(exc)}.") from exc
     return p
+
+
+def _tiles(data: Any, tile: int):
+    """The tiles of every YX plane of a lazy array in TIFF order (planes in C order, then
+    tile rows, then tile columns); reads one band of ``tile`` rows of a plane at a time."""
+    lead = tuple(int(n) for n in data.shape[:-2])
+    height, width = (int(n) for n in data.shape[-2:])
+    for index in np.ndindex(*lead) if lead else [()]:
+        for y in range(0, height, tile):
+            band = np.asarray(data[index + (slice(y, y + tile), slice(None))])
+            for x in range(0, width, tile):
+                yield np.ascontiguousarray(band[:, x:x + tile])
 
 
 # NGFF unit names -> OME-XML UnitsLength symbols

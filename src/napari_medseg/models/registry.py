@@ -100,8 +100,15 @@ def list_models() -> list[str]:
 
 
 def get_entry(name: str) -> NetworkEntry:
-    """The registry entry of ``name``; a clear error lists the valid names."""
-    _load_all()
+    """The registry entry of ``name``; a clear error lists the valid names.
+
+    Only the named network's module is imported (MSA2-Net alone pulls in timm, about 200 MB
+    of memory that predicting with any other network does not need).
+    """
+    if name not in _REGISTRY and name in NETWORK_MODULES:
+        importlib.import_module(f"{__package__}.{name}")
+    if name not in _REGISTRY:
+        _load_all()
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -154,19 +154,22 @@ def check_task_outputs(tasks: Iterable, overwrite: bool = False) -> None:
 
     Outputs must not be inputs (see :func:`check_not_inputs`); existing outputs are refused
     without ``overwrite`` (a task streaming into a zarr store leaves that to the store, which
-    resumes its own run); each output folder must have room for about the input's size per
-    output (the outputs' real size is known only once an image is read).
+    resumes its own run; so does a task whose staging store is there: an earlier run of it
+    stopped while writing its outputs); each output folder must have room for about the
+    input's size per output (the outputs' real size is known only once an image is read).
 
     Raises:
         ConfigError: one sentence for the first problem found.
     """
+    from .staging import staging_path
+
     tasks = list(tasks)
     outputs, new, need = [], [], {}
     for task in tasks:
         store = task.predict.store
         paths = [Path(store)] if store else [Path(p) for _, p in task.outputs]
         outputs += paths
-        if not store:
+        if not store and not staging_path(task).is_dir():
             new += paths
         folder = paths[0].parent
         need[folder] = need.get(folder, 0) + input_bytes(task.input_path) * len(paths)

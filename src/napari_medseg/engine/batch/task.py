@@ -46,6 +46,7 @@ __all__ = [
     "remove_path",
     "write_atomic",
     "written_paths",
+    "write_outputs",
     "predict_file_iter",
     "file_iter",
     "process_file",
@@ -270,19 +271,35 @@ def _targets(task: FileTask, result) -> list[tuple[str, Path]]:
 
 def written_paths(task: FileTask, result) -> list[Path]:
     """Where ``result``'s outputs are: the store it streamed into, or each output's path."""
-    if result.store:
+    from .staging import is_staging_store
+
+    if result.store and not is_staging_store(result.store):
         return [Path(result.store)]
     return [path for _, path in _targets(task, result)]
 
 
-def _write_outputs(task: FileTask, result) -> None:
-    """Write each output of ``result`` on the label outputs' geometry (``result.meta``)."""
+def _lazy(array: Any) -> Any:
+    """A numpy array as it is; a store's array as a dask array (written band by band)."""
+    if isinstance(array, np.ndarray) or not hasattr(array, "chunks"):
+        return np.asarray(array)
+    if hasattr(array, "dask"):
+        return array
+    import dask.array as da
+
+    return da.from_zarr(array)
+
+
+def write_outputs(task: FileTask, result) -> list[tuple[str, Path]]:
+    """Write each output of ``result`` on the label outputs' geometry (``result.meta``).
+
+    Outputs held in a store (a staging store's arrays) are written band by band, never
+    loaded whole. Returns ``(output name, path)`` of each file written.
+    """
     from ...io import ImageMeta
 
-    if result.store:
-        return  # streamed into the store while predicting
-    for name, path in _targets(task, result):
-        data = np.asarray(result.outputs[name])
+    targets = _targets(task, result)
+    for name, path in targets:
+        data = _lazy(result.outputs[name])
         if name in _LABEL_OUTPUTS:
             write_atomic(path, data, result.meta, labels=True)
             continue
@@ -291,20 +308,28 @@ def _write_outputs(task: FileTask, result) -> None:
         axes = result.axes[name]
         meta = ImageMeta(axes=axes) if result.meta is None else result.meta.replace(axes=axes)
         write_atomic(path, data, meta, labels=False)
+    return targets
 
 
 def predict_file_iter(task: FileTask, model, image, meta,
                       cancel: CancelToken) -> Generator[ProgressEvent, None, Any]:
     """Predict an image already read and, unless cancelled, write the task's outputs.
 
-    Yields every event of the prediction (its ``FinishedEvent`` carries the result before
-    the outputs are written); returns the ``PredictionResult``. Errors are raised.
+    The plan chooses how (:func:`.staging.choose_route`): into the task's zarr store, staged
+    in a temporary store and converted (TIFF of volumes and of large images), or in memory
+    and written at the end. Yields every event of the prediction (its ``FinishedEvent``
+    carries the result before the outputs are written); returns the ``PredictionResult``.
+    Errors are raised.
     """
     from ..inference.pipeline import predict_iter
+    from .staging import choose_route, staged_iter
 
+    route = choose_route(task, model, image, meta)
+    if route == "staged":
+        return (yield from staged_iter(task, model, image, meta, cancel))
     result = yield from predict_iter(image, model, task.predict, meta=meta, cancel=cancel)
-    if not result.cancelled:
-        _write_outputs(task, result)
+    if not result.cancelled and route == "memory":
+        write_outputs(task, result)
     return result
 
 

@@ -32,7 +32,8 @@ What happens, in order:
    ``crop`` for the boundary head by default). The :class:`~.writer.OutputWriter` puts the
    finished rows straight into the outputs, a numpy array or a zarr store (:mod:`.sinks`),
    so peak memory is one band, not the volume; each finished slice is recorded in the store,
-   and a re-run resumes after it.
+   and within a slice the rows written so far (after each band): a re-run resumes after
+   them.
 6. **Post-processing** once all planes are written (:meth:`~.writer.OutputWriter.postprocess`):
    a boundary map derived from the mask (networks without a boundary head), instance labels
    (watershed seeded by mask minus boundary), and for slice-wise volumes a z-consistency
@@ -195,7 +196,8 @@ class _Run:
         ``plan_only`` (no pixel read), then normalization, the outputs and the plan.
 
         Raises:
-            OutOfMemory: in-memory outputs larger than the memory available now.
+            OutOfMemory: in-memory outputs over the memory budget (``memory_fraction`` of
+                the memory available now).
             InputShapeError: a store array none of whose chunks is written.
         """
         yield from self._layouts()
@@ -208,14 +210,17 @@ class _Run:
         self.plan = self._make_plan()
         if plan_only:
             return
-        shortfall = None if self.config.store else memory_shortfall(self.plan.output_bytes)
+        shortfall = memory_shortfall(self.held_bytes(bool(self.config.store)),
+                                     self.config.memory_fraction)
         if shortfall is not None:
             raise OutOfMemory(shortfall)
         yield from self._normalization()
         self._open_writer()
         if self.writer.resumed:
+            rows = self.writer.sink.rows
+            part = "".join(f", and {n} rows of slice {p + 1}" for p, n in sorted(rows.items()))
             yield self.notice(f"Resuming: {len(self.writer.finished)} of "
-                              f"{self.layout.n_planes} slice(s) are already in the store.")
+                              f"{self.layout.n_planes} slice(s) are already in the store{part}.")
         self.plan = self._make_plan()
 
     def _layouts(self) -> Generator[ProgressEvent, None, None]:
@@ -330,11 +335,20 @@ class _Run:
                                       self.config, self.stats.to_dict()),
             self.meta, consensus, sink)
 
+    def consensus_bytes(self) -> int:
+        """Memory of the orthogonal passes' sums (held even when streaming to a store)."""
+        if len(self.layouts) == 1:
+            return 0
+        return math.prod(self.layout.out_shape()) * (self.stitched * 4 + 3)
+
+    def held_bytes(self, streamed: bool) -> int:
+        """What the run holds in memory besides one band: the outputs (unless streamed to a
+        store) and the orthogonal consensus sums; the plan must be made."""
+        return self.consensus_bytes() if streamed else self.plan.output_bytes
+
     def _make_plan(self) -> TilePlan:
         lay, pred = self.layout, self.predictor
-        output_bytes = self.writer.memory_bytes()
-        if len(self.layouts) > 1:
-            output_bytes += math.prod(lay.out_shape()) * (self.stitched * 4 + 3)
+        output_bytes = self.writer.memory_bytes() + self.consensus_bytes()
         half = pred.policy.name in ("bf16", "fp16")
         guess = pred.batch_size * math.prod(self.grid.tile) * ACTIVATION_BYTES_PER_PIXEL
         notes = []
@@ -392,19 +406,23 @@ class _Run:
                     stack_index: tuple[int, ...]) -> Generator[ProgressEvent, None, bool]:
         t = self.config.tiling
         grid = self.grid if layout is self.layout else self.grid_for(self.tile_request, layout)
-        emit_probs, emit_boundary = self.writer.plane_writers(layout, stack_index)
+        resume = self.writer.rows_done(plane)  # a plane a killed run left half written
+        emit_probs, emit_boundary = self.writer.plane_writers(layout, stack_index, plane,
+                                                              self.use_boundary)
         # float32 accumulators: a 2048 x 2048 SASR-Net stitch (4096 x 4096 out) took 0.07 s
         # against 0.17-0.32 s in float64, and the probabilities differ by float32 rounding
         # (about 1e-7); the 3D band of a volume network is halved too.
         acc = np.float32
         channels = self.stitched + (1 if self.n_flips > 1 else 0)
-        stitch_p = Stitcher(grid, channels, emit_probs, t.blend, t.sigma_scale, t.min_weight, acc)
+        stitch_p = Stitcher(grid, channels, emit_probs, t.blend, t.sigma_scale, t.min_weight, acc,
+                            resume_row=resume)
         stitch_b = Stitcher(grid, 1, emit_boundary, t.boundary_blend, t.sigma_scale,
-                            t.min_weight, acc) if self.use_boundary else None
+                            t.min_weight, acc, resume_row=resume) if self.use_boundary else None
         loop = sliding_window_iter(
             layout.view(self.image, stack_index), grid, self.predictor, (stitch_p, stitch_b),
             batch_size=lambda: self.predictor.batch_size, padding=t.padding,
-            prepare=self.prepare_tile, cancelled=lambda: self.cancel.cancelled)
+            prepare=self.prepare_tile, cancelled=lambda: self.cancel.cancelled,
+            resume_row=resume)
         while True:
             try:
                 tiles = next(loop)

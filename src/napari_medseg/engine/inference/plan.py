@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .tiling import TileGrid
 
 __all__ = ["TilePlan", "band_bytes", "format_bytes", "format_seconds", "available_memory",
-           "memory_shortfall", "unwritten_message"]
+           "memory_budget", "memory_shortfall", "unwritten_message"]
 
 #: Activation bytes guessed per input pixel and sample before a probe measures them (a
 #: U-Net-like network in fp32 holds roughly this many bytes of live feature maps per pixel).
@@ -79,15 +79,24 @@ def available_memory() -> int | None:
         return None
 
 
-def memory_shortfall(output_bytes: int) -> str | None:
-    """One sentence when outputs of ``output_bytes`` held in memory would not fit in the
-    memory available now (proposing a zarr store); None when they fit."""
+def memory_budget(fraction: float = 0.5) -> int | None:
+    """Bytes that outputs held in memory may take: ``fraction`` of the memory available now
+    (:func:`available_memory`); None when that cannot be told."""
     free = available_memory()
-    if free is None or output_bytes <= free:
+    return None if free is None else int(free * float(fraction))
+
+
+def memory_shortfall(output_bytes: int, fraction: float = 0.5) -> str | None:
+    """One sentence when outputs of ``output_bytes`` held in memory exceed the memory budget
+    (``fraction`` of the memory available now), proposing a zarr store; None when they fit."""
+    budget = memory_budget(fraction)
+    if budget is None or output_bytes <= budget:
         return None
-    return (f"The outputs would hold {format_bytes(output_bytes)} in memory but only "
-            f"{format_bytes(free)} is available; write them to a zarr store instead "
-            "(--format zarr on the command line, store= in Python).")
+    free = available_memory() or 0
+    return (f"The outputs would hold {format_bytes(output_bytes)} in memory, over the memory "
+            f"budget of {format_bytes(budget)} ({fraction:.0%} of the {format_bytes(free)} "
+            "available); write them to a zarr store instead (-o OUT.zarr on the command line, "
+            "store= in Python).")
 
 
 def unwritten_message(image, meta=None) -> str | None:

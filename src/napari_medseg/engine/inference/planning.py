@@ -51,9 +51,10 @@ def plan_prediction(
     run = _Run(image, model, config.replace(store=None), meta, CancelToken())
     try:
         drain(run.setup(plan_only=True))
-        shortfall = None if streamed else memory_shortfall(run.plan.output_bytes)
+        held = run.held_bytes(streamed)
+        shortfall = memory_shortfall(held, config.memory_fraction)
         notes = tuple(m for m in (unwritten_message(image, meta), shortfall) if m)
-        run.plan = run.plan.replace(output_bytes=0 if streamed else run.plan.output_bytes,
+        run.plan = run.plan.replace(output_bytes=held,
                                     notes=tuple(run.plan.notes) + notes)
         if not probe:
             return run.plan

@@ -2,8 +2,9 @@
 
 A :class:`ZarrSink` receives each band of rows as the stitcher finishes it, so a volume larger
 than memory is predicted with memory for one slice's band. After each finished slice it
-records the slice in the store's attributes; running the same prediction into the same store
-again skips those slices (resume). The attributes also hold a fingerprint of the run (image
+records the slice in the store's attributes, and within a slice the rows written so far
+(``rows``: slice -> rows, after each band); running the same prediction into the same store
+again skips those slices and, in a slice left half done, those rows (resume). The attributes also hold a fingerprint of the run (image
 shape and dtype, network and weights, settings that change the result): a store holding a
 different run is never mixed with this one.
 
@@ -15,7 +16,8 @@ Store layout (zarr v3 group, readable by any zarr client)::
         boundary        uint8
         variance        float16
         instances       int32
-        attrs["napari_medseg"] = {"format", "fingerprint", "finished": [...], "complete", ...}
+        attrs["napari_medseg"] = {"format", "fingerprint", "finished": [...],
+                                  "rows": {slice: rows}, "complete", ...}
 
 Each array's attributes give its axes (``attrs["napari_medseg"]["axes"]``, e.g. ``"ZYX"``,
 ``"CZYX"``), and the group carries OME-Zarr 0.4 ``multiscales`` metadata naming ``mask`` as its
@@ -46,6 +48,8 @@ class OutputSink:
     def __init__(self) -> None:
         self.arrays: dict[str, Any] = {}
         self.finished: set[int] = set()
+        #: rows written so far of planes not finished (first spatial axis, output rows).
+        self.rows: dict[int, int] = {}
 
     def create(
         self,
@@ -61,6 +65,11 @@ class OutputSink:
     def mark_finished(self, plane: int) -> None:
         """Record that plane ``plane`` is written."""
         self.finished.add(int(plane))
+        self.rows.pop(int(plane), None)
+
+    def mark_rows(self, plane: int, rows: int) -> None:
+        """Record that the first ``rows`` output rows of plane ``plane`` are written (only a
+        store keeps it: the in-memory sinks have nothing to resume)."""
 
     def close(self, complete: bool, info: dict | None = None) -> None:
         """Record the end of the run (``complete`` False when cancelled)."""
@@ -140,7 +149,9 @@ class ZarrSink(OutputSink):
             self.group = zarr.open_group(str(self.path), mode="a")
             self._attrs = dict(self.group.attrs[_KEY])
             self.finished = {int(i) for i in self._attrs.get("finished", [])}
-            self.resumed = bool(self.finished)
+            self.rows = {int(k): int(v) for k, v in (self._attrs.get("rows") or {}).items()
+                         if int(k) not in self.finished}
+            self.resumed = bool(self.finished or self.rows)
 
     def create(self, name, shape, dtype, chunks=None, axes=None):
         shape = tuple(int(s) for s in shape)
@@ -192,6 +203,14 @@ class ZarrSink(OutputSink):
     def mark_finished(self, plane: int) -> None:
         super().mark_finished(plane)
         self._attrs["finished"] = sorted(self.finished)
+        self._attrs["rows"] = {str(k): v for k, v in sorted(self.rows.items())}
+        self.group.attrs[_KEY] = self._attrs
+
+    def mark_rows(self, plane: int, rows: int) -> None:
+        if int(rows) <= self.rows.get(int(plane), 0):
+            return
+        self.rows[int(plane)] = int(rows)
+        self._attrs["rows"] = {str(k): v for k, v in sorted(self.rows.items())}
         self.group.attrs[_KEY] = self._attrs
 
     def close(self, complete: bool, info: dict | None = None) -> None:

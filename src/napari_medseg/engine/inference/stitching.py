@@ -122,6 +122,10 @@ class Stitcher:
             seen identically by every tile comes back bit for bit after the cast to
             float32, whatever the overlap; float32 (what the inference engine uses) halves
             the band's memory and is 2-4x faster, within float32 rounding (~1e-7).
+        resume_row: the first output row (image coordinates) to emit: the rows above it are
+            already written (a resumed plane). The first tile added may then start past the
+            top of the grid (the tile loop skips the tiles that end above this row); rows
+            above it are never emitted, so the partial sums there do not matter.
     """
 
     def __init__(
@@ -133,6 +137,7 @@ class Stitcher:
         sigma_scale: float = 0.125,
         min_weight: float = 1e-3,
         dtype: type | np.dtype = np.float64,
+        resume_row: int = 0,
     ) -> None:
         if blend not in BLEND_MODES:
             raise ValueError(f"unknown blend mode {blend!r}")
@@ -152,6 +157,8 @@ class Stitcher:
         self._emitted = 0  # padded output rows already emitted
         self._weight_cache: dict[tuple[int, ...], np.ndarray] = {}
         self._done = False
+        self.resume_row = int(resume_row)
+        self._started = False
 
     @property
     def nbytes(self) -> int:
@@ -181,6 +188,9 @@ class Stitcher:
         if values.shape != expected:
             raise ValueError(f"tile output has shape {values.shape}, expected {expected}")
         row = tile.start[0] * self.grid.scale
+        if not self._started and self.resume_row and row > self._origin:
+            self._origin = self._emitted = row  # a resumed plane starts at this tile row
+        self._started = True
         if row < self._origin:
             raise RuntimeError("tiles must be added in raster order")
         if row > self._origin:
@@ -199,7 +209,7 @@ class Stitcher:
         s = self.grid.scale
         lo_img = self.grid.pad_before[0] * s
         hi_img = lo_img + self.grid.shape[0] * s
-        a = max(self._origin, lo_img)
+        a = max(self._origin, lo_img + self.resume_row)
         b = min(self._origin + rows, hi_img)
         if b > a:
             crop = tuple(

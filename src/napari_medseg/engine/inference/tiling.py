@@ -311,6 +311,7 @@ def sliding_window_iter(
     padding: str = "reflect",
     prepare: Callable[[np.ndarray], np.ndarray] | None = None,
     cancelled: Callable[[], bool] | None = None,
+    resume_row: int = 0,
 ) -> Generator[int, None, bool]:
     """The tile loop: read batches of tiles, predict them, stitch the outputs band by band.
 
@@ -331,6 +332,9 @@ def sliding_window_iter(
         padding: how the parts of a tile outside the image are filled.
         prepare: applied to each tile (C x tile) after reading it (normalization, checks).
         cancelled: asked after every batch; when true the loop stops unfinished.
+        resume_row: output rows above this one (image coordinates, first spatial axis) are
+            already written: the tiles that end above it are skipped (the stitchers must be
+            made with the same ``resume_row``).
 
     Yields:
         The number of tiles of each batch done.
@@ -340,6 +344,10 @@ def sliding_window_iter(
     """
     size = batch_size if callable(batch_size) else (lambda: int(batch_size))
     tiles = list(grid)
+    if resume_row:
+        s = grid.scale
+        top = (grid.pad_before[0] * s) + int(resume_row)
+        tiles = [t for t in tiles if (t.start[0] + t.size[0]) * s > top]
     opened = None if callable(stitchers) else list(stitchers)
     i = 0
     while i < len(tiles):

@@ -54,7 +54,7 @@ def store_fingerprint(image, layout: Layout, content_id: str, model, config: Pre
     """
     cfg = config.to_dict()
     for key in ("device", "precision", "batch_size", "channels_last", "store", "resume",
-                "overwrite", "oom_fallback"):
+                "overwrite", "oom_fallback", "memory_fraction"):
         cfg.pop(key, None)
     spec = model.spec
     data = {
@@ -206,10 +206,27 @@ class OutputWriter:
         """The probabilities output (K x ...) from the stitched channels."""
         return postprocess.two_class(probs[0]) if self.binary else probs
 
-    def plane_writers(self, layout: Layout,
-                      stack_index: tuple[int, ...]) -> tuple[EmitFn, EmitFn]:
-        """The ``emit`` callbacks of the probability and boundary stitchers of one plane."""
+    def rows_done(self, plane: int) -> int:
+        """Output rows of ``plane`` already in the store (a plane left half done), else 0."""
+        return 0 if self.consensus is not None else int(self.sink.rows.get(int(plane), 0))
+
+    def plane_writers(self, layout: Layout, stack_index: tuple[int, ...],
+                      plane: int | None = None,
+                      use_boundary: bool = False) -> tuple[EmitFn, EmitFn]:
+        """The ``emit`` callbacks of the probability and boundary stitchers of one plane.
+
+        With ``plane`` given, the rows every stitcher has emitted (the probabilities', and
+        the boundary's when ``use_boundary``) are recorded in the sink after each band, so a
+        store resumes a half-done plane after them.
+        """
         cfg, K, arrays, consensus = self.config, self.stitched, self.arrays, self.consensus
+        emitted = {"p": 0, "b": 0 if use_boundary else None}
+
+        def record(which: str, b: int) -> None:
+            if plane is None or consensus is not None:
+                return
+            emitted[which] = b
+            self.sink.mark_rows(plane, min(v for v in emitted.values() if v is not None))
 
         def key(a: int, b: int) -> tuple:
             return layout.out_index(stack_index, (slice(a, b),) + (slice(None),) * (
@@ -230,6 +247,7 @@ class OutputWriter:
                     self.class_probs(probs), cfg.probabilities_dtype)
             if "variance" in arrays:
                 arrays["variance"][k] = values[K].astype(np.float16)
+            record("p", b)
 
         def emit_boundary(a: int, b: int, values: np.ndarray) -> None:
             k = key(a, b)
@@ -239,6 +257,7 @@ class OutputWriter:
             if "boundary" in arrays:
                 arrays["boundary"][k] = postprocess.boundary_from_probability(
                     values[0], cfg.boundary_threshold)
+            record("b", b)
 
         return emit_probs, emit_boundary
 
