@@ -63,41 +63,20 @@ from ...models.spec import HEAD_BOUNDARY
 from ..device import resolve_device
 from ..layout import CONVERSION_WORDS, Layout, convert_channels, run_layouts
 from ..precision import resolve_precision
-from ..progress import (
-    CancelledEvent,
-    CancelToken,
-    FinishedEvent,
-    NoticeEvent,
-    PlaneEvent,
-    PlanEvent,
-    ProgressEvent,
-    StageEvent,
-    TilesEvent,
-    drain,
-)
+from ..progress import (CancelledEvent, CancelToken, FinishedEvent, NoticeEvent, PlaneEvent,
+                        PlanEvent, ProgressEvent, StageEvent, TilesEvent, drain)
 from . import postprocess
 from .normalization import (DEFAULT_NORMALIZATION, check_pixels, fit_normalization,
                             sample_values)
-from .plan import (
-    ACTIVATION_BYTES_PER_PIXEL,
-    TilePlan,
-    band_bytes,
-    memory_shortfall,
-    unwritten_message,
-)
+from .plan import (ACTIVATION_BYTES_PER_PIXEL, TilePlan, band_bytes, memory_shortfall,
+                   unwritten_message)
 from .predictor import OutOfMemory, TilePredictor, TileTooBig, model_bytes, tta_flips
 from .sinks import SizingSink
 from .stitching import Stitcher
 from .tiling import TileGrid, sliding_window_iter
 from .writer import Consensus, OutputWriter, store_fingerprint
 
-__all__ = [
-    "PredictionResult",
-    "OutOfMemory",
-    "predict_iter",
-    "predict",
-    "tta_flips",
-]
+__all__ = ["PredictionResult", "OutOfMemory", "predict_iter", "predict", "tta_flips"]
 
 #: Out-of-memory recovery halves the tile while it stays at least this big.
 MIN_OOM_TILE = 32
