@@ -97,8 +97,8 @@ def test_package_predicts_the_checkpoints_mask(finetuned, tmp_path):
     for name, weights in (("a", package), ("b", checkpoint)):
         assert main(["predict", str(image), "-o", str(tmp_path / name),
                      "--weights", str(weights), "--device", "cpu"]) == 0
-    from_package = tifffile.imread(tmp_path / "a" / "em.tif")
-    from_checkpoint = tifffile.imread(tmp_path / "b" / "em.tif")
+    from_package = tifffile.imread(tmp_path / "a" / "em_mask.tif")
+    from_checkpoint = tifffile.imread(tmp_path / "b" / "em_mask.tif")
     assert from_package.shape == (256, 256) and from_package.any()
     np.testing.assert_array_equal(from_package, from_checkpoint)
 
