@@ -11,8 +11,7 @@ from napari_medseg.io.samples import load_sample
 
 
 def _card(tag, dataset="d", channels=(1,), dice=0.9, **intended):
-    data = {"intended_for": {"channels": list(channels), **intended}} if intended or channels \
-        else {}
+    data = {"intended_for": {"channels": list(channels), **intended}}
     return SimpleNamespace(tag=tag, network="net", dataset=dataset, in_channels=channels[0],
                            metrics={"dice": dice}, data=data)
 

@@ -130,9 +130,9 @@ def _card_facts(card: Any) -> dict[str, Any]:
     return facts
 
 
-def _score(card: Any, traits: ImageTraits) -> tuple[float, bool, list[str], list[str]]:
+def _score(card: Any, facts: dict[str, Any],
+           traits: ImageTraits) -> tuple[float, bool, list[str], list[str]]:
     """(score, guess, facts that match, facts that contradict) of one card."""
-    facts = _card_facts(card)
     score, evidence = 0.0, False
     good: list[str] = []
     bad: list[str] = []
@@ -176,9 +176,8 @@ def _score(card: Any, traits: ImageTraits) -> tuple[float, bool, list[str], list
     return score + 0.5 * dice, not evidence, good, bad
 
 
-def _reason(card: Any, guess: bool, good: Sequence[str], bad: Sequence[str],
-            traits: ImageTraits) -> str:
-    facts = _card_facts(card)
+def _reason(card: Any, facts: dict[str, Any], guess: bool, good: Sequence[str],
+            bad: Sequence[str], traits: ImageTraits) -> str:
     kind = facts.get("kind") or card.dataset
     if bad:
         return (f"{card.tag} is the closest shipped weights, but it was trained on {kind} "
@@ -200,9 +199,10 @@ def rank_weights(traits: ImageTraits, cards: Iterable[Any]) -> list[Match]:
     """
     matches = []
     for card in cards:
-        score, guess, good, bad = _score(card, traits)
+        facts = _card_facts(card)
+        score, guess, good, bad = _score(card, facts, traits)
         matches.append(Match(card.tag, card.network, score, guess or bool(bad),
-                             _reason(card, guess, good, bad, traits)))
+                             _reason(card, facts, guess, good, bad, traits)))
     return sorted(matches, key=lambda m: -m.score)
 
 
