@@ -193,8 +193,37 @@ def test_a_changed_checkpoint_inside_a_package_is_refused(finetuned, tmp_path):
             if item.filename == "rdf.yaml":
                 data = yaml.safe_dump(rdf).encode()
             dst.writestr(item, data)
-    with pytest.raises(CheckpointError, match="sha256"):
+    with pytest.raises(CheckpointError, match="no sha256 listed"):
         resolve_weights(str(relisted))
+
+
+def test_a_description_naming_other_weights_is_refused(finetuned, tmp_path):
+    """Loading follows the weights file the description names: a package whose description
+    points elsewhere (``../x``) would load a file its hashes never covered."""
+    import hashlib
+    import json
+
+    _, package, _ = finetuned
+    rdf = _rdf(package)
+    described = rdf["config"]["napari_medseg"]["checkpoint"]["description"]
+    with zipfile.ZipFile(package) as src:
+        description = json.loads(src.read(described))
+    description["weights"] = "../outside.safetensors"
+    content = json.dumps(description).encode()
+    for entry in rdf["attachments"]:
+        if str(entry.get("source", "")).endswith(described):
+            entry["sha256"] = hashlib.sha256(content).hexdigest()
+    redirected = tmp_path / "redirected.zip"
+    with zipfile.ZipFile(package) as src, zipfile.ZipFile(redirected, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == described:
+                data = content
+            elif item.filename == "rdf.yaml":
+                data = yaml.safe_dump(rdf).encode()
+            dst.writestr(item, data)
+    with pytest.raises(CheckpointError, match="names the weights"):
+        resolve_weights(str(redirected))
 
 
 @pytest.mark.slow

@@ -114,13 +114,31 @@ def extract_checkpoint(path: str | Path, folder: str | Path) -> tuple[Path, Path
                                       "for a checkpoint.")
             content = archive.read(info)
             listed = section["attachments"].get(name)
-            if listed and hashlib.sha256(content).hexdigest() != str(listed):
+            if not listed:
+                raise _not_ours(path, f"the attachment {name} has no sha256 listed")
+            if hashlib.sha256(content).hexdigest() != str(listed):
                 raise CheckpointError(f"The attachment {name} of {path.name} does not match "
                                       "its listed sha256; the package is corrupt.")
             target = folder / name
             target.write_bytes(content)
             out.append(target)
+    _check_weights_named(out[1], out[0].name, path)
     return out[0], out[1]
+
+
+def _check_weights_named(description: Path, weights_name: str, path: Path) -> None:
+    """The description must name the extracted weights file: loading follows that name, so
+    another one (an absolute path, ``../x``) would load a file the package's hashes never
+    covered."""
+    import json
+
+    try:
+        named = json.loads(description.read_text(encoding="utf-8")).get("weights")
+    except (ValueError, AttributeError):
+        raise _not_ours(path, "its checkpoint description is not a JSON object") from None
+    if named != weights_name:
+        raise _not_ours(path, f"its description names the weights {named!r}, not the "
+                              f"attached {weights_name!r}")
 
 
 def read_package_info(path: str | Path):
