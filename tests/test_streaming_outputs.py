@@ -73,6 +73,26 @@ def test_a_format_flag_against_the_output_name_is_one_sentence(analytic, tmp_pat
     err = capsys.readouterr().err
     assert rc == 2 and "is a zarr name but --format says tif" in err
     assert "Traceback" not in err and not (tmp_path / "v.zarr").exists()
+    # a name that cannot hold the format asked (a zarr store named .png) is refused too
+    rc = main(["predict", str(src), "-o", str(tmp_path / "v.png"), "--format", "zarr",
+               *ANALYTIC])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot hold --format zarr" in err
+    assert not (tmp_path / "v.png").exists()
+
+
+def test_a_batch_start_keeps_the_staging_store_of_a_stopped_file(tmp_path):
+    """Clearing an interrupted run's temporary files keeps a file's staging store: running
+    the file again resumes it instead of starting over."""
+    from napari_medseg.engine.batch.manifest import clean_partials
+    from napari_medseg.engine.batch.run import PARTIAL_PREFIX
+
+    stage = tmp_path / f"{PARTIAL_PREFIX}stage-a_mask.tif.zarr"
+    stage.mkdir()
+    stale = tmp_path / f"{PARTIAL_PREFIX}dead-a_mask.tif"
+    stale.write_bytes(b"half")
+    assert clean_partials(tmp_path) == 1
+    assert stage.is_dir() and not stale.exists()
 
 
 def test_a_folder_output_names_the_mask_stem_mask(analytic, tmp_path):

@@ -52,6 +52,10 @@ def test_a_dask_volume_is_segmented_into_a_zarr_backed_labels_layer(make_napari_
     assert on_disk.attrs["napari_medseg"]["complete"] is True
     np.testing.assert_array_equal(np.asarray(layer.data[...]), on_disk["mask"][...])
     assert "big mask" not in viewer.layers  # nothing held in memory
+    from napari_medseg._napari.result_layers import find_output
+
+    # the in-memory tools (boundary, instances, metrics) never take the store for "mask"
+    assert find_output(viewer, "big", "mask") is None
     assert "streamed into" in widget.status_label.text()
 
     from napari_medseg._napari.lazy_outputs import is_lazy

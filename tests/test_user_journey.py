@@ -116,6 +116,14 @@ def test_each_sample_segments_with_defaults_then_corrections_survive_finetuning(
         segment.status_label.text()
     segment.undo_button.click()
     np.testing.assert_array_equal(np.asarray(mask.data)[painted], new_value)
+    # a deleted mask layer comes back fresh: nothing in it counts as painted
+    viewer.layers.remove(mask)
+    segment.run_button.click()
+    qtbot.waitUntil(lambda: not segment.running, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: _idle(segment), timeout=TIMEOUT)
+    assert "painted" not in segment.status_label.text(), segment.status_label.text()
+    mask = find_output(viewer, "nuclei", "mask")
+    mask.data_setitem(np.nonzero(painted), new_value)
     _dock2, finetune = viewer.window.add_plugin_dock_widget("napari-medseg", "Fine-tune")
     finetune.image_combo.setCurrentText("nuclei")
     assert finetune.labels_combo.currentText() == "nuclei mask"

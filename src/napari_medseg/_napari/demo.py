@@ -30,6 +30,7 @@ def open_demo(image: str | Path, labels: Sequence[str | Path] = (), weights: str
     import napari
     import numpy as np
 
+    from ..engine.batch.scan import image_stem
     from ..io import read_image
     from .layers import layer_kwargs
     from .result_layers import output_name, style_labels
@@ -40,7 +41,7 @@ def open_demo(image: str | Path, labels: Sequence[str | Path] = (), weights: str
     image_layer = viewer.add_image(array, **kwargs)
     for path in labels:
         data, _ = read_image(path)
-        output = Path(path).stem.rsplit("_", 1)[-1]
+        output = image_stem(Path(path).name).rsplit("_", 1)[-1]
         output = output if output in ("mask", "boundary", "instances") else "mask"
         layer = viewer.add_labels(np.asarray(data), name=output_name(image_layer.name, output),
                                   scale=image_layer.scale[-2:],

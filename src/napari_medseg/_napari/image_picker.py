@@ -45,17 +45,19 @@ class ImagePickerMixin(LayerListMixin):
 
     def _on_layer_removed(self, event: Any) -> None:
         layer = event.value
-        if isinstance(layer, Image) and layer.name not in [
+        mark = (getattr(layer, "metadata", None) or {}).get(result_layers.OUTPUT_KEY)
+        if isinstance(mark, dict):  # an output went: what the network wrote there is moot
+            self.session.predicted.pop((mark.get("image"), mark.get("output")), None)
+        elif isinstance(layer, Image) and layer.name not in [
                 lay.name for lay in self.viewer.layers]:
             self.session.forget(layer.name)
         self._refresh_layers()
 
     def _on_layer_inserted(self, event: Any) -> None:
         layer = event.value
-        layer.events.name.connect(self._refresh_layers)
         if isinstance(layer, Image) and not result_layers.is_output(layer):
             self._follow = layer.name  # a newly opened image is the one to segment
-        self._refresh_layers()
+        super()._on_layer_inserted(event)
 
     def _on_active_layer(self, event: Any) -> None:
         layer = event.value

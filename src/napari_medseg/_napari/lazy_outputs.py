@@ -28,6 +28,9 @@ import numpy as np
 from ..engine.progress import FinishedEvent, PlaneEvent, PlanEvent, TilesEvent
 from .result_layers import image_array, output_kwargs, output_name
 
+#: The marker output of a store-backed mask layer (not the in-memory "mask").
+STORE_OUTPUT = "mask (zarr)"
+
 __all__ = ["LAZY_SUFFIX", "is_lazy", "store_path", "streaming_config", "LazyResult"]
 
 #: The streamed mask layer is named like the in-memory one plus this.
@@ -113,7 +116,9 @@ class LazyResult:
         image = self.viewer.layers[self.image_name]
         data = self._mask_array()
         factor = max(1, int(data.shape[-1]) // int(self.region.shape[-1]))  # super-resolution
-        kwargs = output_kwargs(image, factor, "mask")
+        # its own marker: the in-memory tools (boundary, instances, metrics, fine-tune) look
+        # for "mask" and must not load a store larger than memory
+        kwargs = output_kwargs(image, factor, STORE_OUTPUT)
         start = np.zeros(len(kwargs["scale"]))
         start[-len(self.region.start):] = self.region.start
         spacing = np.asarray(image.scale)[-len(start):]

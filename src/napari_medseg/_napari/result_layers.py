@@ -413,6 +413,8 @@ def apply_run(
     for output, dtype in _run_outputs(result, show_probabilities, show_variance):
         layer = _ensure(viewer, image_layer, output, full_out, dtype, factor, edit.changes,
                         created)
+        # a layer made or emptied by this run holds no painting (the record is of old data)
+        fresh = any(c.layer is layer and (c.created or c.key is None) for c in edit.changes)
         for key in keys:
             if output.startswith("probabilities"):
                 k = num_classes - 1 if num_classes <= 2 else int(output[14:-1])
@@ -424,7 +426,8 @@ def apply_run(
             out_key = out_region.offset(key)
             if output in _LABEL_OUTPUTS:
                 predicted = values
-                painted = session.painted_pixels(image_layer.name, output, layer.data, out_key)
+                painted = None if fresh else session.painted_pixels(
+                    image_layer.name, output, layer.data, out_key)
                 if painted is not None and painted.any():
                     if output == "mask":
                         edit.painted += int(painted.sum())

@@ -366,8 +366,8 @@ class SegmentWidget(ImagePickerMixin, QWidget):
                 self._progress.set_done(event.done, event.total)
             eta = f", ~{format_seconds(event.eta_s)} left" if event.eta_s is not None else ""
             where = f"slice {event.plane + 1}/{event.planes}: " if event.planes > 1 else ""
-            noun = "tile pass" if event.total == 1 else "tile passes"
-            self.status_label.setText(f"{where}{event.done}/{event.total} {noun}{eta}")
+            self.status_label.setText(
+                f"{where}{event.done}/{_count(event.total, 'tile pass')}{eta}")
         elif isinstance(event, PlanEvent) and event.plan is not None:
             if self._job.context is not None:
                 self.plan_panel.show_plan(event.plan, self._job.context[2])
@@ -532,9 +532,9 @@ class SegmentWidget(ImagePickerMixin, QWidget):
             QTimer.singleShot(200, functools.partial(self.use_weights, source, image_name,
                                                      scope))
             return None
-        self.weights_panel.explicit = True  # fine-tuned weights stay chosen
         if not self.weights_panel.select_source(str(source)):
             return None
+        self.weights_panel.explicit = True  # fine-tuned weights stay chosen
         if image_name and image_name in [self.image_combo.itemText(i)
                                          for i in range(self.image_combo.count())]:
             self.image_combo.setCurrentText(image_name)
@@ -556,12 +556,13 @@ class SegmentWidget(ImagePickerMixin, QWidget):
     def select_weights(self, source: str) -> bool:
         """Choose weights (a card's tag or a checkpoint path) as the user would: they are
         kept for every image until changed. False (with a message) when unknown."""
-        self.weights_panel.explicit = True
         if not self.ready:  # the network list is still loading: chosen once it is there
             self._pending_weights = str(source)
             return True
         self._pending_weights = None
-        return self.weights_panel.select_source(str(source))
+        chosen = self.weights_panel.select_source(str(source))
+        self.weights_panel.explicit = self.weights_panel.explicit or chosen
+        return chosen
 
     # ------------------------------------------------------------- messages -----------
     def report_error(self, message: str) -> None:

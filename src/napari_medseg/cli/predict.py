@@ -78,8 +78,13 @@ def output_format(inputs: list[Path], out: Path, asked: str | None) -> str:
 
     found = {"tiff": "tif", "zarr": "zarr", "nifti": "nii"}.get(
         format_from_name(out, write=True) or "", None)
+    if found is None and asked:  # png and the like: no stream or store under that name
+        from ..errors import ConfigError
+
+        raise ConfigError(f"The output {out.name} cannot hold --format {asked}; drop "
+                          "--format or name the output .tif, .zarr or .nii.gz.")
     if found is None:  # png and the like: written whole, as before
-        return asked or "tif"
+        return "tif"
     if asked and asked != found:
         from ..errors import ConfigError
 

@@ -84,12 +84,17 @@ def input_stamp(path: Path) -> dict[str, int]:
 def clean_partials(out_dir: Path) -> int:
     """Remove the temporary outputs an interrupted run left; returns how many.
 
-    Zarr stores (finished outputs) are not walked into: their chunks are many.
+    Zarr stores (finished outputs) are not walked into: their chunks are many. A file's
+    staging store (:mod:`.staging`) is kept: running the file again resumes it.
     """
+    from .staging import is_staging_store
+
     n = 0
     for folder, dirs, names in os.walk(out_dir):
         for name in [d for d in dirs if d.startswith(PARTIAL_PREFIX)] + [
                 f for f in names if f.startswith(PARTIAL_PREFIX)]:
+            if is_staging_store(name):  # the staged outputs of a file: its re-run resumes
+                continue
             remove_path(Path(folder) / name)
             n += 1
         dirs[:] = [d for d in dirs if not d.startswith(PARTIAL_PREFIX)
