@@ -203,6 +203,11 @@ class BatchWidget(QWidget):
         self.state.weights_changed.connect(self.follow_segment)
         self.follow_segment(self.state.weights, self.state.variant)
 
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt override
+        """Stop following the Segment widget's weights when the widget closes."""
+        self.state.weights_changed.disconnect(self.follow_segment)
+        super().closeEvent(event)
+
     def _on_user_weights(self, *_: Any) -> None:
         """The user picked weights here: the Segment widget's choice no longer moves them."""
         self.weights_explicit = True

@@ -79,8 +79,8 @@ _OUTPUT_OPACITY = {"mask": 0.4, "boundary": 1.0, "instances": 0.5}
 
 def style_labels(layer: Any, output: str) -> None:
     """Give a Labels layer holding ``output`` (mask, boundary, instances) its colours and
-    opacity, so that no output hides another (used for a run's layers and for files a
-    demo or batch wrote)."""
+    opacity, so that no output hides another (used for a run's layers and for the files
+    the demo window opens)."""
     colors = _OUTPUT_COLORS.get(output)
     if colors is not None:
         from napari.utils.colormaps import DirectLabelColormap

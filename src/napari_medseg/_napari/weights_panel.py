@@ -139,6 +139,8 @@ class WeightsPanel(QGroupBox):
         self.explicit = False
         #: the last proposal made (``engine.matching.Match``), or None.
         self.proposal: Any = None
+        #: the installed model cards proposals choose from (read with the catalogue).
+        self.cards: list[Any] = []
         self.untrained_label = QLabel(UNTRAINED_TEXT)
         self.untrained_label.setWordWrap(True)
         self.untrained_label.setStyleSheet(
@@ -159,7 +161,10 @@ class WeightsPanel(QGroupBox):
     def set_catalog(self, networks: dict[str, list[str]], devices: list[dict]) -> None:
         """Show the registered networks (starting on one with trained weights installed)
         and the devices."""
+        from ..engine.matching import installed_cards
+
         self.catalog = networks
+        self.cards = installed_cards()  # read once: proposals rank them on every image
         self.device_combo.refresh(devices)
         self.network_combo.blockSignals(True)
         self.network_combo.clear()
@@ -243,7 +248,7 @@ class WeightsPanel(QGroupBox):
 
         if not self.catalog:
             return None
-        match = self.proposal = best_weights(traits)
+        match = self.proposal = best_weights(traits, self.cards)
         if match is None:
             self.match_label.setText("")
             return None

@@ -489,7 +489,9 @@ class _DockScroll(QScrollArea):
 
     def showEvent(self, event: Any) -> None:  # noqa: N802 - Qt override
         super().showEvent(event)
-        QTimer.singleShot(0, self.share_column)
+        if not getattr(self, "_shared", False):  # once: later, heights are the user's
+            self._shared = True
+            QTimer.singleShot(0, self.share_column)
 
     def share_column(self) -> None:
         """Give the plugin's docks stacked in one column equal heights (Qt gives a new

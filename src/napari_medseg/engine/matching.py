@@ -25,7 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ImageTraits", "Match", "traits_from_meta", "rank_weights", "best_weights"]
+__all__ = ["ImageTraits", "Match", "traits_from_meta", "rank_weights", "installed_cards",
+           "best_weights"]
 
 #: Unit -> family: the physical scale a pixel unit tells about the image.
 _UNIT_FAMILY = {"nanometer": "nm", "angstrom": "nm", "micrometer": "um",
@@ -206,15 +207,19 @@ def rank_weights(traits: ImageTraits, cards: Iterable[Any]) -> list[Match]:
     return sorted(matches, key=lambda m: -m.score)
 
 
-def best_weights(traits: ImageTraits, installed_only: bool = True) -> Match | None:
-    """The best-matching shipped weights for an image (None when no card is installed)."""
+def installed_cards() -> list[Any]:
+    """The model cards whose weights are installed (read from disk: call once, then reuse)."""
     import warnings
 
-    from .checkpoints import list_model_cards
+    from .cards import list_model_cards
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cards = [c for c in list_model_cards()
-                 if not installed_only or c.weights_path() is not None]
-    ranked = rank_weights(traits, cards)
+        return [c for c in list_model_cards() if c.weights_path() is not None]
+
+
+def best_weights(traits: ImageTraits, cards: Iterable[Any] | None = None) -> Match | None:
+    """The best-matching shipped weights for an image among ``cards`` (default: the
+    installed ones); None when there is none."""
+    ranked = rank_weights(traits, installed_cards() if cards is None else cards)
     return ranked[0] if ranked else None
