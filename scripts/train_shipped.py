@@ -29,25 +29,26 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Per data set: channels, normalisation, licence line, and what the mask means.
 DATASETS = {
     "dsb2018_nuclei": {
-        "in_channels": 3, "instances": True, "patch": 256,
+        "in_channels": 3, "task": "instances", "patch": 256,
         "normalization": {"mode": "percentile", "low": 1.0, "high": 99.8},
         "licence": "CC0 1.0 (BBBC038 / Kaggle Data Science Bowl 2018, Caicedo et al. 2019)",
-        "target": "nucleus foreground (instances split by watershed at inference)",
+        "target": "nuclei as objects: background, interior and each nucleus's boundary band; "
+                  "instances by a seeded watershed",
     },
     "isbi2012_em": {
-        "in_channels": 1, "instances": False, "patch": 256,
+        "in_channels": 1, "task": "classes", "patch": 256,
         "normalization": {"mode": "percentile", "low": 1.0, "high": 99.8},
         "licence": "research use; cite Arganda-Carreras et al. 2015 and Cardona et al. 2010",
         "target": "membranes (1) vs cell interior (0)",
     },
     "ph2_dermoscopy": {
-        "in_channels": 3, "instances": False, "patch": 256,
+        "in_channels": 3, "task": "classes", "patch": 256,
         "normalization": {"mode": "percentile", "low": 1.0, "high": 99.8},
         "licence": "PH2: free for research and benchmarking (Mendonca et al. 2013); non-commercial",
         "target": "skin lesion",
     },
     "msd_lung_patches": {
-        "in_channels": 1, "instances": False, "patch": 48,
+        "in_channels": 1, "task": "classes", "patch": 48,
         "normalization": {"mode": "none"},
         "licence": "CC BY-SA 4.0 (Medical Segmentation Decathlon, Antonelli et al. 2022)",
         "target": "lung tumour on 2 mm CT patches",
@@ -82,10 +83,31 @@ def held_out_folders(root: Path, val_files: list[str], planes: list[str],
     return vi, vm
 
 
+def _init_path(source: str) -> Path:
+    """The checkpoint file of a tag (its card's weights) or of a path."""
+    from napari_medseg.engine.cards import list_model_cards
+
+    cards = {c.tag: c for c in list_model_cards()}
+    if source in cards:
+        path = cards[source].weights_path()
+        if path is None:
+            raise SystemExit(f"The weights of {source} are not installed.")
+        # a copy: the shipped file is overwritten when the new weights have its tag
+        copy = Path(tempfile.mkdtemp(prefix="init_")) / path.name
+        shutil.copy(path, copy)
+        shutil.copy(path.with_suffix(".json"), copy.with_suffix(".json"))
+        return copy
+    return Path(source)
+
+
 def main(argv: list[str] | None = None) -> int:
     from napari_medseg.config import PredictConfig, TrainConfig
     from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
     from napari_medseg.engine.training.evaluate import evaluate, format_table
+    from napari_medseg.engine.seg_task import INSTANCE_CLASS_NAMES, task_of, with_task
+    from napari_medseg.engine.training.datasets import find_pairs
+    from napari_medseg.engine.training.instance_tuning import (held_out_probabilities,
+                                                               tune_watershed)
     from napari_medseg.engine.training.train import StepEvent, ValidationEvent, train_iter
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -108,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="augmentation setting, e.g. elastic=8 (see AugmentConfig)")
     p.add_argument("--input-downsample", type=int, default=1,
                    help="run the network on the image shrunk by this factor")
+    p.add_argument("--task", choices=("classes", "instances"),
+                   help="what the masks hold (default: the data set's, instances for nuclei)")
+    p.add_argument("--boundary-width", type=int, default=1,
+                   help="boundary band width of the instance task, in pixels")
+    p.add_argument("--init", help="start from these weights (a tag or a checkpoint path); "
+                   "a foreground network is widened to the instance task's three classes")
     args = p.parse_args(argv)
 
     ds = DATASETS[args.dataset]
@@ -121,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         "network": args.network, "variant": args.variant, "in_channels": ds["in_channels"],
         "num_classes": 2, "patch": args.patch or ds["patch"], "batch_size": args.batch_size,
         "steps": args.steps, "lr": args.lr, "val_every": args.val_every,
-        "max_minutes": args.minutes, "instances": ds["instances"],
+        "max_minutes": args.minutes, "task": args.task or ds["task"],
+        "boundary_width": args.boundary_width,
         "normalization": ds["normalization"], "dataset": args.dataset, "patience": 0,
         "model_overrides": overrides, "resume": True, "precision": args.precision,
         "warmup_steps": args.warmup_steps, "input_downsample": args.input_downsample,
@@ -131,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix=f"train_{tag}_"))
     ckpt = work / tag
     t0 = time.perf_counter()
-    gen = train_iter(root / "images", root / "masks", ckpt, cfg)
+    parent = _init_path(args.init) if args.init else None
+    gen = train_iter(root / "images", root / "masks", ckpt, cfg, parent=parent)
     result = None
     for event in gen:
         if isinstance(event, StepEvent) and event.step % 10 == 0:
@@ -143,19 +173,33 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
 
     model, info = load_checkpoint(ckpt)
+    task = task_of(model)
     val_files = info.training_data.get("val_files", [])
     planes = info.training_data.get("val_planes") or []
+    tuning = None
     with tempfile.TemporaryDirectory() as tmp:
         vi, vm = held_out_folders(root, val_files, planes, Path(tmp))
-        scores = evaluate(model, vi, vm, PredictConfig(), instances=ds["instances"])
+        if task.instances:  # thresholds and smallest seed from the validation split
+            pairs = find_pairs(vi, vm)
+            task, table = tune_watershed(model, held_out_probabilities(model, pairs))
+            model = with_task(model, task)
+            tuning = {"grid": "seed_threshold x min_seed, AP@0.5 on the validation split",
+                      "best": max(r["ap_iou50"] for r in table)}
+            print(json.dumps({"tuned": task.to_dict(), **tuning}), flush=True)
+        scores = evaluate(model, vi, vm, PredictConfig(), instances=task.instances)
     print(format_table(scores))
     metrics = {k: (round(v, 4) if v == v else None) for k, v in scores.mean.items()}
+    by_type = getattr(scores, "by_type", None)
+    if by_type:
+        metrics["by_type"] = {t: {k: (round(v, 4) if isinstance(v, float) else v)
+                                  for k, v in row.items()} for t, row in by_type.items()}
     metrics["split"] = "validation"
     metrics["n_images"] = len(planes) or len(scores.rows)  # slices of a stack count one by one
 
     weights_dir, models_dir = ROOT / "weights", ROOT / "models"
+    classes = INSTANCE_CLASS_NAMES if task.instances else ("background", "foreground")
     shipped = save_checkpoint(
-        model, weights_dir / tag, normalization=info.normalization, classes=("background", "foreground"),
+        model, weights_dir / tag, normalization=info.normalization, classes=classes,
         training_data=info.training_data, settings=info.settings, metrics=metrics,
         dtype="float16",
     )
@@ -164,10 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         "network": info.network,
         "variant": info.variant,
         "dataset": args.dataset,
-        "task": ds["target"],
+        "task": {"description": ds["target"], **task.to_dict()} if task.instances
+        else ds["target"],
         "in_channels": info.in_channels,
         "num_classes": info.num_classes,
-        "classes": ["background", "foreground"],
+        "classes": list(classes),
         "weights": f"{tag}.safetensors",
         "sha256": shipped.sha256,
         "size_mb": round((weights_dir / f"{tag}.safetensors").stat().st_size / 2**20, 2),
@@ -191,9 +236,17 @@ def main(argv: list[str] | None = None) -> int:
             "device": f"{info.settings.get('device')} ({platform.processor() or platform.machine()})",
             "wall_time_min": round(wall / 60, 1),
             "stopped": getattr(result, "stopped", None),
+            **({"init": f"{args.init} (sha256 {info.parent})"} if args.init else {}),
+            **({"watershed_tuning": tuning} if tuning else {}),
         },
         "metrics": metrics,
     }
+    old_card = models_dir / f"{tag}.yaml"
+    if old_card.is_file():  # what a person wrote about the weights stays
+        for key in ("intended_for",):
+            kept = (yaml.safe_load(old_card.read_text()) or {}).get(key)
+            if kept is not None:
+                card[key] = kept
     models_dir.mkdir(exist_ok=True)
     (models_dir / f"{tag}.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
     print(json.dumps({"tag": tag, "metrics": metrics, "wall_min": round(wall / 60, 1)}))

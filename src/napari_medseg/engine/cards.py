@@ -94,6 +94,15 @@ class ModelCard:
             num_classes=num_classes, path=path, data=data,
         )
 
+    @property
+    def task(self) -> dict | None:
+        """The card's ``task`` without its free-text ``description`` (None: the
+        ``classes`` task; a card whose ``task`` is only a sentence predates tasks)."""
+        task = self.data.get("task")
+        if not isinstance(task, dict):
+            return None
+        return {k: v for k, v in task.items() if k not in ("description", "classes")}
+
     def weights_path(self) -> Path | None:
         """The weights file, searched in ``resources.weights_dirs()``; None if absent."""
         for folder in resources.weights_dirs():
@@ -112,6 +121,7 @@ class ModelCard:
             in_channels=self.in_channels, num_classes=self.num_classes,
             classes=tuple(self.data.get("classes") or ()), normalization=self.normalization,
             input_downsample=int(self.data.get("input_downsample") or 1),
+            task=self.task,
             training_data={"dataset": self.dataset, **dict(self.data.get("training_data") or {})},
             settings=dict(self.data.get("settings") or {}), metrics=self.metrics,
             parent=self.data.get("parent"), weights=self.weights, sha256=self.sha256,

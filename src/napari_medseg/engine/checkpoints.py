@@ -74,6 +74,8 @@ class CheckpointInfo:
         normalization: a :class:`~napari_medseg.config.NormalizationConfig` as a dict, or None.
         input_downsample: the network runs on the image average-pooled by this factor
             (:mod:`~napari_medseg.models.working_resolution`); 1 = full resolution.
+        task: what the network predicts (:class:`~.seg_task.SegTask` as a dict); None is
+            the ``classes`` task (weights written before tasks existed).
         training_data: ``dataset`` (folder name), ``images``, ``split`` ... (free form).
         settings: training settings (epochs, optimizer, device, wall time ...).
         metrics: validation metrics, e.g. ``{"dice": 0.91, "split": "val"}``.
@@ -97,6 +99,7 @@ class CheckpointInfo:
     classes: tuple[str, ...] = ()
     normalization: dict | None = None
     input_downsample: int = 1
+    task: dict | None = None
     training_data: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
@@ -116,6 +119,8 @@ class CheckpointInfo:
         out: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "task" and value is None:
+                continue  # weights without a task keep the description (and hash) they had
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return json.loads(json.dumps(out, default=_json_default))
 
@@ -149,6 +154,13 @@ class CheckpointInfo:
         kwargs["in_channels"] = int(kwargs["in_channels"])
         kwargs["num_classes"] = int(kwargs["num_classes"])
         kwargs["input_downsample"] = int(kwargs.get("input_downsample") or 1)
+        if kwargs.get("task") is not None:
+            from .seg_task import SegTask
+
+            try:
+                kwargs["task"] = SegTask.from_dict(kwargs["task"]).to_dict()
+            except ConfigError as exc:
+                raise CheckpointError(f"The {source} has an invalid task: {exc}") from None
         if kwargs["input_downsample"] < 1:
             raise CheckpointError(f"The {source} has an invalid input_downsample "
                                   f"({kwargs['input_downsample']}).")
@@ -242,6 +254,7 @@ def save_checkpoint(
         classes=tuple(classes),
         normalization=dict(normalization) if normalization else None,
         input_downsample=factor,
+        task=spec.extra.get("task"),
         training_data=dict(training_data or {}),
         settings=dict(settings or {}),
         metrics=dict(metrics or {}),
@@ -410,10 +423,11 @@ def _load(info: CheckpointInfo, weights_path: Path, device, verify: bool, source
     if info.sha256 is None:
         info = dataclasses.replace(info, sha256=sha256_file(weights_path))
     from ..models.working_resolution import with_downsample
+    from .seg_task import with_task
 
     model = _build(info, source)
     _load_state(model, weights_path, source)
-    model = with_downsample(model, info.input_downsample)
+    model = with_task(with_downsample(model, info.input_downsample), info.task)
     model.eval()
     model.to(device)
     model.checkpoint_info = info

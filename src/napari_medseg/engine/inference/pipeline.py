@@ -74,6 +74,7 @@ from .predictor import OutOfMemory, TilePredictor, TileTooBig, model_bytes, tta_
 from .sinks import SizingSink
 from .stitching import Stitcher
 from .tiling import TileGrid, sliding_window_iter
+from ..seg_task import task_of
 from .writer import Consensus, OutputWriter, store_fingerprint
 
 __all__ = ["PredictionResult", "OutOfMemory", "predict_iter", "predict", "tta_flips"]
@@ -312,7 +313,7 @@ class _Run:
             self.config, self.layout, self.K, self.scale, self.use_boundary,
             lambda: store_fingerprint(self.image, self.layout, self.content_id, self.model,
                                       self.config, self.stats.to_dict()),
-            self.meta, consensus, sink)
+            self.meta, consensus, sink, task_of(self.model))
 
     def consensus_bytes(self) -> int:
         """Memory of the orthogonal passes' sums (held even when streaming to a store)."""

@@ -28,6 +28,8 @@ __all__ = [
     "instances",
     "boundary_per_block",
     "instances_per_block",
+    "foreground_of_classes",
+    "seeded_instances_per_block",
     "count_per_block",
     "z_consistency",
     "dice",
@@ -53,6 +55,12 @@ def mask_from_probabilities(probs: np.ndarray, threshold: float = 0.5) -> np.nda
     if probs.shape[0] == 2:  # argmax of two (ties to 0), without argmax's strided pass
         return np.greater(probs[1], probs[0]).view(np.uint8)
     return probs.argmax(axis=0).astype(mask_dtype(probs.shape[0]))
+
+
+def foreground_of_classes(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """The foreground (uint8 0/1) of class probabilities: ``1 - background > threshold``
+    (the instance task's mask: interior and boundary together)."""
+    return np.less(np.asarray(probs)[0], 1.0 - threshold).view(np.uint8)
 
 
 def two_class(foreground: np.ndarray) -> np.ndarray:
@@ -172,6 +180,36 @@ def instances_per_block(mask, boundary, axes: str, min_size: int = 8, out=None):
     for key in stack_blocks(axes, shape):
         bnd = None if boundary is None else np.asarray(boundary[key])
         out[key] = instances(np.asarray(mask[key]), bnd, min_size)
+    return out
+
+
+def seeded_instances_per_block(mask, interior, boundary, axes: str, task, min_size: int = 8,
+                               out=None):
+    """Objects of a boundary-aware prediction (int32), one spatial block at a time.
+
+    :func:`~napari_medseg.engine.seg_task.seeded_watershed` of each ``T``/``I`` block (a
+    ``Z`` stack is one block: objects are connected and numbered across its slices).
+
+    Args:
+        mask: the foreground (numpy or zarr), axes ``axes``.
+        interior: interior probabilities of the same shape (uint8 0..255 or float).
+        boundary: boundary probabilities of the same shape.
+        axes: the label image's axes.
+        task: the network's :class:`~napari_medseg.engine.seg_task.SegTask` (thresholds).
+        min_size: objects smaller than this many pixels are dropped.
+        out: where to write (same shape, int32), or None for a new numpy array.
+
+    Returns:
+        ``out``.
+    """
+    from ..seg_task import seeded_watershed
+
+    shape = tuple(mask.shape)
+    if out is None:
+        out = np.zeros(shape, np.int32)
+    for key in stack_blocks(axes, shape):
+        out[key] = seeded_watershed(np.asarray(mask[key]), np.asarray(interior[key]),
+                                    np.asarray(boundary[key]), task, min_size)
     return out
 
 

@@ -26,10 +26,14 @@ from ...models.registry import state_sha256
 from ..layout import Layout
 from ..progress import ProgressEvent, StageEvent
 from . import postprocess
+from ..seg_task import SegTask
 from .sinks import MemorySink, OutputSink, ZarrSink
 from .stitching import EmitFn
 
-__all__ = ["Consensus", "OutputWriter", "store_fingerprint", "weights_id"]
+__all__ = ["Consensus", "OutputWriter", "INSTANCE_HELPERS", "store_fingerprint", "weights_id"]
+
+#: The instance task's helper arrays (uint8 probabilities of interior and boundary).
+INSTANCE_HELPERS = ("interior_probability", "boundary_probability")
 
 
 def weights_id(model) -> str:
@@ -110,12 +114,19 @@ class OutputWriter:
         meta: the reader's metadata (spacing and units for a store's image).
         consensus: the orthogonal passes' sums (None: each plane written directly).
         sink: where the outputs go instead of the config's (a sizing sink for a plan).
+        task: the network's task; with ``instances`` the mask is the foreground of the three
+            classes, the boundary the boundary class, and the instances a seeded watershed
+            of the interior and boundary probabilities (kept, quantised to uint8, in two
+            helper arrays that are not outputs: ``interior_probability`` and
+            ``boundary_probability``).
     """
 
     def __init__(self, config: PredictConfig, layout: Layout, num_classes: int, scale: int,
                  use_boundary: bool, fingerprint: Callable[[], str], meta: Any = None,
-                 consensus: Consensus | None = None, sink: OutputSink | None = None) -> None:
+                 consensus: Consensus | None = None, sink: OutputSink | None = None,
+                 task: SegTask | None = None) -> None:
         self.config = config
+        self.task = task or SegTask()
         self.layout = layout
         self.K = int(num_classes)
         self.binary = self.K == 2
@@ -141,8 +152,11 @@ class OutputWriter:
         if "probabilities" in wanted:
             dtype = np.float16 if config.probabilities_dtype == "float16" else np.uint8
             self._create("probabilities", dtype, channels=self.K)
-        if use_boundary:
+        if use_boundary or (self.task.instances and "boundary" in wanted):
             self._create("boundary", np.uint8)
+        if self.task.instances and "instances" in wanted:
+            for helper in INSTANCE_HELPERS:
+                self._create(helper, np.uint8)
         if "variance" in wanted:
             self._create("variance", np.float16)
 
@@ -199,8 +213,22 @@ class OutputWriter:
         """Labels from the stitched probabilities (the foreground alone for two classes)."""
         # Two classes: argmax of [1 - p, p] is p > 0.5 (ties to the background), whatever
         # threshold a one-class network would use.
+        if self.task.instances:
+            return postprocess.foreground_of_classes(probs, self.task.foreground_threshold)
         threshold = 0.5 if self.binary else self.config.threshold
         return postprocess.mask_from_probabilities(probs, threshold)
+
+    def _instance_channels(self, key: tuple, probs: np.ndarray) -> None:
+        """The boundary output and the watershed's helper arrays of the instance task."""
+        if not self.task.instances:
+            return
+        if "boundary" in self.arrays:
+            self.arrays["boundary"][key] = postprocess.boundary_from_probability(
+                probs[2], self.config.boundary_threshold)
+        if INSTANCE_HELPERS[0] in self.arrays:
+            for helper, channel in zip(INSTANCE_HELPERS, (1, 2)):
+                self.arrays[helper][key] = postprocess.quantize_probabilities(
+                    probs[channel], "uint8")
 
     def class_probs(self, probs: np.ndarray) -> np.ndarray:
         """The probabilities output (K x ...) from the stitched channels."""
@@ -242,6 +270,7 @@ class OutputWriter:
                     consensus.variance[k] += values[K]
                 return
             arrays["mask"][k] = self.mask(probs)
+            self._instance_channels(k, probs)
             if "probabilities" in arrays:
                 arrays["probabilities"][(slice(None),) + k] = postprocess.quantize_probabilities(
                     self.class_probs(probs), cfg.probabilities_dtype)
@@ -271,6 +300,7 @@ class OutputWriter:
         for vote in consensus.votes:
             agree &= vote == mask
         arrays["mask"][...] = mask
+        self._instance_channels((Ellipsis,), probs)
         if "probabilities" in arrays:
             arrays["probabilities"][...] = postprocess.quantize_probabilities(
                 self.class_probs(probs), cfg.probabilities_dtype)
@@ -297,9 +327,14 @@ class OutputWriter:
         if "instances" in wanted:
             yield StageEvent(message="Splitting instances (watershed).", stage="instances")
             inst = self._create("instances", np.int32)
-            postprocess.instances_per_block(self.arrays["mask"], self.arrays.get("boundary"),
-                                            lay.out_axes, cfg.instance_min_size, out=inst)
-        if "boundary" in wanted and not has_boundary:
+            if self.task.instances:
+                postprocess.seeded_instances_per_block(
+                    self.arrays["mask"], *(self.arrays[h] for h in INSTANCE_HELPERS),
+                    lay.out_axes, self.task, cfg.instance_min_size, out=inst)
+            else:
+                postprocess.instances_per_block(self.arrays["mask"], self.arrays.get("boundary"),
+                                                lay.out_axes, cfg.instance_min_size, out=inst)
+        if "boundary" in wanted and not (has_boundary or self.task.instances):
             yield StageEvent(message="Deriving the boundary from the mask.", stage="boundary")
             labels = self.arrays.get("instances", self.arrays["mask"])
             out = self._create("boundary", np.uint8)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import InputShapeError
-from ..boundaries import boundary_from_labels
+from ..seg_task import SegTask, training_targets
 
 __all__ = ["CorrectionRegion", "class_targets", "changed_mask", "find_regions", "group_regions"]
 
@@ -54,36 +54,12 @@ class CorrectionRegion:
 
 
 def class_targets(
-    labels: np.ndarray, num_classes: int, instances: bool | None = None
+    labels: np.ndarray, num_classes: int, task: SegTask | None = None,
+    boundary: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Training targets from a label image: class indices and, for instances, a boundary.
-
-    A one- or two-class network learns foreground (any label > 0); instance labels (more than
-    one non-zero value, or ``instances=True``) also give the boundary between touching
-    objects. A network with more classes takes the labels as class indices.
-
-    Args:
-        labels: integer label image (any axes).
-        num_classes: K of the network.
-        instances: force instance (True) or class (False) reading; None decides.
-
-    Returns:
-        ``(mask, boundary)``: int64 class indices, and uint8 boundary or None.
-
-    Raises:
-        InputShapeError: a label value has no class in the network.
-    """
-    labels = np.asarray(labels)
-    if num_classes <= 2:
-        is_instance = instances if instances is not None else int(labels.max(initial=0)) > 1
-        boundary = boundary_from_labels(labels) if is_instance else None
-        return (labels > 0).astype(np.int64), boundary
-    top = int(labels.max(initial=0))
-    if top >= num_classes:
-        raise InputShapeError(
-            f"The labels hold the value {top} but the network has only {num_classes} classes "
-            f"(0..{num_classes - 1}); relabel them or fine-tune a network with more classes.")
-    return labels.astype(np.int64), None
+    """Training targets from a corrected label image: see
+    :func:`~napari_medseg.engine.seg_task.training_targets` (the one rule)."""
+    return training_targets(labels, num_classes, task, boundary)
 
 
 def changed_mask(

@@ -25,6 +25,7 @@ from ...config import FinetuneConfig, NormalizationConfig, PredictConfig
 from ...errors import ConfigError, InputShapeError
 from ...io.axes import guess_axes
 from ..progress import CancelToken, ProgressEvent, StageEvent
+from ..seg_task import SegTask, task_of
 from .changes import CorrectionRegion, changed_mask, class_targets, find_regions, group_regions
 from .datasets import Sample
 
@@ -105,11 +106,12 @@ def _checked_axes(image: Any, labels: np.ndarray, axes: str | None,
 
 
 def _corrected_regions(labels: np.ndarray, num_classes: int, config: FinetuneConfig,
-                       prediction: Any, boundary: Any,
-                       predicted_boundary: Any) -> list[CorrectionRegion]:
+                       prediction: Any, boundary: Any, predicted_boundary: Any,
+                       task: SegTask) -> list[CorrectionRegion]:
     """The changed regions (with a prediction), or every labelled plane whole (without)."""
     if prediction is not None:
-        changed = changed_mask(np.asarray(prediction), labels, num_classes, predicted_boundary,
+        changed = changed_mask(np.asarray(prediction), labels,
+                               2 if task.instances else num_classes, predicted_boundary,
                                boundary)
         return find_regions(changed, config.margin, config.min_changed)
     h, w = labels.shape[-2:]
@@ -144,7 +146,7 @@ class _Cropper:
     labels: np.ndarray
     boundary: np.ndarray | None
     num_classes: int
-    instances: bool
+    task: SegTask
     scale: int
     context: int
     prepare: Callable[[np.ndarray], np.ndarray]
@@ -164,9 +166,9 @@ class _Cropper:
             crop = np.repeat(np.repeat(crop, scale, axis=1), scale, axis=2)
         key = region.plane + (slice(y0, y1), slice(x0, x1))
         # Targets per crop (2D boundaries: a 2D network never sees the neighbouring slices).
-        mask, crop_boundary = class_targets(self.labels[key], self.num_classes, self.instances)
-        if self.boundary is not None:
-            crop_boundary = (self.boundary[key] > 0).astype(np.uint8)
+        mask, crop_boundary = class_targets(
+            self.labels[key], self.num_classes, self.task,
+            None if self.boundary is None else self.boundary[key])
         valid = np.zeros((y1 - y0, x1 - x0), np.float32)
         by0, bx0, by1, bx1 = region.box
         valid[by0 - y0: by1 - y0, bx0 - x0: bx1 - x0] = 1.0
@@ -195,6 +197,7 @@ def samples_from_corrections(
     config: FinetuneConfig | None = None,
     output_scale: int = 1,
     name: str = "image",
+    task: SegTask | None = None,
 ) -> list[RegionSample]:
     """Training samples from an image and its corrected labels.
 
@@ -217,9 +220,11 @@ def samples_from_corrections(
         predicted_boundary: the boundary the prediction came with (compared with
             ``boundary``), or None.
         normalization: the network's normalization (None: percentile 1-99.8).
-        config: margins, context, ``min_changed``, ``slice_gap`` and ``instances``.
+        config: margins, context, ``min_changed`` and ``slice_gap``.
         output_scale: the network's output side / input side.
         name: the image's name (sample names and groups start with it).
+        task: the network's task (how the labels are read: objects for ``instances``,
+            class indices for ``classes``, the default).
 
     Returns:
         The samples (empty when nothing changed).
@@ -231,9 +236,7 @@ def samples_from_corrections(
     labels = np.asarray(corrected)
     scale = int(output_scale)
     axes, lead = _checked_axes(image, labels, axes, scale)
-    instances = config.instances
-    if instances is None:  # decided once for the whole label image, applied per crop
-        instances = num_classes <= 2 and int(labels.max(initial=0)) > 1
+    task = task or SegTask()
     bnd = None
     if boundary is not None:
         bnd = np.asarray(boundary)
@@ -241,11 +244,11 @@ def samples_from_corrections(
             raise InputShapeError(
                 f"The boundary layer has shape {bnd.shape} but the labels have {labels.shape}.")
     regions = _corrected_regions(labels, num_classes, config, prediction, boundary,
-                                 predicted_boundary)
+                                 predicted_boundary, task)
     if not regions:
         return []
     groups = group_regions(regions, labels.shape[-2:], config.context, config.slice_gap, lead)
-    cropper = _Cropper(image, axes, lead, labels, bnd, num_classes, bool(instances), scale,
+    cropper = _Cropper(image, axes, lead, labels, bnd, num_classes, task, scale,
                        config.context, _image_normalizer(image, axes, in_channels, normalization),
                        name)
     return [cropper.sample(region, group) for region, group in zip(regions, groups)]
@@ -296,7 +299,7 @@ def prepare_corrections_iter(
         image, corrected, num_classes=spec.num_classes, in_channels=spec.in_channels,
         axes=axes, prediction=prediction, boundary=boundary,
         predicted_boundary=predicted_boundary, normalization=norm, config=config,
-        output_scale=spec.output_scale, name=name)
+        output_scale=spec.output_scale, name=name, task=task_of(model))
     return samples
 
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ...errors import ImageReadError, InputShapeError
-from ..boundaries import boundary_from_labels
+from ..seg_task import SegTask, training_targets
 
 __all__ = [
     "Sample",
@@ -39,7 +39,8 @@ class Sample:
     Attributes:
         image: C x H x W float32, normalised.
         mask: H x W int64 class indices.
-        boundary: H x W uint8 boundary between instances (None for non-instance data).
+        boundary: H x W uint8 boundary target (the boundary class of the instance task; None
+            when the network derives its own).
         name: file stem, with ``@z`` for a slice of a stack.
         group: split unit (a file, or a block of neighbouring slices).
     """
@@ -186,8 +187,9 @@ def load_samples(
     pairs: Iterable[tuple[Path, Path]],
     in_channels: int,
     normalize: Callable[[np.ndarray], np.ndarray],
-    instances: bool | None = None,
+    task: SegTask | None = None,
     block: int = 4,
+    num_classes: int = 2,
 ) -> list[Sample]:
     """Read image/mask pairs into 2D samples.
 
@@ -195,9 +197,14 @@ def load_samples(
         pairs: (image, mask) paths.
         in_channels: channels the network takes (RGB <-> grey converted as needed).
         normalize: maps a C x ... image to normalised float32 (the model card's normalisation).
-        instances: treat masks as instance labels (foreground + boundary targets); None decides
-            per file: more than one non-zero label means instances.
+        task: how the masks are read (:func:`~napari_medseg.engine.seg_task.training_targets`):
+            objects for the ``instances`` task (three-class targets), class indices for
+            ``classes`` (the default). Never decided from the masks' values.
         block: slices of a stack per split group.
+        num_classes: K of the network (a class mask's values must be below it).
+
+    Raises:
+        InputShapeError: a mask that does not fit its image, or a value with no class.
     """
     from ...io import read_image
 
@@ -215,13 +222,14 @@ def load_samples(
                 f"{image.shape[1:]}."
             )
         image = _match_channels(normalize(image.astype(np.float32)), in_channels, img_path.name)
-        is_instance = instances if instances is not None else int(mask.max()) > 1
         planes = [(image, mask, "")] if image.ndim == 3 else [
             (image[:, z], mask[z], f"@{z}") for z in range(image.shape[1])
         ]
         for i, (img2d, m2d, suffix) in enumerate(planes):
-            boundary = boundary_from_labels(m2d) if is_instance else None
-            cls = (m2d > 0).astype(np.int64) if is_instance else m2d.astype(np.int64)
+            try:
+                cls, boundary = training_targets(m2d, num_classes, task)
+            except InputShapeError as exc:
+                raise InputShapeError(f"{mask_path.name}: {exc}") from None
             group = _stem(img_path) + (f"#{i // block}" if suffix else "")
             samples.append(Sample(np.ascontiguousarray(img2d, np.float32), cls, boundary,
                                   _stem(img_path) + suffix, group))

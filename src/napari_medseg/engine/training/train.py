@@ -32,13 +32,15 @@ from ...errors import InputShapeError
 from ...models import create_model
 from ...models.working_resolution import with_downsample
 from .augment import augment_batch
-from ..checkpoints import load_checkpoint, save_checkpoint
+from ..checkpoints import save_checkpoint
+from .start import starting_point, task_to_learn, widen_classes
 from .datasets import PatchSampler, Sample, data_hash, find_pairs, load_samples, split_samples
 from ..device import resolve_device
 from .losses import compute_loss
 from ..metrics import dice
 from ..inference.normalization import normalize
 from ..precision import autocast, resolve_precision
+from ..seg_task import with_task
 from ..progress import CancelToken, FinishedEvent, NoticeEvent, ProgressEvent, StageEvent, drain
 
 __all__ = [
@@ -428,28 +430,6 @@ def _output_path(output: str | Path) -> Path:
     return output
 
 
-def _starting_point(parent: str | Path | None, config: TrainConfig, pairs: list
-                    ) -> tuple[Any, Any, int, NormalizationConfig | None]:
-    """``(parent model or None, its info or None, input channels, normalization)``.
-
-    The channels come from the parent, the settings, or else the first image (4 -> RGB).
-    """
-    model, parent_info, norm = None, None, config.normalization
-    if parent is not None:
-        model, parent_info = load_checkpoint(parent)
-        in_channels = model.spec.in_channels
-        norm = parent_info.normalization_config() or norm
-    else:
-        in_channels = config.in_channels or 0
-    if not in_channels:
-        from ...io import read_image
-
-        probe, meta = read_image(pairs[0][0])
-        in_channels = probe.shape[meta.axes.index("C")] if "C" in meta.axes else 1
-        in_channels = 3 if in_channels == 4 else in_channels
-    return model, parent_info, in_channels, norm
-
-
 def _split_kind(samples: list[Sample]) -> str:
     """``"image"`` when every sample is its own split group, else ``"slice block"``."""
     return "image" if all(s.group == s.name for s in samples) else "slice block"
@@ -529,9 +509,18 @@ def train_iter(
 
     yield StageEvent("Reading the training data ...", stage="loading")
     pairs = find_pairs(images, masks, config.pattern)
-    model, parent_info, in_channels, norm = _starting_point(parent, config, pairs)
+    model, parent_info, in_channels, norm = starting_point(parent, config, pairs)
+    task = task_to_learn(config, parent_info)
+    if model is not None and task.num_classes and model.spec.num_classes != task.num_classes:
+        yield NoticeEvent(f"Starting the {task.kind} task from the parent's weights, its "
+                          f"{model.spec.num_classes} classes widened to {task.num_classes}.")
+        model = widen_classes(model, task.num_classes)
+    if model is not None:
+        model = with_task(model, task)
+    num_classes = task.num_classes or (model.spec.num_classes if model is not None
+                                       else config.num_classes)
     samples = load_samples(pairs, in_channels, lambda img: normalize(img, norm, channel_axis=0),
-                           instances=config.instances)
+                           task=task, num_classes=num_classes)
     train_s, val_s = split_samples(samples, config.val_fraction, config.seed)
     if config.max_val_images and len(val_s) > config.max_val_images:
         val_s = val_s[: config.max_val_images]
@@ -541,9 +530,9 @@ def train_iter(
     device = resolve_device(config.device)
     policy = resolve_precision(config.precision, device)
     if model is None:
-        model = with_downsample(
-            create_model(config.network, config.variant, in_channels, config.num_classes,
-                         **dict(config.model_overrides or {})), config.input_downsample)
+        model = with_task(with_downsample(
+            create_model(config.network, config.variant, in_channels, num_classes,
+                         **dict(config.model_overrides or {})), config.input_downsample), task)
     spec = model.spec
     if min(min(s.mask.shape) for s in samples) < 2:
         raise InputShapeError("Training images must be at least 2 pixels on each side.")

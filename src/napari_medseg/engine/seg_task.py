@@ -1,0 +1,278 @@
+"""What a network is trained to predict, and how its outputs become masks and objects.
+
+Two tasks exist:
+
+* ``classes`` (the default): one class per label value of the training masks; the mask is
+  the arg-max, a boundary comes from a boundary head or is derived from the mask.
+* ``instances`` (boundary-aware): three classes, background (0), interior (1) and boundary
+  (2), learnt from instance labels (:func:`instance_target`). The boundary is each object's
+  contour band, ``boundary_width`` pixels wide on its inside, so touching objects get a line
+  ``2 x boundary_width`` wide between them. At inference ``mask`` = interior + boundary (the
+  foreground, so Dice stays comparable with a two-class network), ``boundary`` = the
+  boundary class, and ``instances`` = a seeded watershed (:func:`seeded_watershed`): seeds
+  are where the interior probability reaches ``seed_threshold`` (seeds smaller than
+  ``min_seed`` pixels dropped), flooded over the boundary probability within the
+  foreground.
+
+The task travels with the weights (the checkpoint description's ``task`` and the model
+card's), and is attached to the network's spec when it is loaded (:func:`with_task`): the
+engine reads it from there, never from a network's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+
+__all__ = [
+    "CLASSES",
+    "INSTANCES",
+    "INSTANCE_CLASS_NAMES",
+    "SegTask",
+    "task_of",
+    "with_task",
+    "instance_target",
+    "training_targets",
+    "seeded_watershed",
+]
+
+CLASSES = "classes"
+INSTANCES = "instances"
+#: The class names of the boundary-aware task, in class-index order.
+INSTANCE_CLASS_NAMES = ("background", "interior", "boundary")
+
+
+@dataclass(frozen=True)
+class SegTask:
+    """The task a network was trained for (see the module docstring).
+
+    Attributes:
+        kind: ``"classes"`` or ``"instances"``.
+        boundary_width: the boundary band's width inside each object, in pixels.
+        seed_threshold: interior probability from which a pixel is a watershed seed.
+        min_seed: seeds smaller than this many pixels are dropped.
+        foreground_threshold: foreground (1 - background probability) above this is mask.
+    """
+
+    kind: str = CLASSES
+    boundary_width: int = 1
+    seed_threshold: float = 0.5
+    min_seed: int = 8
+    foreground_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.kind not in (CLASSES, INSTANCES):
+            raise ConfigError(f"The task must be '{CLASSES}' or '{INSTANCES}', not "
+                              f"{self.kind!r}.")
+        if int(self.boundary_width) < 1:
+            raise ConfigError(f"boundary_width must be at least 1, not {self.boundary_width}.")
+        for name in ("seed_threshold", "foreground_threshold"):
+            if not 0.0 < float(getattr(self, name)) < 1.0:
+                raise ConfigError(f"{name} must lie in (0, 1), not {getattr(self, name)}.")
+        if int(self.min_seed) < 1:
+            raise ConfigError(f"min_seed must be at least 1, not {self.min_seed}.")
+
+    @property
+    def instances(self) -> bool:
+        """Whether this is the boundary-aware instance task."""
+        return self.kind == INSTANCES
+
+    @property
+    def num_classes(self) -> int | None:
+        """The classes the task fixes (3 for instances), None when the data decide."""
+        return len(INSTANCE_CLASS_NAMES) if self.instances else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON/YAML form (what checkpoints and cards store)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | str | None) -> SegTask:
+        """Parse a stored task; None (older weights) is the ``classes`` task.
+
+        A card's free-text ``description`` is ignored; other unknown keys are an error.
+
+        Raises:
+            ConfigError: an unknown kind, key or an out-of-range value.
+        """
+        if data is None:
+            return cls()
+        if isinstance(data, str):
+            return cls(kind=data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"A task must be a mapping, not {type(data).__name__}.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names - {"description", "classes"})
+        if unknown:
+            raise ConfigError(f"Unknown task setting {unknown[0]!r} (known: "
+                              f"{', '.join(sorted(names))}).")
+        kwargs = {k: v for k, v in data.items() if k in names}
+        for key, kind in (("boundary_width", int), ("min_seed", int),
+                          ("seed_threshold", float), ("foreground_threshold", float)):
+            if key in kwargs:
+                kwargs[key] = kind(kwargs[key])
+        return cls(**kwargs)
+
+
+def task_of(model_or_spec) -> SegTask:
+    """The task attached to a network (its spec's ``extra["task"]``), ``classes`` if none."""
+    spec = getattr(model_or_spec, "spec", model_or_spec)
+    return SegTask.from_dict((getattr(spec, "extra", None) or {}).get("task"))
+
+
+def with_task(model, task: SegTask | dict | None):
+    """Attach ``task`` to ``model``'s spec (and to a wrapped network's); returns ``model``.
+
+    Raises:
+        ConfigError: an instance task on a network that does not output three classes.
+    """
+    task = task if isinstance(task, SegTask) else SegTask.from_dict(task)
+    if task.instances and int(model.spec.num_classes) != task.num_classes:
+        raise ConfigError(f"The instance task needs a network with {task.num_classes} "
+                          f"classes, not {model.spec.num_classes}.")
+    inner = getattr(model, "net", None)
+    for module in (model, inner):
+        if module is not None and hasattr(module, "spec"):
+            module.spec = dataclasses.replace(
+                module.spec, extra={**module.spec.extra, "task": task.to_dict()})
+    return model
+
+
+def instance_target(labels: np.ndarray, width: int = 1) -> np.ndarray:
+    """The three-class target (0 background, 1 interior, 2 boundary) of instance labels.
+
+    A foreground pixel is boundary when a pixel of another label (another object or the
+    background) lies within ``width`` pixels of it along each axis (a square neighbourhood
+    of side ``2 width + 1``, per plane). The image edge is not a contour.
+
+    Args:
+        labels: instance labels (0 = background), YX; a ZYX stack is done plane by plane.
+        width: the band's width inside each object.
+
+    Returns:
+        int64 class indices of ``labels``' shape.
+    """
+    from scipy import ndimage as ndi
+
+    labels = np.asarray(labels)
+    if labels.ndim > 2:
+        return np.stack([instance_target(p, width) for p in labels])
+    size = 2 * int(width) + 1
+    hi = ndi.maximum_filter(labels, size=size, mode="nearest")
+    lo = ndi.minimum_filter(labels, size=size, mode="nearest")
+    fg = labels > 0
+    out = fg.astype(np.int64)
+    out[fg & ((hi != labels) | (lo != labels))] = 2
+    return out
+
+
+def training_targets(
+    labels: np.ndarray,
+    num_classes: int,
+    task: SegTask | None = None,
+    boundary: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The training targets of a label image for a network of ``num_classes`` classes.
+
+    The task decides how the labels are read, never their values: with the ``instances``
+    task they are objects (instance labels, or a binary mask whose separate parts are
+    objects) and become :func:`instance_target`; a ``boundary`` layer (a user's corrected
+    boundary) adds its pixels inside the foreground to the boundary class. With the
+    ``classes`` task they are class indices (a one-class network learns label 1); a value
+    with no class is an error, so a three-class mask is never taken for instances.
+
+    Args:
+        labels: integer labels, YX (or ZYX, read plane by plane for instances).
+        num_classes: K of the network.
+        task: the network's task (None: ``classes``).
+        boundary: a boundary map of the labels' shape, or None.
+
+    Returns:
+        ``(mask, boundary)``: int64 class indices, and the uint8 boundary target (the
+        boundary class for instances, the given layer for classes, else None).
+
+    Raises:
+        InputShapeError: a label value has no class in the network.
+    """
+    from ..errors import InputShapeError
+
+    task = task or SegTask()
+    labels = np.asarray(labels)
+    if task.instances:
+        target = instance_target(labels, task.boundary_width)
+        if boundary is not None:
+            target[(np.asarray(boundary) > 0) & (labels > 0)] = 2
+        return target, (target == 2).astype(np.uint8)
+    top = int(labels.max(initial=0))
+    if top >= max(int(num_classes), 2) or int(labels.min(initial=0)) < 0:
+        raise InputShapeError(
+            f"The labels hold the value {top} but the network has only {num_classes} classes "
+            f"(0..{max(int(num_classes), 2) - 1}); for instance labels (one number per object) "
+            "use the instance task (--task instances), else relabel them.")
+    bnd = None if boundary is None else (np.asarray(boundary) > 0).astype(np.uint8)
+    return labels.astype(np.int64), bnd
+
+
+def seeded_watershed(
+    foreground: np.ndarray,
+    interior: np.ndarray,
+    boundary: np.ndarray,
+    task: SegTask,
+    min_size: int = 8,
+) -> np.ndarray:
+    """Objects of a boundary-aware prediction.
+
+    Seeds are the connected parts of ``interior >= seed_threshold`` inside the foreground
+    (smaller than ``min_seed`` pixels dropped); each grows over the boundary probability
+    (lowest first) until the foreground is filled or it meets another. A part of the
+    foreground that holds no seed becomes an object of its own. Objects smaller than
+    ``min_size`` pixels are removed. In a ZYX stack seeds and objects are connected across
+    slices, so a nucleus keeps one number through the planes it spans.
+
+    Args:
+        foreground: the mask (> 0 is foreground), YX or ZYX.
+        interior: interior probability of the same shape (float in [0, 1], or uint8 0..255).
+        boundary: boundary probability (float, or uint8 0..255).
+        task: the thresholds.
+        min_size: smallest object kept, in pixels.
+
+    Returns:
+        int32 labels numbered 1..N, 0 = background.
+    """
+    from scipy import ndimage as ndi
+    from skimage.segmentation import watershed
+
+    fg = np.asarray(foreground) > 0
+    if not fg.any():
+        return np.zeros(fg.shape, np.int32)
+    interior = _as_probability(interior)
+    elevation = _as_probability(boundary)
+    seeds, n = ndi.label(fg & (interior >= task.seed_threshold))
+    if n:
+        sizes = np.bincount(seeds.ravel())
+        seeds[(sizes < task.min_seed)[seeds]] = 0
+    labels = watershed(elevation, markers=seeds, mask=fg).astype(np.int32)
+    orphans, n_orphans = ndi.label(fg & (labels == 0))
+    if n_orphans:
+        top = int(labels.max())
+        labels[orphans > 0] = orphans[orphans > 0] + top
+    if min_size > 1:
+        sizes = np.bincount(labels.ravel())
+        small = sizes < min_size
+        small[0] = False
+        labels[small[labels]] = 0
+    from skimage.segmentation import relabel_sequential
+
+    return relabel_sequential(labels)[0].astype(np.int32)
+
+
+def _as_probability(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values)
+    if values.dtype == np.uint8:
+        return values.astype(np.float32) / 255.0
+    return values.astype(np.float32, copy=False)
