@@ -40,7 +40,7 @@ from .losses import compute_loss
 from ..metrics import dice
 from ..inference.normalization import normalize
 from ..precision import autocast, resolve_precision
-from ..seg_task import with_task
+from ..seg_task import task_of, with_task
 from ..progress import CancelToken, FinishedEvent, NoticeEvent, ProgressEvent, StageEvent, drain
 
 __all__ = [
@@ -176,9 +176,10 @@ def validate(model, samples: Iterable[Sample], spec, device: str, precision: str
     """
     from ..inference.pipeline import predict
 
+    instances = task_of(model).instances
     cfg = PredictConfig.from_mapping({
         "normalization": {"mode": "none"}, "device": device, "precision": precision,
-        "axes": "CYX", "outputs": "mask", "overlap": 0.125,
+        "axes": "CYX", "outputs": "probabilities" if instances else "mask", "overlap": 0.125,
     })
     scores = []
     model.eval()
@@ -189,7 +190,8 @@ def validate(model, samples: Iterable[Sample], spec, device: str, precision: str
             h, w = (image.shape[1] // spec.output_scale, image.shape[2] // spec.output_scale)
             image = F.interpolate(t, size=(h, w), mode="area")[0].numpy()
         result = predict(image, model, cfg)
-        pred = np.asarray(result["mask"])
+        pred = (np.asarray(result["probabilities"]).argmax(0) if instances
+                else np.asarray(result["mask"]))
         ref = s.mask
         if pred.shape != ref.shape:
             pred = pred[: ref.shape[0], : ref.shape[1]]
@@ -198,7 +200,10 @@ def validate(model, samples: Iterable[Sample], spec, device: str, precision: str
         if valid is not None:  # a fine-tuning region: score only its pixels
             keep = valid[: pred.shape[0], : pred.shape[1]] > 0
             pred, ref = pred[keep], ref[keep]
-        scores.append(dice(pred > 0, ref > 0))
+        if instances:  # interior and boundary both count: touching objects must part
+            scores.append((dice(pred == 1, ref == 1) + dice(pred == 2, ref == 2)) / 2)
+        else:
+            scores.append(dice(pred > 0, ref > 0))
     return float(np.mean(scores)) if scores else float("nan")
 
 
