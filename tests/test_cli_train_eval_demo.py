@@ -49,3 +49,44 @@ def test_demo_segments_the_sample_with_shipped_weights(tmp_path, capsys, monkeyp
     dice = 2 * inter / ((np.asarray(mask) > 0).sum() + (np.asarray(ref) > 0).sum())
     assert dice > 0.85, dice  # the shipped nuclei weights work out of the box
     assert "Dice" in capsys.readouterr().out
+
+
+def test_eval_reports_object_scores_and_means_per_acquisition_type(nuclei_folders, tmp_path,
+                                                                   capsys, monkeypatch):
+    """The shipped nuclei weights on the fluorescence and the H&E sample: each row has the
+    object scores and its type, the JSON and the table have the per-type means."""
+    monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
+    images, masks = nuclei_folders
+    args = ["eval", "--weights", "sa2net_lite_dsb2018", "--images", str(images), "--masks",
+            str(masks), "-q"]
+    capsys.readouterr()
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r for r in report["images"]}
+    assert rows["nuclei.tif"]["acquisition"] == "fluorescence"
+    assert rows["nuclei_he.tif"]["acquisition"] == "H&E"
+    for row in rows.values():
+        tp, fp, fn = row["tp"], row["fp"], row["fn"]
+        assert tp + fn == 82  # every sample has 82 labelled nuclei
+        assert row["ap_iou50"] == round(tp / (tp + fp + fn), 4)
+        assert row["f1_iou50"] == round(2 * tp / (2 * tp + fp + fn), 4)
+        assert 0.0 < row["dsb_score"] < row["ap_iou50"]
+    assert report["totals"] == {k: sum(r[k] for r in rows.values()) for k in ("tp", "fp", "fn")}
+    for key in ("ap_iou50", "dsb_score", "aji", "f1_iou50"):
+        assert report["mean"][key] is not None
+    assert "tp" not in report["mean"]  # counts are summed, never averaged
+    by_type = report["by_type"]
+    assert set(by_type) == {"fluorescence", "H&E"}
+    assert by_type["H&E"]["n_images"] == 1
+    assert by_type["H&E"]["dsb_score"] == rows["nuclei_he.tif"]["dsb_score"]
+    assert by_type["fluorescence"]["dice"] == rows["nuclei.tif"]["dice"]
+    # The table has the new columns and one mean row per type after the mean row.
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["image", "dice", "iou", "hd95", "boundary_f1", "f1_iou50",
+                                "ap_iou50", "dsb_score", "aji"]
+    after = lines[[line.split()[0] for line in lines].index("mean") + 1:]
+    assert after[0].startswith("objects at IoU 0.5:")
+    assert after[1] == "by acquisition type (means):"
+    he = next(line for line in after if line.strip().startswith("H&E (n=1)"))
+    assert f"{by_type['H&E']['dsb_score']:.4f}" in he.split()

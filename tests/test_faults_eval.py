@@ -73,7 +73,14 @@ def test_unreadable_image_is_reported_and_the_rest_scored_with_a_table(folders, 
     broken = next(line for line in lines if line.startswith("broken.tif"))
     assert "not scored:" in broken
     assert any(line.startswith("later.tif") and "not scored" not in line for line in lines)
-    assert lines[-1].startswith("mean") and "(2 scored, 1 not)" in lines[-1]
+    mean = next(line for line in lines if line.startswith("mean"))
+    assert "(2 scored, 1 not)" in mean
+    # After the mean row: the object counts and the means per acquisition type (the scored
+    # two are the fluorescence sample), never a mean of the failed image.
+    after = lines[lines.index(mean) + 1:]
+    assert len(after) == 3 and after[0].startswith("objects at IoU 0.5:")
+    assert after[1] == "by acquisition type (means):"
+    assert after[2].startswith("  fluorescence (n=2)")
     assert "napari-medseg: error: broken.tif:" in err
 
 

@@ -416,6 +416,67 @@ def test_boundary_tools_and_metrics_table(make_napari_viewer, qtbot, env):
     assert "img instances" not in viewer.layers
 
 
+def test_metrics_table_scores_objects_against_an_instance_reference(make_napari_viewer,
+                                                                     qtbot, env):
+    """A reference of instance labels adds the object row (F1, AP at IoU 0.5, DSB, AJI, Dice):
+    from the mask's connected components first, then from the instances layer once there is
+    one; the values are the engine's ``instance_scores`` of those layers."""
+    from scipy import ndimage as ndi
+
+    from napari_medseg._napari.result_layers import find_output
+    from napari_medseg.engine.metrics import dice, instance_scores
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(8).random((64, 64), np.float32), name="img")
+    ref = np.zeros((64, 64), np.int32)
+    ref[5:25, 5:25], ref[5:25, 25:45], ref[40:60, 10:30] = 1, 2, 3  # two touch, one alone
+    viewer.add_labels(ref, name="truth")
+    widget = _widget(viewer, qtbot)
+    _choose(widget)
+    assert _run(qtbot, widget).ok
+    mask = find_output(viewer, "img", "mask")
+    assert find_output(viewer, "img", "instances") is None
+    mask.data[...] = 0
+    mask.data[5:25, 5:45] = 1  # the two touching nuclei merged into one component
+    mask.data[42:60, 12:30] = 1  # 324 of 400 px of the third: IoU 0.81
+    panel = widget.metrics_panel
+    widget.reference_combo.setCurrentText("truth")
+    _settle(qtbot, widget)
+    table = panel.objects_table
+    want = instance_scores(ndi.label(mask.data)[0], ref)
+    assert (want["tp"], want["fp"], want["fn"]) == (1, 1, 2)  # the merge matches neither
+    assert not table.isHidden() and panel.last_object_source == "components"
+    assert "connected components" in widget.metrics_caption.text()
+    cells = [table.item(0, c).text() for c in range(table.columnCount())]
+    assert cells == ["components", f"{dice(mask.data, ref):.3f}", f"{want['f1_iou50']:.3f}",
+                     f"{want['ap_iou50']:.3f}", f"{want['dsb_score']:.3f}",
+                     f"{want['aji']:.3f}"]
+    assert cells[3] == "0.250" and cells[4] == "0.175"  # 1/(1+1+2), at 7 of 10 thresholds
+    assert widget.metrics_table.item(0, 0).text() == "1"  # the class row stays
+    # A boundary between the merged nuclei and the Instances tool: the instances layer is
+    # scored now (both halves match).
+    bnd = find_output(viewer, "img", "boundary")
+    bnd.data[...] = 0
+    bnd.data[5:25, 24:26] = 1
+    widget.instances_from_mask()
+    _settle(qtbot, widget)
+    inst = find_output(viewer, "img", "instances").data
+    widget.metrics_button.click()
+    _settle(qtbot, widget)
+    want = instance_scores(inst, ref)
+    assert want["tp"] == 3 and panel.last_object_source == "instances"
+    assert table.item(0, 0).text() == "instances"
+    assert table.item(0, 2).text() == f"{want['f1_iou50']:.3f}"
+    assert table.item(0, 3).text() == f"{want['ap_iou50']:.3f}"
+    assert panel.last_object_scores["dsb_score"] == pytest.approx(want["dsb_score"])
+    # A class reference (one label) shows no object row.
+    viewer.add_labels((ref > 0).astype(np.int32), name="binary truth")
+    widget.reference_combo.setCurrentText("binary truth")
+    _settle(qtbot, widget)
+    assert panel.last_object_scores is None and table.isHidden()
+    assert not widget.metrics_table.isHidden()
+
+
 def test_instances_tool_numbers_objects_per_frame_like_the_engine(make_napari_viewer, qtbot,
                                                                   env):
     """The Instances tool numbers the objects of each T block from 1 (two frames with two

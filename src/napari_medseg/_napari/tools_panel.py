@@ -4,10 +4,11 @@
 instances (:func:`~napari_medseg.engine.inference.postprocess.boundary_per_block` and
 :func:`~napari_medseg.engine.inference.postprocess.instances_per_block`, per ``T``/``I``
 block, in workers; undoable). :class:`MetricsPanel` scores the mask against a reference
-layer (:func:`~napari_medseg.engine.inference.regions.region_metrics`, in a worker) and shows
-the per-class table. Both work for a *host*: the Segment widget, through its public methods
-(``current_image``, ``start_worker``, ``report_error``, ``refresh_enabled``) and attributes
-(``viewer``, ``session``, ``status_label``).
+layer (:func:`~napari_medseg.engine.training.evaluate.reference_scores`, in a worker) and shows
+the per-class table, plus the object scores (F1 and AP at IoU 0.5, DSB score, AJI) when the
+reference holds instance labels. Both work for a *host*: the Segment widget, through its
+public methods (``current_image``, ``start_worker``, ``report_error``, ``refresh_enabled``)
+and attributes (``viewer``, ``session``, ``status_label``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ _UNITS = {"pixel": "px", "micrometer": "µm", "millimeter": "mm", "nanometer": "
 
 
 _NO_MASK = "Segment the image first; the boundary tools work on its mask layer."
+#: The object row of the metrics box: header -> key of the engine's object scores.
+_OBJECT_COLUMNS = (("objects", ""), ("Dice", "dice"), ("F1@0.5", "f1_iou50"),
+                   ("AP@0.5", "ap_iou50"), ("DSB", "dsb_score"), ("AJI", "aji"))
+#: The caption's words for where the scored objects came from.
+_SOURCE_WORDS = {"instances": "Objects: the instances layer against the reference's labels.",
+                 "components": "Objects: the connected components of the mask (no instances "
+                               "layer) against the reference's labels."}
 
 
 def label_output(viewer: Any, image: Image | None, output: str) -> Labels | None:
@@ -145,12 +153,19 @@ class MetricsPanel(QGroupBox):
 
     Attributes:
         last_scores: the scores last shown (class -> metric -> value), or None.
+        last_object_scores: the object scores last shown (``dice``, ``f1_iou50``,
+            ``ap_iou50``, ``dsb_score``, ``aji``, ``tp``, ``fp``, ``fn``), or None when the
+            reference held no instances.
+        last_object_source: where those objects came from: ``"instances"`` (the image's
+            instances layer) or ``"components"`` (connected components of the mask).
     """
 
     def __init__(self, host: Any, parent: QWidget | None = None) -> None:
         super().__init__("Metrics", parent)
         self.host = host
         self.last_scores: dict[int, dict[str, float]] | None = None
+        self.last_object_scores: dict[str, float] | None = None
+        self.last_object_source = ""
         self._generation = 0
         lay = QVBoxLayout()
         lay.setContentsMargins(4, 4, 4, 4)
@@ -173,6 +188,16 @@ class MetricsPanel(QGroupBox):
         table.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
         table.setVisible(False)
         lay.addWidget(table)
+        self.objects_table = objects = QTableWidget(0, len(_OBJECT_COLUMNS))
+        objects.setHorizontalHeaderLabels([title for title, _key in _OBJECT_COLUMNS])
+        objects.setToolTip("The reference holds instance labels: objects match at IoU > 0.5 "
+                           "(F1, AP = TP/(TP+FP+FN)); DSB = AP averaged over IoU 0.5 ... "
+                           "0.95; AJI; Dice of the foreground.")
+        objects.verticalHeader().setVisible(False)
+        objects.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        objects.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        objects.setVisible(False)
+        lay.addWidget(objects)
         self.metrics_caption = QLabel("")
         self.metrics_caption.setWordWrap(True)
         lay.addWidget(self.metrics_caption)
@@ -193,7 +218,7 @@ class MetricsPanel(QGroupBox):
         Returns:
             The worker, or None when there is nothing to score (a message says why).
         """
-        from ..engine.inference.regions import region_metrics
+        from ..engine.training.evaluate import reference_scores
 
         self._generation += 1
         host = self.host
@@ -215,21 +240,34 @@ class MetricsPanel(QGroupBox):
         region = host.session.last_region.get(image.name, whole_region(np.shape(mask.data)))
         key = region.slices
         unit = str(tuple(mask.units)[-1]) if getattr(mask, "units", None) else "pixel"
+        # Objects (for an instance reference): the instances layer, else the mask's components.
+        inst = label_output(host.viewer, image, "instances")
+        if inst is not None and tuple(np.shape(inst.data)) != tuple(np.shape(mask.data)):
+            inst = None
         self.metrics_caption.setText("Computing…")
         return host.start_worker(
-            guarded, region_metrics, np.array(mask.data[key]), np.asarray(ref.data[key]), axes,
-            host.session.num_classes.get(image.name, 1), tuple(float(s) for s in mask.scale),
-            on_done=functools.partial(self._on_done, self._generation, region, axes, unit))
+            guarded, reference_scores, np.array(mask.data[key]), np.asarray(ref.data[key]),
+            axes, host.session.num_classes.get(image.name, 1),
+            tuple(float(s) for s in mask.scale), None if inst is None else np.array(
+                inst.data[key]),
+            on_done=functools.partial(self._on_done, self._generation, region, axes, unit,
+                                      "components" if inst is None else "instances"))
 
-    def _on_done(self, generation: int, region: Region, axes: str, unit: str,
+    def _on_done(self, generation: int, region: Region, axes: str, unit: str, source: str,
                  outcome: JobOutcome) -> None:
         if generation != self._generation:
             return
         if not outcome.ok:
             self.show_message(outcome.error or "")
             return
-        self.last_scores = outcome.value
-        self.show_scores(outcome.value, unit, f"Over {region.describe(axes)} of the mask.")
+        self.last_scores = outcome.value["classes"]
+        self.last_object_scores = objects = outcome.value["objects"]
+        self.last_object_source = source if objects is not None else ""
+        caption = f"Over {region.describe(axes)} of the mask."
+        if objects is not None:
+            caption += " " + _SOURCE_WORDS[source]
+        self.show_scores(self.last_scores, unit, caption)
+        self.show_objects(objects, source)
 
     @property
     def reference(self) -> str | None:
@@ -256,9 +294,25 @@ class MetricsPanel(QGroupBox):
         self.reference_combo.blockSignals(False)
 
     def show_message(self, text: str) -> None:
-        """Hide the table and show ``text`` instead."""
+        """Hide the tables and show ``text`` instead."""
         self.metrics_table.setVisible(False)
+        self.objects_table.setVisible(False)
         self.metrics_caption.setText(text)
+
+    def show_objects(self, scores: dict[str, float] | None, source: str) -> None:
+        """Fill the object row (``source``: instances or components), or hide it (None)."""
+        table = self.objects_table
+        if scores is None:
+            table.setVisible(False)
+            return
+        table.setRowCount(1)
+        cells = [source] + [f"{scores[key]:.3f}" for _title, key in _OBJECT_COLUMNS[1:]]
+        for col, text in enumerate(cells):
+            item = QTableWidgetItem(text)
+            item.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
+            table.setItem(0, col, item)
+        _fit_height(table)
+        table.setVisible(True)
 
     def show_scores(self, scores: dict[int, dict[str, Any]], unit: str, caption: str) -> None:
         """Fill the table: one row per class (Dice, IoU, HD95 in ``unit``, boundary F1)."""
@@ -274,7 +328,12 @@ class MetricsPanel(QGroupBox):
                 item = QTableWidgetItem(text)
                 item.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
                 table.setItem(row, col, item)
-        rows = sum(table.rowHeight(r) for r in range(min(table.rowCount(), 6)))
-        table.setFixedHeight(table.horizontalHeader().height() + rows + 2 * table.frameWidth())
+        _fit_height(table)
         table.setVisible(True)
         self.metrics_caption.setText(caption)
+
+
+def _fit_height(table: QTableWidget) -> None:
+    """As tall as its header and first rows (up to 6; more scroll)."""
+    rows = sum(table.rowHeight(r) for r in range(min(table.rowCount(), 6)))
+    table.setFixedHeight(table.horizontalHeader().height() + rows + 2 * table.frameWidth())

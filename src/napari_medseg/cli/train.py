@@ -57,7 +57,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """``napari-medseg eval``: a table (or JSON) of metrics per image and their means.
+    """``napari-medseg eval``: a table (or JSON) of metrics per image, their means, the object
+    counts and the means per acquisition type (``format_table`` / ``EvalResult.to_dict``).
 
     Returns 0 when every image was scored, 1 when some could not be (each named on stderr as
     ``napari-medseg: error: NAME: why``, and in the table or JSON); 2 (raised) when the run
@@ -172,7 +173,10 @@ def add_train_eval_demo(sub, commands: dict[str, Command]) -> None:
         "eval", help="score weights on image/mask folders",
         description="Score weights on every image of IMAGES against the mask of the same name "
                     "in MASKS (a.png <-> a.* or a_mask.*). An image that cannot be scored (no "
-                    "mask, unreadable, a mask of another size) is reported and the rest go on.",
+                    "mask, unreadable, a mask of another size) is reported and the rest go on. "
+                    "A reference with instance labels is also scored per object (F1 and AP at "
+                    "IoU 0.5, DSB 2018 score, AJI), and the means are repeated per acquisition "
+                    "type (fluorescence, bright-field, H&E) of the 2D images.",
         epilog="Exit status: 0 every image scored, 1 some could not be, 2 the run could not "
                "start.")
     p.add_argument("--weights", required=True, help="model-card tag or checkpoint path")

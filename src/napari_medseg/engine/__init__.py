@@ -4,7 +4,8 @@ The base (modules directly in this package) holds what every wing needs: progres
 the cancel token (:mod:`.progress`), device and precision policy (:mod:`.device`,
 :mod:`.precision`), self-describing checkpoints (:mod:`.checkpoints`, whose descriptions are
 verified by :mod:`.descriptions`), metrics
-(:mod:`.metrics`), label boundaries (:mod:`.boundaries`) and the axis / channel layout rule
+(:mod:`.metrics`), the acquisition type of a microscopy image (:mod:`.acquisition`), label
+boundaries (:mod:`.boundaries`) and the axis / channel layout rule
 (:mod:`.layout`).
 
 The wings:

@@ -1,4 +1,4 @@
-"""Segmentation metrics on numpy label images: Dice, IoU, HD95, boundary F1, F1@IoU, AJI.
+"""Segmentation metrics on numpy label images: Dice, IoU, HD95, boundary F1; F1, AP, DSB score, AJI.
 
 All functions take integer arrays of the same shape (YX or ZYX); ``spacing`` gives the physical
 size of a pixel per axis for distances (HD95). Empty-versus-empty counts as a perfect match
@@ -28,6 +28,8 @@ __all__ = [
     "match_instances",
     "instance_f1",
     "aggregated_jaccard",
+    "instance_scores",
+    "DSB_THRESHOLDS",
 ]
 
 
@@ -155,42 +157,33 @@ def _overlaps(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, ...]:
     return ious, inter, union, r_area[keep_r], p_area[keep_p]
 
 
-def match_instances(pred: np.ndarray, ref: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """True/false positives and negatives of instances matched one-to-one at IoU > threshold.
+#: The IoU thresholds of the DSB 2018 score: 0.5, 0.55, ..., 0.95.
+DSB_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 
-    With ``threshold >= 0.5`` a match is unique, so greedy matching is optimal.
+
+def _match_counts(ious: np.ndarray, threshold: float) -> tuple[int, int, int]:
+    """``(tp, fp, fn)`` of a reference x prediction IoU matrix, matched one-to-one at IoU > t.
+
+    With ``threshold >= 0.5`` a match is unique (two objects cannot both overlap one by more
+    than half of their union), so counting the reference objects with a match is optimal;
+    below 0.5 the pairs come from a maximum-IoU assignment.
     """
-    ious = _overlaps(pred, ref)[0]
     n_ref, n_pred = ious.shape
     if n_ref == 0 or n_pred == 0:
-        return {"tp": 0, "fp": n_pred, "fn": n_ref}
-    tp = int((ious > threshold).any(axis=1).sum()) if threshold >= 0.5 else 0
-    if threshold < 0.5:
+        return 0, n_pred, n_ref
+    if threshold >= 0.5:
+        tp = int((ious > threshold).any(axis=1).sum())
+    else:
         from scipy.optimize import linear_sum_assignment
 
         rows, cols = linear_sum_assignment(-ious)
         tp = int((ious[rows, cols] > threshold).sum())
-    return {"tp": tp, "fp": n_pred - tp, "fn": n_ref - tp}
+    return tp, n_pred - tp, n_ref - tp
 
 
-def instance_f1(pred: np.ndarray, ref: np.ndarray, threshold: float = 0.5) -> float:
-    """F1 of instances matched at IoU > ``threshold`` (1.0 when both are empty)."""
-    m = match_instances(pred, ref, threshold)
-    denom = 2 * m["tp"] + m["fp"] + m["fn"]
-    return 1.0 if denom == 0 else 2 * m["tp"] / denom
-
-
-def aggregated_jaccard(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Aggregated Jaccard Index (Kumar et al. 2017) of two instance label images.
-
-    Each reference object is paired with the prediction of highest IoU with it (the lowest
-    label on a tie); the pair adds its intersection to the numerator and its union to the
-    denominator. A reference object that no prediction overlaps adds its own area to the
-    denominator (as in HoVer-Net's ``get_fast_aji``; it is not paired with an arbitrary
-    prediction), and so does every prediction paired with no reference object. 1.0 when both
-    images are empty.
-    """
-    ious, inter, union, ref_area, pred_area = _overlaps(pred, ref)
+def _aji(overlaps: tuple[np.ndarray, ...]) -> float:
+    """Aggregated Jaccard Index from :func:`_overlaps` (see :func:`aggregated_jaccard`)."""
+    ious, inter, union, ref_area, pred_area = overlaps
     n_ref, n_pred = ious.shape
     if n_ref == 0:
         return 1.0 if n_pred == 0 else 0.0
@@ -203,3 +196,70 @@ def aggregated_jaccard(pred: np.ndarray, ref: np.ndarray) -> float:
     total_union = union[rows, cols].sum() + ref_area[~paired].sum()
     total_union += pred_area[np.setdiff1d(np.arange(n_pred), cols)].sum()
     return float(total_inter / total_union) if total_union else 0.0
+
+
+def match_instances(pred: np.ndarray, ref: np.ndarray, threshold: float = 0.5) -> dict[str, int]:
+    """True/false positives and negatives of instances matched one-to-one at IoU > threshold.
+
+    With ``threshold >= 0.5`` a match is unique, so greedy matching is optimal.
+    """
+    tp, fp, fn = _match_counts(_overlaps(pred, ref)[0], threshold)
+    return {"tp": tp, "fp": fp, "fn": fn}
+
+
+def instance_f1(pred: np.ndarray, ref: np.ndarray, threshold: float = 0.5) -> float:
+    """F1 of instances matched at IoU > ``threshold`` (1.0 when both are empty)."""
+    tp, fp, fn = _match_counts(_overlaps(pred, ref)[0], threshold)
+    denom = 2 * tp + fp + fn
+    return 1.0 if denom == 0 else 2 * tp / denom
+
+
+def aggregated_jaccard(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Aggregated Jaccard Index (Kumar et al. 2017) of two instance label images.
+
+    Each reference object is paired with the prediction of highest IoU with it (the lowest
+    label on a tie); the pair adds its intersection to the numerator and its union to the
+    denominator. A reference object that no prediction overlaps adds its own area to the
+    denominator (as in HoVer-Net's ``get_fast_aji``; it is not paired with an arbitrary
+    prediction), and so does every prediction paired with no reference object. 1.0 when both
+    images are empty.
+    """
+    return _aji(_overlaps(pred, ref))
+
+
+def instance_scores(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """Every object-level score of two instance label images, from one overlap matrix.
+
+    A predicted object matches a reference object when their IoU is above the threshold
+    (one-to-one). At IoU 0.5: ``tp``, ``fp``, ``fn``; ``f1_iou50`` = 2TP / (2TP + FP + FN);
+    ``ap_iou50`` = TP / (TP + FP + FN). ``dsb_score`` is that AP averaged over the IoU
+    thresholds :data:`DSB_THRESHOLDS` (0.5, 0.55, ..., 0.95; the Data Science Bowl 2018
+    score of one image). ``aji`` is :func:`aggregated_jaccard`. When both images are empty
+    every score is 1.0 (and the counts 0).
+
+    Args:
+        pred: predicted instance labels (0 = background), YX or ZYX.
+        ref: reference instance labels, same shape.
+
+    Returns:
+        ``{"tp", "fp", "fn", "f1_iou50", "ap_iou50", "dsb_score", "aji"}``.
+    """
+    pred, ref = np.asarray(pred), np.asarray(ref)
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction {pred.shape} and reference {ref.shape} differ in shape")
+    overlaps = _overlaps(pred, ref)
+    ious = overlaps[0]
+
+    def ap(tp: int, fp: int, fn: int) -> float:
+        return 1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn)
+
+    tp, fp, fn = _match_counts(ious, 0.5)
+    return {
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "f1_iou50": 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn),
+        "ap_iou50": ap(tp, fp, fn),
+        "dsb_score": float(np.mean([ap(*_match_counts(ious, t)) for t in DSB_THRESHOLDS])),
+        "aji": _aji(overlaps),
+    }

@@ -1,8 +1,18 @@
-"""Evaluate weights on image/mask folders: Dice, IoU, HD95, boundary F1; F1@0.5 and AJI for instances.
+"""Evaluate weights on image/mask folders: Dice, IoU, HD95, boundary F1; object scores too.
 
 ``evaluate_iter`` predicts every image with the tiled engine (the checkpoint's normalisation),
-compares with the reference mask, and returns per-image rows plus their means. Instance
-metrics (F1 at IoU 0.5, AJI) are computed when the reference holds instance labels.
+compares with the reference mask, and returns per-image rows plus their means. Object scores
+(:func:`~napari_medseg.engine.metrics.instance_scores`: F1 and AP at IoU 0.5, the DSB 2018
+score, AJI) are computed when the reference holds instance labels; the object counts of each
+image (``tp``, ``fp``, ``fn`` at IoU 0.5) stay in its row and are summed into
+:attr:`EvalResult.totals`, never averaged. Every image also gets its acquisition type
+(:func:`~napari_medseg.engine.acquisition.acquisition_type`: fluorescence, bright-field, H&E,
+or None for anything but a 2D plane of 1 or 3 channels), and :attr:`EvalResult.by_type` holds
+the means per type.
+
+:func:`reference_scores` scores a mask layer against a reference layer in the viewer (the
+Segment widget's metrics table): per class, and per object (the same object scores, per
+``T``/``I`` block) when the reference holds instance labels.
 
 A file that cannot be scored does not stop the run: an image without a mask (or with two), an
 unreadable file, a mask whose size differs from its image's (never cropped to fit), or an
@@ -27,10 +37,17 @@ import numpy as np
 from ...config import PredictConfig
 from ...errors import ImageReadError, InputShapeError, MedsegError
 from .datasets import match_pairs, to_channels_first
-from ..metrics import aggregated_jaccard, boundary_f1, dice, hd95, instance_f1, iou
+from ..acquisition import acquisition_type
+from ..metrics import boundary_f1, dice, hd95, instance_scores, iou
 from ..progress import CancelToken, FinishedEvent, ProgressEvent, StageEvent, drain
 
-__all__ = ["ImageScore", "EvalResult", "evaluate_iter", "evaluate", "format_table"]
+__all__ = ["ImageScore", "EvalResult", "COUNT_KEYS", "evaluate_iter", "evaluate", "format_table",
+           "is_instance_reference", "reference_instance_scores", "reference_scores"]
+
+#: Per-image object counts (at IoU 0.5): summed into totals, never averaged.
+COUNT_KEYS = ("tp", "fp", "fn")
+#: The metrics of the table, in order (those a run has).
+_TABLE_KEYS = ("dice", "iou", "hd95", "boundary_f1", "f1_iou50", "ap_iou50", "dsb_score", "aji")
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,7 @@ class ImageScore(ProgressEvent):
         index: 1-based position in the run.
         total: images in the run.
         error: why the image could not be scored (empty when it was; then ``scores`` is empty).
+        acquisition: the image's acquisition type (fluorescence, bright-field, H&E), or None.
     """
 
     name: str = ""
@@ -50,6 +68,7 @@ class ImageScore(ProgressEvent):
     index: int = 0
     total: int = 0
     error: str = ""
+    acquisition: str | None = None
 
 
 @dataclass(frozen=True)
@@ -58,13 +77,19 @@ class EvalResult:
 
     Attributes:
         rows: one ImageScore per image, scored or failed (``error`` set).
-        mean: metric -> mean over the scored images.
+        mean: metric -> mean over the scored images (object counts left out).
         seconds: wall time.
+        by_type: acquisition type -> metric -> mean over the scored images of that type, plus
+            ``n_images``; images without a type are in no entry.
+        totals: ``tp``, ``fp``, ``fn`` at IoU 0.5 summed over the images scored for
+            instances (empty when none was).
     """
 
     rows: tuple[ImageScore, ...]
     mean: dict[str, float]
     seconds: float
+    by_type: dict[str, dict[str, float]] = field(default_factory=dict)
+    totals: dict[str, int] = field(default_factory=dict)
 
     @property
     def failed(self) -> int:
@@ -74,12 +99,17 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (inf -> None); a failed image has ``error`` instead of scores."""
 
-        def clean(v: float) -> float | None:
+        def clean(v: float) -> float | int | None:
+            if isinstance(v, int):
+                return v  # counts
             return None if v is None or not math.isfinite(v) else round(float(v), 4)
 
         return {
             "mean": {k: clean(v) for k, v in self.mean.items()},
+            "by_type": {t: {k: clean(v) for k, v in m.items()} for t, m in self.by_type.items()},
+            "totals": dict(self.totals),
             "images": [{"name": r.name, **({"error": r.error} if r.error else {}),
+                        "acquisition": r.acquisition,
                         **{k: clean(v) for k, v in r.scores.items()}} for r in self.rows],
             "scored": len(self.rows) - self.failed,
             "failed": self.failed,
@@ -99,8 +129,11 @@ def _spatial_shape(image: np.ndarray, axes: str) -> tuple[int, ...]:
 
 
 def _score_pair(model, img_path: Path, mask_path: Path, config: PredictConfig,
-                instances: bool | None) -> dict[str, float]:
+                instances: bool | None) -> tuple[dict[str, float], str | None]:
     """Predict one image and score it against its mask.
+
+    Returns:
+        The scores, and the image's acquisition type (or None).
 
     Raises:
         InputShapeError: the mask's size is not the image's.
@@ -143,14 +176,12 @@ def _score_pair(model, img_path: Path, mask_path: Path, config: PredictConfig,
         "boundary_f1": boundary_f1(pred > 0, ref > 0),
     }
     if is_instance:
-        inst = np.asarray(result["instances"])
-        scores["f1_iou50"] = instance_f1(inst, ref, 0.5)
-        scores["aji"] = aggregated_jaccard(inst, ref)
-    return scores
+        scores.update(instance_scores(np.asarray(result["instances"]), ref))
+    return scores, acquisition_type(image, meta.axes)
 
 
 def _means(rows: list[ImageScore]) -> dict[str, float]:
-    keys = sorted({k for r in rows for k in r.scores})
+    keys = sorted({k for r in rows for k in r.scores} - set(COUNT_KEYS))
     mean = {}
     for k in keys:
         vals = [r.scores[k] for r in rows if k in r.scores and math.isfinite(r.scores[k])]
@@ -159,6 +190,21 @@ def _means(rows: list[ImageScore]) -> dict[str, float]:
         if infinite:
             mean[f"{k}_undefined"] = float(infinite)
     return mean
+
+
+def _by_type(rows: list[ImageScore]) -> dict[str, dict[str, float]]:
+    """Acquisition type -> the means of its rows, with ``n_images``."""
+    out = {}
+    for kind in sorted({r.acquisition for r in rows if r.acquisition}):
+        chosen = [r for r in rows if r.acquisition == kind]
+        out[kind] = {**_means(chosen), "n_images": len(chosen)}
+    return out
+
+
+def _totals(rows: list[ImageScore]) -> dict[str, int]:
+    """``tp``, ``fp``, ``fn`` summed over the rows that have them."""
+    counted = [r for r in rows if all(k in r.scores for k in COUNT_KEYS)]
+    return {k: int(sum(r.scores[k] for r in counted)) for k in COUNT_KEYS} if counted else {}
 
 
 def evaluate_iter(
@@ -183,8 +229,8 @@ def evaluate_iter(
         masks: reference folder (same file names; binary, class or instance labels).
         config: inference settings (the default tiles at the network's preferred size).
         pattern: glob of the files to use.
-        instances: score instances (F1@0.5, AJI) too; None decides per file (more than one
-            label in the reference).
+        instances: score instances (F1 and AP at IoU 0.5, DSB score, AJI) too; None decides
+            per file (more than one label in the reference).
         cancel: checked between images.
 
     Raises:
@@ -207,19 +253,22 @@ def evaluate_iter(
         if cancel.cancelled:
             break
         scores: dict[str, float] = {}
+        kind = None
         if not error:
             try:
-                scores = _score_pair(model, img_path, mask_path, config, instances)
+                scores, kind = _score_pair(model, img_path, mask_path, config, instances)
             except (MedsegError, MemoryError) as exc:
                 error = str(exc) or "Out of memory; try a smaller tile."
         message = (f"{img_path.name}: not scored: {error}" if error
                    else f"{img_path.name}: Dice {scores['dice']:.3f}")
         row = ImageScore(message, name=img_path.name, scores=scores, index=i + 1, total=total,
-                         error=error)
+                         error=error, acquisition=kind)
         rows.append(row)
         yield row
-    mean = _means([r for r in rows if not r.error])
-    result = EvalResult(tuple(rows), mean, time.perf_counter() - t0)
+    scored = [r for r in rows if not r.error]
+    result = EvalResult(tuple(rows), _means(scored), time.perf_counter() - t0,
+                        by_type=_by_type(scored), totals=_totals(scored))
+    mean = result.mean
     failed = f"; {result.failed} could not be scored" if result.failed else ""
     yield FinishedEvent(f"Mean Dice {mean.get('dice', float('nan')):.4f} over "
                         f"{len(rows) - result.failed} images{failed}.", result=result)
@@ -232,15 +281,120 @@ def evaluate(model, images, masks, config: PredictConfig | None = None, **kwargs
 
 
 def format_table(result: EvalResult) -> str:
-    """A plain-text table: one row per image (``not scored: why`` for a failed one), a mean row."""
-    keys = [k for k in ("dice", "iou", "hd95", "boundary_f1", "f1_iou50", "aji")
-            if k in result.mean]
-    width = max([len(r.name) for r in result.rows] + [4])
+    """A plain-text table: one row per image (``not scored: why`` for a failed one), a mean row,
+    then the object counts (when instances were scored) and one mean row per acquisition type."""
+    keys = [k for k in _TABLE_KEYS if k in result.mean]
+    width = max([len(r.name) for r in result.rows] + [len(f"  {t} (n={m['n_images']})")
+                                                       for t, m in result.by_type.items()] + [4])
+
+    def cells(values: dict) -> str:
+        return "  ".join(f"{values.get(k, float('nan')):>11.4f}" for k in keys)
+
     lines = [f"{'image':<{width}}  " + "  ".join(f"{k:>11}" for k in keys)]
     for r in result.rows:
-        lines.append(f"{r.name:<{width}}  " + (f"not scored: {r.error}" if r.error else "  ".join(
-            f"{r.scores.get(k, float('nan')):>11.4f}" for k in keys)))
+        lines.append(f"{r.name:<{width}}  " + (f"not scored: {r.error}" if r.error
+                                               else cells(r.scores)))
     scored = len(result.rows) - result.failed
-    lines.append(f"{'mean':<{width}}  " + "  ".join(f"{result.mean[k]:>11.4f}" for k in keys)
+    lines.append(f"{'mean':<{width}}  " + cells(result.mean)
                  + f"  ({scored} scored, {result.failed} not)" * bool(result.failed))
+    if result.totals:
+        t = result.totals
+        lines.append(f"objects at IoU 0.5: {t['tp']} matched, {t['fp']} false positive, "
+                     f"{t['fn']} missed")
+    if result.by_type:
+        lines.append("by acquisition type (means):")
+        for kind, values in result.by_type.items():
+            label = f"  {kind} (n={values['n_images']})"
+            lines.append(f"{label:<{width}}  " + cells(values))
     return "\n".join(lines)
+
+
+def is_instance_reference(reference: np.ndarray, num_classes: int) -> bool:
+    """Whether a reference label image holds instances for a network of ``num_classes``.
+
+    True when it has more than one distinct non-zero label and more of them than the
+    network's foreground classes (``num_classes - 1``, at least 1): the labels then number
+    objects, not classes.
+    """
+    labels = np.unique(np.asarray(reference))
+    n = int(np.count_nonzero(labels))
+    return n > 1 and n > max(1, int(num_classes) - 1)
+
+
+def reference_instance_scores(prediction: np.ndarray, reference: np.ndarray, axes: str, *,
+                              components: bool) -> dict[str, float]:
+    """Object scores of a prediction against an instance reference, per ``T``/``I`` block.
+
+    Each block is scored with :func:`~napari_medseg.engine.metrics.instance_scores` and with
+    the foreground Dice; the scores are averaged over the blocks and the counts summed.
+
+    Args:
+        prediction: instance labels, or (``components=True``) a mask whose connected
+            components (face neighbours, per block) are the objects; axes ``axes``.
+        reference: reference instance labels, same shape.
+        axes: the axes of both (no ``C``), e.g. ``"YX"``, ``"ZYX"``, ``"TYX"``.
+        components: number the prediction's objects as its connected components first.
+
+    Returns:
+        ``dice`` (foreground), ``f1_iou50``, ``ap_iou50``, ``dsb_score``, ``aji``, ``tp``,
+        ``fp``, ``fn``.
+
+    Raises:
+        InputShapeError: the two shapes differ.
+    """
+    from scipy import ndimage as ndi
+
+    from ..inference.regions import stack_blocks
+
+    pred, ref = np.asarray(prediction), np.asarray(reference)
+    if pred.shape != ref.shape:
+        raise InputShapeError(
+            f"The reference has shape {ref.shape} but the prediction has {pred.shape}; pick a "
+            "reference layer on the same grid.")
+    blocks = []
+    for key in stack_blocks(axes, pred.shape):
+        p, r = pred[key], ref[key]
+        if components:
+            p = ndi.label(p > 0)[0]
+        blocks.append({"dice": dice(p > 0, r > 0), **instance_scores(p, r)})
+    return {k: (int(sum(b[k] for b in blocks)) if k in COUNT_KEYS
+                else float(np.mean([b[k] for b in blocks]))) for k in blocks[0]}
+
+
+def reference_scores(
+    mask: np.ndarray,
+    reference: np.ndarray,
+    axes: str,
+    num_classes: int,
+    spacing: tuple[float, ...] | None = None,
+    instances: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """The scores of a mask against a reference label image (the Segment widget's table).
+
+    Args:
+        mask: class labels, axes ``axes`` (no ``C``).
+        reference: reference labels (classes or instances), same shape.
+        axes: the axes of both.
+        num_classes: the network's K.
+        spacing: physical pixel size per axis (for HD95).
+        instances: the instance labels of the prediction (same shape), or None to count the
+            connected components of the mask as its objects.
+
+    Returns:
+        ``{"classes": class -> metrics}`` (:func:`~napari_medseg.engine.inference.regions.
+        region_metrics`) and ``"objects"``: :func:`reference_instance_scores` when
+        :func:`is_instance_reference` says the reference holds instances, else None.
+
+    Raises:
+        InputShapeError: the shapes differ.
+    """
+    from ..inference.regions import region_metrics
+
+    classes = region_metrics(mask, reference, axes, num_classes, spacing)
+    objects = None
+    if is_instance_reference(reference, num_classes):
+        if instances is None:
+            objects = reference_instance_scores(mask, reference, axes, components=True)
+        else:
+            objects = reference_instance_scores(instances, reference, axes, components=False)
+    return {"classes": classes, "objects": objects}
