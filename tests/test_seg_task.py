@@ -1,0 +1,176 @@
+"""The boundary-aware instance task: targets, the seeded watershed, and the task travelling
+with the weights (checkpoint, card, spec) into the engine's outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg.engine.metrics import instance_scores
+from napari_medseg.engine.seg_task import (
+    SegTask,
+    instance_target,
+    seeded_watershed,
+    task_of,
+    training_targets,
+    with_task,
+)
+from napari_medseg.errors import ConfigError, InputShapeError
+
+INSTANCES = SegTask(kind="instances")
+
+
+def touching_discs(shape=(48, 64), radius=10, gap=19):
+    """Two discs whose centres are ``gap`` pixels apart (they overlap: touching nuclei)."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    cy, cx = shape[0] // 2, shape[1] // 2 - gap // 2
+    labels = np.zeros(shape, np.int32)
+    labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2] = 1
+    labels[(yy - cy) ** 2 + (xx - cx - gap) ** 2 <= radius ** 2] = 2
+    return labels
+
+
+def perfect_probabilities(labels, width=1):
+    """The three class probabilities a perfect network would give for ``labels``."""
+    target = instance_target(labels, width)
+    return np.stack([(target == k).astype(np.float32) for k in range(3)])
+
+
+def test_touching_discs_come_out_as_two_objects_from_a_perfect_prediction():
+    labels = touching_discs()
+    probs = perfect_probabilities(labels)
+    fg = probs[0] < 0.5
+    # The foreground alone is one connected blob: connected components would fuse them.
+    from scipy import ndimage as ndi
+
+    assert ndi.label(fg)[1] == 1
+    objects = seeded_watershed(fg, probs[1], probs[2], INSTANCES)
+    assert objects.max() == 2
+    scores = instance_scores(objects, labels)
+    assert scores["tp"] == 2 and scores["fp"] == 0 and scores["fn"] == 0
+    # every foreground pixel belongs to an object (the boundary band is flooded back)
+    assert np.array_equal(objects > 0, labels > 0)
+
+
+def test_instance_target_marks_contours_and_the_line_between_touching_objects():
+    labels = touching_discs()
+    target = instance_target(labels, 1)
+    assert set(np.unique(target)) == {0, 1, 2}
+    assert np.array_equal(target > 0, labels > 0)
+    # where the discs meet, both sides are boundary
+    meet = (labels == 1) & (np.roll(labels, -1, axis=1) == 2)
+    assert meet.any() and (target[meet] == 2).all()
+    assert (target[np.roll(meet, 1, axis=1)] == 2).all()
+    # a wider band eats more of each object
+    assert (instance_target(labels, 2) == 2).sum() > (target == 2).sum()
+    # the image edge is not a contour
+    edge = np.zeros((10, 10), np.int32)
+    edge[:, :5] = 1
+    t = instance_target(edge, 1)
+    assert (t[:, 0] == 1)[1:-1].all() and (t[:, 4] == 2).all()
+
+
+def test_seeded_watershed_numbers_a_nucleus_once_through_the_slices_of_a_stack():
+    labels = np.stack([touching_discs()] * 3)
+    probs = np.stack([perfect_probabilities(p) for p in labels], axis=1)  # 3 x Z x Y x X
+    objects = seeded_watershed(probs[0] < 0.5, probs[1], probs[2], INSTANCES)
+    assert objects.max() == 2
+    for z in range(3):
+        assert instance_scores(objects[z], labels[z])["tp"] == 2
+    for disc in (1, 2):  # each disc keeps one number through the slices
+        ids = {int(np.bincount(objects[z][labels[z] == disc]).argmax()) for z in range(3)}
+        assert len(ids) == 1 and 0 not in ids
+
+
+def test_foreground_without_a_seed_is_kept_and_tiny_objects_go():
+    fg = np.zeros((30, 30), bool)
+    fg[2:8, 2:8] = True  # no interior probability at all: an object of its own
+    fg[20, 20] = True  # one pixel: below min_size
+    interior = np.zeros(fg.shape, np.float32)
+    boundary = np.ones(fg.shape, np.float32)
+    objects = seeded_watershed(fg, interior, boundary, INSTANCES, min_size=4)
+    assert objects.max() == 1 and (objects > 0).sum() == 36
+
+
+def test_small_seeds_are_dropped_by_min_seed():
+    fg = np.zeros((20, 40), bool)
+    fg[5:15, 5:35] = True
+    interior = np.zeros(fg.shape, np.float32)
+    interior[8:12, 8:12] = 1.0  # 16 pixels
+    interior[9:11, 28:30] = 1.0  # 4 pixels: a speck of interior
+    boundary = 1.0 - interior
+    task = SegTask(kind="instances", min_seed=8)
+    assert seeded_watershed(fg, interior, boundary, task).max() == 1
+    task = SegTask(kind="instances", min_seed=2)
+    assert seeded_watershed(fg, interior, boundary, task).max() == 2
+
+
+def test_a_class_mask_is_never_read_as_instances():
+    semantic = np.zeros((8, 8), np.int64)
+    semantic[:4] = 1
+    semantic[4:6] = 2
+    # three classes: the values are classes, untouched
+    mask, boundary = training_targets(semantic, 3)
+    assert np.array_equal(mask, semantic) and boundary is None
+    # two classes: a value with no class is an error that names the instance task
+    with pytest.raises(InputShapeError, match="--task instances"):
+        training_targets(semantic, 2)
+    # the instance task reads the same values as objects
+    mask, boundary = training_targets(semantic, 3, INSTANCES)
+    assert set(np.unique(mask)) == {0, 1, 2} and boundary is not None
+    assert np.array_equal(boundary, (mask == 2).astype(np.uint8))
+
+
+def test_a_corrected_boundary_layer_becomes_boundary_target():
+    mask = np.zeros((12, 20), np.int32)
+    mask[2:10, 2:18] = 1  # the user's mask: one blob
+    line = np.zeros_like(mask)
+    line[:, 10] = 1  # the user's boundary stroke splitting it
+    target, boundary = training_targets(mask, 3, INSTANCES, boundary=line)
+    assert (target[2:10, 10] == 2).all()
+    assert target[0, 10] == 0  # a stroke outside the mask is not foreground
+    assert boundary[5, 10] == 1
+
+
+def test_task_validation_and_round_trip():
+    task = SegTask.from_dict({"kind": "instances", "boundary_width": 2, "seed_threshold": 0.6,
+                              "min_seed": 4, "description": "free text"})
+    assert SegTask.from_dict(task.to_dict()) == task
+    assert SegTask.from_dict(None) == SegTask() and not SegTask().instances
+    with pytest.raises(ConfigError):
+        SegTask.from_dict({"kind": "panoptic"})
+    with pytest.raises(ConfigError):
+        SegTask.from_dict({"kind": "instances", "seed_threshold": 1.5})
+    with pytest.raises(ConfigError):
+        SegTask.from_dict({"kind": "instances", "unknown": 1})
+
+
+def test_the_task_travels_with_the_checkpoint_into_the_outputs(tmp_path):
+    from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
+    from napari_medseg.engine.inference.pipeline import predict
+    from napari_medseg.models import create_model
+
+    torch.manual_seed(0)
+    with pytest.raises(ConfigError):
+        with_task(create_model("unet_sharp", "tiny", 1, 2), INSTANCES)
+    model = with_task(create_model("unet_sharp", "tiny", 1, 3), SegTask("instances",
+                                                                         min_seed=3))
+    save_checkpoint(model, tmp_path / "inst", classes=("background", "interior", "boundary"))
+    loaded, info = load_checkpoint(tmp_path / "inst")
+    assert info.task["kind"] == "instances" and task_of(loaded).min_seed == 3
+    image = np.random.default_rng(0).random((40, 56)).astype(np.float32)
+    out = predict(image, loaded, {"outputs": "mask,boundary,instances,probabilities",
+                                  "device": "cpu"})
+    probs = np.asarray(out["probabilities"], np.float32)
+    assert probs.shape == (3, 40, 56)
+    # mask = interior + boundary (the foreground), boundary = the boundary class
+    assert np.array_equal(np.asarray(out["mask"]), (probs[0] < 0.5).astype(np.uint8))
+    assert set(np.unique(np.asarray(out["boundary"]))) <= {0, 1}
+    assert np.asarray(out["instances"]).dtype == np.int32
+    assert not ({"interior_probability", "boundary_probability"} & set(out.outputs))
+    # older weights (no task) stay the classes task, and their description is unchanged
+    plain = create_model("unet_sharp", "tiny", 1, 2)
+    written = save_checkpoint(plain, tmp_path / "plain")
+    assert "task" not in written.to_dict()
+    assert not task_of(load_checkpoint(tmp_path / "plain")[0]).instances
