@@ -11,6 +11,7 @@ import tifffile
 import torch
 
 from napari_medseg.config import FinetuneConfig
+from napari_medseg.engine.seg_task import SegTask, instance_target
 from napari_medseg.engine.training import train as train_mod
 from napari_medseg.engine.checkpoints import load_checkpoint, read_checkpoint_info, save_checkpoint
 from napari_medseg.engine.training.datasets import split_samples
@@ -132,29 +133,34 @@ def test_changed_mask_compares_foreground_or_classes():
     assert changed_mask(pred, fixed, 8).sum() == 3
     with pytest.raises(InputShapeError):
         changed_mask(pred, fixed[:, :2], 2)
-    mask, boundary = class_targets(fixed, 2)
-    assert mask.max() == 1 and boundary is not None
+    # The task says how labels are read, never their values: objects for the instance task,
+    mask, boundary = class_targets(fixed, 3, SegTask("instances"))
+    assert mask.max() == 2 and boundary is not None
+    # class indices otherwise (a value with no class is an error, not "instances").
     with pytest.raises(InputShapeError, match="only 3 classes"):
         class_targets(fixed, 3)
+    mask, boundary = class_targets(fixed, 2)  # one foreground class: foreground, no boundary
+    assert mask.max() == 1 and boundary is None
 
 
 def test_samples_cover_only_the_corrected_regions(nuclei):
     img, gt = nuclei
     cfg = FinetuneConfig.from_mapping(dict(margin=4, context=16))
-    samples = samples_from_corrections(img, gt, num_classes=2, in_channels=1,
-                                       prediction=_edited(gt), config=cfg, name="nuc")
+    samples = samples_from_corrections(img, gt, num_classes=3, in_channels=1,
+                                       prediction=_edited(gt), config=cfg, name="nuc",
+                                       task=SegTask("instances"))
     assert len(samples) == 3
     for s in samples:
         y0, x0, y1, x1 = s.crop
         assert s.image.shape == (1, y1 - y0, x1 - x0) and s.mask.shape == s.valid.shape
-        assert s.boundary is not None  # instance labels give boundary targets
+        assert s.boundary is not None  # the instance task gives boundary targets
         # The valid map is exactly the changed box grown by the margin ...
         ys, xs = np.nonzero(s.valid)
         box = (ys.min() + y0, xs.min() + x0, ys.max() + 1 + y0, xs.max() + 1 + x0)
         assert s.valid.sum() == (box[2] - box[0]) * (box[3] - box[1])
         # ... and the crop adds the context around it (clipped at the image edge).
         assert box[0] - y0 == min(16, box[0]) and x1 - box[3] == min(16, 256 - box[3])
-        np.testing.assert_array_equal(s.mask, (gt[y0:y1, x0:x1] > 0).astype(np.int64))
+        np.testing.assert_array_equal(s.mask, instance_target(gt[y0:y1, x0:x1]))
     first = min(samples, key=lambda s: s.crop)
     assert first.name == "nuc@Y16-54,X16-64"
     # Normalised as inference does: percentile 1-99.8 of the whole image maps to 0-1.
@@ -233,8 +239,9 @@ def test_group_regions_links_overlapping_crops_and_neighbouring_slices_only():
 
 def test_region_sampler_keeps_corrections_in_view_and_mixes_replay(nuclei, tmp_path):
     img, gt = nuclei
-    samples = samples_from_corrections(img, gt, num_classes=2, in_channels=1,
-                                       prediction=_edited(gt), name="nuc")
+    samples = samples_from_corrections(img, gt, num_classes=3, in_channels=1,
+                                       prediction=_edited(gt), name="nuc",
+                                       task=SegTask("instances"))
     store = ReplayStore(tmp_path / "replay")
     assert store.add(samples, root="abc") == 3 and store.add(samples, root="abc") == 0
     earlier = store.load("abc", in_channels=1, exclude=[samples[0].name])

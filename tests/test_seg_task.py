@@ -113,9 +113,12 @@ def test_a_class_mask_is_never_read_as_instances():
     # three classes: the values are classes, untouched
     mask, boundary = training_targets(semantic, 3)
     assert np.array_equal(mask, semantic) and boundary is None
-    # two classes: a value with no class is an error that names the instance task
+    # more classes than the network has: an error that names the instance task
     with pytest.raises(InputShapeError, match="--task instances"):
-        training_targets(semantic, 2)
+        training_targets(semantic + 1, 3)
+    # one foreground class: every label is foreground, and no boundary is made up
+    mask, boundary = training_targets(semantic, 2)
+    assert np.array_equal(mask, (semantic > 0).astype(np.int64)) and boundary is None
     # the instance task reads the same values as objects
     mask, boundary = training_targets(semantic, 3, INSTANCES)
     assert set(np.unique(mask)) == {0, 1, 2} and boundary is not None

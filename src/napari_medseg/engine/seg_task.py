@@ -183,8 +183,9 @@ def training_targets(
     task they are objects (instance labels, or a binary mask whose separate parts are
     objects) and become :func:`instance_target`; a ``boundary`` layer (a user's corrected
     boundary) adds its pixels inside the foreground to the boundary class. With the
-    ``classes`` task they are class indices (a one-class network learns label 1); a value
-    with no class is an error, so a three-class mask is never taken for instances.
+    ``classes`` task a network with one foreground class (K <= 2) learns every label > 0 as
+    foreground, and a network with more classes reads the labels as class indices (a value
+    with no class is an error): a class mask is never taken for instances.
 
     Args:
         labels: integer labels, YX (or ZYX, read plane by plane for instances).
@@ -208,13 +209,15 @@ def training_targets(
         if boundary is not None:
             target[(np.asarray(boundary) > 0) & (labels > 0)] = 2
         return target, (target == 2).astype(np.uint8)
+    bnd = None if boundary is None else (np.asarray(boundary) > 0).astype(np.uint8)
+    if int(num_classes) <= 2:
+        return (labels > 0).astype(np.int64), bnd
     top = int(labels.max(initial=0))
-    if top >= max(int(num_classes), 2) or int(labels.min(initial=0)) < 0:
+    if top >= int(num_classes) or int(labels.min(initial=0)) < 0:
         raise InputShapeError(
             f"The labels hold the value {top} but the network has only {num_classes} classes "
-            f"(0..{max(int(num_classes), 2) - 1}); for instance labels (one number per object) "
-            "use the instance task (--task instances), else relabel them.")
-    bnd = None if boundary is None else (np.asarray(boundary) > 0).astype(np.uint8)
+            f"(0..{int(num_classes) - 1}); for instance labels (one number per object) use the "
+            "instance task (--task instances), else relabel them.")
     return labels.astype(np.int64), bnd
 
 
