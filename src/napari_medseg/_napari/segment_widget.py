@@ -31,6 +31,7 @@ from ..engine.inference.plan import format_seconds
 from ..engine.inference.editing import scope_region
 from ..engine.inference.regions import Region
 from ..engine.progress import NoticeEvent, PlaneEvent, PlanEvent, StageEvent, TilesEvent
+from ..engine.seg_task import mask_classes
 from ..errors import ConfigError, MedsegError
 from . import lazy_outputs, result_layers
 from .image_picker import ImagePickerMixin
@@ -450,7 +451,7 @@ class SegmentWidget(ImagePickerMixin, QWidget):
                 show_warning(message)
                 self.status_label.setText(message)
                 return
-            self.session.num_classes[image_name] = int(spec.num_classes)
+            self.session.num_classes[image_name] = mask_classes(spec)
             seconds = result.stats.get("seconds", outcome.seconds)
             if result.cancelled:
                 total = result.plan.planes if result.plan is not None else "?"

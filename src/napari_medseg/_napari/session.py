@@ -89,9 +89,12 @@ class RunSettings:
         """The engine outputs this run asks for.
 
         Probabilities are always kept for a one-class network, so that the threshold can
-        be changed afterwards without running it again.
+        be changed afterwards without running it again; weights of the instance task also
+        give their objects (``instances``).
         """
         out = ["mask", "boundary"]
+        if self.weights.instances:  # weights that learnt objects give them on every run
+            out.append("instances")
         if self.show_probabilities or self.weights.num_classes == 1:
             out.append("probabilities")
         if self.tta and self.show_variance:

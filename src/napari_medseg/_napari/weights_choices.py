@@ -41,6 +41,7 @@ class WeightsChoice:
         num_classes: K of the weights.
         installed: False for a card whose weights file is missing.
         detail: a line for the tooltip (dataset, metrics, parent).
+        instances: the weights learnt the instance task (a run also gives separate objects).
     """
 
     kind: str
@@ -52,6 +53,7 @@ class WeightsChoice:
     num_classes: int = RANDOM_INIT_CLASSES
     installed: bool = True
     detail: str = ""
+    instances: bool = False
 
     @property
     def untrained(self) -> bool:
@@ -64,6 +66,10 @@ def user_checkpoint_dir() -> Path:
     from ..resources import user_data_dir
 
     return user_data_dir() / "checkpoints"
+
+
+def _is_instance_task(task: dict | None) -> bool:
+    return bool(task) and task.get("kind") == "instances"
 
 
 def _metric_text(metrics: dict) -> str:
@@ -94,7 +100,8 @@ def list_weight_choices(network: str) -> list[WeightsChoice]:
         if card.metrics:
             detail += f"; {_metric_text(card.metrics)}"
         choices.append(WeightsChoice("card", label, card.network, card.variant, card.tag,
-                                     card.in_channels, card.num_classes, installed, detail))
+                                     card.in_channels, card.num_classes, installed, detail,
+                                     _is_instance_task(card.task)))
     folder = user_checkpoint_dir()
     if folder.is_dir():
         for path in sorted(folder.rglob("*.json")):
@@ -112,7 +119,8 @@ def list_weight_choices(network: str) -> list[WeightsChoice]:
                 detail += f"; {_metric_text(info.metrics)}"
             choices.append(WeightsChoice(
                 "checkpoint", f"{name} ({info.variant}, yours)", info.network, info.variant,
-                str(path), info.in_channels, info.num_classes, True, detail))
+                str(path), info.in_channels, info.num_classes, True, detail,
+                _is_instance_task(info.task)))
     choices.append(WeightsChoice("random", RANDOM_INIT, network, "", None, None,
                                  RANDOM_INIT_CLASSES, True,
                                  "Random weights: the masks are meaningless; for trying the "
@@ -132,4 +140,4 @@ def checkpoint_choice(path: str | Path) -> WeightsChoice:
     name = Path(path).with_suffix("").name
     return WeightsChoice("checkpoint", f"{name} ({info.variant}, file)", info.network,
                          info.variant, str(path), info.in_channels, info.num_classes, True,
-                         f"Checkpoint {path}")
+                         f"Checkpoint {path}", _is_instance_task(info.task))

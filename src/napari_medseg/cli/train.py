@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
            for key in ("model", "variant", "in_channels", "classes", "input_downsample",
                        "patch", "batch_size", "steps", "lr", "val_fraction", "val_every",
                        "patience", "device", "precision", "minutes", "seed", "pattern",
-                       "freeze_encoder")},
+                       "freeze_encoder", "task", "boundary_width")},
         "resume": False if args.no_resume else None,
     })
     from ..engine.batch.outputs import check_checkpoint_output
@@ -147,6 +147,12 @@ def _add_train(sub) -> None:
     p.add_argument("--weights", help="start from this checkpoint instead of random weights")
     p.add_argument("--in-channels", type=int, dest="in_channels")
     p.add_argument("--classes", type=int, help="K classes (2 = background + foreground)")
+    p.add_argument("--task", choices=("classes", "instances"),
+                   help="what the masks hold: class indices (default) or one number per "
+                        "object (instances: the network learns background, interior and "
+                        "boundary, 3 classes, and predicts separate objects)")
+    p.add_argument("--boundary-width", type=int, dest="boundary_width",
+                   help="instances: the boundary band's width inside each object (default 1)")
     p.add_argument("--input-downsample", type=int, dest="input_downsample",
                    help="run the network on the image shrunk by this integer factor (large "
                         "objects such as skin lesions; default 1)")

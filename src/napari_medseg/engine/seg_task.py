@@ -36,6 +36,7 @@ __all__ = [
     "SegTask",
     "task_of",
     "with_task",
+    "mask_classes",
     "instance_target",
     "training_targets",
     "seeded_watershed",
@@ -123,6 +124,13 @@ def task_of(model_or_spec) -> SegTask:
     """The task attached to a network (its spec's ``extra["task"]``), ``classes`` if none."""
     spec = getattr(model_or_spec, "spec", model_or_spec)
     return SegTask.from_dict((getattr(spec, "extra", None) or {}).get("task"))
+
+
+def mask_classes(model_or_spec) -> int:
+    """The classes the ``mask`` output holds: 2 (background, foreground) for the instance
+    task, else the network's K."""
+    spec = getattr(model_or_spec, "spec", model_or_spec)
+    return 2 if task_of(spec).instances else int(spec.num_classes)
 
 
 def with_task(model, task: SegTask | dict | None):

@@ -190,6 +190,7 @@ def load_samples(
     task: SegTask | None = None,
     block: int = 4,
     num_classes: int = 2,
+    notes: list[str] | None = None,
 ) -> list[Sample]:
     """Read image/mask pairs into 2D samples.
 
@@ -202,6 +203,8 @@ def load_samples(
             ``classes`` (the default). Never decided from the masks' values.
         block: slices of a stack per split group.
         num_classes: K of the network (a class mask's values must be below it).
+        notes: where a sentence is added when masks hold values above 1 that a one-class
+            network reads as foreground (objects, or classes it merges).
 
     Raises:
         InputShapeError: a mask that does not fit its image, or a value with no class.
@@ -222,6 +225,12 @@ def load_samples(
                 f"{image.shape[1:]}."
             )
         image = _match_channels(normalize(image.astype(np.float32)), in_channels, img_path.name)
+        if notes is not None and not (task and task.instances) and num_classes <= 2 and int(
+                mask.max(initial=0)) > 1 and not notes:
+            notes.append(f"{mask_path.name} (and maybe others) holds labels above 1; a network "
+                         "with one foreground class learns them all as foreground. For "
+                         "separate objects train with --task instances, for several classes "
+                         "with --classes K.")
         planes = [(image, mask, "")] if image.ndim == 3 else [
             (image[:, z], mask[z], f"@{z}") for z in range(image.shape[1])
         ]

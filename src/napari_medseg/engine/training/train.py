@@ -524,8 +524,11 @@ def train_iter(
         model = with_task(model, task)
     num_classes = task.num_classes or (model.spec.num_classes if model is not None
                                        else config.num_classes)
+    notes: list[str] = []
     samples = load_samples(pairs, in_channels, lambda img: normalize(img, norm, channel_axis=0),
-                           task=task, num_classes=num_classes)
+                           task=task, num_classes=num_classes, notes=notes)
+    for note in notes:
+        yield NoticeEvent(note, level="warning")
     train_s, val_s = split_samples(samples, config.val_fraction, config.seed)
     if config.max_val_images and len(val_s) > config.max_val_images:
         val_s = val_s[: config.max_val_images]
