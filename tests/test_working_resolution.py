@@ -47,10 +47,12 @@ def test_wrapper_pools_runs_and_upsamples():
     assert with_downsample(net, 1) is net
 
 
-def test_wrapper_refuses_super_resolution_networks_and_factor_one():
+def test_wrapper_takes_a_super_resolution_network_only_at_its_scale_and_not_factor_one():
     sr = create_model("sasrnet", variant="tiny", in_channels=3, num_classes=2)
-    with pytest.raises(ConfigError, match="working resolution"):
-        WorkingResolution(sr, 2)
+    with pytest.raises(ConfigError, match="own scale"):
+        WorkingResolution(sr, 4)
+    on_grid = WorkingResolution(sr, 2)
+    assert on_grid.spec.output_scale == 1 and on_grid.upsample == 1
     with pytest.raises(ConfigError, match="2 or more"):
         WorkingResolution(_net(), 1)
 

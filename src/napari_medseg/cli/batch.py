@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from .common import EXIT_CANCELLED, Progress, ctrl_c_cancels, load_config, notice_line
-from .common import add_compute_args, add_run_args, add_tiling_args, compute_flags
+from .common import add_compute_args, add_run_args, add_super_resolved_arg, add_tiling_args
+from .common import compute_flags
 
 __all__ = ["add_batch", "cmd_batch"]
 
@@ -99,6 +100,7 @@ def add_batch(sub) -> argparse.ArgumentParser:
     add_tiling_args(p)
     add_compute_args(p)
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    add_super_resolved_arg(p)
     p.add_argument("--force", action="store_true",
                    help="predict every file again, even those finished earlier")
     add_run_args(p, "batch")

@@ -128,7 +128,16 @@ def compute_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {"tile": args.tile, "overlap": args.overlap,
             "balance": False if args.exact_tiles else None, "device": args.device,
             "batch_size": args.batch_size, "precision": args.precision,
-            "tta": True if getattr(args, "tta", False) else None}
+            "tta": True if getattr(args, "tta", False) else None,
+            "super_resolved": True if getattr(args, "super_resolved", False) else None}
+
+
+def add_super_resolved_arg(p: argparse.ArgumentParser) -> None:
+    """``--super-resolved``."""
+    p.add_argument("--super-resolved", action="store_true", dest="super_resolved",
+                   help="super-resolution networks (SASR-Net): write the outputs at the "
+                        "network's scale (2x the image in Y and X) instead of on the image's "
+                        "grid")
 
 
 def add_tiling_args(p: argparse.ArgumentParser) -> None:

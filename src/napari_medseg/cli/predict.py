@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .common import EXIT_CANCELLED, Progress, ctrl_c_cancels, load_config, notice_line
-from .common import add_compute_args, add_run_args, add_tiling_args, compute_flags
+from .common import add_compute_args, add_run_args, add_super_resolved_arg, add_tiling_args
+from .common import compute_flags
 
 __all__ = ["add_predict", "cmd_predict"]
 
@@ -358,6 +359,7 @@ def add_predict(sub) -> argparse.ArgumentParser:
                    help="average YX, ZX and ZY slicing (volumes, 3x the time)")
     p.add_argument("--tta", action="store_true",
                    help="flip test-time augmentation (4x the time in 2D)")
+    add_super_resolved_arg(p)
     p.add_argument("--outputs", help=f"comma-separated, from {','.join(OUTPUT_NAMES)} "
                                      "(default mask)")
     p.add_argument("--format", choices=tuple(_FORMAT_SUFFIX), default=None,

@@ -166,6 +166,9 @@ class PredictConfig(ConfigBase):
             streamed (a zarr store; a TIFF file through a temporary store beside it) or,
             where the format cannot stream (NIfTI, PNG, an in-memory result), refused before
             any work with one sentence.
+        super_resolved: for a super-resolution network (SASR-Net), return its outputs at
+            its own scale (s times the image in Y and X, geometry scaled to match) instead
+            of on the image's grid (the default).
     """
 
     tiling: TilingConfig = field(default_factory=TilingConfig)
@@ -189,6 +192,7 @@ class PredictConfig(ConfigBase):
     overwrite: bool = False
     oom_fallback: bool = True
     memory_fraction: float = 0.5
+    super_resolved: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.memory_fraction <= 1.0:

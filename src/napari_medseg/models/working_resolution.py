@@ -10,6 +10,15 @@ bilinearly by the same factor. To the engine it is just a network whose divisor,
 side and preferred tile are ``factor`` times larger, so tiling, training, fine-tuning and
 evaluation work at full resolution unchanged; a checkpoint stores the inner network's
 weights and the factor (``input_downsample``).
+
+A super-resolution network (``output_scale`` s > 1, SASR-Net) wrapped with ``factor`` = s
+runs on the image shrunk by s and returns its outputs on the image's own grid (nothing is
+upsampled: the network itself gives s times its input). That is the pairing it trains on
+(a patch shrunk by s in, the patch's own mask out), so prediction, fine-tuning and
+evaluation see the grid the user's image and labels are on. Shrinking by 2 is the spec's
+bilinear resampling: at factor 2, bilinear interpolation (half-pixel centres) is the mean
+of each 2 x 2 block, which is what the average pool computes. The bare network (a mask s
+times the image's size) is :func:`unwrap`'s.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["WorkingResolution", "input_downsample", "unwrap", "with_downsample"]
+__all__ = ["WorkingResolution", "input_downsample", "unwrap", "with_downsample",
+           "super_resolved"]
 
 
 class WorkingResolution(nn.Module):
@@ -43,16 +53,20 @@ class WorkingResolution(nn.Module):
         if factor < 2:
             raise ConfigError(f"A working-resolution factor must be 2 or more, not {factor}.")
         spec = net.spec
-        if spec.output_scale != 1 or spec.spatial_dims != 2:
+        scale = int(spec.output_scale)
+        if spec.spatial_dims != 2 or (scale != 1 and factor != scale):
             raise ConfigError(
-                f"{spec.network} cannot run at a working resolution: only 2D networks whose "
-                "output has the input's size can.")
+                f"{spec.network} cannot run at a working resolution of 1/{factor}: only 2D "
+                "networks can, and a super-resolution network only at its own scale "
+                f"(1/{scale}).")
         self.net = net
         self.factor = factor
+        #: what the outputs are upsampled by (1 for a super-resolution network)
+        self.upsample = factor // scale
         self.spec = dataclasses.replace(
             spec, divisor=spec.divisor * factor, min_size=spec.min_size * factor,
-            preferred_tile=spec.preferred_tile * factor,
-            extra={**spec.extra, "input_downsample": factor})
+            preferred_tile=spec.preferred_tile * factor, output_scale=1,
+            extra={**spec.extra, "input_downsample": factor, "super_resolution": scale})
         self.config = net.config
 
     def encoder_parameters(self):
@@ -60,6 +74,8 @@ class WorkingResolution(nn.Module):
         return self.net.encoder_parameters()
 
     def _up(self, value: Any) -> Any:
+        if self.upsample == 1:
+            return value
         if isinstance(value, torch.Tensor) and value.ndim == 4:
             up = F.interpolate(value.float(), scale_factor=self.factor, mode="bilinear",
                                align_corners=False)
@@ -88,3 +104,17 @@ def unwrap(model: nn.Module) -> nn.Module:
 def input_downsample(model: nn.Module) -> int:
     """The working-resolution factor of ``model`` (1 for a plain network)."""
     return model.spec.input_downsample
+
+
+def super_resolved(model: nn.Module) -> nn.Module:
+    """The bare super-resolution network inside ``model`` (outputs at its own scale).
+
+    Raises:
+        ConfigError: ``model`` is not a super-resolution network on the input grid.
+    """
+    if isinstance(model, WorkingResolution) and model.net.spec.output_scale > 1:
+        return model.net
+    if model.spec.output_scale > 1:
+        return model
+    raise ConfigError(f"{model.spec.network} is not a super-resolution network; it has no "
+                      "super-resolved output.")

@@ -129,6 +129,10 @@ class _Run:
     """One prediction: setup, plan, the plane loop over the tile loop, and the result."""
 
     def __init__(self, image, model, config: PredictConfig, meta: Any, cancel: CancelToken):
+        if config.super_resolved:
+            from ...models.working_resolution import super_resolved
+
+            model = super_resolved(model)
         self.image = image
         self.model = model
         self.config = config

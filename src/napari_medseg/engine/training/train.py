@@ -33,7 +33,7 @@ from ...models import create_model
 from ...models.working_resolution import with_downsample
 from .augment import augment_batch
 from ..checkpoints import save_checkpoint
-from .start import starting_point, task_to_learn, widen_classes
+from .start import on_input_grid, starting_point, task_to_learn, widen_classes
 from .datasets import PatchSampler, Sample, data_hash, find_pairs, load_samples, split_samples
 from ..device import resolve_device
 from .losses import compute_loss
@@ -145,8 +145,12 @@ def make_batch(
     output_scale: int,
     generator: torch.Generator,
     device: torch.device,
+    super_resolution: int = 1,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Draw, augment and (for super-resolution networks) downsample one training batch.
+
+    ``super_resolution`` > 1 with ``output_scale`` 1: a super-resolution network wrapped to
+    work on the input grid (it shrinks the patch itself); the patch is its ``image_hr``.
 
     Patches are drawn at the target resolution; a network with ``output_scale`` s > 1 gets the
     image average-pooled by s as input, and the full-resolution image as ``image_hr``.
@@ -163,6 +167,8 @@ def make_batch(
     if output_scale > 1:
         targets["image_hr"] = image
         image = F.avg_pool2d(image, output_scale)
+    elif super_resolution > 1:  # a super-resolution network on the input grid: it shrinks
+        targets["image_hr"] = image  # the patch itself, so the patch is its SR target
     targets["image"] = image
     return image.contiguous(), targets
 
@@ -337,7 +343,8 @@ def _optimiser_step(model, sampler, config, optimizer, trainable: list, lr: floa
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    x, targets = make_batch(sampler, config, model.spec.output_scale, generator, device)
+    x, targets = make_batch(sampler, config, model.spec.output_scale, generator, device,
+                            int(model.spec.extra.get("super_resolution", 1)))
     if device.type in ("cpu", "cuda"):
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(device, policy):
@@ -521,7 +528,7 @@ def train_iter(
                           f"{model.spec.num_classes} classes widened to {task.num_classes}.")
         model = widen_classes(model, task.num_classes)
     if model is not None:
-        model = with_task(model, task)
+        model = with_task(on_input_grid(model), task)
     num_classes = task.num_classes or (model.spec.num_classes if model is not None
                                        else config.num_classes)
     notes: list[str] = []
@@ -538,7 +545,7 @@ def train_iter(
     device = resolve_device(config.device)
     policy = resolve_precision(config.precision, device)
     if model is None:
-        model = with_task(with_downsample(
+        model = with_task(on_input_grid(
             create_model(config.network, config.variant, in_channels, num_classes,
                          **dict(config.model_overrides or {})), config.input_downsample), task)
     spec = model.spec
