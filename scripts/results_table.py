@@ -37,6 +37,18 @@ def _value(metrics: dict, key: str) -> str:
     return "-" if v is None else f"{v:.1f}" if key == "hd95" else f"{v:.3f}"
 
 
+def _task_text(task) -> str:
+    """A card's task as a table cell: its description (and kind when it is the instance
+    task, with the tuned watershed)."""
+    if not isinstance(task, dict):
+        return str(task or "")
+    text = str(task.get("description") or task.get("kind", ""))
+    if task.get("kind") == "instances":
+        text += (f" [instance task: boundary {task.get('boundary_width')} px, seeds at interior "
+                 f">= {task.get('seed_threshold')}, >= {task.get('min_seed')} px]")
+    return text
+
+
 def table(cards: list[dict] | None = None) -> str:
     """The results table: one row per model card."""
     rows = [
@@ -53,7 +65,7 @@ def table(cards: list[dict] | None = None) -> str:
                                                         "ap_iou50", "dsb_score", "aji"))
         rows.append(
             f"| `{card['tag']}` | {card['network']} / {card['variant']} | {card['dataset']} | "
-            f"{card.get('task', '')} | {m.get('n_images', '-')} | {scores} | "
+            f"{_task_text(card.get('task'))} | {m.get('n_images', '-')} | {scores} | "
             f"{s.get('steps', '?')} steps, {s.get('wall_time_min', '?')} min, "
             f"{s.get('device', '?')}{at} |"
         )
