@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="what the masks hold (default: the data set's, instances for nuclei)")
     p.add_argument("--boundary-width", type=int, default=1,
                    help="boundary band width of the instance task, in pixels")
+    p.add_argument("--contact-weight", type=float, default=5.0,
+                   help="instance task: loss weight where two objects touch")
     p.add_argument("--init", help="start from these weights (a tag or a checkpoint path); "
                    "a foreground network is widened to the instance task's three classes")
     args = p.parse_args(argv)
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_classes": 2, "patch": args.patch or ds["patch"], "batch_size": args.batch_size,
         "steps": args.steps, "lr": args.lr, "val_every": args.val_every,
         "max_minutes": args.minutes, "task": args.task or ds["task"],
-        "boundary_width": args.boundary_width,
+        "boundary_width": args.boundary_width, "contact_weight": args.contact_weight,
         "normalization": ds["normalization"], "dataset": args.dataset, "patience": 0,
         "model_overrides": overrides, "resume": True, "precision": args.precision,
         "warmup_steps": args.warmup_steps, "input_downsample": args.input_downsample,
@@ -233,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             "patch": cfg.patch, "optimizer": "AdamW, linear warm-up, cosine decay",
             **({"augment": cfg.augment.to_dict()} if args.augment else {}),
             "lr": cfg.lr, "precision": info.settings.get("precision"),
+            **({"task": cfg.task, "boundary_width": cfg.boundary_width,
+                "contact_weight": cfg.contact_weight} if cfg.task == "instances" else {}),
             "device": f"{info.settings.get('device')} ({platform.processor() or platform.machine()})",
             "wall_time_min": round(wall / 60, 1),
             "stopped": getattr(result, "stopped", None),

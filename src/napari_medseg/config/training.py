@@ -76,6 +76,8 @@ class TrainConfig(ConfigBase):
             measurement: perfect three-class targets give back the DSB2018 nuclei at AP@0.5
             0.986 with width 1, 0.961 with 2 (178 of 6,960 small nuclei lose their interior)
             and 0.898 with 3.
+        contact_weight: ``instances``: the loss weight of boundary pixels where two objects
+            touch (1 elsewhere): the line between touching nuclei is what separates them.
         pattern: glob of the files to use in the folders.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` autocast.
@@ -112,6 +114,7 @@ class TrainConfig(ConfigBase):
     normalization: NormalizationConfig | None = None
     task: str = field(default="classes", metadata=choices("classes", "instances"))
     boundary_width: int = 1
+    contact_weight: float = 5.0
     pattern: str = "*"
     device: str = "auto"
     precision: str = field(default="auto", metadata=choices(*PRECISIONS))
@@ -129,6 +132,8 @@ class TrainConfig(ConfigBase):
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}.")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), not {self.val_fraction}.")
+        if not self.contact_weight >= 1.0:
+            raise ConfigError(f"contact_weight must be at least 1, not {self.contact_weight}.")
         if not self.lr > 0:
             raise ConfigError(f"The learning rate must be positive, not {self.lr}.")
 

@@ -38,6 +38,7 @@ __all__ = [
     "with_task",
     "mask_classes",
     "instance_target",
+    "contact_weights",
     "training_targets",
     "seeded_watershed",
 ]
@@ -176,6 +177,40 @@ def instance_target(labels: np.ndarray, width: int = 1) -> np.ndarray:
     fg = labels > 0
     out = fg.astype(np.int64)
     out[fg & ((hi != labels) | (lo != labels))] = 2
+    return out
+
+
+def contact_weights(labels: np.ndarray, width: int = 1, weight: float = 5.0) -> np.ndarray:
+    """Pixel weights that stress where objects touch: ``weight`` on the boundary pixels that
+    lie within ``width`` pixels of another object (not of the background), 1 elsewhere.
+
+    The lines between touching nuclei are a small share of the boundary class and the hardest
+    part of it (measured: after training without this the nuclei weights drew the outer
+    contour of touching H&E nuclei but rarely the line between them); the weights go into
+    the loss as its pixel weights.
+
+    Args:
+        labels: instance labels, YX (ZYX plane by plane).
+        width: the boundary band's width.
+        weight: the weight of a contact pixel (>= 1).
+
+    Returns:
+        float32 weights of ``labels``' shape.
+    """
+    from scipy import ndimage as ndi
+
+    labels = np.asarray(labels)
+    if labels.ndim > 2:
+        return np.stack([contact_weights(p, width, weight) for p in labels])
+    size = 2 * int(width) + 1
+    # another object nearby: the largest label nearby differs, or the smallest non-zero does
+    big = int(labels.max(initial=0)) + 1  # stands for the background in the minimum
+    positive = np.where(labels > 0, labels.astype(np.int64), big)
+    hi = ndi.maximum_filter(labels.astype(np.int64), size=size, mode="nearest")
+    lo = ndi.minimum_filter(positive, size=size, mode="nearest")
+    contact = (labels > 0) & ((hi != labels) & (hi > 0) | (lo != labels) & (lo != big))
+    out = np.ones(labels.shape, np.float32)
+    out[contact] = float(weight)
     return out
 
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ...errors import ImageReadError, InputShapeError
-from ..seg_task import SegTask, training_targets
+from ..seg_task import SegTask, contact_weights, training_targets
 
 __all__ = [
     "Sample",
@@ -43,6 +43,8 @@ class Sample:
             when the network derives its own).
         name: file stem, with ``@z`` for a slice of a stack.
         group: split unit (a file, or a block of neighbouring slices).
+        weight: H x W float32 pixel weights of the loss (the instance task's contact
+            weights), or None (every pixel 1).
     """
 
     image: np.ndarray
@@ -50,6 +52,7 @@ class Sample:
     boundary: np.ndarray | None
     name: str
     group: str
+    weight: np.ndarray | None = None
 
 
 class Unpaired(NamedTuple):
@@ -191,6 +194,7 @@ def load_samples(
     block: int = 4,
     num_classes: int = 2,
     notes: list[str] | None = None,
+    contact_weight: float = 1.0,
 ) -> list[Sample]:
     """Read image/mask pairs into 2D samples.
 
@@ -205,6 +209,8 @@ def load_samples(
         num_classes: K of the network (a class mask's values must be below it).
         notes: where a sentence is added when masks hold values above 1 that a one-class
             network reads as foreground (objects, or classes it merges).
+        contact_weight: the instance task's loss weight on pixels where objects touch
+            (:func:`~napari_medseg.engine.seg_task.contact_weights`); 1 = none.
 
     Raises:
         InputShapeError: a mask that does not fit its image, or a value with no class.
@@ -240,8 +246,11 @@ def load_samples(
             except InputShapeError as exc:
                 raise InputShapeError(f"{mask_path.name}: {exc}") from None
             group = _stem(img_path) + (f"#{i // block}" if suffix else "")
+            weight = None
+            if task is not None and task.instances and contact_weight != 1.0:
+                weight = contact_weights(m2d, task.boundary_width, contact_weight)
             samples.append(Sample(np.ascontiguousarray(img2d, np.float32), cls, boundary,
-                                  _stem(img_path) + suffix, group))
+                                  _stem(img_path) + suffix, group, weight))
     return samples
 
 
@@ -280,28 +289,31 @@ class PatchSampler:
         self.rng = np.random.default_rng(seed)
         self._fg = [np.argwhere(s.mask > 0) for s in self.samples]
 
-    def _pad(self, s: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def _pad(self, s: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                       np.ndarray | None]:
         h, w = s.mask.shape
         ph, pw = max(0, self.patch - h), max(0, self.patch - w)
         if not ph and not pw:
-            return s.image, s.mask, s.boundary
+            return s.image, s.mask, s.boundary, s.weight
         pads = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
         img = np.pad(s.image, ((0, 0), *pads), mode="reflect" if min(h, w) > 1 else "edge")
         mask = np.pad(s.mask, pads, mode="constant")
         bnd = None if s.boundary is None else np.pad(s.boundary, pads, mode="constant")
-        return img, mask, bnd
+        weight = None if s.weight is None else np.pad(s.weight, pads, mode="edge")
+        return img, mask, bnd, weight
 
     def draw(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
         """``n`` patches: images N x C x P x P, masks N x P x P, boundaries (or None), valid.
 
-        ``valid`` (N x P x P float32) is 0 on padding, so losses ignore it.
+        ``valid`` (N x P x P float32) is 0 on padding, so losses ignore it, and carries
+        the samples' pixel weights elsewhere.
         """
         imgs, masks, bnds, valids = [], [], [], []
         any_boundary = any(s.boundary is not None for s in self.samples)
         for _ in range(n):
             i = int(self.rng.integers(len(self.samples)))
             s = self.samples[i]
-            img, mask, bnd = self._pad(s)
+            img, mask, bnd, weight = self._pad(s)
             h, w = mask.shape
             oy = (self.patch - s.mask.shape[0]) // 2 if s.mask.shape[0] < self.patch else 0
             ox = (self.patch - s.mask.shape[1]) // 2 if s.mask.shape[1] < self.patch else 0
@@ -318,7 +330,7 @@ class PatchSampler:
             sl = (slice(y0, y0 + self.patch), slice(x0, x0 + self.patch))
             imgs.append(img[(slice(None), *sl)])
             masks.append(mask[sl])
-            valids.append(valid[sl])
+            valids.append(valid[sl] if weight is None else valid[sl] * weight[sl])
             if any_boundary:
                 bnds.append(bnd[sl] if bnd is not None else np.zeros_like(mask[sl], np.uint8))
         return (np.stack(imgs), np.stack(masks), np.stack(bnds) if any_boundary else None,

@@ -20,8 +20,8 @@ from ..seg_task import SegTask, seeded_watershed, task_of
 
 __all__ = ["SEED_THRESHOLDS", "MIN_SEEDS", "held_out_probabilities", "tune_watershed"]
 
-SEED_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-MIN_SEEDS = (2, 4, 8, 16, 32)
+SEED_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+MIN_SEEDS = (8, 16, 32, 64, 128)
 
 
 def held_out_probabilities(model, pairs: Iterable[tuple[Path, Path]],

@@ -533,7 +533,8 @@ def train_iter(
                                        else config.num_classes)
     notes: list[str] = []
     samples = load_samples(pairs, in_channels, lambda img: normalize(img, norm, channel_axis=0),
-                           task=task, num_classes=num_classes, notes=notes)
+                           task=task, num_classes=num_classes, notes=notes,
+                           contact_weight=config.contact_weight)
     for note in notes:
         yield NoticeEvent(note, level="warning")
     train_s, val_s = split_samples(samples, config.val_fraction, config.seed)
