@@ -177,3 +177,35 @@ def test_the_task_travels_with_the_checkpoint_into_the_outputs(tmp_path):
     written = save_checkpoint(plain, tmp_path / "plain")
     assert "task" not in written.to_dict()
     assert not task_of(load_checkpoint(tmp_path / "plain")[0]).instances
+
+
+def test_contact_weights_stress_only_where_objects_touch():
+    from napari_medseg.engine.seg_task import contact_weights
+
+    labels = touching_discs()
+    weights = contact_weights(labels, 1, 5.0)
+    heavy = weights > 1
+    assert heavy.any() and (weights[heavy] == 5.0).all() and (weights[~heavy] == 1.0).all()
+    # only pixels next to the other disc: none on the outer contour, none in the background
+    cols = np.unique(np.argwhere(heavy)[:, 1])
+    assert cols.min() >= 28 and cols.max() <= 36 and not heavy[labels == 0].any()
+    lone = np.zeros((20, 20), np.int32)
+    lone[5:15, 5:15] = 3
+    assert (contact_weights(lone, 1, 5.0) == 1.0).all()
+
+
+def test_training_patches_carry_the_contact_weights(tmp_path):
+    import tifffile
+
+    from napari_medseg.engine.training.datasets import PatchSampler, load_samples
+
+    labels = touching_discs()
+    image = (labels > 0).astype(np.float32) * 200
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    tifffile.imwrite(tmp_path / "a_mask.tif", labels.astype(np.uint16))
+    (s,) = load_samples([(tmp_path / "a.tif", tmp_path / "a_mask.tif")], 1, lambda x: x / 200,
+                        task=INSTANCES, num_classes=3, contact_weight=4.0)
+    assert s.weight is not None and s.weight.max() == 4.0
+    _, masks, bnds, valid = PatchSampler([s], 64, seed=0).draw(2)
+    assert valid.max() == 4.0 and set(np.unique(masks)) == {0, 1, 2}
+    assert np.array_equal(bnds, (masks == 2).astype(np.uint8))
