@@ -209,3 +209,16 @@ def test_training_patches_carry_the_contact_weights(tmp_path):
     _, masks, bnds, valid = PatchSampler([s], 64, seed=0).draw(2)
     assert valid.max() == 4.0 and set(np.unique(masks)) == {0, 1, 2}
     assert np.array_equal(bnds, (masks == 2).astype(np.uint8))
+
+
+def test_banet_with_the_instance_task_takes_its_boundary_from_the_boundary_class():
+    """Its edge head learns the same boundary in training; prediction reads the class."""
+    from napari_medseg.engine.inference.pipeline import predict
+    from napari_medseg.models import create_model
+
+    torch.manual_seed(0)
+    model = with_task(create_model("banet", "tiny", 1, 3), INSTANCES)
+    out = predict(np.random.default_rng(2).random((64, 80)).astype(np.float32), model,
+                  {"outputs": "boundary,probabilities", "device": "cpu"})
+    probs = np.asarray(out["probabilities"], np.float32)
+    assert np.array_equal(np.asarray(out["boundary"]), (probs[2] > 0.5).astype(np.uint8))

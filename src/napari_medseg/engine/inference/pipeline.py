@@ -146,9 +146,11 @@ class _Run:
         self.scale = int(self.spec.output_scale)
         self.K = int(self.spec.num_classes)
         self.has_boundary = HEAD_BOUNDARY in self.spec.heads
-        # The boundary head is read (and stitched) only for the outputs that use it.
+        # The boundary head is read (and stitched) only for the outputs that use it; with the
+        # instance task the boundary is the boundary class (BA-Net's edge head only helped
+        # it learn).
         self.use_boundary = self.has_boundary and bool(
-            set(config.outputs) & {"boundary", "instances"})
+            set(config.outputs) & {"boundary", "instances"}) and not task_of(model).instances
         # Two classes: only the foreground probability is stitched. Blending is linear and
         # the weights sum to one, so the background is exactly 1 - foreground after the stitch
         # too; this halves the stitch and the copies. softmax(l)[1] == sigmoid(l1 - l0).
