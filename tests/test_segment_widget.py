@@ -244,16 +244,25 @@ def test_shipped_weights_segment_a_grey_image(make_napari_viewer, qtbot, env):
 
 
 def test_rgb_image_with_an_upsampling_network(make_napari_viewer, qtbot, env):
-    """SASR-Net predicts at twice the resolution: layers get half the pixel size, and pixel
-    centres shifted so that the outputs cover exactly the image."""
+    """SASR-Net works on the image's grid unless "super-resolved" is ticked: then it
+    predicts at twice the resolution, layers get half the pixel size, and pixel centres
+    shifted so that the outputs cover exactly the image."""
     viewer = make_napari_viewer()
     rgb = (np.random.default_rng(8).random((40, 48, 3)) * 255).astype(np.uint8)
-    viewer.add_image(rgb, name="he", rgb=True, scale=(2.0, 2.0), translate=(5.0, 7.0))
+    viewer.add_image(rgb, name="grid", rgb=True)
     widget = _widget(viewer, qtbot)
-    _choose(widget, network="sasrnet", tile=32)
+    _choose(widget, network="sasrnet", tile=64)
     outcome = _run(qtbot, widget)
     assert outcome.ok, outcome.error
     from napari_medseg._napari.result_layers import find_output
+
+    assert find_output(viewer, "grid", "mask").data.shape == (40, 48)
+    viewer.add_image(rgb, name="he", rgb=True, scale=(2.0, 2.0), translate=(5.0, 7.0))
+    widget.image_combo.setCurrentText("he")
+    _choose(widget, network="sasrnet", tile=32)
+    widget.sr_check.setChecked(True)
+    outcome = _run(qtbot, widget)
+    assert outcome.ok, outcome.error
 
     mask = find_output(viewer, "he", "mask")
     assert mask.data.shape == (80, 96)

@@ -68,7 +68,11 @@ class RunPanel(QGroupBox):
         self.probs_check.setToolTip("Add the probabilities as an Image layer.")
         self.variance_check = QCheckBox("TTA variance")
         self.variance_check.setToolTip("Add the disagreement of the TTA passes (needs TTA).")
-        form.addRow("Options", row_widget(self.tta_check, stretch=1))
+        self.sr_check = QCheckBox("super-resolved")
+        self.sr_check.setToolTip(
+            "Super-resolution networks (SASR-Net): the outputs at twice the image's size "
+            "instead of on the image's grid.")
+        form.addRow("Options", row_widget(self.tta_check, self.sr_check, stretch=1))
         form.addRow("Show", row_widget(self.probs_check, self.variance_check, stretch=1))
         self.threshold_slider = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
         self.threshold_slider.setRange(0.01, 0.99)

@@ -158,7 +158,7 @@ class SegmentWidget(ImagePickerMixin, QWidget):
                                       "weights_combo", "browse_button", "untrained_label",
                                       "device_combo")),
                 (self.run_panel, ("scope_combo", "tile_spin", "overlap_spin", "blend_combo",
-                                  "tta_check", "probs_check", "variance_check",
+                                  "tta_check", "sr_check", "probs_check", "variance_check",
                                   "threshold_slider")),
                 (self.plan_panel, ("plan_label", "measure_button", "tiles_button")),
                 (self.tools_panel, ("boundary_button", "instances_button")),
@@ -225,7 +225,7 @@ class SegmentWidget(ImagePickerMixin, QWidget):
                   self.browse_button, self.device_combo, self.scope_combo, self.tile_spin,
                   self.overlap_spin, self.blend_combo, self.tta_check, self.measure_button,
                   self.tiles_button, self.boundary_button, self.instances_button,
-                  self.probs_check):
+                  self.probs_check, self.sr_check):
             w.setEnabled(not running)
         choice = self.current_weights()
         self.variant_combo.setEnabled(not running and choice is not None and choice.untrained)
@@ -259,7 +259,7 @@ class SegmentWidget(ImagePickerMixin, QWidget):
             threshold=round(float(self.threshold_slider.value()), 4),
             tta=self.tta_check.isChecked(), show_probabilities=self.probs_check.isChecked(),
             show_variance=self.variance_check.isChecked() and self.tta_check.isChecked(),
-            axes=result_layers.image_axes(image))
+            axes=result_layers.image_axes(image), super_resolved=self.sr_check.isChecked())
 
     def region(self, image: Image) -> Region:
         """The part of ``image`` the scope covers (its non-channel axes)."""

@@ -71,6 +71,7 @@ class RunSettings:
         show_probabilities: add the probabilities as an Image layer.
         show_variance: add the TTA variance as an Image layer.
         axes: the image's axes (``YX``, ``ZYX``, ``YXC`` ...).
+        super_resolved: a super-resolution network's outputs at its own scale (2x).
     """
 
     weights: WeightsChoice
@@ -84,6 +85,7 @@ class RunSettings:
     show_probabilities: bool
     show_variance: bool
     axes: str
+    super_resolved: bool = False
 
     def outputs(self) -> tuple[str, ...]:
         """The engine outputs this run asks for.
@@ -111,6 +113,7 @@ class RunSettings:
             "tile": self.tile, "overlap": self.overlap, "blend": self.blend,
             "threshold": self.threshold, "tta": self.tta, "device": self.device,
             "axes": self.axes, "outputs": ",".join(self.outputs()),
+            "super_resolved": self.super_resolved,
         })
 
 

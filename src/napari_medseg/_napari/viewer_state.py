@@ -82,9 +82,11 @@ class ModelCache:
 def _build(choice: WeightsChoice, variant: str, in_channels: int) -> Any:
     if choice.untrained:
         from ..models import create_model
+        from ..models.working_resolution import on_input_grid
 
-        return create_model(choice.network, variant, int(in_channels), RANDOM_INIT_CLASSES,
-                            seed=0)
+        # a super-resolution network works on the image's grid, as trained weights do
+        return on_input_grid(create_model(choice.network, variant, int(in_channels),
+                                          RANDOM_INIT_CLASSES, seed=0))
     if choice.kind == "card" and not choice.installed:
         raise WeightsNotFoundError(
             f"The weights of {choice.source!r} are not installed; choose other weights "

@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import ConfigError
 
 __all__ = ["WorkingResolution", "input_downsample", "unwrap", "with_downsample",
-           "super_resolved"]
+           "super_resolved", "on_input_grid"]
 
 
 class WorkingResolution(nn.Module):
@@ -118,3 +118,16 @@ def super_resolved(model: nn.Module) -> nn.Module:
         return model
     raise ConfigError(f"{model.spec.network} is not a super-resolution network; it has no "
                       "super-resolved output.")
+
+
+def on_input_grid(model, factor: int = 1):
+    """``model`` at working resolution 1/``factor``; a super-resolution network always on
+    its input grid (wrapped at its own scale), so that it learns, validates and is saved in
+    the pairing prediction and fine-tuning use (the patch shrunk in, its own mask out)."""
+    net = unwrap(model)
+    scale = int(net.spec.output_scale)
+    if scale > 1:
+        return model if model is not net else with_downsample(net, scale)
+    if int(factor) > 1 and model is net:
+        return with_downsample(net, factor)
+    return model

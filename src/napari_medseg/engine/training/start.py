@@ -14,7 +14,7 @@ from ...models.working_resolution import with_downsample
 from ..checkpoints import load_checkpoint
 from ..seg_task import SegTask
 
-__all__ = ["on_input_grid", "starting_point", "task_to_learn", "widen_classes"]
+__all__ = ["starting_point", "task_to_learn", "widen_classes"]
 
 
 def starting_point(parent: str | Path | None, config: TrainConfig, pairs: list
@@ -84,17 +84,3 @@ def widen_classes(model, num_classes: int):
     new.load_state_dict(target)
     return with_downsample(new, input_downsample(model))
 
-
-def on_input_grid(model, factor: int = 1):
-    """``model`` at working resolution 1/``factor``; a super-resolution network always on
-    its input grid (wrapped at its own scale), so that it learns, validates and is saved in
-    the pairing prediction and fine-tuning use (the patch shrunk in, its own mask out)."""
-    from ...models.working_resolution import unwrap
-
-    net = unwrap(model)
-    scale = int(net.spec.output_scale)
-    if scale > 1:
-        return model if model is not net else with_downsample(net, scale)
-    if int(factor) > 1 and model is net:
-        return with_downsample(net, factor)
-    return model

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from ...config import NormalizationConfig, PredictConfig, TrainConfig
 from ...errors import InputShapeError
 from ...models import create_model
-from ...models.working_resolution import with_downsample
+from ...models.working_resolution import on_input_grid
 from .augment import augment_batch
 from ..checkpoints import save_checkpoint
-from .start import on_input_grid, starting_point, task_to_learn, widen_classes
+from .start import starting_point, task_to_learn, widen_classes
 from .datasets import PatchSampler, Sample, data_hash, find_pairs, load_samples, split_samples
 from ..device import resolve_device
 from .losses import compute_loss
