@@ -222,3 +222,25 @@ def test_banet_with_the_instance_task_takes_its_boundary_from_the_boundary_class
                   {"outputs": "boundary,probabilities", "device": "cpu"})
     probs = np.asarray(out["probabilities"], np.float32)
     assert np.array_equal(np.asarray(out["boundary"]), (probs[2] > 0.5).astype(np.uint8))
+
+
+def test_train_reads_a_three_class_mask_as_classes_and_instances_only_when_told(tmp_path):
+    """The bug this replaces: any mask above 1 was taken for instances (foreground plus a
+    boundary), so a {0, 1, 2} class mask lost its classes."""
+    import tifffile
+
+    from napari_medseg.engine.training.datasets import load_samples
+
+    semantic = np.zeros((32, 32), np.uint8)
+    semantic[4:14, 4:28] = 1
+    semantic[18:28, 4:28] = 2
+    tifffile.imwrite(tmp_path / "s.tif", semantic.astype(np.float32))
+    tifffile.imwrite(tmp_path / "s_mask.tif", semantic)
+    pairs = [(tmp_path / "s.tif", tmp_path / "s_mask.tif")]
+    (as_classes,) = load_samples(pairs, 1, lambda x: x, num_classes=3)
+    assert np.array_equal(as_classes.mask, semantic) and as_classes.boundary is None
+    (as_objects,) = load_samples(pairs, 1, lambda x: x, task=INSTANCES, num_classes=3)
+    assert np.array_equal(as_objects.mask, instance_target(semantic))
+    notes: list[str] = []
+    (merged,) = load_samples(pairs, 1, lambda x: x, num_classes=2, notes=notes)
+    assert merged.mask.max() == 1 and "--task instances" in notes[0]
