@@ -435,10 +435,14 @@ def test_cli_predict_of_several_files_writes_what_batch_writes(tmp_path, checkpo
 
     ckpt = checkpoint[0] if network == "msa2net" else sr_checkpoint
     src = _good_images(tmp_path / "in", origin=(3.0, -2.0))
+    # SASR-Net's outputs are on the image's grid unless asked at its scale
+    sr = ["--super-resolved"] if network == "sasrnet" else []
     rc = main(["predict", str(src), "-o", str(tmp_path / "cli"), "--weights", str(ckpt),
-               "--format", fmt, "--device", "cpu", "--precision", "fp32", "--tile", "64", "-q"])
+               "--format", fmt, "--device", "cpu", "--precision", "fp32", "--tile", "64", "-q",
+               *sr])
     assert rc == 0, capsys.readouterr().err
-    summary = run_folder(src, tmp_path / "batch", weights=str(ckpt), format=fmt, **FAST)
+    summary = run_folder(src, tmp_path / "batch", weights=str(ckpt), format=fmt,
+                         super_resolved=bool(sr), **FAST)
     assert summary.ok and summary.done == 3
     scale = 2 if network == "sasrnet" else 1
     for stem, shape in (("a", (64, 64)), ("b", (64, 64)), ("c", (64, 80))):

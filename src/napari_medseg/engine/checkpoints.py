@@ -422,12 +422,13 @@ def _load(info: CheckpointInfo, weights_path: Path, device, verify: bool, source
         _verify_description(info, weights_path, source, card)
     if info.sha256 is None:
         info = dataclasses.replace(info, sha256=sha256_file(weights_path))
-    from ..models.working_resolution import with_downsample
+    from ..models.working_resolution import on_input_grid, with_downsample
     from .seg_task import with_task
 
     model = _build(info, source)
     _load_state(model, weights_path, source)
-    model = with_task(with_downsample(model, info.input_downsample), info.task)
+    # a super-resolution network works on the image's grid (older checkpoints recorded 1)
+    model = with_task(on_input_grid(with_downsample(model, info.input_downsample)), info.task)
     model.eval()
     model.to(device)
     model.checkpoint_info = info
