@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.inference.postprocess import dequantize_probabilities
+from ..engine.inference.postprocess import dequantize_probabilities, offset_labels
 from ..engine.inference.regions import Region, finished_keys, output_geometry, whole_region
 from ..errors import InputShapeError
 from ..io.metadata import upsampled_geometry
@@ -415,6 +415,9 @@ def apply_run(
                         created)
         # a layer made or emptied by this run holds no painting (the record is of old data)
         fresh = any(c.layer is layer and (c.created or c.key is None) for c in edit.changes)
+        # objects of a part of the image are numbered after those already in the layer
+        offset = 0 if fresh or output != "instances" or out_region.shape == tuple(
+            full_out) else int(np.max(layer.data, initial=0))
         for key in keys:
             if output.startswith("probabilities"):
                 k = num_classes - 1 if num_classes <= 2 else int(output[14:-1])
@@ -423,6 +426,8 @@ def apply_run(
                 values = np.asarray(result["variance"][key], np.float32)
             else:
                 values = np.asarray(result[output][key])
+                if offset:
+                    values = offset_labels(values, offset)
             out_key = out_region.offset(key)
             if output in _LABEL_OUTPUTS:
                 predicted = values

@@ -2,8 +2,8 @@
 
 A thin skin over the engine. The widget gathers its values into a
 :class:`~.session.RunSettings` (which builds the engine's ``PredictConfig``), computes the
-region to segment from the viewer (current slice, visible region or whole image, see
-:mod:`napari_medseg.engine.inference.regions`), and runs the engine's ``predict_iter`` generator in a
+region to segment from the viewer (slice, visible region or image:
+:mod:`napari_medseg.engine.inference.regions`), and runs the engine's ``predict_iter`` in a
 napari thread worker (:mod:`.worker`) with napari's cancellable progress bar. The results
 become layers in :mod:`.result_layers`; the session keeps probabilities (so the threshold
 re-derives masks without running the network), measured timings (for the plan) and the
@@ -12,9 +12,8 @@ undo stack (a user's edits are copied before anything overwrites them).
 Everything slow -- loading a network, the tile plan, predictions, re-thresholding, boundary
 tools, metrics -- runs off the GUI thread; the GUI thread only copies finished arrays into
 layers. The boxes are their own widgets: the model picker (:mod:`.weights_panel`, which
-publishes the choice to the viewer's shared :mod:`.viewer_state`), the run settings
-(:mod:`.run_panel`), the tile plan (:mod:`.plan_panel`) and the boundary tools and metrics
-(:mod:`.tools_panel`).
+publishes the choice to :mod:`.viewer_state`), the run settings (:mod:`.run_panel`), the tile
+plan (:mod:`.plan_panel`), the boundary tools and metrics (:mod:`.tools_panel`).
 """
 
 from __future__ import annotations

@@ -160,11 +160,12 @@ def _build_model(args: argparse.Namespace, first_channels: int) -> tuple[object,
     if not args.model:
         raise ConfigError("Give --model NAME (see `napari-medseg models`) or --weights TAG|PATH.")
     from ..models import create_model
+    from ..models.working_resolution import on_input_grid
 
     variant = args.variant or "lite"
     in_channels = first_channels if first_channels in (1, 3) else 1
-    model = create_model(args.model, variant=variant, in_channels=in_channels,
-                         num_classes=args.classes)
+    model = on_input_grid(create_model(args.model, variant=variant, in_channels=in_channels,
+                                       num_classes=args.classes))
     print(f"WARNING: no --weights given: {args.model!r} ({variant}) is RANDOMLY INITIALISED; "
           "its output is meaningless. Pass --weights TAG (see `napari-medseg models`) or a "
           "checkpoint path.", file=sys.stderr)

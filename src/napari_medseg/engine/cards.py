@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import resources
-from ..errors import CheckpointError
+from ..errors import CheckpointError, MedsegError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoints import CheckpointInfo
@@ -98,10 +98,17 @@ class ModelCard:
     def task(self) -> dict | None:
         """The card's ``task`` without its free-text ``description`` (None: the
         ``classes`` task; a card whose ``task`` is only a sentence predates tasks)."""
+        from .seg_task import SegTask
+
         task = self.data.get("task")
         if not isinstance(task, dict):
             return None
-        return {k: v for k, v in task.items() if k not in ("description", "classes")}
+        try:
+            parsed = SegTask.from_dict(task)
+        except MedsegError as exc:
+            raise CheckpointError(f"The model card {self.path.name} has an invalid task: "
+                                  f"{exc}") from None
+        return parsed.to_dict() if parsed.instances else None
 
     def weights_path(self) -> Path | None:
         """The weights file, searched in ``resources.weights_dirs()``; None if absent."""

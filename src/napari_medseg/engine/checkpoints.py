@@ -190,6 +190,15 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _stored_task(task: dict | None) -> dict | None:
+    """The task a checkpoint records: None for the ``classes`` task (so classes weights keep
+    the description, and hash, they had before tasks existed), else the full mapping."""
+    from .seg_task import SegTask
+
+    parsed = SegTask.from_dict(task)
+    return parsed.to_dict() if parsed.instances else None
+
+
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     """The ``(weights, json)`` paths of a checkpoint given either file or their common stem."""
     path = Path(path)
@@ -254,7 +263,7 @@ def save_checkpoint(
         classes=tuple(classes),
         normalization=dict(normalization) if normalization else None,
         input_downsample=factor,
-        task=spec.extra.get("task"),
+        task=_stored_task(spec.extra.get("task")),
         training_data=dict(training_data or {}),
         settings=dict(settings or {}),
         metrics=dict(metrics or {}),
@@ -422,13 +431,14 @@ def _load(info: CheckpointInfo, weights_path: Path, device, verify: bool, source
         _verify_description(info, weights_path, source, card)
     if info.sha256 is None:
         info = dataclasses.replace(info, sha256=sha256_file(weights_path))
-    from ..models.working_resolution import on_input_grid, with_downsample
+    from ..models.working_resolution import input_downsample, on_input_grid, with_downsample
     from .seg_task import with_task
 
     model = _build(info, source)
     _load_state(model, weights_path, source)
     # a super-resolution network works on the image's grid (older checkpoints recorded 1)
     model = with_task(on_input_grid(with_downsample(model, info.input_downsample)), info.task)
+    info = dataclasses.replace(info, input_downsample=input_downsample(model))
     model.eval()
     model.to(device)
     model.checkpoint_info = info

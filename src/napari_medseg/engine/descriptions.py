@@ -89,6 +89,17 @@ def _normalization(value: dict | None) -> dict | None:
         return value
 
 
+def _task(value: dict | None) -> dict | None:
+    """A task in full (None and the ``classes`` task compare equal)."""
+    from .seg_task import SegTask
+
+    try:
+        task = SegTask.from_dict(value)
+    except ConfigError:
+        return value
+    return task.to_dict() if task.instances else None
+
+
 def _differing_field(described: dict, header: dict, partial_config: bool) -> str | None:
     for key in OUTPUT_FIELDS:
         mine, theirs = described.get(key), header.get(key)
@@ -97,6 +108,8 @@ def _differing_field(described: dict, header: dict, partial_config: bool) -> str
             theirs = {k: v for k, v in (theirs or {}).items() if k in mine}
         if key == "normalization":
             mine, theirs = _normalization(mine), _normalization(theirs)
+        if key == "task":
+            mine, theirs = _task(mine), _task(theirs)
         if mine != theirs:
             return key
     return None

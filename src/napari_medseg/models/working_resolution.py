@@ -113,7 +113,10 @@ def super_resolved(model: nn.Module) -> nn.Module:
         ConfigError: ``model`` is not a super-resolution network on the input grid.
     """
     if isinstance(model, WorkingResolution) and model.net.spec.output_scale > 1:
-        return model.net
+        net = model.net
+        if hasattr(model, "checkpoint_info"):  # its normalisation and identity go along
+            net.checkpoint_info = model.checkpoint_info
+        return net
     if model.spec.output_scale > 1:
         return model
     raise ConfigError(f"{model.spec.network} is not a super-resolution network; it has no "

@@ -66,6 +66,8 @@ def settings_of(config: BatchConfig) -> dict[str, Any]:
     pred = run_predict_config(config).to_dict()
     for key in _EXECUTION_ONLY:
         pred.pop(key, None)
+    if not pred.get("super_resolved"):  # earlier runs' finished files stay finished
+        pred.pop("super_resolved", None)
     return {"output": config.output, "format": config.format, "predict": pred}
 
 

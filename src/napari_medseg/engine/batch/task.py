@@ -98,9 +98,10 @@ class WeightsSource:
 
 def _build_random(src: WeightsSource):
     from ...models import create_model
+    from ...models.working_resolution import on_input_grid
 
-    model = create_model(str(src.network), str(src.variant), src.in_channels, src.num_classes,
-                         seed=src.seed)
+    model = on_input_grid(create_model(str(src.network), str(src.variant), src.in_channels,
+                                       src.num_classes, seed=src.seed))
     model.eval()
     return model
 

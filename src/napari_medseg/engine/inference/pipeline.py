@@ -297,7 +297,7 @@ class _Run:
                 f"The tile {'x'.join(map(str, asked))} is larger than the image "
                 f"({'x'.join(map(str, self.layout.plane_shape))}); using "
                 f"{'x'.join(map(str, self.grid.tile))}.")
-        factor = spec.input_downsample
+        factor = spec.input_downsample // int(spec.extra.get("super_resolution", 1))
         # The user's tile, not the balanced one: the automatic tile must not warn.
         if factor > 1 and min(asked) < min(spec.preferred_tile, *self.layout.plane_shape):
             yield self.notice(

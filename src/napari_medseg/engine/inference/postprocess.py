@@ -31,6 +31,7 @@ __all__ = [
     "foreground_of_classes",
     "seeded_instances_per_block",
     "count_per_block",
+    "offset_labels",
     "z_consistency",
     "dice",
 ]
@@ -211,6 +212,13 @@ def seeded_instances_per_block(mask, interior, boundary, axes: str, task, min_si
         out[key] = seeded_watershed(np.asarray(mask[key]), np.asarray(interior[key]),
                                     np.asarray(boundary[key]), task, min_size)
     return out
+
+
+def offset_labels(labels: np.ndarray, offset: int) -> np.ndarray:
+    """Object labels numbered from ``offset + 1`` (background stays 0): objects of one part
+    of an image written beside those already numbered up to ``offset``."""
+    labels = np.asarray(labels)
+    return np.where(labels > 0, labels + int(offset), 0).astype(labels.dtype)
 
 
 def count_per_block(labels, axes: str) -> int:

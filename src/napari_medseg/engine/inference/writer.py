@@ -60,6 +60,8 @@ def store_fingerprint(image, layout: Layout, content_id: str, model, config: Pre
     for key in ("device", "precision", "batch_size", "channels_last", "store", "resume",
                 "overwrite", "oom_fallback", "memory_fraction"):
         cfg.pop(key, None)
+    if not cfg.get("super_resolved"):  # stores of earlier versions stay resumable
+        cfg.pop("super_resolved", None)
     spec = model.spec
     data = {
         "shape": list(image.shape), "dtype": str(np.dtype(image.dtype)),

@@ -217,7 +217,9 @@ def _setup_iter(model: Any, config: FinetuneConfig) -> Generator[ProgressEvent, 
 def _patch_side(spec: Any, config: FinetuneConfig) -> int:
     """The patch side at the target resolution; a network at a coarser working resolution
     sees ``config.patch`` pixels of its own."""
-    side = config.patch * spec.input_downsample
+    # a super-resolution network on the input grid shrinks by its own scale, not for context
+    coarser = spec.input_downsample // int(spec.extra.get("super_resolution", 1))
+    side = config.patch * max(1, coarser)
     return spec.valid_size(max(1, side // spec.output_scale)) * spec.output_scale
 
 

@@ -130,12 +130,14 @@ def sasrnet_loss(
     seg_features = outputs["seg_features"]
     gates_seg, gates_sr = outputs["gates_seg"], outputs["gates_sr"]
     if valid is not None:
-        seg_features = seg_features * valid[:, None]
-        sr_fa = sr * valid[:, None]
-        lr_pool = F.avg_pool2d if valid.dim() == 3 else F.avg_pool3d
-        valid_lr = lr_pool(valid[:, None], 2)
+        # The affinity terms mask the features (pixel weights > 1 would rescale them).
+        inside = (valid > 0).float()
+        seg_features = seg_features * inside[:, None]
+        sr_fa = sr * inside[:, None]
+        lr_pool = F.avg_pool2d if inside.dim() == 3 else F.avg_pool3d
+        valid_lr = lr_pool(inside[:, None], 2)
         if valid_lr.shape[2:] != gates_seg.shape[2:]:
-            valid_lr = F.interpolate(valid[:, None], size=gates_seg.shape[2:], mode="nearest")
+            valid_lr = F.interpolate(inside[:, None], size=gates_seg.shape[2:], mode="nearest")
         gates_seg = gates_seg * valid_lr
         gates_sr = gates_sr * valid_lr
     else:
