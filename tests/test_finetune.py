@@ -579,3 +579,32 @@ def test_cli_finetune_round_trip(nuclei, tmp_path, capsys):
     rc = main(["finetune", "--weights", str(tmp_path / "missing.safetensors"), "--images",
                str(images), "--masks", str(masks), "-o", str(out)])
     assert rc == 2 and "error:" in capsys.readouterr().err
+
+
+def test_mask_corrections_of_an_instance_model_keep_its_lines_between_objects(nuclei):
+    """A corrected foreground mask cannot say where touching nuclei part: the network's own
+    predicted boundary stands in for a corrected boundary layer."""
+    from napari_medseg.engine.inference.pipeline import predict
+    from napari_medseg.engine.seg_task import with_task
+    from napari_medseg.models import create_model
+
+    img, _ = nuclei
+    torch.manual_seed(0)
+    model = with_task(create_model("unet_sharp", "tiny", 1, 3), SegTask("instances")).eval()
+    out = predict(img, model, {"device": "cpu", "precision": "fp32",
+                               "outputs": "mask,boundary"})
+    pred, lines = np.asarray(out["mask"]), np.asarray(out["boundary"])
+    corrected = pred.copy()
+    corrected[100:120, 100:130] = 1 - corrected[100:120, 100:130]
+    cfg = FinetuneConfig(device="cpu", precision="fp32", margin=5, context=0)
+    gen = prepare_corrections_iter(img, corrected, model, cfg, axes="YX", name="nuc")
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            (sample,) = stop.value
+            break
+    y0, x0, y1, x1 = sample.crop
+    crop_lines = (lines[y0:y1, x0:x1] > 0) & (corrected[y0:y1, x0:x1] > 0)
+    assert (sample.mask[crop_lines] == 2).all()
+    assert set(np.unique(sample.mask)) <= {0, 1, 2}

@@ -278,7 +278,8 @@ def prepare_corrections_iter(
             slices that hold labels: a slice the user emptied completely is not seen, pass
             the prediction itself for that) and uses the differences; an array is used as
             the prediction; None uses every labelled plane whole.
-        boundary: a corrected boundary layer, or None.
+        boundary: a corrected boundary layer, or None (for a network of the instance task,
+            its predicted boundary then stands in for it).
         name: the image's name.
         cancel: checked between prediction batches.
 
@@ -289,17 +290,23 @@ def prepare_corrections_iter(
     spec = model.spec
     info = getattr(model, "checkpoint_info", None)
     norm = info.normalization_config() if info is not None else None
+    task = task_of(model)
     predicted_boundary = None
     if isinstance(prediction, str):
         if prediction != "model":
             raise ConfigError(f"prediction must be 'model', an array or None, not {prediction!r}.")
         prediction, predicted_boundary = yield from _predict_labelled(
-            image, corrected, model, config, axes, boundary is not None, cancel)
+            image, corrected, model, config, axes, boundary is not None or task.instances,
+            cancel)
+        if boundary is None and task.instances:
+            # Corrections of the mask alone: the network's own lines between touching objects
+            # stay boundary (a foreground mask cannot say where one nucleus ends).
+            boundary = predicted_boundary
     samples = samples_from_corrections(
         image, corrected, num_classes=spec.num_classes, in_channels=spec.in_channels,
         axes=axes, prediction=prediction, boundary=boundary,
         predicted_boundary=predicted_boundary, normalization=norm, config=config,
-        output_scale=spec.output_scale, name=name, task=task_of(model))
+        output_scale=spec.output_scale, name=name, task=task)
     return samples
 
 
