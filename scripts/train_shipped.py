@@ -100,16 +100,7 @@ def _init_path(source: str) -> Path:
     return Path(source)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from napari_medseg.config import PredictConfig, TrainConfig
-    from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
-    from napari_medseg.engine.training.evaluate import evaluate, format_table
-    from napari_medseg.engine.seg_task import INSTANCE_CLASS_NAMES, task_of, with_task
-    from napari_medseg.engine.training.datasets import find_pairs
-    from napari_medseg.engine.training.instance_tuning import (held_out_probabilities,
-                                                               tune_watershed)
-    from napari_medseg.engine.training.train import StepEvent, ValidationEvent, train_iter
-
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--network", required=True)
     p.add_argument("--variant", default="lite")
@@ -138,16 +129,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="instance task: loss weight where two objects touch")
     p.add_argument("--init", help="start from these weights (a tag or a checkpoint path); "
                    "a foreground network is widened to the instance task's three classes")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    ds = DATASETS[args.dataset]
-    root = Path(args.data_root) / args.dataset
-    tag = args.tag or f"{args.network}_{args.variant}_{args.dataset.split('_')[0]}"
+
+def _config(args: argparse.Namespace, ds: dict):
+    """The training settings of a run."""
+    from napari_medseg.config import TrainConfig
+
     overrides = {}
     for item in args.override:
         key, value = item.split("=", 1)
         overrides[key] = yaml.safe_load(value)
-    cfg = TrainConfig.from_mapping({
+    return TrainConfig.from_mapping({
         "network": args.network, "variant": args.variant, "in_channels": ds["in_channels"],
         "num_classes": 2, "patch": args.patch or ds["patch"], "batch_size": args.batch_size,
         "steps": args.steps, "lr": args.lr, "val_every": args.val_every,
@@ -159,31 +152,42 @@ def main(argv: list[str] | None = None) -> int:
         **({"augment": {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.augment)}}
            if args.augment else {}),
     })
-    work = Path(args.work or tempfile.mkdtemp(prefix=f"train_{tag}_"))
-    ckpt = work / tag
-    t0 = time.perf_counter()
-    parent = _init_path(args.init) if args.init else None
-    gen = train_iter(root / "images", root / "masks", ckpt, cfg, parent=parent)
+
+
+def _train(root: Path, ckpt: Path, cfg, init: str | None):
+    """Train, printing the steps; returns the train result."""
+    from napari_medseg.engine.training.train import StepEvent, ValidationEvent, train_iter
+
+    parent = _init_path(init) if init else None
     result = None
-    for event in gen:
+    for event in train_iter(root / "images", root / "masks", ckpt, cfg, parent=parent):
         if isinstance(event, StepEvent) and event.step % 10 == 0:
             print(f"step {event.step}/{event.steps} loss {event.loss:.4f} lr {event.lr:.2e} "
                   f"{event.elapsed_s:.0f}s", flush=True)
         elif isinstance(event, ValidationEvent) or not isinstance(event, StepEvent):
             print(event.message, flush=True)
         result = getattr(event, "result", result)
-    wall = time.perf_counter() - t0
+    return result
 
-    model, info = load_checkpoint(ckpt)
-    task = task_of(model)
-    val_files = info.training_data.get("val_files", [])
-    planes = info.training_data.get("val_planes") or []
-    tuning = None
+
+def _score(model, root: Path, val_files: list[str], planes: list[str]):
+    """Tune the instance task's watershed (if any) and evaluate on the held-out images.
+
+    Returns:
+        ``(model with the tuned task, metrics for the card, tuning summary or None)``.
+    """
+    from napari_medseg.config import PredictConfig
+    from napari_medseg.engine.seg_task import task_of, with_task
+    from napari_medseg.engine.training.datasets import find_pairs
+    from napari_medseg.engine.training.evaluate import evaluate, format_table
+    from napari_medseg.engine.training.instance_tuning import (held_out_probabilities,
+                                                               tune_watershed)
+
+    task, tuning = task_of(model), None
     with tempfile.TemporaryDirectory() as tmp:
         vi, vm = held_out_folders(root, val_files, planes, Path(tmp))
         if task.instances:  # thresholds and smallest seed from the validation split
-            pairs = find_pairs(vi, vm)
-            task, table = tune_watershed(model, held_out_probabilities(model, pairs))
+            task, table = tune_watershed(model, held_out_probabilities(model, find_pairs(vi, vm)))
             model = with_task(model, task)
             tuning = {"grid": "seed_threshold x min_seed, AP@0.5 on the validation split",
                       "best": max(r["ap_iou50"] for r in table)}
@@ -191,44 +195,35 @@ def main(argv: list[str] | None = None) -> int:
         scores = evaluate(model, vi, vm, PredictConfig(), instances=task.instances)
     print(format_table(scores))
     metrics = {k: (round(v, 4) if v == v else None) for k, v in scores.mean.items()}
-    by_type = getattr(scores, "by_type", None)
-    if by_type:
+    if getattr(scores, "by_type", None):
         metrics["by_type"] = {t: {k: (round(v, 4) if isinstance(v, float) else v)
-                                  for k, v in row.items()} for t, row in by_type.items()}
+                                  for k, v in row.items()} for t, row in scores.by_type.items()}
     metrics["split"] = "validation"
     metrics["n_images"] = len(planes) or len(scores.rows)  # slices of a stack count one by one
+    return model, metrics, tuning
 
-    weights_dir, models_dir = ROOT / "weights", ROOT / "models"
-    classes = INSTANCE_CLASS_NAMES if task.instances else ("background", "foreground")
-    shipped = save_checkpoint(
-        model, weights_dir / tag, normalization=info.normalization, classes=classes,
-        training_data=info.training_data, settings=info.settings, metrics=metrics,
-        dtype="float16",
-    )
-    card = {
-        "tag": tag,
-        "network": info.network,
-        "variant": info.variant,
+
+def _card(args, ds: dict, cfg, info, task, classes, shipped, tuning, wall: float,
+          result) -> dict:
+    """The model card of shipped weights."""
+    weights_dir = ROOT / "weights"
+    planes = info.training_data.get("val_planes") or []
+    return {
+        "tag": args.tag, "network": info.network, "variant": info.variant,
         "dataset": args.dataset,
         "task": {"description": ds["target"], **task.to_dict()} if task.instances
         else ds["target"],
-        "in_channels": info.in_channels,
-        "num_classes": info.num_classes,
-        "classes": list(classes),
-        "weights": f"{tag}.safetensors",
-        "sha256": shipped.sha256,
-        "size_mb": round((weights_dir / f"{tag}.safetensors").stat().st_size / 2**20, 2),
-        "config": info.config,
-        "normalization": info.normalization,
-        "input_downsample": info.input_downsample,
+        "in_channels": info.in_channels, "num_classes": info.num_classes,
+        "classes": list(classes), "weights": shipped.weights, "sha256": shipped.sha256,
+        "size_mb": round((weights_dir / shipped.weights).stat().st_size / 2**20, 2),
+        "config": info.config, "normalization": info.normalization,
+        "input_downsample": shipped.input_downsample,
         "training_data": {
-            "dataset": args.dataset,
-            "split": info.training_data.get("split"),
+            "dataset": args.dataset, "split": info.training_data.get("split"),
             "train_files": len(info.training_data.get("train_files", [])),
-            "val_files": val_files,
+            "val_files": info.training_data.get("val_files", []),
             **({"val_planes": planes} if planes else {}),
-            "data_hash": info.training_data.get("data_hash"),
-            "licence": ds["licence"],
+            "data_hash": info.training_data.get("data_hash"), "licence": ds["licence"],
         },
         "settings": {
             "steps": info.settings.get("steps_done"), "batch_size": cfg.batch_size,
@@ -237,14 +232,43 @@ def main(argv: list[str] | None = None) -> int:
             "lr": cfg.lr, "precision": info.settings.get("precision"),
             **({"task": cfg.task, "boundary_width": cfg.boundary_width,
                 "contact_weight": cfg.contact_weight} if cfg.task == "instances" else {}),
-            "device": f"{info.settings.get('device')} ({platform.processor() or platform.machine()})",
+            "device": f"{info.settings.get('device')} "
+                      f"({platform.processor() or platform.machine()})",
             "wall_time_min": round(wall / 60, 1),
             "stopped": getattr(result, "stopped", None),
             **({"init": f"{args.init} (sha256 {info.parent})"} if args.init else {}),
             **({"watershed_tuning": tuning} if tuning else {}),
         },
-        "metrics": metrics,
+        "metrics": shipped.metrics,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
+    from napari_medseg.engine.seg_task import INSTANCE_CLASS_NAMES, task_of
+
+    args = _parse(argv)
+    ds = DATASETS[args.dataset]
+    root = Path(args.data_root) / args.dataset
+    tag = args.tag or f"{args.network}_{args.variant}_{args.dataset.split('_')[0]}"
+    cfg = _config(args, ds)
+    work = Path(args.work or tempfile.mkdtemp(prefix=f"train_{tag}_"))
+    t0 = time.perf_counter()
+    result = _train(root, work / tag, cfg, args.init)
+    wall = time.perf_counter() - t0
+
+    model, info = load_checkpoint(work / tag)
+    model, metrics, tuning = _score(model, root, info.training_data.get("val_files", []),
+                                    info.training_data.get("val_planes") or [])
+    task = task_of(model)
+    weights_dir, models_dir = ROOT / "weights", ROOT / "models"
+    classes = INSTANCE_CLASS_NAMES if task.instances else ("background", "foreground")
+    shipped = save_checkpoint(
+        model, weights_dir / tag, normalization=info.normalization, classes=classes,
+        training_data=info.training_data, settings=info.settings, metrics=metrics,
+        dtype="float16")
+    card = _card(args, ds, cfg, info, task, classes, shipped, tuning, wall, result)
+    card["tag"] = tag
     old_card = models_dir / f"{tag}.yaml"
     if old_card.is_file():  # what a person wrote about the weights stays
         for key in ("intended_for",):
@@ -252,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             if kept is not None:
                 card[key] = kept
     models_dir.mkdir(exist_ok=True)
-    (models_dir / f"{tag}.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+    old_card.write_text(yaml.safe_dump(card, sort_keys=False))
     print(json.dumps({"tag": tag, "metrics": metrics, "wall_min": round(wall / 60, 1)}))
     return 0
 
