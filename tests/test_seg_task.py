@@ -244,3 +244,11 @@ def test_train_reads_a_three_class_mask_as_classes_and_instances_only_when_told(
     notes: list[str] = []
     (merged,) = load_samples(pairs, 1, lambda x: x, num_classes=2, notes=notes)
     assert merged.mask.max() == 1 and "--task instances" in notes[0]
+
+
+def test_objects_of_a_second_region_are_numbered_after_the_first():
+    from napari_medseg.engine.inference.postprocess import offset_labels
+
+    part = np.array([[0, 1, 1], [2, 0, 0]], np.int32)
+    shifted = offset_labels(part, 40)
+    assert shifted.tolist() == [[0, 41, 41], [42, 0, 0]] and shifted.dtype == np.int32
