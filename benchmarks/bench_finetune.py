@@ -103,6 +103,7 @@ def _dice(model, tmp: Path, name: str, data: Path, stems: list[str], device: str
 
 def _samples(model, data: Path, stems: list[str], mode: str, config, device: str):
     """Fine-tuning samples of ``stems``: whole images, or the regions the base got wrong."""
+    from napari_medseg.engine.seg_task import task_of
     from napari_medseg.engine.training.finetune import samples_from_corrections
     from napari_medseg.engine.inference.pipeline import predict
     from napari_medseg.io import read_image
@@ -120,7 +121,7 @@ def _samples(model, data: Path, stems: list[str], mode: str, config, device: str
         found = samples_from_corrections(
             image, labels, num_classes=spec.num_classes, in_channels=spec.in_channels,
             axes=meta.axes, prediction=prediction, normalization=info.normalization_config(),
-            config=config, output_scale=spec.output_scale, name=stem)
+            config=config, output_scale=spec.output_scale, name=stem, task=task_of(model))
         if mode == "whole":
             for s in found:
                 s.group = stem

@@ -608,3 +608,30 @@ def test_mask_corrections_of_an_instance_model_keep_its_lines_between_objects(nu
     crop_lines = (lines[y0:y1, x0:x1] > 0) & (corrected[y0:y1, x0:x1] > 0)
     assert (sample.mask[crop_lines] == 2).all()
     assert set(np.unique(sample.mask)) <= {0, 1, 2}
+
+
+def test_cli_finetune_of_an_instance_model_reads_instance_masks_as_objects(tmp_path, monkeypatch,
+                                                                          capsys):
+    """Instance masks (values up to the number of nuclei) are objects for an instance-task
+    network, not class indices it does not have."""
+    from napari_medseg.cli import main
+    from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
+    from napari_medseg.engine.seg_task import task_of, with_task
+    from napari_medseg.models import create_model
+
+    monkeypatch.setenv("NAPARI_MEDSEG_HOME", str(tmp_path / "home"))
+    img = tifffile.imread(samples_dir() / "nuclei.tif")
+    ref = tifffile.imread(samples_dir() / "nuclei_mask.tif")
+    assert ref.max() > 3
+    (tmp_path / "i").mkdir(), (tmp_path / "m").mkdir()
+    for name, flip in (("a", slice(None)), ("b", slice(None, None, -1))):
+        tifffile.imwrite(tmp_path / "i" / f"{name}.tif", img[flip])
+        tifffile.imwrite(tmp_path / "m" / f"{name}.tif", ref[flip])
+    torch.manual_seed(0)
+    save_checkpoint(with_task(create_model("unet_sharp", "tiny", 1, 3), SegTask("instances")),
+                    tmp_path / "base", dtype="float32")
+    rc = main(["finetune", "--weights", str(tmp_path / "base.safetensors"), "--images",
+               str(tmp_path / "i"), "--masks", str(tmp_path / "m"), "-o",
+               str(tmp_path / "ft.safetensors"), "--steps", "2", "--device", "cpu", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    assert task_of(load_checkpoint(tmp_path / "ft.safetensors")[0]).instances

@@ -74,6 +74,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ..engine.batch.outputs import check_checkpoint_output
     from ..engine.checkpoints import resolve_weights
     from ..engine.progress import CancelToken
+    from ..engine.seg_task import task_of
     from ..engine.training.corrections import samples_from_folders
     from ..engine.training.workflow import finetune_samples_iter
 
@@ -84,7 +85,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     samples, files_hash = samples_from_folders(
         args.images, args.masks, num_classes=spec.num_classes, in_channels=spec.in_channels,
         normalization=info.normalization_config(), config=config,
-        output_scale=spec.output_scale, pattern=args.pattern or "*")
+        output_scale=spec.output_scale, pattern=args.pattern or "*", task=task_of(model))
     if not args.quiet:
         print(f"napari-medseg: fine-tuning {info.network}/{info.variant} "
               f"({info.tag or args.weights}) on {len(samples)} image plane(s)", file=sys.stderr)

@@ -361,8 +361,11 @@ def samples_from_folders(
     config: FinetuneConfig | None = None,
     output_scale: int = 1,
     pattern: str = "*",
+    task: SegTask | None = None,
 ) -> tuple[list[RegionSample], str]:
     """Whole-image samples from image/mask folders (files matched by name), one group each.
+
+    ``task`` is the network's (how the masks are read: :func:`samples_from_corrections`).
 
     Returns:
         ``(samples, data hash)``; the hash covers the files' names and bytes.
@@ -382,7 +385,8 @@ def samples_from_folders(
         stem = _stem(img_path)
         found = samples_from_corrections(
             image, mask, num_classes=num_classes, in_channels=in_channels, axes=axes,
-            normalization=normalization, config=config, output_scale=output_scale, name=stem)
+            normalization=normalization, config=config, output_scale=output_scale, name=stem,
+            task=task)
         for s in found:  # whole images: every labelled plane of a file is one group
             s.group = stem
         samples.extend(found)
