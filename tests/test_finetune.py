@@ -635,3 +635,35 @@ def test_cli_finetune_of_an_instance_model_reads_instance_masks_as_objects(tmp_p
                str(tmp_path / "ft.safetensors"), "--steps", "2", "--device", "cpu", "-q"])
     assert rc == 0, capsys.readouterr().err
     assert task_of(load_checkpoint(tmp_path / "ft.safetensors")[0]).instances
+
+
+def test_a_killed_finetune_keeps_its_best_weights_and_resumes(nuclei, tmp_path):
+    """The best weights so far and the loop state are written at intervals; a run stopped
+    mid-way (the generator abandoned, as a kill leaves it) is continued with resume."""
+    from napari_medseg.engine.progress import NoticeEvent
+    from napari_medseg.engine.training.train import StepEvent
+
+    img, gt = nuclei
+    samples = []
+    for name, flip in (("a", slice(None)), ("b", slice(None, None, -1))):
+        (s,) = samples_from_corrections(img[flip], gt[flip], num_classes=2, in_channels=1,
+                                        name=name)
+        s.group = name
+        samples.append(s)
+    model = _tiny()
+    cfg = FinetuneConfig(device="cpu", precision="fp32", steps=6, val_every=1, patience=0,
+                         val_fraction=0.5, save_every_s=0.0, batch_size=2, patch=64)
+    out = tmp_path / "ft.safetensors"
+    run = finetune_iter(model, samples, cfg, output=out)
+    for event in run:
+        if isinstance(event, StepEvent) and event.step == 3:
+            break
+    run.close()  # killed after step 3: no final write
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    state = tmp_path / "ft.train-state.json"
+    assert state.is_file() and json.loads(state.read_text())["step"] >= 2
+    events = list(finetune_iter(model, samples, cfg.replace(resume=True), output=out))
+    assert any(isinstance(e, NoticeEvent) and "Resuming at step" in e.message for e in events)
+    steps = [e.step for e in events if isinstance(e, StepEvent)]
+    assert steps and steps[0] > 1 and steps[-1] == 6
+    assert not state.exists()  # a finished run leaves no resume state

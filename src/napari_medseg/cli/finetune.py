@@ -18,7 +18,9 @@ _DESCRIPTION = (
     "metrics). As in the Fine-tune widget, samples from earlier rounds on the same weights are "
     "mixed in (a quarter of each batch), these images are kept for the next round, and "
     "weights that beat their parent become the active ones of their line (user data folder, "
-    "NAPARI_MEDSEG_HOME). Ctrl-C stops and keeps the best weights so far.")
+    "NAPARI_MEDSEG_HOME). Ctrl-C stops and keeps the best weights so far (exit 130); the best "
+    "weights are also written to CKPT every minute, so a killed run loses at most a minute "
+    "and --resume continues it.")
 
 
 def _finetune_config(args: argparse.Namespace):
@@ -30,6 +32,7 @@ def _finetune_config(args: argparse.Namespace):
         "max_minutes": args.max_minutes, "seed": args.seed,
         "freeze_encoder": True if args.freeze_encoder else None,
         "freeze_norm_stats": False if args.update_norm_stats else None,
+        "resume": True if args.resume else None,
     })
 
 
@@ -79,7 +82,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from ..engine.training.workflow import finetune_samples_iter
 
     config = _finetune_config(args)
-    check_checkpoint_output(args.output, args.weights, args.overwrite)
+    # --resume continues the run that wrote CKPT (its best weights so far are there)
+    check_checkpoint_output(args.output, args.weights, args.overwrite or args.resume)
     model, info = resolve_weights(args.weights)
     spec = model.spec
     samples, files_hash = samples_from_folders(
@@ -122,6 +126,9 @@ def add_finetune(sub) -> argparse.ArgumentParser:
                    help="the fine-tuned checkpoint (.safetensors; the .json goes beside it)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing CKPT (never the base checkpoint)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run that was killed: from the best weights it wrote to "
+                        "CKPT (at most a minute old) and its saved optimiser state")
     p.add_argument("--steps", help="optimisation steps at most (default 200)")
     p.add_argument("--lr", help="peak learning rate (default 3e-4)")
     p.add_argument("--freeze-encoder", action="store_true",

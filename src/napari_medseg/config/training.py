@@ -182,6 +182,10 @@ class FinetuneConfig(ConfigBase):
         max_minutes: stop after this many minutes (the best weights are kept); 0 = no limit.
         seed: random seed of the split, the sampling and the augmentation.
         checkpoint_dtype: ``float32`` (default: fine-tuning steps are small) or ``float16``.
+        save_every_s: with an output file, the best weights so far (and the state a resumed
+            run continues from) are written at most this many seconds apart, so a killed run
+            loses at most that much.
+        resume: continue a killed run from the state written beside the output.
     """
 
     steps: int = 200
@@ -210,6 +214,8 @@ class FinetuneConfig(ConfigBase):
     max_minutes: float = 0.0
     seed: int = 0
     checkpoint_dtype: str = field(default="float32", metadata=choices("float16", "float32"))
+    save_every_s: float = 60.0
+    resume: bool = False
 
     def __post_init__(self) -> None:
         for name in ("patch", "batch_size", "steps", "val_every"):

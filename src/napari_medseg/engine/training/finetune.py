@@ -336,9 +336,23 @@ def finetune_iter(
     baseline = yield from _baseline_iter(setup, val_s)
     state = LoopState(step=0, best=baseline if val_s else -math.inf, best_step=0)
     kept = {k: v.detach().clone() for k, v in work.state_dict().items()}
+    interim = None
+    if output is not None:
+        interim = _Interim(output, config, setup)
+        if config.resume:
+            state = yield from interim.resume_iter(work, sampler, kept, state)
 
     def keep_best(step: int, score: float, wall: float) -> None:
         kept.update({k: v.detach().clone() for k, v in work.state_dict().items()})
+        if interim is not None:
+            interim.dirty = True
+
+    def after_validation(st: LoopState) -> None:
+        if interim is not None:
+            interim.maybe_write(work, kept, st, lambda snap: _write_checkpoint(
+                snap, output, parent_info, config,
+                _partial(snap, baseline, st, t_start, samples_hash(samples)),
+                setup, val_s, train_s, data))
 
     yield StageEvent(
         f"Fine-tuning {spec.network}/{spec.variant} on {setup.device} ({setup.policy.name}): "
@@ -346,7 +360,8 @@ def finetune_iter(
         "trained.", stage="training")
     stopped, steps_done = yield from optimise_iter(
         work, sampler, val_s, config, setup.optimizer, setup.trainable, device=setup.device,
-        policy=setup.policy, generator=generator, cancel=cancel, state=state, on_best=keep_best)
+        policy=setup.policy, generator=generator, cancel=cancel, state=state, on_best=keep_best,
+        after_validation=after_validation)
     for p in setup.params:
         p.requires_grad_(True)
     work.load_state_dict(kept)
@@ -360,11 +375,79 @@ def finetune_iter(
     if output is not None:
         result.checkpoint, result.info = _write_checkpoint(
             work, output, parent_info, config, result, setup, val_s, train_s, data)
+        interim.finish()
     info = result.info if result.info is not None else parent_info
     if info is not None:
         work.checkpoint_info = info
     yield FinishedEvent(_verdict(result), result=result)
     return result
+
+
+class _Interim:
+    """The best weights so far written to the output at intervals, with the state a
+    resumed run continues from (optimiser, counters; safetensors and JSON beside the output,
+    removed when the run ends)."""
+
+    def __init__(self, output: str | Path, config: FinetuneConfig, setup: _Setup) -> None:
+        from ..checkpoints import checkpoint_paths
+
+        self.output = checkpoint_paths(output)[0]
+        self.config = config
+        self.setup = setup
+        self.dirty = True  # the starting weights are the best until a step beats them
+        self.last = time.perf_counter()
+
+    def resume_iter(self, work: Any, sampler: Any, kept: dict, state: Any
+                    ) -> Generator[ProgressEvent, None, Any]:
+        """The state to start from: a killed run's, when one was written, else ``state``."""
+        from ..checkpoints import load_checkpoint
+        from .train import LoopState, _load_state
+
+        saved = _load_state(self.output, work, self.setup.optimizer)
+        if saved is None:
+            return state
+        if self.output.is_file():  # the best weights it had written
+            best_model, _ = load_checkpoint(self.output, verify=False)
+            kept.update({k: v.detach().clone() for k, v in best_model.state_dict().items()
+                         if k in kept})
+        for _ in range(saved["step"]):  # keep the data stream reproducible
+            sampler.rng.random()
+        yield NoticeEvent(f"Resuming at step {saved['step']} (best validation score so far "
+                          f"{saved['best']:.4f}).")
+        return LoopState(saved["step"], saved["best"], saved["best_step"], saved["bad"],
+                         saved["history"])
+
+    def maybe_write(self, work: Any, kept: dict, state: Any, write: Any) -> None:
+        """Write the state, and the best weights if they changed, when it is time."""
+        from .train import _save_state
+
+        if time.perf_counter() - self.last < self.config.save_every_s:
+            return
+        if self.dirty:
+            snap = copy.deepcopy(work)
+            snap.load_state_dict(kept)
+            write(snap.eval())
+            self.dirty = False
+        _save_state(self.output, work, self.setup.optimizer, state.step, state.best,
+                    state.best_step, state.bad, state.history)
+        self.last = time.perf_counter()
+
+    def finish(self) -> None:
+        """The run ended: its resume state goes."""
+        from .train import _state_path
+
+        path = _state_path(self.output)
+        for p in (path, path.with_suffix(".json")):
+            p.unlink(missing_ok=True)
+
+
+def _partial(model: Any, baseline: float, state: Any, t_start: float,
+             data_hash: str) -> FinetuneResult:
+    """The result so far, for an interim checkpoint."""
+    return FinetuneResult(model=model, checkpoint=None, info=None, baseline_dice=baseline,
+                          best_dice=state.best, best_step=state.best_step,
+                          steps_done=state.step, stopped="running", history=state.history,
+                          data_hash=data_hash, seconds=time.perf_counter() - t_start)
 
 
 def _round(value: float) -> float | None:
