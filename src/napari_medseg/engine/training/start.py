@@ -54,7 +54,9 @@ def widen_classes(model, num_classes: int):
     Every tensor of the same shape is copied; a class-output tensor (first dimension the old
     class count) gets the old rows, each new class a copy of the last old one, so a
     foreground network starts the instance task with its foreground split in two (interior
-    and boundary) that training then tells apart.
+    and boundary) that training then tells apart. A layer fed the class maps (second
+    dimension the class count, SASR-Net's projector) gets the last column copied the same
+    way, so it sees interior + boundary as it saw the foreground.
 
     Raises:
         ConfigError: a tensor that differs in another way (not a class output).
@@ -72,15 +74,16 @@ def widen_classes(model, num_classes: int):
     target = new.state_dict()
     for key, value in net.state_dict().items():
         want = target[key]
-        if want.shape == value.shape:
-            target[key] = value.clone()
-        elif value.shape[0] == old_k and want.shape[1:] == value.shape[1:]:
-            rows = [value[i] for i in range(old_k)]
-            rows += [value[old_k - 1]] * (int(want.shape[0]) - old_k)
-            target[key] = torch.stack(rows).to(want.dtype)
-        else:
+        grown = value
+        for dim in (0, 1):  # class outputs (rows), and layers fed the class maps (columns)
+            if (grown.dim() > dim and grown.shape[dim] == old_k and want.shape[dim] == num_classes
+                    and want.shape[dim] != grown.shape[dim]):
+                extra = grown.narrow(dim, old_k - 1, 1)
+                grown = torch.cat([grown] + [extra] * (num_classes - old_k), dim=dim)
+        if grown.shape != want.shape:
             raise ConfigError(f"Cannot widen {net.spec.network} to {num_classes} classes: "
                               f"{key} is {tuple(value.shape)}, not a class output.")
+        target[key] = grown.clone().to(want.dtype)
     new.load_state_dict(target)
     return with_downsample(new, input_downsample(model))
 
