@@ -42,11 +42,11 @@ def _task_text(task) -> str:
     task, with the tuned watershed)."""
     if not isinstance(task, dict):
         return str(task or "")
-    text = str(task.get("description") or task.get("kind", ""))
     if task.get("kind") == "instances":
-        text += (f" [instance task: boundary {task.get('boundary_width')} px, seeds at interior "
-                 f">= {task.get('seed_threshold')}, >= {task.get('min_seed')} px]")
-    return text
+        return (f"nuclei as objects (instance task: interior + {task.get('boundary_width')} px "
+                f"boundary; seeds at interior >= {task.get('seed_threshold')}, >= "
+                f"{task.get('min_seed')} px)")
+    return str(task.get("description") or task.get("kind", ""))
 
 
 def table(cards: list[dict] | None = None) -> str:
