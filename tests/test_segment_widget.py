@@ -231,10 +231,21 @@ def test_shipped_weights_segment_a_grey_image(make_napari_viewer, qtbot, env):
 
     mask = find_output(viewer, "nuc", "mask")
     assert mask.data.shape == (96, 96)
-    # The foreground probability is one plain layer (no extra "class" axis in the viewer).
-    probs = find_output(viewer, "nuc", "probabilities")
-    assert probs.data.shape == (96, 96) and viewer.dims.ndim == 2
-    assert ((probs.data > 0.5) == (mask.data > 0)).mean() > 0.999
+    task = card.get("task") if isinstance(card.get("task"), dict) else None
+    if task is None:
+        # The foreground probability is one plain layer (no extra "class" axis in the viewer).
+        probs = find_output(viewer, "nuc", "probabilities")
+        assert probs.data.shape == (96, 96) and viewer.dims.ndim == 2
+        assert ((probs.data > 0.5) == (mask.data > 0)).mean() > 0.999
+    else:  # the instance task: interior and boundary layers; the mask is their sum's
+        interior = find_output(viewer, "nuc", "probabilities[1]")
+        boundary = find_output(viewer, "nuc", "probabilities[2]")
+        assert interior.data.shape == boundary.data.shape == (96, 96)
+        assert viewer.dims.ndim == 2
+        foreground = interior.data + boundary.data > task["foreground_threshold"]
+        assert (foreground == (mask.data > 0)).mean() > 0.99
+        objects = find_output(viewer, "nuc", "instances")
+        assert objects is not None and objects.data.max() > 3
     assert widget.threshold_slider.isEnabled() == (card["num_classes"] == 1)
     widget.reference_combo.setCurrentText("truth")
     _settle(qtbot, widget)

@@ -158,7 +158,8 @@ def list_shipped_weights() -> list[dict[str, Any]]:
 
     Each has ``tag``, ``network``, ``variant``, ``dataset``, ``in_channels``,
     ``num_classes``, ``weights`` (file name), ``path``, ``sha256``, ``metrics``,
-    ``normalization``, ``input_downsample`` and ``card``.
+    ``normalization``, ``input_downsample``, ``card`` and ``task`` (the instance task's
+    settings, None for the classes task).
     """
     out = []
     for card in list_model_cards():
@@ -172,7 +173,7 @@ def list_shipped_weights() -> list[dict[str, Any]]:
             "sha256": card.sha256, "metrics": card.metrics,
             "normalization": card.normalization,
             "input_downsample": card.info().input_downsample,
-            "card": str(card.path),
+            "card": str(card.path), "task": card.task,
         })
     return out
 
