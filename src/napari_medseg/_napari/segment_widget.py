@@ -244,8 +244,7 @@ class SegmentWidget(ImagePickerMixin, QWidget):
         """The widget's values for ``image``.
 
         Raises:
-            ConfigError: no weights chosen.
-            InputShapeError: the image's axes cannot be told.
+            ConfigError, InputShapeError: no weights chosen; axes that cannot be told.
         """
         choice = self.current_weights()
         if choice is None:
