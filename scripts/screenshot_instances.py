@@ -13,13 +13,11 @@ against the annotation's, the widget's object scores, the boundary layer's share
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 
-from screenshot_journey import _frame, _wait
+from screenshot_journey import _frame, _wait, out_folder, run_sample, segment_viewer
 
 __all__ = ["main", "touching_window"]
 
@@ -46,32 +44,11 @@ def touching_window(labels: np.ndarray, side: int = 96) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> None:
     """Take the screenshots and print the report."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="folder for the PNG files")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    import napari
-    from qtpy.QtWidgets import QApplication
-
-    viewer = napari.Viewer(show=True, title="napari-medseg")
-    viewer.window._qt_window.resize(1600, 1000)
-    app = QApplication.instance()
-    _dock, segment = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
-    _wait(app, lambda: segment.ready)
-
-    def idle() -> bool:
-        return not segment.busy and not segment.running and not segment._plan_timer.isActive()
-
+    out = out_folder(argv, __doc__.splitlines()[0])
+    viewer, app, segment, idle = segment_viewer()
     report = []
     for sample in SAMPLES:
-        for layer in viewer.layers:
-            layer.visible = False
-        viewer.open_sample("napari-medseg", sample)
-        _wait(app, idle)
-        segment.run_button.click()
-        _wait(app, lambda: idle() and segment.last_metrics is not None)
+        run_sample(viewer, app, segment, idle, sample)
         names = {"image": sample, "instances": f"{sample} instances",
                  "boundary": f"{sample} boundary", "mask": f"{sample} mask"}
         for layer in viewer.layers:

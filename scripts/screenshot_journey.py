@@ -42,20 +42,26 @@ def _frame(viewer, layer) -> None:
     viewer.camera.zoom = 0.95 * min(height / size[0], width / size[1])
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Take the screenshots; print what each run chose and scored (JSON)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def out_folder(argv: list[str] | None, description: str) -> Path:
+    """The ``--out`` folder of a screenshot script, made."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, help="folder for the PNG files")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
+    out = Path(parser.parse_args(argv).out)
     out.mkdir(parents=True, exist_ok=True)
+    return out
 
+
+def segment_viewer():
+    """napari at 1600 x 1000 with the Segment widget docked and ready.
+
+    Returns:
+        ``(viewer, app, segment, idle)``; ``idle()`` is True when the widget does nothing.
+    """
     import napari
     from qtpy.QtWidgets import QApplication
 
     viewer = napari.Viewer(show=True, title="napari-medseg")
-    window = viewer.window._qt_window
-    window.resize(1600, 1000)
+    viewer.window._qt_window.resize(1600, 1000)
     app = QApplication.instance()
     _dock, segment = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
     _wait(app, lambda: segment.ready)
@@ -63,14 +69,27 @@ def main(argv: list[str] | None = None) -> None:
     def idle() -> bool:
         return not segment.busy and not segment.running and not segment._plan_timer.isActive()
 
+    return viewer, app, segment, idle
+
+
+def run_sample(viewer, app, segment, idle, sample: str) -> None:
+    """Hide every layer, open ``sample``, press Run with the defaults and wait for it."""
+    for layer in viewer.layers:
+        layer.visible = False
+    viewer.open_sample("napari-medseg", sample)
+    _wait(app, idle)
+    segment.run_button.click()
+    _wait(app, lambda: idle() and segment.last_metrics is not None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Take the screenshots; print what each run chose and scored (JSON)."""
+    out = out_folder(argv, __doc__.splitlines()[0])
+    viewer, app, segment, idle = segment_viewer()
+    window = viewer.window._qt_window
     report = []
     for sample in SAMPLES:
-        for layer in viewer.layers:
-            layer.visible = False
-        viewer.open_sample("napari-medseg", sample)
-        _wait(app, idle)
-        segment.run_button.click()
-        _wait(app, lambda: idle() and segment.last_metrics is not None)
+        run_sample(viewer, app, segment, idle, sample)
         _frame(viewer, viewer.layers[sample])
         _wait(app, idle)
         viewer.screenshot(str(out / f"journey_{sample}.png"), canvas_only=False)

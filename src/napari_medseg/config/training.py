@@ -46,8 +46,8 @@ class TrainConfig(ConfigBase):
         variant: ``tiny``, ``lite`` or ``paper``.
         in_channels: image channels the network takes; 0 takes them from the first image
             (RGBA counts as RGB). Grey <-> RGB images are converted to fit.
-        num_classes: K; 2 = background + foreground with softmax (the default for binary and
-            instance masks), 1 = one sigmoid logit.
+        num_classes: K; 2 = background + foreground with softmax (the default for binary
+            masks), 1 = one sigmoid logit; the ``instances`` task always has 3.
         model_overrides: extra fields of the network's config.
         input_downsample: run the network on the image average-pooled by this integer factor
             (its outputs are upsampled back; see

@@ -98,17 +98,16 @@ class ModelCard:
     def task(self) -> dict | None:
         """The card's ``task`` without its free-text ``description`` (None: the
         ``classes`` task; a card whose ``task`` is only a sentence predates tasks)."""
-        from .seg_task import SegTask
+        from .seg_task import stored_task
 
         task = self.data.get("task")
         if not isinstance(task, dict):
             return None
         try:
-            parsed = SegTask.from_dict(task)
+            return stored_task(task)
         except MedsegError as exc:
             raise CheckpointError(f"The model card {self.path.name} has an invalid task: "
                                   f"{exc}") from None
-        return parsed.to_dict() if parsed.instances else None
 
     def weights_path(self) -> Path | None:
         """The weights file, searched in ``resources.weights_dirs()``; None if absent."""

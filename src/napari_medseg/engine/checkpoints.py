@@ -190,15 +190,6 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def _stored_task(task: dict | None) -> dict | None:
-    """The task a checkpoint records: None for the ``classes`` task (so classes weights keep
-    the description, and hash, they had before tasks existed), else the full mapping."""
-    from .seg_task import SegTask
-
-    parsed = SegTask.from_dict(task)
-    return parsed.to_dict() if parsed.instances else None
-
-
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     """The ``(weights, json)`` paths of a checkpoint given either file or their common stem."""
     path = Path(path)
@@ -244,6 +235,7 @@ def save_checkpoint(
 
     from ..models import config_to_dict
     from ..models.working_resolution import input_downsample, unwrap
+    from .seg_task import stored_task
 
     if dtype not in ("float16", "float32"):
         raise ConfigError(f"Checkpoint dtype must be float16 or float32, not {dtype!r}.")
@@ -263,7 +255,7 @@ def save_checkpoint(
         classes=tuple(classes),
         normalization=dict(normalization) if normalization else None,
         input_downsample=factor,
-        task=_stored_task(spec.extra.get("task")),
+        task=stored_task(spec.extra.get("task")),
         training_data=dict(training_data or {}),
         settings=dict(settings or {}),
         metrics=dict(metrics or {}),

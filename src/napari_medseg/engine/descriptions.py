@@ -90,14 +90,13 @@ def _normalization(value: dict | None) -> dict | None:
 
 
 def _task(value: dict | None) -> dict | None:
-    """A task in full (None and the ``classes`` task compare equal)."""
-    from .seg_task import SegTask
+    """A task in its stored form (None and the ``classes`` task compare equal)."""
+    from .seg_task import stored_task
 
     try:
-        task = SegTask.from_dict(value)
+        return stored_task(value)
     except ConfigError:
         return value
-    return task.to_dict() if task.instances else None
 
 
 def _differing_field(described: dict, header: dict, partial_config: bool) -> str | None:

@@ -35,6 +35,7 @@ __all__ = [
     "INSTANCE_CLASS_NAMES",
     "SegTask",
     "task_of",
+    "stored_task",
     "with_task",
     "mask_classes",
     "instance_target",
@@ -119,6 +120,18 @@ class SegTask:
             if key in kwargs:
                 kwargs[key] = kind(kwargs[key])
         return cls(**kwargs)
+
+
+def stored_task(value: dict | str | None) -> dict | None:
+    """The form weights and cards record a task in: the instance task in full, None for the
+    ``classes`` task (so classes weights keep the description, and hash, they had before
+    tasks existed, and an absent task equals a written-out classes one).
+
+    Raises:
+        ConfigError: an invalid task.
+    """
+    task = SegTask.from_dict(value)
+    return task.to_dict() if task.instances else None
 
 
 def task_of(model_or_spec) -> SegTask:
@@ -282,8 +295,8 @@ def seeded_watershed(
 
     Args:
         foreground: the mask (> 0 is foreground), YX or ZYX.
-        interior: interior probability of the same shape (float in [0, 1], or uint8 0..255).
-        boundary: boundary probability (float, or uint8 0..255).
+        interior: interior probability of the same shape (float in [0, 1]).
+        boundary: boundary probability (float in [0, 1]).
         task: the thresholds.
         min_size: smallest object kept, in pixels.
 
@@ -291,13 +304,13 @@ def seeded_watershed(
         int32 labels numbered 1..N, 0 = background.
     """
     from scipy import ndimage as ndi
-    from skimage.segmentation import watershed
+    from skimage.segmentation import relabel_sequential, watershed
 
     fg = np.asarray(foreground) > 0
     if not fg.any():
         return np.zeros(fg.shape, np.int32)
-    interior = _as_probability(interior)
-    elevation = _as_probability(boundary)
+    interior = np.asarray(interior, np.float32)
+    elevation = np.asarray(boundary, np.float32)
     seeds, n = ndi.label(fg & (interior >= task.seed_threshold))
     if n:
         sizes = np.bincount(seeds.ravel())
@@ -312,13 +325,5 @@ def seeded_watershed(
         small = sizes < min_size
         small[0] = False
         labels[small[labels]] = 0
-    from skimage.segmentation import relabel_sequential
-
     return relabel_sequential(labels)[0].astype(np.int32)
 
-
-def _as_probability(values: np.ndarray) -> np.ndarray:
-    values = np.asarray(values)
-    if values.dtype == np.uint8:
-        return values.astype(np.float32) / 255.0
-    return values.astype(np.float32, copy=False)

@@ -193,7 +193,8 @@ def seeded_instances_per_block(mask, interior, boundary, axes: str, task, min_si
 
     Args:
         mask: the foreground (numpy or zarr), axes ``axes``.
-        interior: interior probabilities of the same shape (uint8 0..255 or float).
+        interior: interior probabilities of the same shape (stored as
+            :func:`quantize_probabilities` writes them: uint8 or float).
         boundary: boundary probabilities of the same shape.
         axes: the label image's axes.
         task: the network's :class:`~napari_medseg.engine.seg_task.SegTask` (thresholds).
@@ -209,8 +210,10 @@ def seeded_instances_per_block(mask, interior, boundary, axes: str, task, min_si
     if out is None:
         out = np.zeros(shape, np.int32)
     for key in stack_blocks(axes, shape):
-        out[key] = seeded_watershed(np.asarray(mask[key]), np.asarray(interior[key]),
-                                    np.asarray(boundary[key]), task, min_size)
+        out[key] = seeded_watershed(np.asarray(mask[key]),
+                                    dequantize_probabilities(np.asarray(interior[key])),
+                                    dequantize_probabilities(np.asarray(boundary[key])),
+                                    task, min_size)
     return out
 
 

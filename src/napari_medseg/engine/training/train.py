@@ -174,7 +174,9 @@ def make_batch(
 
 
 def validate(model, samples: Iterable[Sample], spec, device: str, precision: str) -> float:
-    """Mean foreground Dice of whole-image tiled predictions on already normalised samples.
+    """Mean foreground Dice of whole-image tiled predictions on already normalised samples
+    (for the instance task: the mean of the interior's and the boundary's Dice, so that a
+    step which blurs the lines between touching objects does not count as better).
 
     A sample with a ``valid`` map (H x W, fine-tuning regions) is scored on its valid pixels
     only. A super-resolution network gets each image downsampled by its output scale, so its
