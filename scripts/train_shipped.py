@@ -13,6 +13,7 @@ split, settings, device, wall time, validation metrics, sha256, data licence). T
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shutil
@@ -37,6 +38,7 @@ DATASETS = {
     },
     "isbi2012_em": {
         "in_channels": 1, "task": "classes", "patch": 256,
+        "pixel_size": {"value": 4.0, "unit": "nanometer"},
         "normalization": {"mode": "percentile", "low": 1.0, "high": 99.8},
         "licence": "research use; cite Arganda-Carreras et al. 2015 and Cardona et al. 2010",
         "target": "membranes (1) vs cell interior (0)",
@@ -49,7 +51,12 @@ DATASETS = {
     },
     "msd_lung_patches": {
         "in_channels": 1, "task": "classes", "patch": 48,
-        "normalization": {"mode": "none"},
+        # The patches were stored windowed to [0, 1]; the window is estimated from their lung
+        # and soft-tissue modes (scripts/estimate_ct_window.py). Training and scoring read
+        # them back in HU, so the weights take a CT as a radiologist has it.
+        "stored_window": (-977.0, 259.0),
+        "normalization": {"mode": "window", "low": -977.0, "high": 259.0, "clip": True},
+        "pixel_size": {"value": 2.0, "unit": "millimeter"},
         "licence": "CC BY-SA 4.0 (Medical Segmentation Decathlon, Antonelli et al. 2022)",
         "target": "lung tumour on 2 mm CT patches",
     },
@@ -81,6 +88,22 @@ def held_out_folders(root: Path, val_files: list[str], planes: list[str],
                 else:
                     shutil.copy(f, dst / f.name)
     return vi, vm
+
+
+def data_root(base: Path, dataset: str, ds: dict, tmp: Path) -> Path:
+    """The data set's folder; for data stored windowed to [0, 1], a copy in HU in ``tmp``
+    (images float32, masks as they are)."""
+    root = base / dataset
+    if "stored_window" not in ds:
+        return root
+    low, high = ds["stored_window"]
+    copy = tmp / dataset
+    (copy / "images").mkdir(parents=True)
+    shutil.copytree(root / "masks", copy / "masks")
+    for f in sorted((root / "images").glob("*.tif")):
+        hu = low + tifffile.imread(f).astype("float32") * (high - low)
+        tifffile.imwrite(copy / "images" / f.name, hu.astype("float32"))
+    return copy
 
 
 def _init_path(source: str) -> Path:
@@ -136,12 +159,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _retune(args: argparse.Namespace, ds: dict, root: Path, tag: str) -> int:
-    """``--retune``: the shipped weights re-tuned and re-scored; their card keeps the rest."""
+    """``--retune``: the shipped weights re-tuned, re-described with the data set's current
+    normalisation and pixel size (:data:`DATASETS`) and re-scored; their card keeps the rest."""
     from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
+    from napari_medseg.engine.pixel_size import with_pixel_size
     from napari_medseg.engine.seg_task import task_of
 
     weights_dir, card_path = ROOT / "weights", ROOT / "models" / f"{tag}.yaml"
     model, info = load_checkpoint(weights_dir / tag)
+    model = with_pixel_size(model, ds.get("pixel_size"))
+    model.checkpoint_info = info = dataclasses.replace(info, normalization=ds["normalization"])
     model, metrics, tuning = _score(model, root, info.training_data.get("val_files", []),
                                     info.training_data.get("val_planes") or [])
     task = task_of(model)
@@ -152,13 +179,27 @@ def _retune(args: argparse.Namespace, ds: dict, root: Path, tag: str) -> int:
     card = yaml.safe_load(card_path.read_text())
     if task.instances:
         card["task"] = {"description": ds["target"], **task.to_dict()}
-    card.update(sha256=shipped.sha256, metrics=metrics, size_mb=round(
-        (weights_dir / shipped.weights).stat().st_size / 2**20, 2))
+    card.update(sha256=shipped.sha256, metrics=metrics, normalization=shipped.normalization,
+                size_mb=round((weights_dir / shipped.weights).stat().st_size / 2**20, 2))
+    _keep_facts(card, ds)
     if tuning:
         card.setdefault("settings", {})["watershed_tuning"] = tuning
     card_path.write_text(yaml.safe_dump(card, sort_keys=False))
     print(json.dumps({"tag": tag, "metrics": metrics}))
     return 0
+
+
+def _keep_facts(card: dict, ds: dict) -> None:
+    """The card states the data set's pixel size and stored window (what the weights take)."""
+    if ds.get("pixel_size"):
+        card.setdefault("intended_for", {})["pixel_size"] = dict(ds["pixel_size"])
+    if ds.get("stored_window"):
+        low, high = ds["stored_window"]
+        card.setdefault("training_data", {})["stored_window"] = {
+            "hu": [low, high], "how": "the source stored the patches windowed to [0, 1]; the "
+            "window is estimated from their lung and soft-tissue modes "
+            "(scripts/estimate_ct_window.py) and the patches read back in HU for training "
+            "and scoring"}
 
 
 def _config(args: argparse.Namespace, ds: dict):
@@ -225,7 +266,7 @@ def _score(model, root: Path, val_files: list[str], planes: list[str]):
         scores = evaluate(model, vi, vm, PredictConfig(), instances=task.instances)
     print(format_table(scores))
     metrics = {k: (round(v, 4) if v == v else None) for k, v in scores.mean.items()}
-    if getattr(scores, "by_type", None):
+    if getattr(scores, "by_type", None) and task.instances:  # microscopy types: nuclei only
         metrics["by_type"] = {t: {k: (round(v, 4) if isinstance(v, float) else v)
                                   for k, v in row.items()} for t, row in scores.by_type.items()}
     metrics["split"] = "validation"
@@ -275,11 +316,12 @@ def _card(args, ds: dict, cfg, info, task, classes, shipped, tuning, wall: float
 
 def main(argv: list[str] | None = None) -> int:
     from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
+    from napari_medseg.engine.pixel_size import with_pixel_size
     from napari_medseg.engine.seg_task import INSTANCE_CLASS_NAMES, task_of
 
     args = _parse(argv)
     ds = DATASETS[args.dataset]
-    root = Path(args.data_root) / args.dataset
+    root = data_root(Path(args.data_root), args.dataset, ds, Path(tempfile.mkdtemp()))
     tag = args.tag or f"{args.network}_{args.variant}_{args.dataset.split('_')[0]}"
     if args.retune:
         return _retune(args, ds, root, tag)
@@ -290,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
 
     model, info = load_checkpoint(work / tag)
+    model = with_pixel_size(model, ds.get("pixel_size"))
     model, metrics, tuning = _score(model, root, info.training_data.get("val_files", []),
                                     info.training_data.get("val_planes") or [])
     task = task_of(model)
@@ -307,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             kept = (yaml.safe_load(old_card.read_text()) or {}).get(key)
             if kept is not None:
                 card[key] = kept
+    _keep_facts(card, ds)
     models_dir.mkdir(exist_ok=True)
     old_card.write_text(yaml.safe_dump(card, sort_keys=False))
     print(json.dumps({"tag": tag, "metrics": metrics, "wall_min": round(wall / 60, 1)}))

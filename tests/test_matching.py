@@ -43,11 +43,12 @@ def test_the_evidence_picks_the_card(traits, best):
     assert best in ranked[0].reason and "matching this image" in ranked[0].reason
 
 
-def test_a_pixel_size_far_from_the_weights_is_said():
+def test_a_pixel_size_far_from_the_weights_says_it_is_resampled():
     best = rank_weights(ImageTraits(1, True, "millimeter", 0.7), CARDS)[0]
-    assert best.tag == "ct" and "0.7 millimeter pixels where the weights saw 2" in best.reason
+    assert best.tag == "ct" and "0.7 millimeter pixels, resampled to the weights' 2" in \
+        best.reason
     near = rank_weights(ImageTraits(1, True, "millimeter", 1.5), CARDS)[0]
-    assert "expect a worse result" not in near.reason and near.score > best.score
+    assert "resampled" not in near.reason and near.score > best.score
 
 
 def test_without_metadata_the_choice_is_a_guess_and_says_so():

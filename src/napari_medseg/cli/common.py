@@ -129,7 +129,8 @@ def compute_flags(args: argparse.Namespace) -> dict[str, Any]:
             "balance": False if args.exact_tiles else None, "device": args.device,
             "batch_size": args.batch_size, "precision": args.precision,
             "tta": True if getattr(args, "tta", False) else None,
-            "super_resolved": True if getattr(args, "super_resolved", False) else None}
+            "super_resolved": True if getattr(args, "super_resolved", False) else None,
+            "native_pixels": True if getattr(args, "native_pixels", False) else None}
 
 
 def add_super_resolved_arg(p: argparse.ArgumentParser) -> None:
@@ -138,6 +139,10 @@ def add_super_resolved_arg(p: argparse.ArgumentParser) -> None:
                    help="super-resolution networks (SASR-Net): write the outputs at the "
                         "network's scale (2x the image in Y and X) instead of on the image's "
                         "grid")
+    p.add_argument("--native-pixels", action="store_true", dest="native_pixels",
+                   help="run on the image's own pixels even when the weights declare another "
+                        "pixel size (by default each plane is resampled to it and the outputs "
+                        "brought back to the image's grid)")
 
 
 def add_tiling_args(p: argparse.ArgumentParser) -> None:

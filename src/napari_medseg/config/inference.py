@@ -169,6 +169,10 @@ class PredictConfig(ConfigBase):
         super_resolved: for a super-resolution network (SASR-Net), return its outputs at
             its own scale (s times the image in Y and X, geometry scaled to match) instead
             of on the image's grid (the default).
+        native_pixels: run the network on the image's own pixels even when the weights
+            declare a pixel size and the image's metadata give another (by default each
+            plane is resampled to the weights' pixel size and the outputs brought back to
+            the image's grid; :mod:`napari_medseg.engine.pixel_size`).
     """
 
     tiling: TilingConfig = field(default_factory=TilingConfig)
@@ -193,6 +197,7 @@ class PredictConfig(ConfigBase):
     oom_fallback: bool = True
     memory_fraction: float = 0.5
     super_resolved: bool = False
+    native_pixels: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.memory_fraction <= 1.0:
@@ -224,3 +229,17 @@ class PredictConfig(ConfigBase):
 
 #: The name the issue uses for the same settings.
 InferenceConfig = PredictConfig
+
+
+#: Switches added after stores and batch runs were first written; off, they are left out of
+#: the settings a result is recognised by, so earlier results stay resumable.
+LATER_SWITCHES = ("super_resolved", "native_pixels")
+
+
+def drop_unset_switches(settings: dict) -> dict:
+    """``settings`` (a :class:`PredictConfig` as a dict) without the :data:`LATER_SWITCHES`
+    that are off; changed in place and returned."""
+    for key in LATER_SWITCHES:
+        if not settings.get(key):
+            settings.pop(key, None)
+    return settings

@@ -109,6 +109,19 @@ class ModelCard:
             raise CheckpointError(f"The model card {self.path.name} has an invalid task: "
                                   f"{exc}") from None
 
+    @property
+    def pixel_size(self) -> dict | None:
+        """The pixel size the weights were trained at (``intended_for.pixel_size``), or None.
+
+        Raises:
+            CheckpointError: it is not a positive length.
+        """
+        from .pixel_size import PixelSize
+
+        facts = self.data.get("intended_for") or {}
+        size = PixelSize.from_mapping(facts.get("pixel_size"), f"model card {self.path.name}")
+        return size.to_dict() if size else None
+
     def weights_path(self) -> Path | None:
         """The weights file, searched in ``resources.weights_dirs()``; None if absent."""
         for folder in resources.weights_dirs():
@@ -127,7 +140,7 @@ class ModelCard:
             in_channels=self.in_channels, num_classes=self.num_classes,
             classes=tuple(self.data.get("classes") or ()), normalization=self.normalization,
             input_downsample=int(self.data.get("input_downsample") or 1),
-            task=self.task,
+            task=self.task, pixel_size=self.pixel_size,
             training_data={"dataset": self.dataset, **dict(self.data.get("training_data") or {})},
             settings=dict(self.data.get("settings") or {}), metrics=self.metrics,
             parent=self.data.get("parent"), weights=self.weights, sha256=self.sha256,

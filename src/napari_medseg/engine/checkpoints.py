@@ -76,6 +76,9 @@ class CheckpointInfo:
             (:mod:`~napari_medseg.models.working_resolution`); 1 = full resolution.
         task: what the network predicts (:class:`~.seg_task.SegTask` as a dict); None is
             the ``classes`` task (weights written before tasks existed).
+        pixel_size: the in-plane pixel size the weights were trained at (``{"value",
+            "unit"}``, :class:`~.pixel_size.PixelSize`); images whose metadata give another
+            are resampled to it. None: the weights do not depend on one.
         training_data: ``dataset`` (folder name), ``images``, ``split`` ... (free form).
         settings: training settings (epochs, optimizer, device, wall time ...).
         metrics: validation metrics, e.g. ``{"dice": 0.91, "split": "val"}``.
@@ -100,6 +103,7 @@ class CheckpointInfo:
     normalization: dict | None = None
     input_downsample: int = 1
     task: dict | None = None
+    pixel_size: dict | None = None
     training_data: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
@@ -119,8 +123,8 @@ class CheckpointInfo:
         out: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "task" and value is None:
-                continue  # weights without a task keep the description (and hash) they had
+            if f.name in ("task", "pixel_size") and value is None:
+                continue  # weights without them keep the description (and hash) they had
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return json.loads(json.dumps(out, default=_json_default))
 
@@ -161,6 +165,10 @@ class CheckpointInfo:
                 kwargs["task"] = SegTask.from_dict(kwargs["task"]).to_dict()
             except ConfigError as exc:
                 raise CheckpointError(f"The {source} has an invalid task: {exc}") from None
+        if kwargs.get("pixel_size") is not None:
+            from .pixel_size import PixelSize
+
+            kwargs["pixel_size"] = PixelSize.from_mapping(kwargs["pixel_size"], source).to_dict()
         if kwargs["input_downsample"] < 1:
             raise CheckpointError(f"The {source} has an invalid input_downsample "
                                   f"({kwargs['input_downsample']}).")
@@ -244,6 +252,7 @@ def save_checkpoint(
     if isinstance(normalization, NormalizationConfig):
         normalization = normalization.to_dict()
     factor = input_downsample(model)
+    pixel_size = model.spec.extra.get("pixel_size")
     model = unwrap(model)  # the file holds the network's own tensors
     spec = model.spec
     info = CheckpointInfo(
@@ -256,6 +265,7 @@ def save_checkpoint(
         normalization=dict(normalization) if normalization else None,
         input_downsample=factor,
         task=stored_task(spec.extra.get("task")),
+        pixel_size=dict(pixel_size) if pixel_size else None,
         training_data=dict(training_data or {}),
         settings=dict(settings or {}),
         metrics=dict(metrics or {}),
@@ -424,12 +434,14 @@ def _load(info: CheckpointInfo, weights_path: Path, device, verify: bool, source
     if info.sha256 is None:
         info = dataclasses.replace(info, sha256=sha256_file(weights_path))
     from ..models.working_resolution import input_downsample, on_input_grid, with_downsample
+    from .pixel_size import with_pixel_size
     from .seg_task import with_task
 
     model = _build(info, source)
     _load_state(model, weights_path, source)
     # a super-resolution network works on the image's grid (older checkpoints recorded 1)
     model = with_task(on_input_grid(with_downsample(model, info.input_downsample)), info.task)
+    model = with_pixel_size(model, info.pixel_size)
     info = dataclasses.replace(info, input_downsample=input_downsample(model))
     model.eval()
     model.to(device)

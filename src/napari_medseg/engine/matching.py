@@ -25,6 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .pixel_size import TO_NM
+
 __all__ = ["ImageTraits", "Match", "traits_from_meta", "rank_weights", "installed_cards",
            "best_weights"]
 
@@ -32,8 +34,6 @@ __all__ = ["ImageTraits", "Match", "traits_from_meta", "rank_weights", "installe
 _UNIT_FAMILY = {"nanometer": "nm", "angstrom": "nm", "micrometer": "um",
                 "millimeter": "mm", "centimeter": "mm", "meter": "mm"}
 _FAMILY_TEXT = {"nm": "nanometre pixels", "um": "micrometre pixels", "mm": "millimetre pixels"}
-_TO_NM = {"angstrom": 0.1, "nanometer": 1.0, "micrometer": 1e3, "millimeter": 1e6,
-          "centimeter": 1e7, "meter": 1e9}
 #: A kind of image -> the pixel family its images have when they carry one.
 _KIND_FAMILY = {"electron microscopy": "nm", "microscopy": "um", "light microscopy": "um",
                 "radiology": "mm", "ct": "mm", "mri": "mm"}
@@ -150,15 +150,13 @@ def _score(card: Any, facts: dict[str, Any],
             score, evidence = score + 4, True
             good.append(_FAMILY_TEXT[family])
             if facts["unit"] and facts["pixel_value"] and traits.pixel_size:
-                ratio = (traits.pixel_size * _TO_NM.get(traits.unit or "", 1.0)) / (
-                    facts["pixel_value"] * _TO_NM.get(facts["unit"], 1.0))
+                ratio = (traits.pixel_size * TO_NM.get(traits.unit or "", 1.0)) / (
+                    facts["pixel_value"] * TO_NM.get(facts["unit"], 1.0))
                 if abs(math.log2(max(ratio, 1e-9))) <= 1:
                     score += 1
-                else:
-                    score -= 1
-                    good.append(f"but {traits.pixel_size:g} {traits.unit} pixels where the "
-                                f"weights saw {facts['pixel_value']:g} {facts['unit']}: "
-                                "expect a worse result")
+                else:  # the engine resamples the image to the weights' pixel size
+                    good.append(f"{traits.pixel_size:g} {traits.unit} pixels, resampled to "
+                                f"the weights' {facts['pixel_value']:g} {facts['unit']}")
         else:
             score -= 4
             bad.append(_FAMILY_TEXT[family])

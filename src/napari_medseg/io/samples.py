@@ -60,7 +60,7 @@ SAMPLES: dict[str, Sample] = {
         _sample("dermoscopy", "Dermoscopy (PH2)", "PH2",
                 "YXC uint8 RGB melanoma image at half resolution; lesion mask", "dermoscopy"),
         _sample("ct_patches", "CT lung patches, 2 mm (MSD Task06)", "MSD Task06 Lung",
-                "IYX float32 6x48x48 CT patches (2 mm pixels, windowed to [0, 1]); tumour masks",
+                "IYX float32 6x48x48 CT patches (2 mm pixels, Hounsfield units); tumour masks",
                 "CT"),
     )
 }

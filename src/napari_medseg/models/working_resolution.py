@@ -24,6 +24,7 @@ times the image's size) is :func:`unwrap`'s.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["WorkingResolution", "input_downsample", "unwrap", "with_downsample",
+__all__ = ["WorkingResolution", "Resampled", "input_downsample", "unwrap", "with_downsample",
            "super_resolved", "on_input_grid"]
 
 
@@ -91,6 +92,69 @@ class WorkingResolution(nn.Module):
         return self._up(self.net(small))
 
 
+def _resize_outputs(value: Any, size: tuple[int, int]) -> Any:
+    """Every 4D tensor in ``value`` (a tensor, dict, list or tuple) resized bilinearly."""
+    if isinstance(value, torch.Tensor) and value.ndim == 4:
+        if tuple(value.shape[-2:]) == size:
+            return value
+        out = F.interpolate(value.float(), size=size, mode="bilinear", align_corners=False)
+        return out.to(value.dtype)
+    if isinstance(value, dict):
+        return {k: _resize_outputs(v, size) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_resize_outputs(v, size) for v in value)
+    return value
+
+
+class Resampled(nn.Module):
+    """``net`` run on each input resampled by ``zoom`` (a float per axis); outputs resized
+    back to the input's size.
+
+    What the engine uses when an image's pixel size differs from the one the weights were
+    trained at (:func:`napari_medseg.engine.pixel_size.plane_zoom`): a tile of the image is
+    resized (bilinear, antialiased when it shrinks) to the side nearest ``side * zoom`` that
+    the network accepts, the network runs, and every spatial output comes back bilinearly to
+    the tile's own size, so tiling, stitching and the outputs stay on the image's grid.
+
+    Attributes:
+        net: the wrapped network (any 2D network, a working-resolution one included).
+        zoom: (zy, zx), the image's pixel size over the weights'.
+        spec: the network's spec with ``divisor`` 1 and ``min_size``, ``preferred_tile``
+            divided by the smaller zoom; ``extra["resampled"]`` holds the zoom.
+    """
+
+    def __init__(self, net: nn.Module, zoom: tuple[float, float]) -> None:
+        super().__init__()
+        spec = net.spec
+        zoom = tuple(float(z) for z in zoom)
+        if spec.spatial_dims != 2 or len(zoom) != 2 or min(zoom) <= 0:
+            raise ConfigError(f"{spec.network} cannot be resampled by {zoom}: only 2D "
+                              "networks can, by two positive factors.")
+        self.net = net
+        self.zoom = zoom
+        small = min(zoom)
+        self.spec = dataclasses.replace(
+            spec, divisor=1, min_size=max(1, math.ceil(spec.min_size / small)),
+            preferred_tile=max(spec.min_size, int(round(spec.preferred_tile / small))),
+            output_scale=1, extra={**spec.extra, "resampled": zoom})
+        self.config = net.config
+
+    def encoder_parameters(self):
+        return self.net.encoder_parameters()
+
+    def _side(self, side: int, zoom: float) -> int:
+        d, smallest = int(self.net.spec.divisor), int(self.net.spec.min_size)
+        return max(smallest, int(round(side * zoom / d)) * d)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        size = tuple(int(s) for s in x.shape[-2:])
+        inner = (self._side(size[0], self.zoom[0]), self._side(size[1], self.zoom[1]))
+        shrink = inner[0] < size[0] or inner[1] < size[1]
+        small = F.interpolate(x.float(), size=inner, mode="bilinear", align_corners=False,
+                              antialias=shrink).to(x.dtype)
+        return _resize_outputs(self.net(small), size)
+
+
 def with_downsample(net: nn.Module, factor: int) -> nn.Module:
     """``net`` itself for ``factor`` 1, else ``net`` wrapped in :class:`WorkingResolution`."""
     return net if int(factor) == 1 else WorkingResolution(net, factor)
@@ -98,6 +162,8 @@ def with_downsample(net: nn.Module, factor: int) -> nn.Module:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The network inside a :class:`WorkingResolution` (or ``model`` itself)."""
+    if isinstance(model, Resampled):
+        model = model.net
     return model.net if isinstance(model, WorkingResolution) else model
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ...config import BatchConfig, PredictConfig
+from ...config.inference import drop_unset_switches
 from .task import PARTIAL_PREFIX, remove_path
 
 __all__ = [
@@ -66,8 +67,7 @@ def settings_of(config: BatchConfig) -> dict[str, Any]:
     pred = run_predict_config(config).to_dict()
     for key in _EXECUTION_ONLY:
         pred.pop(key, None)
-    if not pred.get("super_resolved"):  # earlier runs' finished files stay finished
-        pred.pop("super_resolved", None)
+    drop_unset_switches(pred)  # stores and runs of earlier versions stay resumable
     return {"output": config.output, "format": config.format, "predict": pred}
 
 

@@ -249,6 +249,23 @@ def fit_normalization(
     return NormalizationStats(tuple(offsets), tuple(scales), clip)
 
 
+def window_mismatch(samples: np.ndarray, config: NormalizationConfig) -> str | None:
+    """A warning when a fixed intensity window (Hounsfield units for CT weights) meets an
+    image whose values all lie within a range far narrower than it (already windowed to
+    [0, 1], say), which the window would flatten to one grey; None otherwise."""
+    if config.mode != "window":
+        return None
+    values = np.asarray(samples, dtype=np.float64)
+    lo, hi = float(values.min()), float(values.max())
+    width = config.high - config.low
+    if width <= 0 or hi - lo > 0.05 * width:
+        return None
+    return (f"The weights map intensities through the window {config.low:g}..{config.high:g} "
+            f"(Hounsfield units for CT), but this image's values lie within {lo:.3g}..{hi:.3g}, "
+            "as if already windowed; give the image in its original units, or choose another "
+            "normalization.")
+
+
 def _scale(lo: float, hi: float) -> float:
     """``hi - lo``; a range within float32's rounding of the values (or none) is floored.
 

@@ -13,6 +13,9 @@ What happens, in order:
    ``config.axis``; ``T``/``I`` axes are iterated), or a ZYX block (3D network). The channels
    are converted grey <-> RGB when the network needs it (with a notice), else a wrong channel
    count is an :class:`~napari_medseg.errors.InputShapeError`.
+   When the weights declare a pixel size and the image's metadata give another, each plane
+   is resampled to it and the outputs come back on the image's grid (:mod:`..pixel_size`,
+   with a notice; ``native_pixels`` turns it off).
 2. **Input checks**: NaN, infinite pixels or values float32 cannot hold are refused (whole
    in-memory images here, lazy ones per tile); so is a zarr store with no chunk written.
 3. **Device and precision**: ``auto`` is cuda > mps > cpu; autocast bf16 on CPUs with native
@@ -50,7 +53,6 @@ import hashlib
 import math
 import time
 from collections.abc import Generator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -67,13 +69,15 @@ from ..progress import (CancelledEvent, CancelToken, FinishedEvent, NoticeEvent,
                         PlanEvent, ProgressEvent, StageEvent, TilesEvent, drain)
 from . import postprocess
 from .normalization import (DEFAULT_NORMALIZATION, check_pixels, fit_normalization,
-                            sample_values)
+                            sample_values, window_mismatch)
 from .plan import (ACTIVATION_BYTES_PER_PIXEL, TilePlan, band_bytes, memory_shortfall,
                    unwritten_message)
+from .result import PredictionResult
 from .predictor import OutOfMemory, TilePredictor, TileTooBig, model_bytes, tta_flips
 from .sinks import SizingSink
 from .stitching import Stitcher
 from .tiling import TileGrid, sliding_window_iter
+from ..pixel_size import resample_to_weights
 from ..seg_task import task_of
 from .writer import Consensus, OutputWriter, store_fingerprint
 
@@ -81,49 +85,6 @@ __all__ = ["PredictionResult", "OutOfMemory", "predict_iter", "predict", "tta_fl
 
 #: Out-of-memory recovery halves the tile while it stays at least this big.
 MIN_OOM_TILE = 32
-
-@dataclass
-class PredictionResult:
-    """What a prediction produced.
-
-    Attributes:
-        outputs: output name -> array (numpy, or a zarr array when streamed to a store):
-            ``mask`` (labels; the image's axes without C, in-plane axes x output scale),
-            ``probabilities`` (C x mask axes; C = K classes, K == 1 the foreground),
-            ``boundary`` (uint8, 1 = boundary), ``instances`` (int32), ``variance`` (float16,
-            TTA disagreement).
-        axes: output name -> axes string (``"YX"``, ``"CZYX"`` ...).
-        plan: the tile plan that ran (probed).
-        stats: numbers about the run: ``seconds``, ``forward_passes``, ``device``,
-            ``precision``, ``batch_size``, ``tile``, ``z_consistency`` (slice-wise volumes),
-            ``plane_agreement`` (orthogonal consensus), ``normalization`` ...
-        cancelled: True when stopped early; ``planes_done`` says what is complete.
-        planes_done: indices of the finished planes.
-        notices: the notices sent during the run.
-        store: the zarr store path, when streamed.
-        scale: output side / input side.
-        meta: the label outputs' geometry (:class:`~napari_medseg.io.ImageMeta` on their
-            grid: the input's spacing, origin and affine, made finer in-plane for a
-            super-resolving network); probabilities add a leading ``C``.
-    """
-
-    outputs: dict[str, Any]
-    axes: dict[str, str]
-    plan: TilePlan | None
-    stats: dict[str, Any] = field(default_factory=dict)
-    cancelled: bool = False
-    planes_done: tuple[int, ...] = ()
-    notices: tuple[str, ...] = ()
-    store: str | None = None
-    scale: int = 1
-    meta: Any = None
-
-    def __getitem__(self, name: str) -> Any:
-        return self.outputs[name]
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.outputs
-
 
 class _Run:
     """One prediction: setup, plan, the plane loop over the tile loop, and the result."""
@@ -230,6 +191,19 @@ class _Run:
         if conv is not None:
             yield self.notice(f"The network takes {spec.in_channels} channel(s); converting the "
                               f"image from {CONVERSION_WORDS[conv]}.")
+        yield from self._resampling(axes)
+
+    def _resampling(self, axes: str) -> Generator[ProgressEvent, None, None]:
+        """Each plane at the weights' pixel size, when the weights declare one and the
+        image's metadata give another (:func:`..pixel_size.resample_to_weights`)."""
+        self.zooms = None
+        if self.config.native_pixels or self.scale != 1:
+            return
+        model, self.zooms, message = resample_to_weights(
+            self.model, self.meta, axes, [lay.plane_axes for lay in self.layouts])
+        if message:
+            self.model, self.spec = model, model.spec
+            yield self.notice(message)
 
     def _check_input(self, read_pixels: bool = True) -> None:
         if "variance" in self.config.outputs and not self.config.tta:
@@ -251,6 +225,8 @@ class _Run:
         samples = sample_values(self.image, self.layout.channel_axis)
         samples = convert_channels(samples, self.layout.conversion)
         self.stats = fit_normalization(samples, self.norm_config)
+        if (mismatch := window_mismatch(samples, self.norm_config)) is not None:
+            yield self.notice(mismatch, "warning")
         # The image's identity for resuming: a hash of the same regular subsample.
         self.content_id = hashlib.sha256(np.ascontiguousarray(samples).tobytes()).hexdigest()
 
@@ -465,6 +441,8 @@ class _Run:
         for p, layout in enumerate(self.layouts):
             if consensus is not None:
                 consensus.index = p
+            if self.zooms:  # each orthogonal pass its own zoom
+                self.model.zoom = self.zooms[p]
             for plane, stack_index in enumerate(layout.plane_indices()):
                 if consensus is None and plane in self.writer.finished:
                     yield PlaneEvent(plane=plane, planes=layout.n_planes, skipped=True)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ...config import PredictConfig
+from ...config.inference import drop_unset_switches
 from ...io.metadata import upsampled_geometry
 from ...models.registry import state_sha256
 from ..layout import Layout
@@ -60,8 +61,7 @@ def store_fingerprint(image, layout: Layout, content_id: str, model, config: Pre
     for key in ("device", "precision", "batch_size", "channels_last", "store", "resume",
                 "overwrite", "oom_fallback", "memory_fraction"):
         cfg.pop(key, None)
-    if not cfg.get("super_resolved"):  # stores of earlier versions stay resumable
-        cfg.pop("super_resolved", None)
+    drop_unset_switches(cfg)  # stores and runs of earlier versions stay resumable
     spec = model.spec
     data = {
         "shape": list(image.shape), "dtype": str(np.dtype(image.dtype)),
