@@ -22,6 +22,13 @@ class AugmentConfig(ConfigBase):
         intensity: random gain and offset on the image.
         noise_std: std of additive Gaussian noise (in normalised units); 0 disables.
         elastic: smooth elastic deformation strength in pixels; 0 disables.
+        colour: per-channel gain spread (each channel times a factor in [1 - c, 1 + c]):
+            another camera's white balance; 0 disables (one-channel images ignore it).
+        gamma: gamma drawn log-uniformly in [1 / (1 + g), 1 + g]; 0 disables.
+        blur: largest Gaussian blur sigma in pixels (half the patches are blurred); 0
+            disables.
+        illumination: strength of a random linear light gradient across the patch (times a
+            factor from 1 - i to 1 + i); 0 disables.
     """
 
     flips: bool = True
@@ -30,11 +37,19 @@ class AugmentConfig(ConfigBase):
     intensity: bool = True
     noise_std: float = 0.03
     elastic: float = 0.0
+    colour: float = 0.0
+    gamma: float = 0.0
+    blur: float = 0.0
+    illumination: float = 0.0
 
     def __post_init__(self) -> None:
         lo, hi = self.scale
         if not 0 < lo <= hi:
             raise ConfigError(f"The scale range must satisfy 0 < low <= high, not {self.scale}.")
+        for name in ("colour", "gamma", "blur", "illumination"):
+            if not 0 <= getattr(self, name) < (100 if name == "blur" else 1):
+                raise ConfigError(f"The {name} augmentation must be at least 0 and below "
+                                  f"{100 if name == 'blur' else 1}, not {getattr(self, name)}.")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Batched, geometry-consistent augmentation of training patches (torch, on the training device).
 
 Image and targets get the same geometric transform: flips, rot90 (square patches), a random
-scale (zoom about the centre), and an optional smooth elastic deformation. Intensity changes
-(gain, offset, gamma, noise) touch the image only. Masks are resampled with nearest neighbour.
+scale (zoom about the centre), and an optional smooth elastic deformation. Photometric
+changes touch the image only: what another camera or microscope does to the same scene
+(per-channel white balance, gamma, blur, an uneven light), then gain, offset and noise.
+Masks are resampled with nearest neighbour.
 """
 
 from __future__ import annotations
@@ -31,6 +33,52 @@ def _grid(size: tuple[int, int], scales: Tensor, coarse: Tensor | None, elastic:
         norm = torch.tensor([w, h], device=scales.device, dtype=field.dtype)
         grid = grid + field.permute(0, 2, 3, 1) * (2.0 * elastic / norm)
     return grid
+
+
+def _uniform(shape: tuple[int, ...], lo: float, hi: float, generator: torch.Generator,
+             device) -> Tensor:
+    return torch.empty(shape).uniform_(lo, hi, generator=generator).to(device)
+
+
+def _photometric(image: Tensor, config: AugmentConfig, generator: torch.Generator) -> Tensor:
+    """White balance, gamma, blur and uneven light, each off at 0 (image only)."""
+    n, c = image.shape[:2]
+    dev = image.device
+    if config.colour > 0 and c > 1:
+        image = image * _uniform((n, c, 1, 1), 1 - config.colour, 1 + config.colour,
+                                 generator, dev)
+    if config.gamma > 0:
+        g = torch.exp(_uniform((n, 1, 1, 1), -math.log1p(config.gamma),
+                               math.log1p(config.gamma), generator, dev))
+        image = torch.where(image > 0, image.clamp(min=0) ** g, image)
+    if config.blur > 0:
+        sigmas = _uniform((n,), 0.0, config.blur, generator, "cpu")
+        blurred = torch.rand(n, generator=generator) < 0.5
+        image = image.clone()  # the caller's batch stays as it was
+        for i in blurred.nonzero().flatten().tolist():
+            image[i] = _gaussian(image[i:i + 1], float(sigmas[i]))[0]
+    if config.illumination > 0:
+        h, w = image.shape[-2:]
+        angle = _uniform((n, 1, 1, 1), 0.0, 2 * math.pi, generator, dev)
+        ys = torch.linspace(-1, 1, h, device=dev).view(1, 1, h, 1)
+        xs = torch.linspace(-1, 1, w, device=dev).view(1, 1, 1, w)
+        ramp = (torch.cos(angle) * xs + torch.sin(angle) * ys) / math.sqrt(2)
+        image = image * (1 + config.illumination * ramp)
+    return image
+
+
+def _gaussian(image: Tensor, sigma: float) -> Tensor:
+    """A separable Gaussian blur of a 1 x C x H x W tensor (reflect padding)."""
+    if sigma < 0.3:
+        return image
+    radius = max(1, int(math.ceil(2.5 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=image.device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = (k / k.sum()).to(image.dtype)
+    c = image.shape[1]
+    out = F.pad(image, (radius, radius, radius, radius), mode="reflect")
+    out = F.conv2d(out, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(out, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
 def augment_batch(
@@ -95,6 +143,7 @@ def augment_batch(
                 out_t[key] = warp(value[:, None].float(), "nearest")[:, 0].to(value.dtype)
             else:
                 out_t[key] = warp(value.float(), "bilinear")
+    image = _photometric(image, config, generator)
     if config.intensity:
         gain = torch.empty(n, 1, 1, 1).uniform_(0.8, 1.2, generator=generator).to(image.device)
         offset = torch.empty(n, 1, 1, 1).uniform_(-0.1, 0.1, generator=generator).to(image.device)
