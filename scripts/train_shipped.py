@@ -107,6 +107,25 @@ def data_root(base: Path, dataset: str, ds: dict, tmp: Path) -> Path:
     return copy
 
 
+def without_type(root: Path, kind: str, tmp: Path) -> Path:
+    """A copy of the data set folder (links) without the images of one acquisition type."""
+    from napari_medseg.engine.acquisition import acquisition_type
+
+    copy = tmp / f"{root.name}_without_{kind.replace('&', '')}"
+    for sub in ("images", "masks"):
+        (copy / sub).mkdir(parents=True)
+    kept = 0
+    for f in sorted((root / "images").glob("*.tif")):
+        image = tifffile.imread(f)
+        if acquisition_type(image, "YXC"[: image.ndim] if image.ndim == 3 else "YX") == kind:
+            continue
+        for sub in ("images", "masks"):
+            (copy / sub / f.name).symlink_to(root / sub / f.name)
+        kept += 1
+    print(f"without {kind}: {kept} images kept", flush=True)
+    return copy
+
+
 def _init_path(source: str) -> Path:
     """The checkpoint file of a tag (its card's weights) or of a path."""
     from napari_medseg.engine.cards import list_model_cards
@@ -153,6 +172,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="instance task: loss weight where two objects touch")
     p.add_argument("--init", help="start from these weights (a tag or a checkpoint path); "
                    "a foreground network is widened to the instance task's three classes")
+    p.add_argument("--exclude-type", choices=("fluorescence", "bright-field", "H&E"),
+                   help="train a base that never sees this acquisition type (left out of "
+                        "training and validation; the fine-tuning benchmark's bases)")
+    p.add_argument("--out-dir", help="write the weights and card here instead of weights/ "
+                   "and models/ (weights that are not shipped)")
     p.add_argument("--retune", action="store_true",
                    help="do not train: tune the shipped weights' instance thresholds again on "
                         "their validation split, re-score them and rewrite their card")
@@ -272,13 +296,35 @@ def _score(model, root: Path, val_files: list[str], planes: list[str]):
                                   for k, v in row.items()} for t, row in scores.by_type.items()}
     metrics["split"] = "validation"
     metrics["n_images"] = len(planes) or len(scores.rows)  # slices of a stack count one by one
+    if root.name == "ph2_dermoscopy":
+        metrics["proxy"] = _proxy(model, root, val_files)
     return model, metrics, tuning
+
+
+def _proxy(model, root: Path, val_files: list[str]) -> dict:
+    """Dice on the out-of-device proxy of the held-out photographs (dermoscopy_proxy.py)."""
+    import csv
+
+    import dermoscopy_proxy
+
+    with open(root / "labels.csv", newline="") as fh:
+        diagnosis = {row["name"]: row["clinical_diagnosis"] for row in csv.DictReader(fh)}
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = dermoscopy_proxy.build_proxy(root, val_files, Path(tmp))
+        result = dermoscopy_proxy.score(model, folders, diagnosis)
+    print(json.dumps({"proxy": result}), flush=True)
+    return {"what": "the held-out photographs as three other dermoscopes give them "
+                    "(scripts/dermoscopy_proxy.py, seed 0)",
+            "dice": result["dice"]["proxy"],
+            "by_device": {k: v for k, v in result["dice"].items() if k not in ("ph2", "proxy")},
+            "gap_to_ph2": result["gap_ph2_minus_proxy"],
+            "by_diagnosis": result["by_diagnosis"]}
 
 
 def _card(args, ds: dict, cfg, info, task, classes, shipped, tuning, wall: float,
           result) -> dict:
     """The model card of shipped weights."""
-    weights_dir = ROOT / "weights"
+    weights_dir = Path(args.out_dir) if args.out_dir else ROOT / "weights"
     planes = info.training_data.get("val_planes") or []
     return {
         "tag": args.tag, "network": info.network, "variant": info.variant,
@@ -324,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     ds = DATASETS[args.dataset]
     root = data_root(Path(args.data_root), args.dataset, ds, Path(tempfile.mkdtemp()))
     tag = args.tag or f"{args.network}_{args.variant}_{args.dataset.split('_')[0]}"
+    if args.exclude_type:
+        root = without_type(root, args.exclude_type, Path(tempfile.mkdtemp()))
+        tag = args.tag or f"{tag}_no_{args.exclude_type.replace('&', '').lower()}"
     if args.retune:
         return _retune(args, ds, root, tag)
     cfg = _config(args, ds)
@@ -337,7 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     model, metrics, tuning = _score(model, root, info.training_data.get("val_files", []),
                                     info.training_data.get("val_planes") or [])
     task = task_of(model)
-    weights_dir, models_dir = ROOT / "weights", ROOT / "models"
+    weights_dir = models_dir = Path(args.out_dir) if args.out_dir else None
+    if weights_dir is None:
+        weights_dir, models_dir = ROOT / "weights", ROOT / "models"
+    weights_dir.mkdir(parents=True, exist_ok=True)
     classes = INSTANCE_CLASS_NAMES if task.instances else ("background", "foreground")
     shipped = save_checkpoint(
         model, weights_dir / tag, normalization=info.normalization, classes=classes,
