@@ -1,24 +1,37 @@
-"""Does fine-tuning on a few corrected images help where the shipped model does worst?
+"""Leave-one-acquisition-type-out proof of fine-tuning: does the default fine-tune on a few
+corrected images raise the scores on images of a type the base never saw, and leave a base
+alone on a type it knows?
 
-On the DSB2018 nuclei data (``../shared/data/dsb2018_nuclei``):
+Every case takes a base and a pool of images of one type. ``--n-train`` of them (drawn with
+``numpy.random.default_rng(--seed)``) are the user's corrections: a fresh copy of the base is
+fine-tuned on them as ``napari-medseg finetune`` does (whole images,
+:func:`~napari_medseg.engine.training.corrections.samples_from_folders`, a first round: no
+replay), with the default :class:`~napari_medseg.config.FinetuneConfig` changed only by
+``--set``. The base and the fine-tuned model are scored on the other images of the pool (at
+most ``--max-eval``) with :func:`~napari_medseg.engine.training.evaluate.evaluate`:
 
-1. every image gets an *acquisition type* from its size, colour (grey when R = G = B) and
-   brightness (light background when the mean grey value is above 100);
-2. the base weights are scored (foreground Dice) on up to ``--probe`` images of every type
-   that has at least ``--n-train`` + 3 images (held-out images of the base first); the type
-   with the lowest mean Dice is the one it does worst on;
-3. ``--n-train`` images of that type (the base's training images first, so its held-out ones
-   stay for evaluation) are the user's corrections: fine-tuned on whole (``--mode whole``,
-   what ``napari-medseg finetune`` does) or only where the base's prediction was wrong
-   (``--mode corrections``, what the Fine-tune widget does), with the default
-   :class:`~napari_medseg.config.FinetuneConfig` unless ``--steps`` says otherwise;
-4. Dice before and after on the other images of that type (at most ``--max-eval``, the
-   base's held-out ones first; their mean is also given alone, ``mean_held_out_by_base``:
-   the base has seen the others in training, which flatters its "before").
+- ``nuclei_no_he``: ``--base-no-he``, a nuclei base trained without H&E images; the pool is
+  every DSB2018 image (``<data-root>/dsb2018_nuclei``) whose
+  :func:`~napari_medseg.engine.acquisition.acquisition_type` is H&E. Dice and AP@0.5.
+- ``nuclei_no_bf``: the same with ``--base-no-bf`` and bright-field images.
+- ``dermoscopy_proxy``: ``--base-dermoscopy`` (default ``sa2net_lite_ph2``); the pool is the
+  base's held-out PH2 photographs as the ``--device-proxy`` camera (default ``clinic``) of
+  ``scripts/dermoscopy_proxy.py`` renders them (built in a temporary folder, seed 0). Dice.
+- ``nuclei_known``: ``--base-known`` (default ``sa2net_lite_dsb2018``); the pool is the
+  base's held-out fluorescence images, a type it trained on: fine-tuning must not harm it.
 
-Prints one JSON object (also written to ``--out``). Re-run it with::
+A base is a shipped tag or a checkpoint path. A case without its base, or with fewer than
+``--n-train`` + 1 images of its type, is reported as ``{"skipped": why}``. Prints one JSON
+object (also written to ``--out``, rewritten after every case): ``recipe`` (the ``--set``
+overrides), ``config`` (the whole FinetuneConfig), ``n_train``, ``seed``, ``machine``, and per
+case the images trained on, ``scored``, ``before``/``after``/``gain`` (mean Dice, and
+``ap_iou50`` for nuclei), the fine-tune's ``minutes`` (the optimisation alone), ``steps_done``
+and ``stopped`` (``finished`` or ``early_stop``: the default keeps one image in four for a
+validation Dice and stops when it stops rising). Re-run with::
 
-    .venv/bin/python benchmarks/bench_finetune.py [--weights TAG|PATH] [--mode both]
+    .venv/bin/python benchmarks/bench_finetune.py --data-root ../shared/data \\
+        --cases nuclei_no_he,nuclei_no_bf,dermoscopy_proxy,nuclei_known \\
+        --base-no-he NO_HE.safetensors --base-no-bf NO_BF.safetensors --out FILE.json
 
 ``--gui`` instead measures the longest event-loop stall of napari while the Fine-tune widget
 trains (needs a display; ``xvfb-run -a`` gives a virtual one).
@@ -27,56 +40,93 @@ trains (needs a display; ``xvfb-run -a`` gives a virtual one).
 from __future__ import annotations
 
 import argparse
-import csv
+import functools
+import importlib.util
 import json
+import math
 import os
 import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
 
-__all__ = ["main", "acquisition_types", "pick_base", "run"]
+__all__ = ["CASES", "main", "measure_gui_stall", "run_cases"]
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "dsb2018_nuclei"
+DATA_ROOT = ROOT.parent / "shared" / "data"
+CASES = ("nuclei_no_he", "nuclei_no_bf", "dermoscopy_proxy", "nuclei_known")
 
 
-def acquisition_types(data: Path) -> dict[str, str]:
-    """Image stem -> ``"<H>x<W> grey|colour light|dark"``."""
-    import tifffile
+class _Skip(Exception):
+    """A case that cannot run; the message says why (one sentence)."""
 
+
+@dataclass
+class _Case:
+    """A base and the pool of images of one type to fine-tune on and score."""
+
+    base: str
+    model: Any
+    info: Any
+    kind: str
+    data: Path  # holds images/ and masks/, <stem>.tif
+    pool: list[str]
+    instances: bool
+    notes: dict = field(default_factory=dict)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(float(value), 4)
+
+
+def _proxy_module():
+    """``scripts/dermoscopy_proxy.py`` as a module."""
+    path = ROOT / "scripts" / "dermoscopy_proxy.py"
+    spec = importlib.util.spec_from_file_location("dermoscopy_proxy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _recipe(items: list[str]) -> dict:
+    """The ``--set KEY=VALUE`` overrides (values read as YAML)."""
     out = {}
-    with open(data / "manifest.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            img = tifffile.imread(data / "images" / f"{row['name']}.tif")
-            grey = img.ndim == 2 or bool(np.all(img[..., 0] == img[..., 1]) and np.all(
-                img[..., 1] == img[..., 2]))
-            light = float(img.mean()) > 100
-            size = "x".join(str(s) for s in img.shape[:2])
-            colour = "grey" if grey else "colour"
-            out[row["name"]] = f"{size} {colour} {'light' if light else 'dark'}"
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set wants KEY=VALUE, not {item!r}.")
+        out[key.strip()] = yaml.safe_load(value)
     return out
 
 
-def pick_base(weights: str | None) -> str:
-    """The weights to start from: ``--weights``, else the shipped DSB2018 weights the demo
-    uses (the best validation Dice)."""
-    if weights:
-        return weights
-    from napari_medseg.engine.checkpoints import default_weights
+def _config(recipe: dict, device: str):
+    """The default FinetuneConfig with ``recipe`` applied (a nested ``augment`` mapping
+    refines fine-tuning's own augmentation defaults)."""
+    from napari_medseg.config import FinetuneConfig
 
-    tag = default_weights("dsb2018_nuclei")
-    if tag is None:
-        raise SystemExit("No shipped weights trained on dsb2018_nuclei; pass --weights PATH.")
-    return tag
+    return FinetuneConfig.from_mapping({"device": device, **recipe})
+
+
+def _machine(device: str) -> dict:
+    import torch
+
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "processor": platform.processor() or None,
+            "device": device, "gpu": torch.cuda.get_device_name(device) if cuda else None,
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def _folder(tmp: Path, name: str, data: Path, stems: list[str]) -> tuple[Path, Path]:
-    """Symlinked image/mask folders holding ``stems``."""
+    """Symlinked image/mask folders holding ``stems`` (links to absolute paths)."""
+    data = data.resolve()
     images, masks = tmp / name / "images", tmp / name / "masks"
     images.mkdir(parents=True)
     masks.mkdir(parents=True)
@@ -86,136 +136,165 @@ def _folder(tmp: Path, name: str, data: Path, stems: list[str]) -> tuple[Path, P
     return images, masks
 
 
-def _dice(model, tmp: Path, name: str, data: Path, stems: list[str], device: str,
-          held_out: set[str] = frozenset()) -> dict:
+@functools.lru_cache(maxsize=None)
+def _types(data: Path) -> dict[str, str | None]:
+    """Image stem -> acquisition type, for the images of ``data`` that have a mask."""
+    from napari_medseg.engine.acquisition import acquisition_type
+    from napari_medseg.io import read_image
+
+    out = {}
+    for path in sorted((data / "images").glob("*.tif")):
+        if (data / "masks" / path.name).is_file():
+            image, meta = read_image(path)
+            out[path.stem] = acquisition_type(np.asarray(image), meta.axes)
+    return out
+
+
+def _base(source: str | None, option: str) -> tuple[Any, Any]:
+    """``resolve_weights(source)``; a missing base skips the case."""
+    from napari_medseg.engine.checkpoints import checkpoint_paths, resolve_weights
+    from napari_medseg.errors import MedsegError
+
+    if not source:
+        raise _Skip(f"No base was given ({option}).")
+    files = (Path(source), *checkpoint_paths(source))
+    if os.sep in str(source) and not any(f.is_file() for f in files):
+        raise _Skip(f"The base file {source} does not exist.")
+    try:
+        return resolve_weights(source)
+    except MedsegError as exc:
+        raise _Skip(f"The base {source} cannot be loaded: {exc}") from None
+
+
+def _held_out(info: Any, source: str) -> list[str]:
+    stems = list(info.training_data.get("val_files") or [])
+    if not stems:
+        raise _Skip(f"The base {source} records no held-out images (training_data.val_files).")
+    return stems
+
+
+def _dsb(args: argparse.Namespace) -> Path:
+    data = Path(args.data_root) / "dsb2018_nuclei"
+    if not (data / "images").is_dir():
+        raise _Skip(f"There are no DSB2018 images in {data}.")
+    return data
+
+
+def _plan(name: str, args: argparse.Namespace, tmp: Path) -> _Case:
+    """The base and the image pool of case ``name``."""
+    if name in ("nuclei_no_he", "nuclei_no_bf"):
+        kind, option = {"nuclei_no_he": ("H&E", "--base-no-he"),
+                        "nuclei_no_bf": ("bright-field", "--base-no-bf")}[name]
+        source = getattr(args, option[2:].replace("-", "_"))
+        model, info = _base(source, option)
+        data = _dsb(args)
+        pool = [s for s, t in _types(data).items() if t == kind]
+        return _Case(str(source), model, info, kind, data, pool, instances=True)
+    if name == "nuclei_known":
+        model, info = _base(args.base_known, "--base-known")
+        data = _dsb(args)
+        types = _types(data)
+        pool = sorted(s for s in _held_out(info, args.base_known)
+                      if types.get(s) == "fluorescence")
+        return _Case(str(args.base_known), model, info, "fluorescence", data, pool,
+                     instances=True, notes={"pool": "the base's held-out images of the type"})
+    model, info = _base(args.base_dermoscopy, "--base-dermoscopy")
+    ph2 = Path(args.data_root) / "ph2_dermoscopy"
+    held = [s for s in _held_out(info, args.base_dermoscopy)
+            if (ph2 / "images" / f"{s}.tif").is_file()]
+    if not held:
+        raise _Skip(f"None of the base's held-out photographs is in {ph2}.")
+    folders = _proxy_module().build_proxy(ph2, held, tmp / "proxy", seed=0)
+    data = folders[args.device_proxy]
+    pool = sorted(p.stem for p in (data / "images").glob("*.tif"))
+    return _Case(str(args.base_dermoscopy), model, info,
+                 f"{args.device_proxy} (dermoscopy proxy)", data, pool, instances=False,
+                 notes={"pool": "the base's held-out PH2 photographs, as the proxy device"})
+
+
+def _score(model: Any, folders: tuple[Path, Path], case: _Case, device: str) -> tuple[dict, int]:
+    """Mean Dice (and AP@0.5 for instances) over a folder; and how many images were scored."""
     from napari_medseg.config import PredictConfig
     from napari_medseg.engine.training.evaluate import evaluate
 
-    images, masks = _folder(tmp, name, data, stems)
-    result = evaluate(model, images, masks, PredictConfig.from_mapping({"device": device}),
-                      instances=False)
-    per = {r.name.rsplit(".", 1)[0]: round(r.scores["dice"], 4) for r in result.rows}
-    unseen = [v for k, v in per.items() if k in held_out]
-    return {"mean": round(float(np.mean(list(per.values()))), 4),
-            "mean_held_out_by_base": round(float(np.mean(unseen)), 4) if unseen else None,
-            "images": per, "seconds": round(result.seconds, 1)}
+    result = evaluate(model, *folders, PredictConfig.from_mapping({"device": device}),
+                      instances=case.instances)
+    keys = ("dice", "ap_iou50") if case.instances else ("dice",)
+    return {k: _round(result.mean.get(k)) for k in keys}, len(result.rows) - result.failed
 
 
-def _samples(model, data: Path, stems: list[str], mode: str, config, device: str):
-    """Fine-tuning samples of ``stems``: whole images, or the regions the base got wrong."""
+def _finetune(case: _Case, folders: tuple[Path, Path], config: Any) -> tuple[Any, float]:
+    """Fine-tune a copy of the base on whole images, as ``napari-medseg finetune`` does;
+    returns the result and the minutes of the fine-tune itself."""
     from napari_medseg.engine.seg_task import task_of
-    from napari_medseg.engine.training.finetune import samples_from_corrections
-    from napari_medseg.engine.inference.pipeline import predict
-    from napari_medseg.io import read_image
-
-    spec, info = model.spec, model.checkpoint_info
-    samples = []
-    for stem in stems:
-        image, meta = read_image(data / "images" / f"{stem}.tif")
-        labels, _ = read_image(data / "masks" / f"{stem}.tif")
-        labels = np.asarray(labels)
-        prediction = None
-        if mode == "corrections":
-            prediction = np.asarray(predict(image, model, {"device": device, "axes": meta.axes})[
-                "mask"])
-        found = samples_from_corrections(
-            image, labels, num_classes=spec.num_classes, in_channels=spec.in_channels,
-            axes=meta.axes, prediction=prediction, normalization=info.normalization_config(),
-            config=config, output_scale=spec.output_scale, name=stem, task=task_of(model))
-        if mode == "whole":
-            for s in found:
-                s.group = stem
-        samples.extend(found)
-    return samples
-
-
-def run(args: argparse.Namespace) -> dict:
-    """The benchmark (see the module docstring); returns the JSON-friendly report."""
-    import torch
-
-    from napari_medseg.config import FinetuneConfig
-    from napari_medseg.engine.checkpoints import resolve_weights
+    from napari_medseg.engine.training.corrections import samples_from_folders
     from napari_medseg.engine.training.finetune import finetune
 
-    data = Path(args.data)
-    t_all = time.perf_counter()
-    base_source = pick_base(args.weights)
-    base, info = resolve_weights(base_source)
-    held_out = set(info.training_data.get("val_files") or [])
-    types = acquisition_types(data)
-    by_type: dict[str, list[str]] = {}
-    for stem, kind in sorted(types.items()):
-        by_type.setdefault(kind, []).append(stem)
+    spec = case.model.spec
+    samples, _ = samples_from_folders(
+        *folders, num_classes=spec.num_classes, in_channels=spec.in_channels,
+        normalization=case.info.normalization_config(), config=config,
+        output_scale=spec.output_scale, task=task_of(case.model))
+    t0 = time.perf_counter()
+    result = finetune(case.model, samples, config)
+    return result, (time.perf_counter() - t0) / 60
+
+
+def _run_case(name: str, case: _Case, args: argparse.Namespace, config: Any,
+              tmp: Path) -> dict:
+    """Pick the images, score the base, fine-tune, score again."""
+    need = args.n_train + 1
+    if len(case.pool) < need:
+        raise _Skip(f"Only {len(case.pool)} {case.kind} image(s) with masks were found; the "
+                    f"case needs {need} ({args.n_train} to fine-tune, at least one to score).")
     rng = np.random.default_rng(args.seed)
-    report: dict = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "cpu_threads": torch.get_num_threads(), "device": args.device,
-        "base": {"weights": str(base_source), "network": info.network, "variant": info.variant,
-                 "sha256": info.sha256, "held_out_images": len(held_out)},
-        "types": {},
-    }
+    train = sorted(rng.choice(case.pool, size=args.n_train, replace=False).tolist())
+    rest = [s for s in case.pool if s not in train][: args.max_eval]
+    scored_on = _folder(tmp, f"{name}-eval", case.data, rest)
+    before, scored = _score(case.model, scored_on, case, args.device)
+    result, minutes = _finetune(case, _folder(tmp, f"{name}-train", case.data, train), config)
+    after, _ = _score(result.model, scored_on, case, args.device)
+    gain = {k: None if before[k] is None or after[k] is None else round(after[k] - before[k], 4)
+            for k in before}
+    return {"base": case.base, "type": case.kind, "trained_on": train, "scored": scored,
+            "before": before, "after": after, "gain": gain, "minutes": round(minutes, 3),
+            "steps_done": result.steps_done, "stopped": result.stopped,
+            "best_step": result.best_step, "val_images": result.n_val,
+            "val_dice_before": _round(result.baseline_dice),
+            "val_dice_after": _round(result.best_dice), **case.notes}
+
+
+def run_cases(args: argparse.Namespace) -> dict:
+    """The benchmark (see the module docstring); returns the JSON-friendly report."""
+    recipe = _recipe(args.set)
+    config = _config(recipe, args.device)
+    report = {"recipe": recipe, "config": config.to_dict(), "n_train": args.n_train,
+              "seed": args.seed, "machine": _machine(args.device), "cases": {}}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        # 1-2: the type the base does worst on.
-        for kind, stems in sorted(by_type.items(), key=lambda kv: -len(kv[1])):
-            if len(stems) < args.n_train + 3:
-                continue
-            ordered = sorted(stems, key=lambda s: (s not in held_out, s))
-            probe = ordered[: args.probe]
-            score = _dice(base, tmp, f"probe-{len(report['types'])}", data, probe, args.device)
-            report["types"][kind] = {"images": len(stems), "probed": len(probe),
-                                     "dice": score["mean"]}
-        worst = min(report["types"], key=lambda k: report["types"][k]["dice"])
-        stems = by_type[worst]
-        train_pool = [s for s in stems if s not in held_out]
-        if len(train_pool) < args.n_train:
-            train_pool = stems
-        train = sorted(rng.choice(train_pool, size=args.n_train, replace=False).tolist())
-        rest = [s for s in stems if s not in train]
-        rest = sorted(rest, key=lambda s: (s not in held_out, s))[: args.max_eval]
-        report["worst_type"] = worst
-        report["finetune_images"] = train
-        report["eval_images"] = rest
-        report["eval_held_out_by_base"] = sum(s in held_out for s in rest)
-        # 4: before.
-        before = _dice(base, tmp, "before", data, rest, args.device, held_out)
-        report["dice_before"] = before
-        settings = {"device": args.device}
-        if args.steps:
-            settings["steps"] = args.steps
-        if args.max_minutes:
-            settings["max_minutes"] = args.max_minutes
-        for item in args.set:
-            key, value = item.split("=", 1)
-            settings[key] = yaml.safe_load(value)
-        config = FinetuneConfig.from_mapping(settings)
-        report["config"] = config.to_dict()
-        modes = ["whole", "corrections"] if args.mode == "both" else [args.mode]
-        for mode in modes:
-            t0 = time.perf_counter()
-            samples = _samples(base, data, train, mode, config, args.device)
-            result = finetune(base, samples, config,
-                              output=tmp / f"ft-{mode}" if args.keep is None else
-                              Path(args.keep) / f"finetuned-{mode}")
-            seconds = time.perf_counter() - t0
-            after = _dice(result.model, tmp, f"after-{mode}", data, rest, args.device,
-                          held_out)
-            report[mode] = {
-                "regions": len(samples), "train_regions": result.n_train,
-                "val_regions": result.n_val,
-                "loss_pixels": int(sum(float(s.valid.sum()) for s in samples)),
-                "steps_done": result.steps_done, "stopped": result.stopped,
-                "best_step": result.best_step,
-                "val_dice_before": round(result.baseline_dice, 4),
-                "val_dice_after": round(result.best_dice, 4),
-                "finetune_seconds": round(seconds, 1),
-                "dice_after": after,
-                "dice_gain": round(after["mean"] - before["mean"], 4),
-                "checkpoint": str(result.checkpoint) if args.keep else None,
-            }
-            print(json.dumps({mode: report[mode]}), file=sys.stderr, flush=True)
-    report["total_seconds"] = round(time.perf_counter() - t_all, 1)
+        for name in args.cases:
+            try:
+                case = _plan(name, args, tmp)
+                report["cases"][name] = _run_case(name, case, args, config, tmp)
+            except _Skip as exc:
+                report["cases"][name] = {"skipped": str(exc)}
+            print(json.dumps({name: report["cases"][name]}), file=sys.stderr, flush=True)
+            if args.out:
+                Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _gui_weights(weights: str | None) -> str:
+    """The weights the ``--gui`` run starts from: ``--weights``, else the shipped DSB2018
+    weights the demo uses."""
+    if weights:
+        return weights
+    from napari_medseg.engine.checkpoints import default_weights
+
+    tag = default_weights("dsb2018_nuclei")
+    if tag is None:
+        raise SystemExit("No shipped weights trained on dsb2018_nuclei; pass --weights PATH.")
+    return tag
 
 
 def measure_gui_stall(args: argparse.Namespace) -> dict:
@@ -242,7 +321,7 @@ def measure_gui_stall(args: argparse.Namespace) -> dict:
     while not seg.ready:  # the network list loads in a worker
         app.processEvents()
         time.sleep(0.01)
-    source = pick_base(args.weights)
+    source = _gui_weights(args.weights)
     weights, description = checkpoint_paths(source)
     if weights.is_file() or description.is_file():
         seg.add_checkpoint(str(description if description.is_file() else weights))
@@ -294,28 +373,71 @@ def measure_gui_stall(args: argparse.Namespace) -> dict:
     return out
 
 
+
+def _cases(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown case(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(CASES)}")
+    return names
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    p.add_argument("--data-root", default=str(DATA_ROOT),
+                   help="folder holding dsb2018_nuclei/ and ph2_dermoscopy/ (default "
+                        "../shared/data)")
+    p.add_argument("--cases", type=_cases, default=list(CASES), metavar="CASE[,CASE...]",
+                   help=f"comma-separated, of {', '.join(CASES)} (default all)")
+    p.add_argument("--base-no-he", metavar="TAG|PATH", help="nuclei base trained without H&E")
+    p.add_argument("--base-no-bf", metavar="TAG|PATH",
+                   help="nuclei base trained without bright-field")
+    p.add_argument("--base-dermoscopy", metavar="TAG|PATH", default="sa2net_lite_ph2",
+                   help="dermoscopy base (default %(default)s)")
+    p.add_argument("--device-proxy", default="clinic",
+                   choices=("ph2", *_proxy_module().DEVICES),
+                   help="the dermoscopy proxy's camera (scripts/dermoscopy_proxy.py; default "
+                        "%(default)s)")
+    p.add_argument("--base-known", metavar="TAG|PATH", default="sa2net_lite_dsb2018",
+                   help="nuclei base for the type it knows (default %(default)s)")
+    p.add_argument("--n-train", type=int, default=5,
+                   help="images to fine-tune on (default %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a FinetuneConfig setting (YAML value), e.g. --set lr=1e-3 or "
+                        "--set 'augment={colour: 0.1}' (repeatable)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="draw of the fine-tuning images (default %(default)s)")
+    p.add_argument("--max-eval", type=int, help="images scored per case at most (default all)")
+    p.add_argument("--device", default="cpu",
+                   help="fine-tuning and inference device (default %(default)s)")
+    p.add_argument("--out", help="also write the JSON here")
+    gui = p.add_argument_group("--gui (napari's event-loop stalls while the widget trains)")
+    gui.add_argument("--gui", action="store_true",
+                     help="measure napari's event-loop stalls while the Fine-tune widget trains")
+    gui.add_argument("--weights", help="base weights (tag or checkpoint path); default: the "
+                                       "shipped DSB2018 nuclei weights")
+    gui.add_argument("--data", help="image/mask folders (default: <data-root>/dsb2018_nuclei)")
+    gui.add_argument("--steps", type=int, help="fine-tuning steps of the widget (default 40)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; prints the JSON report."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--weights", help="base weights (tag or checkpoint path); default: the "
-                                     "shipped DSB2018 nuclei weights")
-    p.add_argument("--data", default=str(DATA))
-    p.add_argument("--n-train", type=int, default=5)
-    p.add_argument("--probe", type=int, default=6, help="images scored per type")
-    p.add_argument("--max-eval", type=int, default=20)
-    p.add_argument("--mode", choices=("whole", "corrections", "both"), default="whole")
-    p.add_argument("--steps", type=int, help="fine-tuning steps (default: FinetuneConfig's)")
-    p.add_argument("--max-minutes", type=float)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="another FinetuneConfig setting, e.g. --set lr=1e-4 (repeatable)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--keep", help="folder to keep the fine-tuned checkpoints in")
-    p.add_argument("--out", help="also write the JSON here")
-    p.add_argument("--gui", action="store_true",
-                   help="measure napari's event-loop stalls while the Fine-tune widget trains")
+    from napari_medseg.errors import ConfigError
+
+    p = _parser()
     args = p.parse_args(argv)
-    report = measure_gui_stall(args) if args.gui else run(args)
+    if args.n_train < 1:
+        p.error("--n-train must be at least 1")
+    if args.gui:
+        args.data = args.data or str(Path(args.data_root) / "dsb2018_nuclei")
+        report = measure_gui_stall(args)
+    else:
+        try:
+            report = run_cases(args)
+        except ConfigError as exc:
+            p.error(str(exc))
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -63,8 +63,11 @@ def table(cards: list[dict] | None = None) -> str:
         at = f", at 1/{factor} resolution" if factor > 1 else ""
         scores = " | ".join(_value(m, key) for key in ("dice", "iou", "hd95", "f1_iou50",
                                                         "ap_iou50", "dsb_score", "aji"))
+        proxy = (m.get("proxy") or {}).get("dice")
+        data = card["dataset"] + (f" (other dermoscopes, proxy: Dice {proxy:.3f})"
+                                  if proxy is not None else "")
         rows.append(
-            f"| `{card['tag']}` | {card['network']} / {card['variant']} | {card['dataset']} | "
+            f"| `{card['tag']}` | {card['network']} / {card['variant']} | {data} | "
             f"{_task_text(card.get('task'))} | {m.get('n_images', '-')} | {scores} | "
             f"{s.get('steps', '?')} steps, {s.get('wall_time_min', '?')} min, "
             f"{s.get('device', '?')}{at} |"

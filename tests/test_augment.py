@@ -70,3 +70,14 @@ def test_out_of_range_strengths_are_refused():
         AugmentConfig(colour=1.5)
     with pytest.raises(ConfigError, match="blur augmentation"):
         AugmentConfig(blur=-1)
+
+
+def test_a_nested_augment_mapping_refines_fine_tunings_own_defaults():
+    from napari_medseg.config import FinetuneConfig
+
+    default = FinetuneConfig().augment
+    refined = FinetuneConfig.from_mapping({"augment": {"colour": 0.1}}).augment
+    assert refined.colour == 0.1 and refined.scale == default.scale == (1.0, 1.0)
+    assert refined.noise_std == default.noise_std
+    with pytest.raises(ConfigError, match="Unknown setting 'bogus'"):
+        FinetuneConfig.from_mapping({"augment": {"bogus": 1}})

@@ -240,6 +240,11 @@ def config_from_mapping(cls: type[C], mapping: Mapping[str, Any]) -> C:
     for name, value in own.items():
         if value is None and name in nested:
             continue
+        if name in nested and isinstance(value, Mapping):
+            # a nested mapping refines the field's own default (fine-tuning's augmentation
+            # defaults are not AugmentConfig's), like the flat keys routed to it
+            routed[name] = {**value, **routed[name]}
+            continue
         where = f"{cls.__name__}.{name}"
         coerced = _coerce(value, hints[name], where) if value is not None else None
         if value is None and type(None) not in typing.get_args(hints[name]):
