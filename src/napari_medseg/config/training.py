@@ -189,6 +189,10 @@ class FinetuneConfig(ConfigBase):
         slice_gap: regions on slices at most this far apart that overlap in-plane form one
             group of the split (never on both sides).
         val_fraction: fraction of the groups (regions, slices or images) held out.
+        strips_below: with fewer groups than this, a strip of every group is held out
+            instead (``val_fraction`` of its longer side, ``margin`` pixels beside it left
+            out of the loss; :func:`~napari_medseg.engine.training.datasets.split_within`):
+            five images then all train and the validation is not one image's noise; 0 never.
         val_every: steps between validations.
         patience: validations without improvement before stopping early; 0 never stops.
         augment: flips, rot90 and intensity changes (no zoom by default).
@@ -220,6 +224,7 @@ class FinetuneConfig(ConfigBase):
     min_changed: int = 4
     slice_gap: int = 1
     val_fraction: float = 0.25
+    strips_below: int = 0
     val_every: int = 20
     patience: int = 4
     augment: AugmentConfig = field(

@@ -8,6 +8,8 @@ split never shares a slice (or a neighbouring block of slices) with training.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ __all__ = [
     "to_channels_first",
     "load_samples",
     "split_samples",
+    "split_within",
     "PatchSampler",
     "data_hash",
 ]
@@ -267,6 +270,52 @@ def split_samples(
     val_groups = {groups[i] for i in order[:n_val]}
     return ([s for s in samples if s.group not in val_groups],
             [s for s in samples if s.group in val_groups])
+
+
+def split_within(samples: Sequence[Sample], val_fraction: float, gap: int,
+                 seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out a strip of every sample instead of whole samples (for a handful of them).
+
+    Each sample gives a validation crop: ``val_fraction`` of its longer side, at one end
+    (drawn with ``seed``); in its training copy that strip and ``gap`` pixels beside it
+    weigh 0 in the loss, so no labelled pixel is on both sides while every image still
+    teaches most of itself. Samples too small to cut (fewer than 16 pixels in the strip or
+    left over) stay whole in training.
+    """
+    rng = np.random.default_rng(seed)
+    train_s: list[Sample] = []
+    val_s: list[Sample] = []
+    for s in samples:
+        h, w = s.mask.shape
+        axis = 0 if h >= w else 1
+        side = (h, w)[axis]
+        n = int(round(val_fraction * side))
+        if val_fraction <= 0 or n < 16 or side - n - gap < 16:
+            train_s.append(s)
+            continue
+        at_end = bool(rng.integers(2))
+        held = slice(side - n, side) if at_end else slice(0, n)
+        masked = slice(max(0, side - n - gap), side) if at_end else slice(0, min(side, n + gap))
+
+        def cut(a: np.ndarray | None, sl: slice, lead: int = 0) -> np.ndarray | None:
+            if a is None:
+                return None
+            index = [slice(None)] * a.ndim
+            index[lead + axis] = sl
+            return a[tuple(index)]
+
+        val_s.append(Sample(np.ascontiguousarray(cut(s.image, held, 1)),
+                            np.ascontiguousarray(cut(s.mask, held)),
+                            None if s.boundary is None else
+                            np.ascontiguousarray(cut(s.boundary, held)),
+                            f"{s.name} (held-out strip)", s.group,
+                            None if s.weight is None else
+                            np.ascontiguousarray(cut(s.weight, held))))
+        weight = np.ones((h, w), np.float32) if s.weight is None else s.weight.astype(
+            np.float32, copy=True)
+        cut(weight, masked)[...] = 0.0
+        train_s.append(dataclasses.replace(s, weight=weight))
+    return train_s, val_s
 
 
 class PatchSampler:

@@ -43,7 +43,7 @@ from .corrections import (
     samples_from_folders,
     samples_hash,
 )
-from .datasets import Sample, split_samples
+from .datasets import Sample, split_samples, split_within
 from .replay import RegionSampler, ReplayStore
 
 __all__ = [
@@ -155,16 +155,20 @@ def _split_iter(
     samples: list[Sample], replay: Sequence[Sample], config: FinetuneConfig
 ) -> Generator[ProgressEvent, None, tuple[list[Sample], list[Sample], list[Sample]]]:
     """The held-out split and the replay actually used; yields the :class:`DataEvent`."""
-    train_s, val_s = split_samples(samples, config.val_fraction, config.seed)
-    replay = list(replay)[: config.max_replay] if config.replay > 0 else []
     groups = len({s.group for s in samples})
-    pixels = 0
-    for s in train_s:
-        valid = getattr(s, "valid", None)
-        pixels += int(s.mask.size if valid is None else np.count_nonzero(valid))
+    strips = groups < config.strips_below
+    if strips:
+        train_s, val_s = split_within(samples, config.val_fraction, config.margin, config.seed)
+    else:
+        train_s, val_s = split_samples(samples, config.val_fraction, config.seed)
+    replay = list(replay)[: config.max_replay] if config.replay > 0 else []
+    pixels = sum(int(s.mask.size if s.weight is None else np.count_nonzero(s.weight))
+                 for s in train_s)
+    held = (f"all train, a strip of {len(val_s)} held out" if strips else
+            f"{len(train_s)} for training, {len(val_s)} held out")
     yield DataEvent(
-        f"{len(samples)} region(s) in {groups} group(s): {len(train_s)} for training, "
-        f"{len(val_s)} held out" + (f", {len(replay)} replayed" if replay else "") + ".",
+        f"{len(samples)} region(s) in {groups} group(s): {held}"
+        + (f", {len(replay)} replayed" if replay else "") + ".",
         regions=len(samples), groups=groups, train=len(train_s), val=len(val_s),
         replay=len(replay), pixels=pixels)
     if not val_s:

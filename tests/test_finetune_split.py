@@ -1,0 +1,54 @@
+"""Fine-tuning on a handful of images: a strip of each is held out, never a whole image."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from napari_medseg.config import FinetuneConfig
+from napari_medseg.engine.training.datasets import Sample, split_within
+from napari_medseg.engine.training.finetune import DataEvent, _split_iter
+
+
+def _samples(n: int = 5, shape=(90, 140)) -> list[Sample]:
+    rng = np.random.default_rng(0)
+    return [Sample(rng.random((1, *shape), dtype=np.float32),
+                   (rng.random(shape) > 0.5).astype(np.int64), None, f"img{i}", f"img{i}")
+            for i in range(n)]
+
+
+def test_every_image_trains_and_its_held_out_strip_weighs_nothing_in_training():
+    samples = _samples()
+    train, val = split_within(samples, 0.25, gap=8, seed=1)
+    assert len(train) == len(val) == 5
+    for s, t, v in zip(samples, train, val):
+        assert v.mask.shape == (90, 35)  # a quarter of the longer side (140)
+        # the strip's labels are the image's own, at one end
+        left, right = s.mask[:, :35], s.mask[:, -35:]
+        assert np.array_equal(v.mask, left) or np.array_equal(v.mask, right)
+        zero = np.flatnonzero((t.weight == 0).all(axis=0))
+        assert len(zero) == 35 + 8  # the strip and the gap beside it
+        assert (zero[0] == 0) == np.array_equal(v.mask, left)
+        assert t.weight.sum() == 90 * (140 - 43) and s.weight is None  # the input is kept
+
+
+def test_few_images_are_split_in_strips_and_many_by_image():
+    config = FinetuneConfig(strips_below=6)
+    gen = _split_iter(_samples(5), [], config)
+    events = []
+    try:
+        while True:
+            events.append(next(gen))
+    except StopIteration as done:
+        train, val, _ = done.value
+    [data] = [e for e in events if isinstance(e, DataEvent)]
+    assert "all train, a strip of 5 held out" in data.message and len(train) == 5
+    gen = _split_iter(_samples(8), [], config)
+    try:
+        while True:
+            next(gen)
+    except StopIteration as done:
+        train, val, _ = done.value
+    assert len(train) == 6 and len(val) == 2  # eight images: two whole ones held out
+    # one corrected image alone still gets a validation
+    train, val = split_within(_samples(1), 0.25, 16, 0)
+    assert len(train) == len(val) == 1
