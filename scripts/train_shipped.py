@@ -45,8 +45,8 @@ DATASETS = {
     },
     "ph2_dermoscopy": {
         "in_channels": 3, "task": "classes", "patch": 256,
-        # one range for the three channels: a lesion keeps its colour against the skin
-        "normalization": {"mode": "percentile", "low": 1.0, "high": 99.8, "per_channel": False},
+        # per channel, as the shipped weights were first trained (a warm start keeps it)
+        "normalization": {"mode": "percentile", "low": 1.0, "high": 99.8},
         "licence": "PH2: free for research and benchmarking (Mendonca et al. 2013); non-commercial",
         "target": "skin lesion",
     },

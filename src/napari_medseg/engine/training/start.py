@@ -14,7 +14,7 @@ from ...models.working_resolution import with_downsample
 from ..checkpoints import load_checkpoint
 from ..seg_task import SegTask
 
-__all__ = ["starting_point", "task_to_learn", "widen_classes"]
+__all__ = ["starting_point", "task_to_learn", "widen_classes", "kept_normalization"]
 
 
 def starting_point(parent: str | Path | None, config: TrainConfig, pairs: list
@@ -87,3 +87,16 @@ def widen_classes(model, num_classes: int):
     new.load_state_dict(target)
     return with_downsample(new, input_downsample(model))
 
+
+def kept_normalization(config, parent_info, norm) -> str | None:
+    """The warning when a warm start keeps its parent's normalisation over the one asked."""
+    asked = config.normalization
+    if parent_info is None or asked is None or norm is None or norm == asked:
+        return None
+
+    def words(n) -> str:
+        return f"{n.mode} {n.low:g}-{n.high:g}, " + (
+            "per channel" if n.per_channel else "channels together")
+
+    return (f"Starting from the parent's weights keeps their intensity normalisation "
+            f"({words(norm)}); the one asked for ({words(asked)}) is not used.")

@@ -33,7 +33,7 @@ from ...models import create_model
 from ...models.working_resolution import on_input_grid
 from .augment import augment_batch
 from ..checkpoints import save_checkpoint
-from .start import starting_point, task_to_learn, widen_classes
+from .start import kept_normalization, starting_point, task_to_learn, widen_classes
 from .datasets import PatchSampler, Sample, data_hash, find_pairs, load_samples, split_samples
 from ..device import resolve_device
 from .losses import compute_loss
@@ -524,6 +524,8 @@ def train_iter(
     yield StageEvent("Reading the training data ...", stage="loading")
     pairs = find_pairs(images, masks, config.pattern)
     model, parent_info, in_channels, norm = starting_point(parent, config, pairs)
+    if (kept := kept_normalization(config, parent_info, norm)) is not None:
+        yield NoticeEvent(kept, level="warning")
     task = task_to_learn(config, parent_info)
     if model is not None and task.num_classes and model.spec.num_classes != task.num_classes:
         yield NoticeEvent(f"Starting the {task.kind} task from the parent's weights, its "
