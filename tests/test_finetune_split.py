@@ -52,3 +52,28 @@ def test_few_images_are_split_in_strips_and_many_by_image():
     # one corrected image alone still gets a validation
     train, val = split_within(_samples(1), 0.25, 16, 0)
     assert len(train) == len(val) == 1
+
+
+def test_a_correction_crop_keeps_its_loss_map_and_holds_out_a_strip_of_its_box():
+    from napari_medseg.engine.training.corrections import RegionSample
+    from napari_medseg.engine.training.replay import RegionSampler
+
+    rng = np.random.default_rng(0)
+    valid = np.zeros((120, 160), np.float32)
+    valid[20:100, 30:150] = 1.0  # the corrected box inside its context
+    s = RegionSample(rng.random((1, 120, 160), dtype=np.float32),
+                     np.ones((120, 160), np.int64), None, "img", "img#g0", valid=valid,
+                     plane=(), crop=(10, 20, 130, 180))
+    [train], [val] = split_within([s], 0.25, gap=8, seed=0)
+    assert isinstance(train, RegionSample) and isinstance(val, RegionSample)
+    held = val.valid > 0
+    assert held.sum() == 80 * 30  # a quarter of the box's longer side (120), its rows
+    lost = (valid > 0) & (train.valid == 0)
+    assert lost.sum() == 80 * (30 + 8)  # the strip and the gap no longer train
+    assert train.valid.sum() == valid.sum() - lost.sum() and s.valid is valid
+    assert val.crop[0] == 10 and val.crop[2] == 130  # rows kept, columns cut
+    assert val.image.shape[-1] == val.crop[3] - val.crop[1] == 30 + 8
+    # the sampler never centres a training patch on the held-out strip
+    sampler = RegionSampler([train], 32, seed=0)
+    centres = sampler.pools[0][0]["centres"]
+    assert ((train.valid[tuple(centres.T)] > 0)).all()

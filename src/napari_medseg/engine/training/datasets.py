@@ -30,6 +30,7 @@ __all__ = [
     "load_samples",
     "split_samples",
     "split_within",
+    "counted",
     "PatchSampler",
     "data_hash",
 ]
@@ -276,46 +277,80 @@ def split_within(samples: Sequence[Sample], val_fraction: float, gap: int,
                  seed: int) -> tuple[list[Sample], list[Sample]]:
     """Hold out a strip of every sample instead of whole samples (for a handful of them).
 
-    Each sample gives a validation crop: ``val_fraction`` of its longer side, at one end
-    (drawn with ``seed``); in its training copy that strip and ``gap`` pixels beside it
-    weigh 0 in the loss, so no labelled pixel is on both sides while every image still
-    teaches most of itself. Samples too small to cut (fewer than 16 pixels in the strip or
-    left over) stay whole in training.
+    The strip is ``val_fraction`` of the longer side of the part of a sample that counts
+    (its ``valid`` box for a correction crop, else the whole sample), at one end of it
+    (drawn with ``seed``). The validation sample is the strip (a correction crop keeps
+    ``gap`` pixels of context beside it, where its ``valid`` map is 0); in the training copy
+    the strip and ``gap`` pixels beside it count for nothing, so no labelled pixel is on
+    both sides while every image still teaches most of itself. A sample too small to cut
+    (fewer than 16 pixels in the strip or left over) stays whole in training.
     """
     rng = np.random.default_rng(seed)
     train_s: list[Sample] = []
     val_s: list[Sample] = []
     for s in samples:
-        h, w = s.mask.shape
-        axis = 0 if h >= w else 1
-        side = (h, w)[axis]
-        n = int(round(val_fraction * side))
-        if val_fraction <= 0 or n < 16 or side - n - gap < 16:
+        loss_map = counted(s)
+        ys, xs = np.nonzero(loss_map > 0)
+        if not len(ys):
+            train_s.append(s)
+            continue
+        box = ((ys.min(), ys.max() + 1), (xs.min(), xs.max() + 1))
+        axis = 0 if box[0][1] - box[0][0] >= box[1][1] - box[1][0] else 1
+        lo, hi = box[axis]
+        n = int(round(val_fraction * (hi - lo)))
+        if val_fraction <= 0 or n < 16 or hi - lo - n - gap < 16:
             train_s.append(s)
             continue
         at_end = bool(rng.integers(2))
-        held = slice(side - n, side) if at_end else slice(0, n)
-        masked = slice(max(0, side - n - gap), side) if at_end else slice(0, min(side, n + gap))
-
-        def cut(a: np.ndarray | None, sl: slice, lead: int = 0) -> np.ndarray | None:
-            if a is None:
-                return None
-            index = [slice(None)] * a.ndim
-            index[lead + axis] = sl
-            return a[tuple(index)]
-
-        val_s.append(Sample(np.ascontiguousarray(cut(s.image, held, 1)),
-                            np.ascontiguousarray(cut(s.mask, held)),
-                            None if s.boundary is None else
-                            np.ascontiguousarray(cut(s.boundary, held)),
-                            f"{s.name} (held-out strip)", s.group,
-                            None if s.weight is None else
-                            np.ascontiguousarray(cut(s.weight, held))))
-        weight = np.ones((h, w), np.float32) if s.weight is None else s.weight.astype(
-            np.float32, copy=True)
-        cut(weight, masked)[...] = 0.0
-        train_s.append(dataclasses.replace(s, weight=weight))
+        strip = (hi - n, hi) if at_end else (lo, lo + n)
+        dropped = (max(lo, strip[0] - gap), hi) if at_end else (lo, min(hi, strip[1] + gap))
+        # the network sees context beside the strip where a loss map can mask it out
+        context = gap if hasattr(s, "valid") else 0
+        kept = ((max(0, strip[0] - context), strip[1]) if at_end
+                else (strip[0], min(s.mask.shape[axis], strip[1] + context)))
+        train_valid = loss_map.copy()
+        _along(train_valid, axis, slice(*dropped))[...] = 0.0
+        val_valid = np.zeros_like(loss_map)
+        _along(val_valid, axis, slice(*strip))[...] = _along(loss_map, axis, slice(*strip))
+        train_s.append(_with_loss_map(s, train_valid))
+        val_s.append(_crop(_with_loss_map(s, val_valid), axis, slice(*kept)))
     return train_s, val_s
+
+
+def counted(s: Sample) -> np.ndarray:
+    """Where a sample's loss counts: its ``valid`` map (correction crops) times its weights."""
+    valid = getattr(s, "valid", None)
+    out = np.ones(s.mask.shape, np.float32) if valid is None else valid.astype(np.float32)
+    return out if s.weight is None else out * (s.weight > 0)
+
+
+def _along(a: np.ndarray, axis: int, sl: slice) -> np.ndarray:
+    index = [slice(None)] * a.ndim
+    index[a.ndim - 2 + axis] = sl
+    return a[tuple(index)]
+
+
+def _with_loss_map(s: Sample, loss_map: np.ndarray) -> Sample:
+    """``s`` whose loss counts only where ``loss_map`` > 0 (its ``valid`` map when it has
+    one, else its pixel weights)."""
+    if hasattr(s, "valid"):
+        return dataclasses.replace(s, valid=loss_map)
+    weight = loss_map if s.weight is None else s.weight * (loss_map > 0)
+    return dataclasses.replace(s, weight=weight.astype(np.float32))
+
+
+def _crop(s: Sample, axis: int, sl: slice) -> Sample:
+    """``s`` cut to ``sl`` along ``axis`` (0: rows, 1: columns), every map alike."""
+    changes = {name: np.ascontiguousarray(_along(getattr(s, name), axis, sl))
+               for name in ("image", "mask", "boundary", "weight", "valid")
+               if getattr(s, name, None) is not None}
+    if getattr(s, "crop", None) and len(s.crop) == 4:
+        y0, x0, y1, x1 = s.crop
+        start = sl.start or 0
+        stop = sl.stop if sl.stop is not None else (y1 - y0, x1 - x0)[axis]
+        changes["crop"] = ((y0 + start, x0, y0 + stop, x1) if axis == 0
+                           else (y0, x0 + start, y1, x0 + stop))
+    return dataclasses.replace(s, name=f"{s.name} (held-out strip)", **changes)
 
 
 class PatchSampler:

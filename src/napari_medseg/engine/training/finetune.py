@@ -43,7 +43,7 @@ from .corrections import (
     samples_from_folders,
     samples_hash,
 )
-from .datasets import Sample, split_samples, split_within
+from .datasets import Sample, counted, split_samples, split_within
 from .replay import RegionSampler, ReplayStore
 
 __all__ = [
@@ -162,8 +162,7 @@ def _split_iter(
     else:
         train_s, val_s = split_samples(samples, config.val_fraction, config.seed)
     replay = list(replay)[: config.max_replay] if config.replay > 0 else []
-    pixels = sum(int(s.mask.size if s.weight is None else np.count_nonzero(s.weight))
-                 for s in train_s)
+    pixels = sum(int(np.count_nonzero(counted(s))) for s in train_s)
     held = (f"all train, a strip of {len(val_s)} held out" if strips else
             f"{len(train_s)} for training, {len(val_s)} held out")
     yield DataEvent(
