@@ -81,3 +81,9 @@ def test_a_nested_augment_mapping_refines_fine_tunings_own_defaults():
     assert refined.noise_std == default.noise_std
     with pytest.raises(ConfigError, match="Unknown setting 'bogus'"):
         FinetuneConfig.from_mapping({"augment": {"bogus": 1}})
+
+
+def test_a_blur_wider_than_the_patch_still_runs():
+    image, mask = _batch(n=4, c=1, side=16)
+    out, _ = _run(image, mask, blur=50.0)
+    assert out.shape == image.shape and torch.isfinite(out).all()

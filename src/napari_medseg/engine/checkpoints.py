@@ -168,7 +168,8 @@ class CheckpointInfo:
         if kwargs.get("pixel_size") is not None:
             from .pixel_size import PixelSize
 
-            kwargs["pixel_size"] = PixelSize.from_mapping(kwargs["pixel_size"], source).to_dict()
+            size = PixelSize.from_mapping(kwargs["pixel_size"], source)
+            kwargs["pixel_size"] = size.to_dict() if size else None
         if kwargs["input_downsample"] < 1:
             raise CheckpointError(f"The {source} has an invalid input_downsample "
                                   f"({kwargs['input_downsample']}).")

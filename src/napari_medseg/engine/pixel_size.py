@@ -143,7 +143,7 @@ def resample_to_weights(model, meta, axes: str, planes: Sequence[str]):
     from ..models.working_resolution import Resampled
 
     weights = pixel_size_of(model)
-    if (weights is None or not isinstance(meta, ImageMeta)
+    if (weights is None or not isinstance(meta, ImageMeta) or model.spec.spatial_dims != 2
             or meta.axes.replace("C", "") != axes.replace("C", "")):
         return model, None, None
     spatial = [a for a in meta.axes if a in "ZYX"]
@@ -156,6 +156,6 @@ def resample_to_weights(model, meta, axes: str, planes: Sequence[str]):
     if all(z is None for z in zooms):
         return model, None, None
     zooms = [z or (1.0,) * len(plane) for z, plane in zip(zooms, planes)]
-    wrapped = Resampled(model, zooms[0])
+    wrapped = Resampled(model, zooms[0], tile_zoom=max(max(z) for z in zooms))
     wrapped.checkpoint_info = getattr(model, "checkpoint_info", None)
     return wrapped, zooms, zoom_words(*along(planes[0]), weights, zooms[0])

@@ -24,7 +24,6 @@ times the image's size) is :func:`unwrap`'s.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
@@ -112,18 +111,23 @@ class Resampled(nn.Module):
 
     What the engine uses when an image's pixel size differs from the one the weights were
     trained at (:func:`napari_medseg.engine.pixel_size.plane_zoom`): a tile of the image is
-    resized (bilinear, antialiased when it shrinks) to the side nearest ``side * zoom`` that
-    the network accepts, the network runs, and every spatial output comes back bilinearly to
-    the tile's own size, so tiling, stitching and the outputs stay on the image's grid.
+    resized (bilinear, antialiased when it shrinks) to ``round(side * zoom)``, padded
+    (reflect) to a side the network accepts, the network runs, and every spatial output is
+    cropped back and resized bilinearly to the tile's own size, so tiling, stitching and the
+    outputs stay on the image's grid. A zoom of 1 on both axes runs the network as it is.
 
     Attributes:
         net: the wrapped network (any 2D network, a working-resolution one included).
-        zoom: (zy, zx), the image's pixel size over the weights'.
-        spec: the network's spec with ``divisor`` 1 and ``min_size``, ``preferred_tile``
-            divided by the smaller zoom; ``extra["resampled"]`` holds the zoom.
+        zoom: (zy, zx), the image's pixel size over the weights' (the engine sets it per
+            orthogonal pass).
+        spec: the network's spec with ``divisor`` and ``min_size`` 1 (any tile works) and
+            ``preferred_tile`` divided by the largest zoom the run will use (``tile_zoom``),
+            so no pass feeds the network more than its own preferred tile;
+            ``extra["resampled"]`` holds the zoom.
     """
 
-    def __init__(self, net: nn.Module, zoom: tuple[float, float]) -> None:
+    def __init__(self, net: nn.Module, zoom: tuple[float, float],
+                 tile_zoom: float | None = None) -> None:
         super().__init__()
         spec = net.spec
         zoom = tuple(float(z) for z in zoom)
@@ -132,27 +136,42 @@ class Resampled(nn.Module):
                               "networks can, by two positive factors.")
         self.net = net
         self.zoom = zoom
-        small = min(zoom)
+        largest = max(max(zoom), float(tile_zoom or 0.0))
         self.spec = dataclasses.replace(
-            spec, divisor=1, min_size=max(1, math.ceil(spec.min_size / small)),
-            preferred_tile=max(spec.min_size, int(round(spec.preferred_tile / small))),
+            spec, divisor=1, min_size=1,
+            preferred_tile=max(spec.divisor, int(round(spec.preferred_tile / largest))),
             output_scale=1, extra={**spec.extra, "resampled": zoom})
         self.config = net.config
 
     def encoder_parameters(self):
         return self.net.encoder_parameters()
 
-    def _side(self, side: int, zoom: float) -> int:
-        d, smallest = int(self.net.spec.divisor), int(self.net.spec.min_size)
-        return max(smallest, int(round(side * zoom / d)) * d)
-
     def forward(self, x: torch.Tensor) -> Any:
         size = tuple(int(s) for s in x.shape[-2:])
-        inner = (self._side(size[0], self.zoom[0]), self._side(size[1], self.zoom[1]))
+        inner = tuple(max(1, int(round(s * z))) for s, z in zip(size, self.zoom))
+        d, smallest = int(self.net.spec.divisor), int(self.net.spec.min_size)
+        padded = tuple(max(smallest, -(-n // d) * d) for n in inner)
+        if inner == size and padded == size:
+            return self.net(x)
         shrink = inner[0] < size[0] or inner[1] < size[1]
         small = F.interpolate(x.float(), size=inner, mode="bilinear", align_corners=False,
                               antialias=shrink).to(x.dtype)
-        return _resize_outputs(self.net(small), size)
+        pad_y, pad_x = padded[0] - inner[0], padded[1] - inner[1]
+        if pad_y or pad_x:
+            mode = "reflect" if pad_y < inner[0] and pad_x < inner[1] else "replicate"
+            small = F.pad(small, (0, pad_x, 0, pad_y), mode=mode)
+        return _resize_outputs(_crop_outputs(self.net(small), inner), size)
+
+
+def _crop_outputs(value: Any, size: tuple[int, int]) -> Any:
+    """Every 4D tensor in ``value`` cut to its top-left ``size`` (the padding dropped)."""
+    if isinstance(value, torch.Tensor) and value.ndim == 4:
+        return value[..., : size[0], : size[1]]
+    if isinstance(value, dict):
+        return {k: _crop_outputs(v, size) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_crop_outputs(v, size) for v in value)
+    return value
 
 
 def with_downsample(net: nn.Module, factor: int) -> nn.Module:

@@ -69,6 +69,8 @@ def store_fingerprint(image, layout: Layout, content_id: str, model, config: Pre
         "network": spec.network, "variant": spec.variant, "weights": weights_id(model),
         "config": cfg, "normalization": normalization,
     }
+    if spec.extra.get("resampled"):  # planes resampled to the weights' pixel size
+        data["resampled"] = [round(float(z), 6) for z in spec.extra["resampled"]]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:32]
 
 

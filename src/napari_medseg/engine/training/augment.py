@@ -71,7 +71,8 @@ def _gaussian(image: Tensor, sigma: float) -> Tensor:
     """A separable Gaussian blur of a 1 x C x H x W tensor (reflect padding)."""
     if sigma < 0.3:
         return image
-    radius = max(1, int(math.ceil(2.5 * sigma)))
+    # reflect padding needs a radius below the patch side
+    radius = max(1, min(int(math.ceil(2.5 * sigma)), min(image.shape[-2:]) - 1))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=image.device)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     k = (k / k.sum()).to(image.dtype)
