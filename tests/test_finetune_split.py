@@ -77,3 +77,16 @@ def test_a_correction_crop_keeps_its_loss_map_and_holds_out_a_strip_of_its_box()
     sampler = RegionSampler([train], 32, seed=0)
     centres = sampler.pools[0][0]["centres"]
     assert ((train.valid[tuple(centres.T)] > 0)).all()
+
+
+def test_patch_zero_is_the_side_the_weights_trained_on():
+    from napari_medseg.engine.checkpoints import resolve_weights
+    from napari_medseg.engine.training.finetune import _patch_side
+    from napari_medseg.models import create_model
+
+    skin, info = resolve_weights("sa2net_lite_ph2")  # trained on 768 px patches, at 1/3
+    assert info.settings["patch"] == 768 and info.input_downsample == 3
+    assert _patch_side(skin, FinetuneConfig(patch=0)) == 768
+    assert _patch_side(skin, FinetuneConfig(patch=128)) == 384  # 128 of its own pixels
+    bare = create_model("sa2net", variant="tiny", in_channels=1, num_classes=2)
+    assert _patch_side(bare, FinetuneConfig(patch=0)) == 128  # no record: 128

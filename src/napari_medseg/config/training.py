@@ -173,6 +173,9 @@ class FinetuneConfig(ConfigBase):
         batch_size: patches per step.
         patch: patch side at the target (mask) resolution; a network with an
             ``input_downsample`` of N gets N times that side (the same patch at its own scale).
+            0: the patch the weights were trained with (their description's
+            ``settings.patch``; 128 when it records none), so that fine-tuning sees the
+            context training did (a dermoscopy lesion needs the whole photograph).
         freeze_encoder: train only the decoder and heads (``model.encoder_parameters()``
             stay fixed).
         freeze_norm_stats: keep the base model's batch-norm running statistics (the
@@ -238,10 +241,10 @@ class FinetuneConfig(ConfigBase):
     resume: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("patch", "batch_size", "steps", "val_every"):
+        for name in ("batch_size", "steps", "val_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}.")
-        for name in ("margin", "context", "min_changed", "slice_gap", "max_replay",
+        for name in ("patch", "margin", "context", "min_changed", "slice_gap", "max_replay",
                      "warmup_steps", "patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, not {getattr(self, name)}.")

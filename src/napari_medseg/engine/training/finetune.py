@@ -217,12 +217,18 @@ def _setup_iter(model: Any, config: FinetuneConfig) -> Generator[ProgressEvent, 
     return _Setup(work, device, policy, params, trainable, optimizer)
 
 
-def _patch_side(spec: Any, config: FinetuneConfig) -> int:
+def _patch_side(model: Any, config: FinetuneConfig) -> int:
     """The patch side at the target resolution; a network at a coarser working resolution
-    sees ``config.patch`` pixels of its own."""
+    sees ``config.patch`` pixels of its own; patch 0 is the side the weights trained on."""
+    spec = model.spec
     # a super-resolution network on the input grid shrinks by its own scale, not for context
     coarser = spec.input_downsample // int(spec.extra.get("super_resolution", 1))
-    side = config.patch * max(1, coarser)
+    trained = (getattr(getattr(model, "checkpoint_info", None), "settings", None) or {}).get(
+        "patch")
+    if config.patch:
+        side = config.patch * max(1, coarser)
+    else:  # the trained side is already at the target resolution
+        side = int(trained) if trained else 128 * max(1, coarser)
     return spec.valid_size(max(1, side // spec.output_scale)) * spec.output_scale
 
 
@@ -332,7 +338,7 @@ def finetune_iter(
     np.random.seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     train_s, val_s, replay = yield from _split_iter(samples, replay, config)
-    sampler = RegionSampler(train_s, _patch_side(spec, config), replay, config.replay,
+    sampler = RegionSampler(train_s, _patch_side(model, config), replay, config.replay,
                             seed=config.seed)
     setup = yield from _setup_iter(model, config)
     work = setup.work
