@@ -22,13 +22,22 @@ def test_every_image_trains_and_its_held_out_strip_weighs_nothing_in_training():
     assert len(train) == len(val) == 5
     for s, t, v in zip(samples, train, val):
         assert v.mask.shape == (90, 35)  # a quarter of the longer side (140)
-        # the strip's labels are the image's own, at one end
-        left, right = s.mask[:, :35], s.mask[:, -35:]
-        assert np.array_equal(v.mask, left) or np.array_equal(v.mask, right)
         zero = np.flatnonzero((t.weight == 0).all(axis=0))
-        assert len(zero) == 35 + 8  # the strip and the gap beside it
-        assert (zero[0] == 0) == np.array_equal(v.mask, left)
-        assert t.weight.sum() == 90 * (140 - 43) and s.weight is None  # the input is kept
+        start = zero[0] if zero[0] == 0 else (zero[-1] - 34 if zero[-1] == 139 else
+                                               zero[0] + 8)
+        assert np.array_equal(v.mask, s.mask[:, start:start + 35])  # the image's own labels
+        gaps = 1 if zero[0] == 0 or zero[-1] == 139 else 2  # an end strip or the middle one
+        assert len(zero) == 35 + 8 * gaps  # the strip and the gap(s) beside it
+        assert t.weight.sum() == 90 * (140 - len(zero)) and s.weight is None  # input kept
+
+
+def test_a_central_lesion_is_validated_on_a_strip_through_it():
+    mask = np.zeros((100, 200), np.int64)
+    mask[30:70, 70:130] = 1  # one object in the middle, as a skin lesion
+    s = Sample(np.zeros((3, 100, 200), np.float32), mask, None, "skin", "skin")
+    [t], [v] = split_within([s], 0.25, gap=8, seed=0)
+    assert v.mask.any() and v.mask.shape == (100, 50)  # not the empty skin at an edge
+    assert np.array_equal(v.mask, mask[:, 75:125])
 
 
 def test_few_images_are_split_in_strips_and_many_by_image():
@@ -69,10 +78,12 @@ def test_a_correction_crop_keeps_its_loss_map_and_holds_out_a_strip_of_its_box()
     held = val.valid > 0
     assert held.sum() == 80 * 30  # a quarter of the box's longer side (120), its rows
     lost = (valid > 0) & (train.valid == 0)
-    assert lost.sum() == 80 * (30 + 8)  # the strip and the gap no longer train
+    gaps = (lost.sum() // 80 - 30) // 8
+    assert gaps in (1, 2) and lost.sum() == 80 * (30 + 8 * gaps)  # strip and gap(s)
     assert train.valid.sum() == valid.sum() - lost.sum() and s.valid is valid
     assert val.crop[0] == 10 and val.crop[2] == 130  # rows kept, columns cut
-    assert val.image.shape[-1] == val.crop[3] - val.crop[1] == 30 + 8
+    assert val.image.shape[-1] == val.crop[3] - val.crop[1]  # context on each side of it
+    assert 30 + 8 <= val.image.shape[-1] <= 30 + 16
     # the sampler never centres a training patch on the held-out strip
     sampler = RegionSampler([train], 32, seed=0)
     centres = sampler.pools[0][0]["centres"]

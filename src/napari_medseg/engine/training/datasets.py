@@ -278,10 +278,11 @@ def split_within(samples: Sequence[Sample], val_fraction: float, gap: int,
     """Hold out a strip of every sample instead of whole samples (for a handful of them).
 
     The strip is ``val_fraction`` of the longer side of the part of a sample that counts
-    (its ``valid`` box for a correction crop, else the whole sample), at one end of it
-    (drawn with ``seed``). The validation sample is the strip (a correction crop keeps
-    ``gap`` pixels of context beside it, where its ``valid`` map is 0); in the training copy
-    the strip and ``gap`` pixels beside it count for nothing, so no labelled pixel is on
+    (its ``valid`` box for a correction crop, else the whole sample), at either end or in the
+    middle, whichever holds the most of its rarer class. The validation sample is the strip
+    (a correction crop keeps ``gap`` pixels of context on each side, where its ``valid`` map
+    is 0); in the training copy the strip and ``gap`` pixels on each side of it count for
+    nothing, so no labelled pixel is on
     both sides while every image still teaches most of itself. A sample too small to cut
     (fewer than 16 pixels in the strip or left over) stays whole in training.
     """
@@ -301,13 +302,11 @@ def split_within(samples: Sequence[Sample], val_fraction: float, gap: int,
         if val_fraction <= 0 or n < 16 or hi - lo - n - gap < 16:
             train_s.append(s)
             continue
-        at_end = bool(rng.integers(2))
-        strip = (hi - n, hi) if at_end else (lo, lo + n)
-        dropped = (max(lo, strip[0] - gap), hi) if at_end else (lo, min(hi, strip[1] + gap))
+        strip = _representative_strip(s.mask > 0, loss_map > 0, axis, lo, hi, n, rng)
+        dropped = (max(lo, strip[0] - gap), min(hi, strip[1] + gap))
         # the network sees context beside the strip where a loss map can mask it out
         context = gap if hasattr(s, "valid") else 0
-        kept = ((max(0, strip[0] - context), strip[1]) if at_end
-                else (strip[0], min(s.mask.shape[axis], strip[1] + context)))
+        kept = (max(0, strip[0] - context), min(s.mask.shape[axis], strip[1] + context))
         train_valid = loss_map.copy()
         _along(train_valid, axis, slice(*dropped))[...] = 0.0
         val_valid = np.zeros_like(loss_map)
@@ -315,6 +314,25 @@ def split_within(samples: Sequence[Sample], val_fraction: float, gap: int,
         train_s.append(_with_loss_map(s, train_valid))
         val_s.append(_crop(_with_loss_map(s, val_valid), axis, slice(*kept)))
     return train_s, val_s
+
+
+def _representative_strip(foreground: np.ndarray, counts: np.ndarray, axis: int, lo: int,
+                          hi: int, n: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Of the strips of ``n`` at either end or the middle of ``[lo, hi)``, the one holding
+    the most of its rarer class (foreground or background), so that its Dice says something
+    (a lesion in the middle of a photograph is not validated on empty skin at its edges);
+    ties drawn with ``rng``."""
+    fg = (foreground & counts).sum(axis=1 - axis).astype(np.int64)
+    area = counts.sum(axis=1 - axis).astype(np.int64)
+    starts = [lo, (lo + hi - n) // 2, hi - n]
+    rng.shuffle(starts)
+
+    def rarer(a: int) -> int:
+        f = int(fg[a:a + n].sum())
+        return min(f, int(area[a:a + n].sum()) - f)
+
+    best = max(starts, key=rarer)
+    return best, best + n
 
 
 def counted(s: Sample) -> np.ndarray:
