@@ -129,16 +129,19 @@ def add_finetune(sub) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue a run that was killed: from the best weights it wrote to "
                         "CKPT (at most a minute old) and its saved optimiser state")
-    p.add_argument("--steps", help="optimisation steps at most (default 200)")
-    p.add_argument("--lr", help="peak learning rate (default 3e-4)")
+    p.add_argument("--steps", help="optimisation steps at most (default 300)")
+    p.add_argument("--lr", help="peak learning rate (default 1e-3)")
     p.add_argument("--freeze-encoder", action="store_true",
                    help="train only the decoder and heads")
     p.add_argument("--update-norm-stats", action="store_true",
                    help="re-estimate batch-norm statistics from the new images (default: "
                         "keep the base model's; only worth it with many images)")
-    p.add_argument("--patch", help="patch side in pixels (default 128)")
-    p.add_argument("--val-fraction", help="fraction of images held out (default 0.25)")
-    p.add_argument("--max-minutes", help="stop after this many minutes, keeping the best")
+    p.add_argument("--patch", help="patch side in pixels (default: the one the weights "
+                   "were trained with)")
+    p.add_argument("--val-fraction", help="fraction held out (default 0.25: of the images, or "
+                   "with fewer than six a strip of each)")
+    p.add_argument("--max-minutes", help="stop after this many minutes, keeping the best "
+                   "(default 3; 0 no limit)")
     p.add_argument("--seed", help="random seed (default 0)")
     add_compute_args(p, batch_help="patches per step (default 4)")
     p.add_argument("--pattern", help="glob the file names must match (default *)")
