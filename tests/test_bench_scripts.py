@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from napari_medseg.config import FinetuneConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -109,7 +111,7 @@ def test_bench_finetune_scores_an_unseen_type_before_and_after_and_skips_an_abse
     report = json.loads(proc.stdout)
     assert json.loads(out.read_text()) == report
     assert report["recipe"] == {"steps": 2, "val_every": 1, "batch_size": 2, "patch": 64}
-    assert report["config"]["steps"] == 2 and report["config"]["lr"] == 3e-4
+    assert report["config"]["steps"] == 2 and report["config"]["lr"] == FinetuneConfig().lr
     assert report["n_train"] == 2 and report["seed"] == 0
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch"]
     he = report["cases"]["nuclei_no_he"]

@@ -335,7 +335,8 @@ def test_real_steps_train_only_the_decoder_when_the_encoder_is_frozen(nuclei, tm
                                            lr=1e-2))
     events = list(finetune_iter(model, samples, cfg))
     data = next(e for e in events if isinstance(e, DataEvent))
-    assert (data.regions, data.groups, data.train, data.val) == (3, 3, 2, 1)
+    # three regions (fewer than six): all train and a strip of each is held out
+    assert (data.regions, data.groups, data.train, data.val) == (3, 3, 3, 3)
     steps = [e for e in events if isinstance(e, StepEvent)]
     assert len(steps) == 2 and all(np.isfinite(e.loss) for e in steps)
     vals = [e for e in events if isinstance(e, ValidationEvent)]
@@ -361,7 +362,8 @@ def test_fine_tuning_learns_a_correction(monkeypatch):
         truth[y:y + 28, x:x + 28] = 1
     model = _tiny()
     cfg = FinetuneConfig.from_mapping(dict(FAST, steps=24, val_every=6, lr=1e-2, margin=6,
-                                           context=8, patience=0, val_fraction=0.4))
+                                           context=8, patience=0, val_fraction=0.4,
+                                           strips_below=0))  # whole regions held out
     samples = samples_from_corrections(image, truth, num_classes=2, in_channels=1,
                                        prediction=np.zeros_like(truth), config=cfg)
     assert len(samples) == 5 and len({s.group for s in samples}) == 5
@@ -494,7 +496,8 @@ def test_workflow_replays_earlier_samples_of_the_same_line(nuclei, tmp_path):
     assert first.n_replay == 0 and first.checkpoint.parent == checkpoints_dir()
     assert first.checkpoint.name.startswith("unet_sharp-one-")
     assert first.info.training_data["autosave"].endswith("one_mask.tif")
-    assert len(store.load(info.sha256, 1)) == first.n_train + first.n_val == 3
+    # the regions themselves are kept (their held-out strips are cut again next round)
+    assert len(store.load(info.sha256, 1)) == first.n_train == 3
     # The next round on another image of the same line replays the first round's samples ...
     second = drain(finetune_corrections_iter(
         lambda: model, _corrections(nuclei, "two"), cfg, replay_store=store,
@@ -569,8 +572,10 @@ def test_cli_finetune_round_trip(nuclei, tmp_path, capsys):
     described = read_checkpoint_info(out)
     assert described.parent == info.sha256 and described.settings["freeze_encoder"] is True
     assert described.training_data["images"] == str(images)
-    assert len(described.training_data["val_regions"]) == 1
-    assert len(described.training_data["train_regions"]) == 3
+    # four images (fewer than six): all train, a strip of each is held out
+    assert len(described.training_data["train_regions"]) == 4
+    assert [r.endswith("(held-out strip)") for r in described.training_data["val_regions"]] \
+        == [True] * 4
     # Usable as --weights everywhere.
     rc = main(["predict", str(images / "n0.tif"), "--weights", str(out), "-o",
                str(tmp_path / "pred.tif"), "--device", "cpu", "-q"])

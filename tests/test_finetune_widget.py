@@ -149,7 +149,7 @@ def test_fine_tune_runs_in_the_background_and_segment_uses_the_result(
     assert widget.last_outcome is not None and widget.last_outcome.ok, (
         widget.last_outcome and widget.last_outcome.error)
     result = widget.last_result
-    assert result.steps_done == 4 and result.n_train == 1 and result.n_val == 1
+    assert result.steps_done == 4 and result.n_train == 2 and result.n_val == 2  # a strip of each
     assert len(widget.plot.loss) == 4 and len(widget.plot.dice) == 3  # before, step 2, 4
     assert result.improved and result.best_step == 4 and result.best_dice == 0.6
     bar = stall_bar_ms("finetune_gui_stall.json", "training_longest_gap_ms") / 1000
