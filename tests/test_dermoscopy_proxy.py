@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import tifffile
 
 from napari_medseg.engine.checkpoints import resolve_weights
 from napari_medseg.io.samples import load_sample
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _proxy_module():
-    spec = importlib.util.spec_from_file_location("dermoscopy_proxy",
-                                                  ROOT / "scripts" / "dermoscopy_proxy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from script_modules import load_script
 
 
 def test_the_proxy_gives_other_devices_photographs_and_scores_them(tmp_path):
-    proxy = _proxy_module()
+    proxy = load_script("dermoscopy_proxy")
     image, _, mask = load_sample("dermoscopy")
     folder = tmp_path / "ph2_dermoscopy"
     for sub in ("images", "masks"):

@@ -23,13 +23,9 @@ def test_results_table_matches_model_cards():
 
 
 def _results_table_script():
-    import importlib.util
+    from script_modules import load_script
 
-    spec = importlib.util.spec_from_file_location("results_table",
-                                                  ROOT / "scripts" / "results_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("results_table")
 
 
 FAKE_CARDS = [
