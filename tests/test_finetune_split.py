@@ -101,3 +101,25 @@ def test_patch_zero_is_the_side_the_weights_trained_on():
     assert _patch_side(skin, FinetuneConfig(patch=128)) == 384  # 128 of its own pixels
     bare = create_model("sa2net", variant="tiny", in_channels=1, num_classes=2)
     assert _patch_side(bare, FinetuneConfig(patch=0)) == 128  # no record: 128
+
+
+def test_the_checkpoint_says_which_split_ran(tmp_path):
+    from napari_medseg.engine.checkpoints import read_checkpoint_info
+    from napari_medseg.engine.training.corrections import RegionSample
+    from napari_medseg.engine.training.finetune import finetune
+    from napari_medseg.models import create_model
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((96, 96), np.int64)
+    mask[30:66, 30:66] = 1
+    samples = [RegionSample(rng.random((1, 96, 96), dtype=np.float32), mask, None, f"r{i}",
+                            f"r{i}", valid=np.ones((96, 96), np.float32)) for i in range(3)]
+    model = create_model("unet_sharp", variant="tiny", in_channels=1, num_classes=2)
+    config = {"steps": 1, "val_every": 1, "batch_size": 2, "patch": 32, "device": "cpu",
+              "precision": "fp32", "max_minutes": 0}
+    finetune(model, samples, config, output=tmp_path / "strips.safetensors")
+    split = read_checkpoint_info(tmp_path / "strips.safetensors").training_data["split"]
+    assert split.startswith("a strip of each region held out")
+    finetune(model, samples, {**config, "strips_below": 0}, output=tmp_path / "whole.safetensors")
+    split = read_checkpoint_info(tmp_path / "whole.safetensors").training_data["split"]
+    assert split.startswith("by region group")

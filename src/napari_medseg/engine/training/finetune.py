@@ -7,7 +7,8 @@ corrections become training samples (:mod:`.changes`: what changed and where;
 cosine decay, augmentation, early stopping) on them:
 
 1. **Split.** The held-out split is by region group (:func:`~.datasets.split_samples`), so no
-   area is ever on both sides.
+   area is ever on both sides; with fewer groups than ``strips_below`` a strip of each is
+   held out instead (:func:`~.datasets.split_within`) and every group trains.
 2. **Replay.** Samples of earlier rounds of the same model line (:class:`~.replay.ReplayStore`)
    are mixed into the batches (``config.replay`` of the patches) against forgetting.
 3. **Training.** :class:`~.replay.RegionSampler` draws patches centred on valid pixels; the
@@ -151,12 +152,17 @@ def _check_samples(samples: Sequence[Sample], replay: Sequence[Sample], spec: An
                 f"{spec.in_channels}.")
 
 
+def _in_strips(samples: Sequence[Sample], config: FinetuneConfig) -> bool:
+    """Whether the split holds out a strip of each group (fewer than ``strips_below``)."""
+    return len({s.group for s in samples}) < config.strips_below
+
+
 def _split_iter(
     samples: list[Sample], replay: Sequence[Sample], config: FinetuneConfig
 ) -> Generator[ProgressEvent, None, tuple[list[Sample], list[Sample], list[Sample]]]:
     """The held-out split and the replay actually used; yields the :class:`DataEvent`."""
     groups = len({s.group for s in samples})
-    strips = groups < config.strips_below
+    strips = _in_strips(samples, config)
     if strips:
         train_s, val_s = split_within(samples, config.val_fraction, config.margin, config.seed)
     else:
@@ -259,8 +265,10 @@ def _write_checkpoint(work: Any, output: str | Path, parent_info: Any, config: F
         "train_regions": sorted(s.name for s in train_s),
         "val_regions": sorted(s.name for s in val_s),
         "replayed": result.n_replay,
-        "split": f"by region group (crops never overlap across the split), val_fraction "
-                 f"{config.val_fraction}, seed {config.seed}",
+        "split": ("a strip of each region held out (split_within)"
+                  if _in_strips(train_s + val_s, config) else
+                  "by region group (crops never overlap across the split)")
+                 + f", val_fraction {config.val_fraction}, seed {config.seed}",
     }
     if parent_info is not None and parent_info.training_data.get("dataset"):
         training_data["dataset"] = parent_info.training_data["dataset"]
