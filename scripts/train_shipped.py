@@ -170,6 +170,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="boundary band width of the instance task, in pixels")
     p.add_argument("--contact-weight", type=float, default=5.0,
                    help="instance task: loss weight where two objects touch")
+    p.add_argument("--normalization", type=yaml.safe_load, metavar="YAML",
+                   help="intensity normalisation instead of the data set's, e.g. "
+                        "'{mode: percentile, per_channel: false}' (colour-preserving); a "
+                        "warm start keeps its parent's")
     p.add_argument("--init", help="start from these weights (a tag or a checkpoint path); "
                    "a foreground network is widened to the instance task's three classes")
     p.add_argument("--exclude-type", choices=("fluorescence", "bright-field", "H&E"),
@@ -241,7 +245,8 @@ def _config(args: argparse.Namespace, ds: dict):
         "steps": args.steps, "lr": args.lr, "val_every": args.val_every,
         "max_minutes": args.minutes, "task": args.task or ds["task"],
         "boundary_width": args.boundary_width, "contact_weight": args.contact_weight,
-        "normalization": ds["normalization"], "dataset": args.dataset, "patience": 0,
+        "normalization": args.normalization or ds["normalization"], "dataset": args.dataset,
+        "patience": 0,
         "model_overrides": overrides, "resume": True, "precision": args.precision,
         "warmup_steps": args.warmup_steps, "input_downsample": args.input_downsample,
         **({"augment": {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.augment)}}
@@ -251,7 +256,8 @@ def _config(args: argparse.Namespace, ds: dict):
 
 def _train(root: Path, ckpt: Path, cfg, init: str | None):
     """Train, printing the steps; returns the train result."""
-    from napari_medseg.engine.training.train import StepEvent, ValidationEvent, train_iter
+    from napari_medseg.engine.training.loop import StepEvent, ValidationEvent
+    from napari_medseg.engine.training.train import train_iter
 
     parent = _init_path(init) if init else None
     result = None

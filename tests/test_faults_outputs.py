@@ -325,7 +325,7 @@ def test_finetune_existing_output_needs_overwrite(base, nuclei_folders, tmp_path
 def test_finetune_ctrl_c_exits_130_and_keeps_the_best(base, nuclei_folders, tmp_path, capsys,
                                                      monkeypatch):
     from napari_medseg.engine.training import workflow
-    from napari_medseg.engine.training.train import StepEvent
+    from napari_medseg.engine.training.loop import StepEvent
 
     real = workflow.finetune_samples_iter
 

@@ -12,7 +12,7 @@ import torch
 
 from napari_medseg.config import FinetuneConfig
 from napari_medseg.engine.seg_task import SegTask, instance_target
-from napari_medseg.engine.training import train as train_mod
+from napari_medseg.engine.training import loop as train_mod
 from napari_medseg.engine.checkpoints import load_checkpoint, read_checkpoint_info, save_checkpoint
 from napari_medseg.engine.training.datasets import split_samples
 from napari_medseg.engine.training.finetune import (
@@ -47,7 +47,7 @@ from napari_medseg.engine.progress import (
     StageEvent,
     drain,
 )
-from napari_medseg.engine.training.train import StepEvent, ValidationEvent
+from napari_medseg.engine.training.loop import StepEvent, ValidationEvent
 from napari_medseg.engine.training.workflow import (
     Corrections,
     finetune_corrections_iter,
@@ -565,11 +565,12 @@ def test_cli_finetune_round_trip(nuclei, tmp_path, capsys):
     rc = main(["finetune", "--weights", str(tmp_path / "base.safetensors"), "--images",
                str(images), "--masks", str(masks), "-o", str(out), "--steps", "2",
                "--batch-size", "2", "--patch", "64", "--device", "cpu", "--precision", "fp32",
-               "--freeze-encoder", "--json", "-q"])
+               "--json", "-q"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["checkpoint"] == str(out) and summary["steps_done"] == 2
     described = read_checkpoint_info(out)
+    # the encoder is frozen by default (docs/finetune.md)
     assert described.parent == info.sha256 and described.settings["freeze_encoder"] is True
     assert described.training_data["images"] == str(images)
     # four images (fewer than six): all train, a strip of each is held out
@@ -646,7 +647,7 @@ def test_a_killed_finetune_keeps_its_best_weights_and_resumes(nuclei, tmp_path):
     """The best weights so far and the loop state are written at intervals; a run stopped
     mid-way (the generator abandoned, as a kill leaves it) is continued with resume."""
     from napari_medseg.engine.progress import NoticeEvent
-    from napari_medseg.engine.training.train import StepEvent
+    from napari_medseg.engine.training.loop import StepEvent
 
     img, gt = nuclei
     samples = []
@@ -672,3 +673,14 @@ def test_a_killed_finetune_keeps_its_best_weights_and_resumes(nuclei, tmp_path):
     steps = [e.step for e in events if isinstance(e, StepEvent)]
     assert steps and steps[0] > 1 and steps[-1] == 6
     assert not state.exists()  # a finished run leaves no resume state
+
+
+def test_cli_encoder_choice_defaults_to_frozen_and_can_train_every_layer():
+    from napari_medseg.cli import build_parser
+    from napari_medseg.cli.finetune import _finetune_config
+
+    parser, _ = build_parser()
+    base = ["finetune", "--weights", "w", "--images", "i", "--masks", "m", "-o", "o"]
+    assert _finetune_config(parser.parse_args(base)).freeze_encoder is True
+    assert _finetune_config(parser.parse_args(base + ["--freeze-encoder"])).freeze_encoder
+    assert not _finetune_config(parser.parse_args(base + ["--no-freeze-encoder"])).freeze_encoder

@@ -129,7 +129,7 @@ def test_widget_builds_lists_layers_and_refuses_bad_input(make_napari_viewer, qt
 
 def test_fine_tune_runs_in_the_background_and_segment_uses_the_result(
         make_napari_viewer, qtbot, env, errors, monkeypatch):
-    from napari_medseg.engine.training import train
+    from napari_medseg.engine.training import loop as train
     from napari_medseg.engine.training.lineage import active_source, autosave_dir, list_lineage
 
     scores = iter([0.20, 0.50, 0.60])  # the validation Dice of the start, step 2 and step 4

@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from napari_medseg.config import FinetuneConfig, TrainConfig
-from napari_medseg.engine.training.train import (
-    StepEvent,
-    ValidationEvent,
-    _lr_at,
-    train_iter,
-    train_mode,
-)
+from napari_medseg.engine.training.loop import StepEvent, ValidationEvent, _lr_at, train_mode
+from napari_medseg.engine.training.train import train_iter
 from napari_medseg.models import create_model
 
 
@@ -82,3 +77,20 @@ def test_time_limit_validates_the_last_step_then_stops(tmp_path, nuclei_folders)
     assert len(vals) == 1 and vals[0].step == 1
     assert result.stopped == "time_limit"
     assert (tmp_path / "ck.safetensors").is_file()
+
+
+def test_budget_counts_the_setup_and_ends_before_a_step_and_validation_would_overrun(
+        monkeypatch):
+    from napari_medseg.engine.training import loop
+
+    now = [100.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    clock = loop._Budget(minutes=1.0, before=0.0, spent=30.0)  # 30 s of split and scoring
+    assert clock.fraction() == pytest.approx(0.5) and not clock.up()
+    now[0] += 10.0
+    clock.stepped(10.0)
+    assert not clock.up()  # 40 s used, a step (10 s) more fits
+    clock.val_s = 15.0
+    assert clock.up()  # 40 + 10 + 15 > 60: validate this step and stop
+    assert loop._Budget(minutes=0.0, before=0.0, spent=1e9).up() is False  # no limit
+    assert loop._Budget(minutes=1.0, before=61.0, spent=0.0).spent_before()

@@ -46,7 +46,7 @@ from ..config import FinetuneConfig
 from ..engine.progress import CancelToken, FinishedEvent, NoticeEvent, StageEvent, TilesEvent
 from ..engine.progress import ProgressEvent
 from ..engine.training.finetune import DataEvent, FinetuneResult
-from ..engine.training.train import StepEvent, ValidationEvent
+from ..engine.training.loop import StepEvent, ValidationEvent
 from ..engine.training.workflow import Corrections, finetune_corrections_iter
 from ..errors import ConfigError, InputShapeError, MedsegError
 from . import result_layers
@@ -177,8 +177,9 @@ class FinetuneWidget(LayerListMixin, QWidget):
         self.steps_spin.setRange(1, 100000)
         self.steps_spin.setSingleStep(50)
         self.steps_spin.setValue(defaults.steps)
-        self.steps_spin.setToolTip("Optimisation steps at most (early stopping may end "
-                                   "sooner).")
+        self.steps_spin.setToolTip(
+            f"Optimisation steps at most; the run also ends within {defaults.max_minutes:g} "
+            "minutes, and early stopping may end it sooner (the best weights are kept).")
         self.lr_spin = QDoubleSpinBox()
         self.lr_spin.setDecimals(6)
         self.lr_spin.setRange(1e-6, 0.1)
@@ -187,8 +188,10 @@ class FinetuneWidget(LayerListMixin, QWidget):
         self.lr_spin.setToolTip("Peak learning rate (AdamW, warm-up then cosine decay).")
         form.addRow("Steps", row_widget(self.steps_spin, QLabel("learning rate"), self.lr_spin))
         self.freeze_check = QCheckBox("freeze encoder")
-        self.freeze_check.setToolTip("Train only the decoder and heads: safer with few "
-                                     "corrections.")
+        self.freeze_check.setChecked(defaults.freeze_encoder)
+        self.freeze_check.setToolTip("Train only the decoder and heads (the default): a "
+                                     "handful of corrections then adapts the model without "
+                                     "unlearning what its encoder knows.")
         self.replay_check = QCheckBox("replay earlier corrections")
         self.replay_check.setChecked(True)
         self.replay_check.setToolTip(

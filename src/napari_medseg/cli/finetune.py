@@ -13,7 +13,9 @@ __all__ = ["add_finetune", "cmd_finetune"]
 
 _DESCRIPTION = (
     "Fine-tune a checkpoint or shipped weights on image/mask pairs matched by file name (a.tif "
-    "<-> a.tif or a_mask.tif). One image in four is held out for the validation Dice; the best "
+    "<-> a.tif or a_mask.tif). With fewer than six images a strip of each is held out for the "
+    "validation Dice (with more, one image in four); the encoder stays as it was and the "
+    "decoder and heads learn. The best "
     "weights are kept and written to CKPT with their lineage (parent, data hash, settings, "
     "metrics). As in the Fine-tune widget, samples from earlier rounds on the same weights are "
     "mixed in (a quarter of each batch), these images are kept for the next round, and "
@@ -30,7 +32,7 @@ def _finetune_config(args: argparse.Namespace):
         "steps": args.steps, "lr": args.lr, "device": args.device, "precision": args.precision,
         "batch_size": args.batch_size, "patch": args.patch, "val_fraction": args.val_fraction,
         "max_minutes": args.max_minutes, "seed": args.seed,
-        "freeze_encoder": True if args.freeze_encoder else None,
+        "freeze_encoder": args.freeze_encoder,
         "freeze_norm_stats": False if args.update_norm_stats else None,
         "resume": True if args.resume else None,
     })
@@ -39,7 +41,7 @@ def _finetune_config(args: argparse.Namespace):
 def _show(events, bar: Progress, quiet: bool):
     """Print fine-tuning's stages, validations and step progress; returns its result."""
     from ..engine.progress import FinishedEvent, NoticeEvent, StageEvent
-    from ..engine.training.train import StepEvent, ValidationEvent
+    from ..engine.training.loop import StepEvent, ValidationEvent
 
     result = None
     for event in events:
@@ -115,6 +117,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def add_finetune(sub) -> argparse.ArgumentParser:
     """The ``finetune`` sub-command's arguments."""
+    from ..config import FinetuneConfig
+
+    d = FinetuneConfig()  # the defaults the help states
     p = sub.add_parser("finetune", description=_DESCRIPTION,
                        help="fine-tune weights on corrected masks (image/mask folders)")
     p.add_argument("--weights", required=True, metavar="BASE",
@@ -129,21 +134,22 @@ def add_finetune(sub) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue a run that was killed: from the best weights it wrote to "
                         "CKPT (at most a minute old) and its saved optimiser state")
-    p.add_argument("--steps", help="optimisation steps at most (default 300)")
-    p.add_argument("--lr", help="peak learning rate (default 1e-3)")
-    p.add_argument("--freeze-encoder", action="store_true",
-                   help="train only the decoder and heads")
+    p.add_argument("--steps", help=f"optimisation steps at most (default {d.steps})")
+    p.add_argument("--lr", help=f"peak learning rate (default {d.lr:g})")
+    p.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="train only the decoder and heads (the default); "
+                        "--no-freeze-encoder trains every layer")
     p.add_argument("--update-norm-stats", action="store_true",
                    help="re-estimate batch-norm statistics from the new images (default: "
                         "keep the base model's; only worth it with many images)")
     p.add_argument("--patch", help="patch side in pixels (default: the one the weights "
                    "were trained with)")
-    p.add_argument("--val-fraction", help="fraction held out (default 0.25: of the images, or "
-                   "with fewer than six a strip of each)")
-    p.add_argument("--max-minutes", help="stop after this many minutes, keeping the best "
-                   "(default 3; 0 no limit)")
-    p.add_argument("--seed", help="random seed (default 0)")
-    add_compute_args(p, batch_help="patches per step (default 4)")
+    p.add_argument("--val-fraction", help=f"fraction held out (default {d.val_fraction:g}: of "
+                   f"the images, or with fewer than {d.strips_below} a strip of each)")
+    p.add_argument("--max-minutes", help="end within this many minutes in all, keeping the "
+                   f"best weights (default {d.max_minutes:g}; 0 no limit)")
+    p.add_argument("--seed", help=f"random seed (default {d.seed})")
+    add_compute_args(p, batch_help=f"patches per step (default {d.batch_size})")
     p.add_argument("--pattern", help="glob the file names must match (default *)")
     add_run_args(p, "finetune", json=True)
     return p

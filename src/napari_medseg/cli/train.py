@@ -16,7 +16,7 @@ __all__ = ["cmd_train", "cmd_eval", "cmd_demo", "add_train_eval_demo"]
 
 def _show_train(events, bar: Progress):
     """Print training's messages and step progress; returns its result."""
-    from ..engine.training.train import StepEvent
+    from ..engine.training.loop import StepEvent
 
     result = None
     for event in events:

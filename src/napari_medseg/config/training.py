@@ -97,8 +97,9 @@ class TrainConfig(ConfigBase):
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` autocast.
         max_minutes: stop after this many minutes of training in all (a resumed run counts its
-            earlier time); the learning rate decays to ``min_lr`` by then; the best checkpoint
-            is kept. 0 = no limit.
+            earlier time; the loop stops when one more step and a validation would not fit);
+            the learning rate decays to ``min_lr`` by then; the best checkpoint is kept.
+            0 = no limit.
         freeze_encoder: train only the decoder and heads.
         resume: continue from the ``.train-state`` files beside the output, if present.
         seed: random seed of the split, the sampling, the augmentation and the init.
@@ -162,8 +163,8 @@ class FinetuneConfig(ConfigBase):
 
     The defaults are the recipe ``benchmarks/bench_finetune.py`` chose (docs/finetune.md):
     with fewer than six images or regions a strip of each is held out (all of them train),
-    lr 1e-3 for at most 300 steps or 3 minutes, the patch the weights were trained with,
-    batch-norm statistics kept. On a 2-core CPU five 256 x 320 images take about 2 minutes.
+    the encoder frozen (decoder and heads learn), lr 1e-3 for at most 300 steps or 2 minutes
+    in all, the patch the weights were trained with, batch-norm statistics kept.
 
     Attributes:
         steps: optimisation steps at most.
@@ -180,7 +181,8 @@ class FinetuneConfig(ConfigBase):
             ``settings.patch``; 128 when it records none), so that fine-tuning sees the
             context training did (a dermoscopy lesion needs the whole photograph).
         freeze_encoder: train only the decoder and heads (``model.encoder_parameters()``
-            stay fixed).
+            stay fixed; the default: on a few photographs of another dermoscope training
+            every layer unlearnt lesions unlike the five, docs/finetune.md).
         freeze_norm_stats: keep the base model's batch-norm running statistics (the
             layers stay in eval mode while their scale and shift still learn), so that a
             few small batches of a handful of images do not re-estimate them (measured:
@@ -204,7 +206,9 @@ class FinetuneConfig(ConfigBase):
         augment: flips, rot90 and intensity changes (no zoom by default).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` autocast.
-        max_minutes: stop after this many minutes (the best weights are kept); 0 = no limit.
+        max_minutes: the whole run (the split and the scoring of the starting weights
+            included) ends within this many minutes: it stops when one more step and the last
+            validation would not fit; the best weights are kept; 0 = no limit.
         seed: random seed of the split, the sampling and the augmentation.
         checkpoint_dtype: ``float32`` (default: fine-tuning steps are small) or ``float16``.
         save_every_s: with an output file, the best weights so far (and the state a resumed
@@ -221,7 +225,7 @@ class FinetuneConfig(ConfigBase):
     grad_clip: float = 5.0
     batch_size: int = 4
     patch: int = 0
-    freeze_encoder: bool = False
+    freeze_encoder: bool = True
     freeze_norm_stats: bool = True
     replay: float = 0.25
     max_replay: int = 64
@@ -237,7 +241,7 @@ class FinetuneConfig(ConfigBase):
         default_factory=lambda: AugmentConfig(scale=(1.0, 1.0), noise_std=0.02))
     device: str = "auto"
     precision: str = field(default="auto", metadata=choices(*PRECISIONS))
-    max_minutes: float = 3.0
+    max_minutes: float = 2.0
     seed: int = 0
     checkpoint_dtype: str = field(default="float32", metadata=choices("float16", "float32"))
     save_every_s: float = 60.0

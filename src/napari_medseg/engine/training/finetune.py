@@ -3,7 +3,7 @@
 The loop users come for: segment, correct the labels, fine-tune, segment better. The
 corrections become training samples (:mod:`.changes`: what changed and where;
 :mod:`.corrections`: the crops), and this module runs the shared optimisation loop of
-:mod:`.train` (:func:`~.train.optimise_iter`: the network's own loss, AdamW with warm-up and
+:mod:`.loop` (:func:`~.loop.optimise_iter`: the network's own loss, AdamW with warm-up and
 cosine decay, augmentation, early stopping) on them:
 
 1. **Split.** The held-out split is by region group (:func:`~.datasets.split_samples`), so no
@@ -240,15 +240,15 @@ def _patch_side(model: Any, config: FinetuneConfig) -> int:
 
 def _baseline_iter(setup: _Setup, val_s: list[Sample]) -> Generator[ProgressEvent, None, float]:
     """Validation Dice of the starting weights (NaN without held-out samples)."""
-    from . import train
+    from . import loop
 
     if not val_s:
         return float("nan")
     yield StageEvent("Scoring the starting weights on the held-out regions.", stage="validating")
-    baseline = train.validate(setup.work, val_s, setup.work.spec, str(setup.device),
-                              setup.policy.name)
-    yield train.ValidationEvent(f"before fine-tuning: validation Dice {baseline:.4f}", step=0,
-                                dice=baseline, best=baseline, improved=False)
+    baseline = loop.validate(setup.work, val_s, setup.work.spec, str(setup.device),
+                             setup.policy.name)
+    yield loop.ValidationEvent(f"before fine-tuning: validation Dice {baseline:.4f}", step=0,
+                               dice=baseline, best=baseline, improved=False)
     return baseline
 
 
@@ -301,7 +301,10 @@ def _verdict(result: FinetuneResult) -> str:
     else:
         verdict = (f"no step beat the starting weights (validation Dice "
                    f"{result.baseline_dice:.4f}); they are kept")
-    return f"Fine-tuning {result.stopped} after {result.steps_done} steps: {verdict}."
+    how = {"finished": "finished", "early_stop": "stopped early",
+           "time_limit": "reached its time limit", "cancelled": "was stopped"}.get(
+        result.stopped, result.stopped)
+    return f"Fine-tuning {how} after {result.steps_done} steps: {verdict}."
 
 
 def finetune_iter(
@@ -334,7 +337,7 @@ def finetune_iter(
     """
     import torch
 
-    from .train import LoopState, optimise_iter
+    from .loop import LoopState, optimise_iter
 
     config, cancel = _as_config(config), cancel or CancelToken()
     t_start = time.perf_counter()
@@ -378,7 +381,7 @@ def finetune_iter(
     stopped, steps_done = yield from optimise_iter(
         work, sampler, val_s, config, setup.optimizer, setup.trainable, device=setup.device,
         policy=setup.policy, generator=generator, cancel=cancel, state=state, on_best=keep_best,
-        after_validation=after_validation)
+        after_validation=after_validation, spent_s=time.perf_counter() - t_start)
     for p in setup.params:
         p.requires_grad_(True)
     work.load_state_dict(kept)
@@ -418,7 +421,7 @@ class _Interim:
                     ) -> Generator[ProgressEvent, None, Any]:
         """The state to start from: a killed run's, when one was written, else ``state``."""
         from ..checkpoints import load_checkpoint
-        from .train import LoopState, _load_state
+        from .loop import LoopState, _load_state
 
         saved = _load_state(self.output, work, self.setup.optimizer)
         if saved is None:
@@ -436,7 +439,7 @@ class _Interim:
 
     def maybe_write(self, work: Any, kept: dict, state: Any, write: Any) -> None:
         """Write the state, and the best weights if they changed, when it is time."""
-        from .train import _save_state
+        from .loop import _save_state
 
         if time.perf_counter() - self.last < self.config.save_every_s:
             return
@@ -451,7 +454,7 @@ class _Interim:
 
     def finish(self) -> None:
         """The run ended: its resume state goes."""
-        from .train import _state_path
+        from .loop import _state_path
 
         path = _state_path(self.output)
         for p in (path, path.with_suffix(".json")):

@@ -30,7 +30,7 @@ class RegionSampler:
     correction (same rule) or a whole image (centred on foreground half of the time). Crops
     smaller than the patch are padded (reflect for the image, 0 = not valid for the targets).
     Same contract as :class:`~.datasets.PatchSampler` (``draw(n)``), so
-    :func:`~.train.make_batch` takes it.
+    :func:`~.loop.make_batch` takes it.
 
     Args:
         samples: the training samples (:class:`RegionSample` or :class:`~.datasets.Sample`).
