@@ -292,7 +292,8 @@ def optimise_iter(
 class _Budget:
     """The time budget ``max_minutes`` (0: none) of a run: training of earlier sessions of a
     resumed run (``before``) and seconds spent before the loop (``spent``) count against it,
-    and it runs out when one more step and a validation (their last durations) would not fit."""
+    and it runs out when one more step (a running mean of the steps) and a validation (the
+    last one's duration) would not fit."""
 
     def __init__(self, minutes: float, before: float, spent: float) -> None:
         self.limit, self.before, self.spent = 60.0 * minutes, before, spent
