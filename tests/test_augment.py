@@ -54,6 +54,21 @@ def test_white_balance_changes_the_channels_apart():
     assert torch.equal(_run(grey, mask, colour=0.3)[0], grey)  # one channel: no colour
 
 
+def test_saturation_scales_colour_about_the_grey_and_keeps_the_grey():
+    image, mask = _batch(n=8)
+    image = image.clone()
+    image[:, 1] *= 0.5  # a coloured patch: channels differ
+    out, _ = _run(image, mask, saturation=0.5)
+    grey_in, grey_out = image.mean(dim=1), out.mean(dim=1)
+    assert torch.allclose(grey_in, grey_out, atol=1e-5)  # brightness kept
+    spread = lambda t: (t - t.mean(dim=1, keepdim=True)).abs().mean(dim=(1, 2, 3))  # noqa: E731
+    factors = spread(out) / spread(image)
+    assert factors.min() >= 0.5 - 1e-4 and factors.max() <= 1.5 + 1e-4
+    assert factors.max() - factors.min() > 0.1  # drawn per patch
+    grey, _ = _batch(c=1)
+    assert torch.equal(_run(grey, mask, saturation=0.5)[0], grey)  # one channel: nothing
+
+
 def test_blur_softens_edges_and_uneven_light_tilts_the_background():
     image, mask = _batch(n=8)
     out, _ = _run(image, mask, blur=3.0)
@@ -68,6 +83,8 @@ def test_blur_softens_edges_and_uneven_light_tilts_the_background():
 def test_out_of_range_strengths_are_refused():
     with pytest.raises(ConfigError, match="colour augmentation"):
         AugmentConfig(colour=1.5)
+    with pytest.raises(ConfigError, match="saturation augmentation"):
+        AugmentConfig(saturation=1.0)
     with pytest.raises(ConfigError, match="blur augmentation"):
         AugmentConfig(blur=-1)
 

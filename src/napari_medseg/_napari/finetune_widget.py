@@ -408,6 +408,10 @@ class FinetuneWidget(LayerListMixin, QWidget):
             label_meta = meta_from_layer(labels)
         except (ValueError, TypeError):
             label_meta = None
+        try:
+            image_meta = meta_from_layer(image)
+        except (ValueError, TypeError):
+            image_meta = None
         token = self._job.begin((image.name, labels.name))
         self.plot.clear(config.steps)
         self.last_result = None
@@ -417,7 +421,7 @@ class FinetuneWidget(LayerListMixin, QWidget):
             image=result_layers.image_array(image), axes=axes,
             labels=np.array(labels.data, copy=True), image_name=image.name,
             labels_name=labels.name, boundary=boundary, prediction=prediction,
-            label_meta=label_meta)
+            label_meta=label_meta, image_meta=image_meta)
         worker = start_job(finetune_job, load, corrections, config, token, base_source,
                            on_done=self._on_done, on_yield=self._on_event, cancel_token=token)
         self._job.worker = worker

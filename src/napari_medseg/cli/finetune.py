@@ -78,6 +78,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     Ctrl-C (the best weights so far are written all the same)."""
     from ..engine.batch.outputs import check_checkpoint_output
     from ..engine.checkpoints import resolve_weights
+    from ..engine.pixel_size import pixel_size_of
     from ..engine.progress import CancelToken
     from ..engine.seg_task import task_of
     from ..engine.training.corrections import samples_from_folders
@@ -88,10 +89,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     check_checkpoint_output(args.output, args.weights, args.overwrite or args.resume)
     model, info = resolve_weights(args.weights)
     spec = model.spec
+    notes: list[str] = []
     samples, files_hash = samples_from_folders(
         args.images, args.masks, num_classes=spec.num_classes, in_channels=spec.in_channels,
         normalization=info.normalization_config(), config=config,
-        output_scale=spec.output_scale, pattern=args.pattern or "*", task=task_of(model))
+        output_scale=spec.output_scale, pattern=args.pattern or "*", task=task_of(model),
+        pixel_size=pixel_size_of(model) if spec.spatial_dims == 2 else None, notes=notes)
+    for note in notes if not args.quiet else ():
+        print(f"napari-medseg: {note}", file=sys.stderr)
     if not args.quiet:
         print(f"napari-medseg: fine-tuning {info.network}/{info.variant} "
               f"({info.tag or args.weights}) on {len(samples)} image plane(s)", file=sys.stderr)

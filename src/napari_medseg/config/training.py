@@ -27,6 +27,9 @@ class AugmentConfig(ConfigBase):
         gamma: gamma drawn log-uniformly in [1 / (1 + g), 1 + g]; 0 disables.
         blur: largest Gaussian blur sigma in pixels (half the patches are blurred); 0
             disables.
+        saturation: colour saturation spread (each pixel's distance from its channel mean
+            times a factor in [1 - s, 1 + s]): a camera that renders colours washed out or
+            vivid; 0 disables (one-channel images ignore it).
         illumination: strength of a random linear light gradient across the patch (times a
             factor from 1 - i to 1 + i); 0 disables.
     """
@@ -41,12 +44,13 @@ class AugmentConfig(ConfigBase):
     gamma: float = 0.0
     blur: float = 0.0
     illumination: float = 0.0
+    saturation: float = 0.0
 
     def __post_init__(self) -> None:
         lo, hi = self.scale
         if not 0 < lo <= hi:
             raise ConfigError(f"The scale range must satisfy 0 < low <= high, not {self.scale}.")
-        for name in ("colour", "gamma", "blur", "illumination"):
+        for name in ("colour", "gamma", "blur", "illumination", "saturation"):
             if not 0 <= getattr(self, name) < (100 if name == "blur" else 1):
                 raise ConfigError(f"The {name} augmentation must be at least 0 and below "
                                   f"{100 if name == 'blur' else 1}, not {getattr(self, name)}.")

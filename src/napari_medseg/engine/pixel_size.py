@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import CheckpointError
 
 __all__ = ["TO_NM", "TOLERANCE", "PixelSize", "plane_zoom", "zoom_words", "with_pixel_size",
-           "pixel_size_of", "resample_to_weights"]
+           "pixel_size_of", "resample_to_weights", "resampled", "image_zoom", "meta_zoom"]
 
 #: Unit (NGFF name) -> nanometres.
 TO_NM = {"angstrom": 0.1, "nanometer": 1.0, "micrometer": 1e3, "millimeter": 1e6,
@@ -95,12 +95,12 @@ def plane_zoom(spacing: Sequence[float], units: Sequence[str | None],
 
 
 def zoom_words(spacing: Sequence[float], units: Sequence[str | None], weights: PixelSize,
-               zoom: Sequence[float]) -> str:
+               zoom: Sequence[float], then: str = "the outputs are on the image's grid") -> str:
     """One sentence for the plan and the notices: what is resampled, and by how much."""
     image = " x ".join(f"{s:g}" for s in spacing) + f" {_SHORT.get(units[-1], units[-1])}"
     factors = " x ".join(f"{z:.3g}" for z in zoom)
     return (f"Resampling each plane from {image} pixels to the weights' {weights} (zoom "
-            f"{factors}); the outputs are on the image's grid.")
+            f"{factors}); {then}.")
 
 
 def with_pixel_size(model, size: PixelSize | dict | None):
@@ -140,7 +140,6 @@ def resample_to_weights(model, meta, axes: str, planes: Sequence[str]):
         ``(model, None, None)`` when nothing is resampled.
     """
     from ..io.metadata import ImageMeta
-    from ..models.working_resolution import Resampled
 
     weights = pixel_size_of(model)
     if (weights is None or not isinstance(meta, ImageMeta) or model.spec.spatial_dims != 2
@@ -156,6 +155,44 @@ def resample_to_weights(model, meta, axes: str, planes: Sequence[str]):
     if all(z is None for z in zooms):
         return model, None, None
     zooms = [z or (1.0,) * len(plane) for z, plane in zip(zooms, planes)]
-    wrapped = Resampled(model, zooms[0], tile_zoom=max(max(z) for z in zooms))
-    wrapped.checkpoint_info = getattr(model, "checkpoint_info", None)
+    wrapped = resampled(model, zooms[0], tile_zoom=max(max(z) for z in zooms))
     return wrapped, zooms, zoom_words(*along(planes[0]), weights, zooms[0])
+
+
+def resampled(model, zoom: Sequence[float], tile_zoom: float | None = None):
+    """``model`` wrapped in :class:`~napari_medseg.models.working_resolution.Resampled` by
+    ``zoom``, keeping its checkpoint description."""
+    from ..models.working_resolution import Resampled
+
+    wrapped = Resampled(model, tuple(zoom), tile_zoom=tile_zoom)
+    wrapped.checkpoint_info = getattr(model, "checkpoint_info", None)
+    return wrapped
+
+
+def image_zoom(model, meta) -> tuple[tuple[float, float], str] | None:
+    """The zoom of an image's Y and X axes to ``model``'s pixel size and the sentence that
+    says so (:func:`meta_zoom`), for a 2D network on the input grid; None when nothing is
+    resampled. Fine-tuning uses it to train on corrections at the pixel size the weights see
+    at prediction."""
+    if model.spec.spatial_dims != 2 or model.spec.output_scale != 1:
+        return None
+    return meta_zoom(meta, pixel_size_of(model))
+
+
+def meta_zoom(meta, weights: PixelSize | None) -> tuple[tuple[float, float], str] | None:
+    """``(zoom, sentence)`` taking the Y and X pixels of an image with ``meta`` (an
+    :class:`~napari_medseg.io.ImageMeta`, or None) to ``weights``; None when either gives no
+    physical pixel size or they agree."""
+    if weights is None or meta is None:
+        return None
+    spatial = meta.spatial_axes
+    if "Y" not in spatial or "X" not in spatial or len(meta.spacing) != len(spatial) or (
+            len(meta.units) != len(spatial)):
+        return None
+    idx = [spatial.index("Y"), spatial.index("X")]
+    spacing, units = [meta.spacing[j] for j in idx], [meta.units[j] for j in idx]
+    zoom = plane_zoom(spacing, units, weights)
+    if zoom is None:
+        return None
+    return (zoom[0], zoom[1]), zoom_words(spacing, units, weights, zoom,
+                                          "the corrections train at the weights' pixel size")

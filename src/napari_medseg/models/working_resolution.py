@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import ConfigError
 
 __all__ = ["WorkingResolution", "Resampled", "input_downsample", "unwrap", "with_downsample",
-           "super_resolved", "on_input_grid"]
+           "super_resolved", "on_input_grid", "resize_image"]
 
 
 class WorkingResolution(nn.Module):
@@ -153,14 +153,20 @@ class Resampled(nn.Module):
         padded = tuple(max(smallest, -(-n // d) * d) for n in inner)
         if inner == size and padded == size:
             return self.net(x)
-        shrink = inner[0] < size[0] or inner[1] < size[1]
-        small = F.interpolate(x.float(), size=inner, mode="bilinear", align_corners=False,
-                              antialias=shrink).to(x.dtype)
+        small = resize_image(x, inner)
         pad_y, pad_x = padded[0] - inner[0], padded[1] - inner[1]
         if pad_y or pad_x:
             mode = "reflect" if pad_y < inner[0] and pad_x < inner[1] else "replicate"
             small = F.pad(small, (0, pad_x, 0, pad_y), mode=mode)
         return _resize_outputs(_crop_outputs(self.net(small), inner), size)
+
+
+def resize_image(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """N x C x H x W resized to ``size`` as :class:`Resampled` feeds its network: bilinear,
+    antialiased when it shrinks (the one rule for an image taken to the weights' pixels)."""
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False,
+                         antialias=shrink).to(x.dtype)
 
 
 def _crop_outputs(value: Any, size: tuple[int, int]) -> Any:

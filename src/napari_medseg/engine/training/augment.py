@@ -3,7 +3,7 @@
 Image and targets get the same geometric transform: flips, rot90 (square patches), a random
 scale (zoom about the centre), and an optional smooth elastic deformation. Photometric
 changes touch the image only: what another camera or microscope does to the same scene
-(per-channel white balance, gamma, blur, an uneven light), then gain, offset and noise.
+(per-channel white balance, saturation, gamma, blur, an uneven light), then gain, offset and noise.
 Masks are resampled with nearest neighbour.
 """
 
@@ -41,12 +41,16 @@ def _uniform(shape: tuple[int, ...], lo: float, hi: float, generator: torch.Gene
 
 
 def _photometric(image: Tensor, config: AugmentConfig, generator: torch.Generator) -> Tensor:
-    """White balance, gamma, blur and uneven light, each off at 0 (image only)."""
+    """White balance, saturation, gamma, blur and uneven light, each off at 0 (image only)."""
     n, c = image.shape[:2]
     dev = image.device
     if config.colour > 0 and c > 1:
         image = image * _uniform((n, c, 1, 1), 1 - config.colour, 1 + config.colour,
                                  generator, dev)
+    if config.saturation > 0 and c > 1:
+        grey = image.mean(dim=1, keepdim=True)
+        image = grey + _uniform((n, 1, 1, 1), 1 - config.saturation, 1 + config.saturation,
+                                generator, dev) * (image - grey)
     if config.gamma > 0:
         g = torch.exp(_uniform((n, 1, 1, 1), -math.log1p(config.gamma),
                                math.log1p(config.gamma), generator, dev))

@@ -24,7 +24,8 @@ import numpy as np
 from ...config import FinetuneConfig, NormalizationConfig, PredictConfig
 from ...errors import ConfigError, InputShapeError
 from ...io.axes import guess_axes
-from ..progress import CancelToken, ProgressEvent, StageEvent
+from ..pixel_size import image_zoom, meta_zoom, resampled
+from ..progress import CancelToken, NoticeEvent, ProgressEvent, StageEvent
 from ..seg_task import SegTask, task_of
 from .changes import CorrectionRegion, changed_mask, class_targets, find_regions, group_regions
 from .datasets import Sample
@@ -46,7 +47,8 @@ class RegionSample(Sample):
         valid: H x W float32, 1 where the loss and the validation Dice count (the corrected
             box), 0 on the context around it. None means every pixel counts.
         plane: the plane index of the crop.
-        crop: ``(y0, x0, y1, x1)`` of the crop in the plane (target resolution).
+        crop: ``(y0, x0, y1, x1)`` of the crop in the plane (target resolution), in the
+            image's pixels even where the arrays were resampled to the weights' pixel size.
     """
 
     valid: np.ndarray | None = None
@@ -151,6 +153,7 @@ class _Cropper:
     context: int
     prepare: Callable[[np.ndarray], np.ndarray]
     name: str
+    zoom: tuple[float, float] | None = None
 
     def sample(self, region: CorrectionRegion, group: int) -> RegionSample:
         """The sample of ``region``, in split group ``group``."""
@@ -172,6 +175,9 @@ class _Cropper:
         valid = np.zeros((y1 - y0, x1 - x0), np.float32)
         by0, bx0, by1, bx1 = region.box
         valid[by0 - y0: by1 - y0, bx0 - x0: bx1 - x0] = 1.0
+        if self.zoom is not None:
+            crop, mask, crop_boundary, valid = _at_weights_pixels(
+                self.zoom, crop, mask, crop_boundary, valid)
         where = "".join(f"{a}{p}," for a, p in zip(self.lead, region.plane))
         return RegionSample(
             image=np.ascontiguousarray(crop, np.float32),
@@ -181,6 +187,29 @@ class _Cropper:
             name=f"{self.name}@{where}Y{by0}-{by1},X{bx0}-{bx1}",
             group=f"{self.name}#g{group}",
             valid=valid, plane=region.plane, crop=(y0, x0, y1, x1))
+
+
+def _at_weights_pixels(zoom: tuple[float, float], image: np.ndarray, *maps: np.ndarray | None
+                       ) -> tuple[Any, ...]:
+    """A crop (``C x h x w``) and its maps (``h x w``) resampled by ``zoom``: the image as the
+    network sees it at prediction (:func:`~napari_medseg.models.working_resolution.
+    resize_image`), the targets and ``valid`` map by nearest neighbour."""
+    import torch
+    import torch.nn.functional as F
+
+    from ...models.working_resolution import resize_image
+
+    h, w = image.shape[-2:]
+    size = (max(1, round(h * zoom[0])), max(1, round(w * zoom[1])))
+    out = resize_image(torch.from_numpy(np.ascontiguousarray(image))[None], size)[0].numpy()
+
+    def nearest(a: np.ndarray | None) -> np.ndarray | None:
+        if a is None:
+            return None
+        t = torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None]
+        return F.interpolate(t, size=size, mode="nearest-exact")[0, 0].numpy().astype(a.dtype)
+
+    return (out, *(nearest(m) for m in maps))
 
 
 def samples_from_corrections(
@@ -198,6 +227,7 @@ def samples_from_corrections(
     output_scale: int = 1,
     name: str = "image",
     task: SegTask | None = None,
+    zoom: tuple[float, float] | None = None,
 ) -> list[RegionSample]:
     """Training samples from an image and its corrected labels.
 
@@ -225,6 +255,10 @@ def samples_from_corrections(
         name: the image's name (sample names and groups start with it).
         task: the network's task (how the labels are read: objects for ``instances``,
             class indices for ``classes``, the default).
+        zoom: (zy, zx) taking the image's pixels to the weights' pixel size
+            (:func:`~napari_medseg.engine.pixel_size.image_zoom`): each sample is resampled
+            by it after cropping, so training sees what prediction feeds the network; None
+            keeps the image's pixels.
 
     Returns:
         The samples (empty when nothing changed).
@@ -250,7 +284,7 @@ def samples_from_corrections(
     groups = group_regions(regions, labels.shape[-2:], config.context, config.slice_gap, lead)
     cropper = _Cropper(image, axes, lead, labels, bnd, num_classes, task, scale,
                        config.context, _image_normalizer(image, axes, in_channels, normalization),
-                       name)
+                       name, zoom if scale == 1 else None)
     return [cropper.sample(region, group) for region, group in zip(regions, groups)]
 
 
@@ -265,6 +299,7 @@ def prepare_corrections_iter(
     boundary: Any = None,
     name: str = "image",
     cancel: CancelToken | None = None,
+    meta: Any = None,
 ) -> Generator[ProgressEvent, None, list[RegionSample]]:
     """Samples from corrections, predicting the comparison with ``model`` when asked.
 
@@ -282,6 +317,10 @@ def prepare_corrections_iter(
             its predicted boundary then stands in for it).
         name: the image's name.
         cancel: checked between prediction batches.
+        meta: the image's :class:`~napari_medseg.io.ImageMeta`, or None: when it gives a
+            pixel size other than the one the weights declare, the comparison is predicted as
+            ``predict`` would (each plane resampled) and the samples are resampled to the
+            weights' pixel size.
 
     Returns:
         The samples (yielding the prediction's events meanwhile).
@@ -291,13 +330,16 @@ def prepare_corrections_iter(
     info = getattr(model, "checkpoint_info", None)
     norm = info.normalization_config() if info is not None else None
     task = task_of(model)
+    zoom, words = image_zoom(model, meta) or (None, None)
+    if words:
+        yield NoticeEvent(words)
     predicted_boundary = None
     if isinstance(prediction, str):
         if prediction != "model":
             raise ConfigError(f"prediction must be 'model', an array or None, not {prediction!r}.")
         prediction, predicted_boundary = yield from _predict_labelled(
-            image, corrected, model, config, axes, boundary is not None or task.instances,
-            cancel)
+            image, corrected, model if zoom is None else resampled(model, zoom), config, axes,
+            boundary is not None or task.instances, cancel)
         if boundary is None and task.instances:
             # Corrections of the mask alone: the network's own lines between touching objects
             # stay boundary (a foreground mask cannot say where one nucleus ends).
@@ -306,7 +348,7 @@ def prepare_corrections_iter(
         image, corrected, num_classes=spec.num_classes, in_channels=spec.in_channels,
         axes=axes, prediction=prediction, boundary=boundary,
         predicted_boundary=predicted_boundary, normalization=norm, config=config,
-        output_scale=spec.output_scale, name=name, task=task)
+        output_scale=spec.output_scale, name=name, task=task, zoom=zoom)
     return samples
 
 
@@ -362,10 +404,16 @@ def samples_from_folders(
     output_scale: int = 1,
     pattern: str = "*",
     task: SegTask | None = None,
+    pixel_size: Any = None,
+    notes: list[str] | None = None,
 ) -> tuple[list[RegionSample], str]:
     """Whole-image samples from image/mask folders (files matched by name), one group each.
 
     ``task`` is the network's (how the masks are read: :func:`samples_from_corrections`).
+    ``pixel_size`` is the weights' (a :class:`~napari_medseg.engine.pixel_size.PixelSize`,
+    or None): a file whose metadata give another is resampled to it
+    (:func:`~napari_medseg.engine.pixel_size.meta_zoom`), and ``notes`` (when given) gets
+    the sentence that says so.
 
     Returns:
         ``(samples, data hash)``; the hash covers the files' names and bytes.
@@ -383,10 +431,13 @@ def samples_from_folders(
             mask = np.take(mask, 0, axis=mmeta.axes.index("C"))
         axes = meta.axes
         stem = _stem(img_path)
+        zoom = meta_zoom(meta, pixel_size) if output_scale == 1 else None
         found = samples_from_corrections(
             image, mask, num_classes=num_classes, in_channels=in_channels, axes=axes,
             normalization=normalization, config=config, output_scale=output_scale, name=stem,
-            task=task)
+            task=task, zoom=zoom and zoom[0])
+        if zoom and notes is not None:
+            notes.append(f"{stem}: {zoom[1]}")
         for s in found:  # whole images: every labelled plane of a file is one group
             s.group = stem
         samples.extend(found)

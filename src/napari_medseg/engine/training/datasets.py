@@ -363,9 +363,11 @@ def _crop(s: Sample, axis: int, sl: slice) -> Sample:
                for name in ("image", "mask", "boundary", "weight", "valid")
                if getattr(s, name, None) is not None}
     if getattr(s, "crop", None) and len(s.crop) == 4:
-        y0, x0, y1, x1 = s.crop
-        start = sl.start or 0
-        stop = sl.stop if sl.stop is not None else (y1 - y0, x1 - x0)[axis]
+        y0, x0, y1, x1 = s.crop  # the image's pixels: arrays resampled from them scale back
+        span = (y1 - y0, x1 - x0)[axis]
+        per = span / max(1, s.mask.shape[axis])
+        start = round((sl.start or 0) * per)
+        stop = round(sl.stop * per) if sl.stop is not None else span
         changes["crop"] = ((y0 + start, x0, y0 + stop, x1) if axis == 0
                            else (y0, x0 + start, y1, x0 + stop))
     return dataclasses.replace(s, name=f"{s.name} (held-out strip)", **changes)

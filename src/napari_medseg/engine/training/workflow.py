@@ -51,6 +51,8 @@ class Corrections:
             predict it), a prediction array, or None (every labelled plane counts whole); see
             :func:`~.corrections.prepare_corrections_iter`.
         label_meta: the labels' geometry for the autosave (an ``ImageMeta``), or None.
+        image_meta: the image's geometry (an ``ImageMeta``), or None: a pixel size other
+            than the weights' resamples the corrections to theirs.
     """
 
     image: Any
@@ -61,6 +63,7 @@ class Corrections:
     boundary: np.ndarray | None = None
     prediction: Any = None
     label_meta: Any = None
+    image_meta: Any = None
 
 
 def _autosave_iter(corrections: Corrections) -> Generator[ProgressEvent, None, Path]:
@@ -113,7 +116,7 @@ def finetune_corrections_iter(
     samples = yield from prepare_corrections_iter(
         corrections.image, corrections.labels, model, config, axes=corrections.axes,
         prediction=corrections.prediction, boundary=corrections.boundary,
-        name=corrections.image_name, cancel=cancel)
+        name=corrections.image_name, cancel=cancel, meta=corrections.image_meta)
     if cancel.cancelled:
         raise MedsegError("Stopped before training started; nothing was changed.")
     if output is None:
