@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_shipped import DATASETS, ROOT, held_out_folders  # noqa: E402
 
 
-def rescore(card_path: Path, data_root: Path, keys: list[str], dry_run: bool) -> dict:
+def rescore(card_path: Path, data_root: Path, keys: list[str], dry_run: bool,
+            tta: bool = False) -> dict:
     """Re-score one card; returns ``{metric: (old, new)}`` and writes ``keys`` unless dry."""
     from napari_medseg.config import PredictConfig
     from napari_medseg.engine.checkpoints import resolve_weights
@@ -40,8 +41,8 @@ def rescore(card_path: Path, data_root: Path, keys: list[str], dry_run: bool) ->
     with tempfile.TemporaryDirectory() as tmp:
         vi, vm = held_out_folders(data_root / data["dataset"], data["val_files"],
                                   data.get("val_planes") or [], Path(tmp))
-        result = evaluate(model, vi, vm, PredictConfig(),
-                          instances=DATASETS[data["dataset"]]["instances"])
+        result = evaluate(model, vi, vm, PredictConfig(tta=tta),
+                          instances=DATASETS[data["dataset"]]["task"] == "instances")
     if result.failed:
         raise SystemExit(f"{card['tag']}: {result.failed} held-out images could not be scored")
     new = {k: (round(v, 4) if v == v else None) for k, v in result.mean.items()}
@@ -63,12 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keys", nargs="*", default=["hd95", "aji"],
                    help="metrics to write (default: the two whose definitions changed)")
     p.add_argument("--dry-run", action="store_true", help="print, do not write")
+    p.add_argument("--tta", action="store_true",
+                   help="score with flip test-time augmentation (measure it with --dry-run: "
+                        "the cards state the figures without it)")
     args = p.parse_args(argv)
     for path in sorted((ROOT / "models").glob("*.yaml")):
         if args.only and path.stem not in args.only:
             continue
         t0 = time.perf_counter()
-        changes = rescore(path, Path(args.data_root), args.keys, args.dry_run)
+        changes = rescore(path, Path(args.data_root), args.keys, args.dry_run, args.tta)
         shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
         print(f"{path.stem} ({time.perf_counter() - t0:.0f} s): {shown}", flush=True)
     return 0
