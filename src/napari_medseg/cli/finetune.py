@@ -11,18 +11,25 @@ from .common import load_config, notice_line
 
 __all__ = ["add_finetune", "cmd_finetune"]
 
-_DESCRIPTION = (
-    "Fine-tune a checkpoint or shipped weights on image/mask pairs matched by file name (a.tif "
-    "<-> a.tif or a_mask.tif). With fewer than six images a strip of each is held out for the "
-    "validation Dice (with more, one image in four); the encoder stays as it was and the "
-    "decoder and heads learn. The best "
-    "weights are kept and written to CKPT with their lineage (parent, data hash, settings, "
-    "metrics). As in the Fine-tune widget, samples from earlier rounds on the same weights are "
-    "mixed in (a quarter of each batch), these images are kept for the next round, and "
-    "weights that beat their parent become the active ones of their line (user data folder, "
-    "NAPARI_MEDSEG_HOME). Ctrl-C stops and keeps the best weights so far (exit 130); the best "
-    "weights are also written to CKPT every minute, so a killed run loses at most a minute "
-    "and --resume continues it.")
+def _description() -> str:
+    """What ``finetune --help`` says, its numbers read from the defaults."""
+    from ..config import FinetuneConfig
+
+    d = FinetuneConfig()
+    return (
+        "Fine-tune a checkpoint or shipped weights on image/mask pairs matched by file name "
+        f"(a.tif <-> a.tif or a_mask.tif). With fewer than {d.strips_below} images a strip of "
+        "each is held out for the validation Dice (with more, a fraction "
+        f"{d.val_fraction:g} of the images); the encoder "
+        f"{'stays as it was and the decoder and heads learn' if d.freeze_encoder else 'learns too'}"
+        ". The best weights are kept and written to CKPT with their lineage (parent, data "
+        "hash, settings, metrics). As in the Fine-tune widget, samples from earlier rounds on "
+        f"the same weights are mixed in ({d.replay:.0%} of each batch), these images are kept "
+        "for the next round, and weights that beat their parent become the active ones of "
+        "their line (user data folder, NAPARI_MEDSEG_HOME). Images whose metadata give a pixel "
+        "size other than the weights' are resampled to it. Ctrl-C stops and keeps the best "
+        "weights so far (exit 130); the best weights are also written to CKPT every minute, so "
+        "a killed run loses at most a minute and --resume continues it.")
 
 
 def _finetune_config(args: argparse.Namespace):
@@ -125,7 +132,7 @@ def add_finetune(sub) -> argparse.ArgumentParser:
     from ..config import FinetuneConfig
 
     d = FinetuneConfig()  # the defaults the help states
-    p = sub.add_parser("finetune", description=_DESCRIPTION,
+    p = sub.add_parser("finetune", description=_description(),
                        help="fine-tune weights on corrected masks (image/mask folders)")
     p.add_argument("--weights", required=True, metavar="BASE",
                    help="shipped weights tag (see `napari-medseg models`) or a checkpoint path")
