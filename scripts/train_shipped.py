@@ -183,7 +183,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    "and models/ (weights that are not shipped)")
     p.add_argument("--retune", action="store_true",
                    help="do not train: tune the shipped weights' instance thresholds again on "
-                        "their validation split, re-score them and rewrite their card")
+                        "their validation split, re-score them and rewrite their card (in --out-dir when given)")
     return p.parse_args(argv)
 
 
@@ -194,8 +194,10 @@ def _retune(args: argparse.Namespace, ds: dict, root: Path, tag: str) -> int:
     from napari_medseg.engine.pixel_size import with_pixel_size
     from napari_medseg.engine.seg_task import task_of
 
-    weights_dir, card_path = ROOT / "weights", ROOT / "models" / f"{tag}.yaml"
-    model, info = load_checkpoint(weights_dir / tag)
+    card_path = ROOT / "models" / f"{tag}.yaml"
+    model, info = load_checkpoint(ROOT / "weights" / tag)
+    weights_dir = Path(args.out_dir) if args.out_dir else ROOT / "weights"
+    weights_dir.mkdir(parents=True, exist_ok=True)
     model = with_pixel_size(model, ds.get("pixel_size"))
     model.checkpoint_info = info = dataclasses.replace(info, normalization=ds["normalization"])
     model, metrics, tuning = _score(model, root, info.training_data.get("val_files", []),
@@ -213,7 +215,8 @@ def _retune(args: argparse.Namespace, ds: dict, root: Path, tag: str) -> int:
     _keep_facts(card, ds)
     if tuning:
         card.setdefault("settings", {})["watershed_tuning"] = tuning
-    card_path.write_text(yaml.safe_dump(card, sort_keys=False))
+    out_card = (Path(args.out_dir) / card_path.name) if args.out_dir else card_path
+    out_card.write_text(yaml.safe_dump(card, sort_keys=False))
     print(json.dumps({"tag": tag, "metrics": metrics}))
     return 0
 
