@@ -183,7 +183,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    "and models/ (weights that are not shipped)")
     p.add_argument("--retune", action="store_true",
                    help="do not train: tune the shipped weights' instance thresholds again on "
-                        "their validation split, re-score them and rewrite their card (in --out-dir when given)")
+                        "their validation split, re-score them and rewrite their card (in "
+                        "--out-dir when given)")
     return p.parse_args(argv)
 
 
