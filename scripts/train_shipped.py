@@ -143,6 +143,20 @@ def _init_path(source: str) -> Path:
     return Path(source)
 
 
+def _renormalized(init: Path, normalization) -> Path:
+    """A copy of the checkpoint ``init`` described with ``normalization``, so a warm start
+    trains its weights on images normalised that way (training keeps a parent's own
+    normalisation otherwise); the first steps adapt the weights to it."""
+    from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
+
+    model, info = load_checkpoint(init)
+    out = Path(tempfile.mkdtemp(prefix="renormalized_")) / init.stem
+    save_checkpoint(model, out, normalization=normalization, classes=info.classes,
+                    training_data=info.training_data, settings=info.settings,
+                    metrics=info.metrics, parent=info.parent, dtype="float32")
+    return out.with_suffix(".safetensors")
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--network", required=True)
@@ -174,6 +188,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="intensity normalisation instead of the data set's, e.g. "
                         "'{mode: percentile, per_channel: false}' (colour-preserving); a "
                         "warm start keeps its parent's")
+    p.add_argument("--renormalize", action="store_true",
+                   help="with --init and --normalization: train the starting weights on the "
+                        "asked normalisation (a warm start keeps its parent's otherwise)")
     p.add_argument("--init", help="start from these weights (a tag or a checkpoint path); "
                    "a foreground network is widened to the instance task's three classes")
     p.add_argument("--exclude-type", choices=("fluorescence", "bright-field", "H&E"),
@@ -258,12 +275,14 @@ def _config(args: argparse.Namespace, ds: dict):
     })
 
 
-def _train(root: Path, ckpt: Path, cfg, init: str | None):
+def _train(root: Path, ckpt: Path, cfg, init: str | None, renormalize: bool = False):
     """Train, printing the steps; returns the train result."""
     from napari_medseg.engine.training.loop import StepEvent, ValidationEvent
     from napari_medseg.engine.training.train import train_iter
 
     parent = _init_path(init) if init else None
+    if parent is not None and renormalize:
+        parent = _renormalized(parent, cfg.normalization)
     result = None
     for event in train_iter(root / "images", root / "masks", ckpt, cfg, parent=parent):
         if isinstance(event, StepEvent) and event.step % 10 == 0:
@@ -388,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _config(args, ds)
     work = Path(args.work or tempfile.mkdtemp(prefix=f"train_{tag}_"))
     t0 = time.perf_counter()
-    result = _train(root, work / tag, cfg, args.init)
+    if args.renormalize and not (args.init and args.normalization):
+        raise SystemExit("--renormalize needs --init and --normalization.")
+    result = _train(root, work / tag, cfg, args.init, args.renormalize)
     wall = time.perf_counter() - t0
 
     model, info = load_checkpoint(work / tag)
