@@ -239,4 +239,13 @@ def test_every_shipped_weight_exports_and_passes_bioimageio_test(tag, tmp_path):
     failed = [(d.name, [e.msg for e in d.errors]) for d in summary.details
               if d.status == "failed"]
     assert summary.status == "passed", json.dumps(failed)[:3000]
-    assert resolve_weights(str(package))[1].sha256 == resolve_weights(tag)[1].sha256
+    info = resolve_weights(str(package))[1]
+    assert info.sha256 == resolve_weights(tag)[1].sha256
+    with zipfile.ZipFile(package) as z:  # the pixel size the weights were trained at
+        rdf = yaml.safe_load(z.read("rdf.yaml"))
+    y_in = [a for a in rdf["inputs"][0]["axes"] if a.get("id") == "y"][0]
+    if info.pixel_size:
+        assert (y_in["scale"], y_in["unit"]) == (info.pixel_size["value"],
+                                                 info.pixel_size["unit"])
+    else:
+        assert y_in.get("scale", 1.0) == 1.0 and not y_in.get("unit")

@@ -113,6 +113,9 @@ def _tensors(spec, info, folder: Path, example) -> tuple[list, list]:
     import tifffile
 
     size = bio.ParameterizedSize(min=spec.min_size, step=spec.divisor)
+    # the pixel size the weights were trained at (images at another are resampled to it)
+    pixel = info.pixel_size or {}
+    space = {"scale": float(pixel["value"]), "unit": pixel["unit"]} if pixel else {}
     np.save(folder / "test_input.npy", example.raw)
     # Sample tensors (for people and viewers): the same arrays as TIFF, singletons dropped.
     tifffile.imwrite(folder / "sample_input.tif", example.raw[0].squeeze())
@@ -123,8 +126,8 @@ def _tensors(spec, info, folder: Path, example) -> tuple[list, list]:
         description=f"{spec.in_channels}-channel image, any intensity range (normalised by "
                     "the pre-processing)",
         axes=[bio.BatchAxis(), bio.ChannelAxis(channel_names=[bio.Identifier(c) for c in names]),
-              bio.SpaceInputAxis(id=bio.AxisId("y"), size=size),
-              bio.SpaceInputAxis(id=bio.AxisId("x"), size=size)],
+              bio.SpaceInputAxis(id=bio.AxisId("y"), size=size, **space),
+              bio.SpaceInputAxis(id=bio.AxisId("x"), size=size, **space)],
         test_tensor=bio.FileDescr(source=folder / "test_input.npy"),
         sample_tensor=bio.FileDescr(source=folder / "sample_input.tif"),
         preprocessing=_preprocessing(info.normalization_config()))]
@@ -137,15 +140,16 @@ def _tensors(spec, info, folder: Path, example) -> tuple[list, list]:
         names = classes or ([head] if channels == 1 else [f"class{i}" for i in range(channels)])
         ref = [bio.SizeReference(tensor_id=bio.TensorId("input"), axis_id=bio.AxisId(a))
                for a in ("y", "x")]
-        scale = 1.0 / spec.output_scale
+        out_space = {"scale": space.get("scale", 1.0) / spec.output_scale,
+                     **({"unit": space["unit"]} if space else {})}
         what = ("class probabilities (softmax over the channel axis)" if channels > 1
                 else f"{head} probability (sigmoid)")
         outputs.append(bio.OutputTensorDescr(
             id=bio.TensorId(head), description=what,
             axes=[bio.BatchAxis(),
                   bio.ChannelAxis(channel_names=[bio.Identifier(_identifier(c)) for c in names]),
-                  bio.SpaceOutputAxis(id=bio.AxisId("y"), size=ref[0], scale=scale),
-                  bio.SpaceOutputAxis(id=bio.AxisId("x"), size=ref[1], scale=scale)],
+                  bio.SpaceOutputAxis(id=bio.AxisId("y"), size=ref[0], **out_space),
+                  bio.SpaceOutputAxis(id=bio.AxisId("x"), size=ref[1], **out_space)],
             test_tensor=bio.FileDescr(source=folder / f"test_output_{head}.npy"),
             sample_tensor=bio.FileDescr(source=folder / f"sample_output_{head}.tif"),
             postprocessing=_postprocessing(head, channels)))
