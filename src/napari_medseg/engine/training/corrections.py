@@ -168,16 +168,16 @@ class _Cropper:
         if scale > 1:  # at the target resolution; the training batch average-pools it back
             crop = np.repeat(np.repeat(crop, scale, axis=1), scale, axis=2)
         key = region.plane + (slice(y0, y1), slice(x0, x1))
-        # Targets per crop (2D boundaries: a 2D network never sees the neighbouring slices).
-        mask, crop_boundary = class_targets(
-            self.labels[key], self.num_classes, self.task,
-            None if self.boundary is None else self.boundary[key])
+        labels = self.labels[key]
+        boundary = None if self.boundary is None else self.boundary[key]
         valid = np.zeros((y1 - y0, x1 - x0), np.float32)
         by0, bx0, by1, bx1 = region.box
         valid[by0 - y0: by1 - y0, bx0 - x0: bx1 - x0] = 1.0
-        if self.zoom is not None:
-            crop, mask, crop_boundary, valid = _at_weights_pixels(
-                self.zoom, crop, mask, crop_boundary, valid)
+        if self.zoom is not None:  # the labels first: boundary bands in the weights' pixels
+            crop, labels, boundary, valid = _at_weights_pixels(
+                self.zoom, crop, labels, boundary, valid)
+        # Targets per crop (2D boundaries: a 2D network never sees the neighbouring slices).
+        mask, crop_boundary = class_targets(labels, self.num_classes, self.task, boundary)
         where = "".join(f"{a}{p}," for a, p in zip(self.lead, region.plane))
         return RegionSample(
             image=np.ascontiguousarray(crop, np.float32),
@@ -193,7 +193,7 @@ def _at_weights_pixels(zoom: tuple[float, float], image: np.ndarray, *maps: np.n
                        ) -> tuple[Any, ...]:
     """A crop (``C x h x w``) and its maps (``h x w``) resampled by ``zoom``: the image as the
     network sees it at prediction (:func:`~napari_medseg.models.working_resolution.
-    resize_image`), the targets and ``valid`` map by nearest neighbour."""
+    resize_image`), the labels, boundary and ``valid`` maps by nearest neighbour."""
     import torch
     import torch.nn.functional as F
 
@@ -206,7 +206,7 @@ def _at_weights_pixels(zoom: tuple[float, float], image: np.ndarray, *maps: np.n
     def nearest(a: np.ndarray | None) -> np.ndarray | None:
         if a is None:
             return None
-        t = torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None]
+        t = torch.from_numpy(np.ascontiguousarray(a, np.float64))[None, None]  # exact labels
         return F.interpolate(t, size=size, mode="nearest-exact")[0, 0].numpy().astype(a.dtype)
 
     return (out, *(nearest(m) for m in maps))
