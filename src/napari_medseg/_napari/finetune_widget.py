@@ -408,10 +408,7 @@ class FinetuneWidget(LayerListMixin, QWidget):
             label_meta = meta_from_layer(labels)
         except (ValueError, TypeError):
             label_meta = None
-        try:
-            image_meta = meta_from_layer(image)
-        except (ValueError, TypeError):
-            image_meta = None
+        image_meta = result_layers.pixel_meta(image)
         token = self._job.begin((image.name, labels.name))
         self.plot.clear(config.steps)
         self.last_result = None

@@ -117,6 +117,7 @@ class PlanPanel(QGroupBox):
         in_channels = 3 if getattr(image, "rgb", False) else 1
         host.start_worker(plan_job, host.session, settings.weights, settings.variant,
                           in_channels, host.crop(image, region), config, probe,
+                          result_layers.pixel_meta(image),
                           on_done=functools.partial(self._on_done, self._generation, settings,
                                                     region, image.name))
 

@@ -164,6 +164,20 @@ def image_array(layer: Any) -> Any:
     return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
 
 
+def pixel_meta(layer: Any) -> Any:
+    """The axes and pixel size of an image layer (its scale and units, or what the reader
+    stored) as an ``ImageMeta`` for the engine, which resamples each plane to the pixel size
+    the weights declare; None when the axes cannot be told. Only geometry: no reader facts
+    about the whole file ride along with a crop of it."""
+    from ..io.metadata import ImageMeta
+
+    try:
+        meta = meta_from_layer(layer)
+    except (ValueError, TypeError):
+        return None
+    return ImageMeta(axes=meta.axes, spacing=meta.spacing, units=meta.units, rgb=meta.rgb)
+
+
 def image_shape(layer: Any) -> tuple[int, ...]:
     """The non-channel shape of an image layer (what its outputs span at scale 1)."""
     shape = tuple(int(s) for s in image_array(layer).shape)

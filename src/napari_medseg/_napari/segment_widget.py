@@ -344,6 +344,7 @@ class SegmentWidget(ImagePickerMixin, QWidget):
         self.status_label.setText(f"Segmenting {region.describe(settings.axes.replace('C', ''))}…")
         worker = self.start_worker(run_job, self.session, settings.weights, settings.variant,
                            self._in_channels(image), self.crop(image, region), config, token,
+                           result_layers.pixel_meta(image),
                            on_done=functools.partial(self._on_run_done, context),
                            on_yield=self._on_run_event, cancel_token=token)
         self._job.worker = worker

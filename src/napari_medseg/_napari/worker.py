@@ -418,7 +418,8 @@ def catalog_job() -> JobOutcome:
 
 
 def run_job(session: Any, choice: Any, variant: str, in_channels: int, image: Any,
-            config: Any, cancel: CancelToken) -> Generator[ProgressEvent, None, JobOutcome]:
+            config: Any, cancel: CancelToken, meta: Any = None
+            ) -> Generator[ProgressEvent, None, JobOutcome]:
     """Load the network and predict ``image``, yielding the engine's events.
 
     Args:
@@ -429,6 +430,8 @@ def run_job(session: Any, choice: Any, variant: str, in_channels: int, image: An
         image: the region of the image to predict (numpy, dask or zarr).
         config: the :class:`~napari_medseg.config.PredictConfig`.
         cancel: the token the engine checks between batches.
+        meta: the layer's axes and pixel size (``result_layers.pixel_meta``), or None: a
+            pixel size other than the weights' resamples each plane to theirs.
     """
     from ..engine.inference.pipeline import predict_iter
 
@@ -437,14 +440,14 @@ def run_job(session: Any, choice: Any, variant: str, in_channels: int, image: An
         _prewarm_layer_imports()
         model = session.load_model(choice, variant, in_channels)
         with session.model_lock:
-            result = yield from predict_iter(image, model, config, cancel=cancel)
+            result = yield from predict_iter(image, model, config, meta=meta, cancel=cancel)
         return RunResult(result, model.spec)
 
     return (yield from guard_iter(work))
 
 
 def plan_job(session: Any, choice: Any, variant: str, in_channels: int, image: Any,
-             config: Any, probe: bool = False) -> JobOutcome:
+             config: Any, probe: bool = False, meta: Any = None) -> JobOutcome:
     """The tile plan of a run (``probe`` runs one batch to measure time and memory).
 
     Returns:
@@ -456,7 +459,7 @@ def plan_job(session: Any, choice: Any, variant: str, in_channels: int, image: A
 
         model = session.load_model(choice, variant, in_channels)
         with session.model_lock:
-            plan = plan_prediction(image, model, config, probe=probe)
+            plan = plan_prediction(image, model, config, meta=meta, probe=probe)
         return plan, model.spec
 
     return guarded(work)
