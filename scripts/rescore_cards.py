@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="score with flip test-time augmentation (measure it with --dry-run: "
                         "the cards state the figures without it)")
     args = p.parse_args(argv)
+    if args.tta and not args.dry_run:
+        p.error("--tta measures only (with --dry-run): the cards state the figures without it")
     for path in sorted((ROOT / "models").glob("*.yaml")):
         if args.only and path.stem not in args.only:
             continue

@@ -239,13 +239,15 @@ def test_every_shipped_weight_exports_and_passes_bioimageio_test(tag, tmp_path):
     failed = [(d.name, [e.msg for e in d.errors]) for d in summary.details
               if d.status == "failed"]
     assert summary.status == "passed", json.dumps(failed)[:3000]
-    info = resolve_weights(str(package))[1]
-    assert info.sha256 == resolve_weights(tag)[1].sha256
+    model, info = resolve_weights(tag)
+    assert resolve_weights(str(package))[1].sha256 == info.sha256
     with zipfile.ZipFile(package) as z:  # the pixel size the weights were trained at
         rdf = yaml.safe_load(z.read("rdf.yaml"))
-    y_in = [a for a in rdf["inputs"][0]["axes"] if a.get("id") == "y"][0]
-    if info.pixel_size:
-        assert (y_in["scale"], y_in["unit"]) == (info.pixel_size["value"],
-                                                 info.pixel_size["unit"])
-    else:
-        assert y_in.get("scale", 1.0) == 1.0 and not y_in.get("unit")
+    value, unit = ((info.pixel_size["value"], info.pixel_size["unit"]) if info.pixel_size
+                   else (1.0, None))
+    for tensor, per in [(rdf["inputs"][0], 1.0)] + [
+            (t, model.spec.output_scale) for t in rdf["outputs"]]:
+        space = [a for a in tensor["axes"] if a.get("id") in ("y", "x")]
+        assert len(space) == 2
+        for axis in space:
+            assert (axis.get("scale", 1.0), axis.get("unit")) == (value / per, unit), axis

@@ -113,3 +113,47 @@ def test_folders_are_resampled_per_file_and_strips_keep_image_pixels(tmp_path):
     same, _ = samples_from_folders(tmp_path / "im", tmp_path / "gt", num_classes=2,
                                    in_channels=1)
     assert same[0].image.shape[-2:] == fine.shape
+
+
+def test_touching_objects_keep_the_line_between_them_when_shrunk():
+    """Instance labels are resampled before the targets are drawn, so the boundary band is
+    one of the weights' pixels wide and the line between touching objects survives."""
+    from napari_medseg.engine.seg_task import SegTask
+    from napari_medseg.engine.training.corrections import samples_from_corrections
+
+    labels = np.zeros((96, 96), np.int32)
+    labels[20:70, 10:47], labels[20:70, 47:85] = 1, 2  # two objects touching at x = 47
+    image = (labels > 0).astype(np.float32)
+    task = SegTask(kind="instances", boundary_width=1)
+    for zoom in [(0.5, 0.5), (0.35, 0.35)]:
+        [s] = samples_from_corrections(image, labels, num_classes=3, in_channels=1, axes="YX",
+                                       config=FinetuneConfig(context=0), task=task, zoom=zoom)
+        rows = [r for r in s.mask if (r > 0).any()]
+        # every row enters and leaves the objects through boundary (a closed outline; drawn
+        # before resampling, the one-pixel band was lost at both zooms)
+        assert all(r[np.argmax(r > 0)] == 2 and r[len(r) - 1 - np.argmax(r[::-1] > 0)] == 2
+                   for r in rows), zoom
+        middle = np.array(rows)[:, round(35 * zoom[1]): round(60 * zoom[1])]
+        assert ((middle == 2).any(axis=1)).all(), zoom  # the line between them, no bridge
+
+
+def test_a_drawn_boundary_line_stays_unbroken_and_native_pixels_opt_out():
+    from napari_medseg.engine.training.corrections import samples_from_corrections
+
+    labels = np.zeros((100, 100), np.uint8)
+    labels[10:90, 10:90] = 1
+    boundary = np.zeros_like(labels)
+    boundary[10:90, 51] = 1  # a one-pixel line a user drew
+    image = labels.astype(np.float32)
+    [s] = samples_from_corrections(image, labels, num_classes=2, in_channels=1, axes="YX",
+                                   boundary=boundary, config=FinetuneConfig(context=0),
+                                   zoom=(0.35, 0.35))
+    line = s.boundary[round(12 * 0.35): round(88 * 0.35)]
+    assert line.any(axis=1).all()  # every row still crosses the line
+    [n] = samples_from_corrections(image, labels, num_classes=2, in_channels=1, axes="YX",
+                                   config=FinetuneConfig(context=0, native_pixels=True),
+                                   zoom=(0.35, 0.35))
+    assert n.image.shape[-2:] == labels.shape  # the image's own pixels, as asked
+    model, _ = resolve_weights("sa2net_lite_msd")
+    notes, [k] = _samples(model, image, labels, MM07)
+    assert notes and k.image.shape[-2:] == (35, 35)

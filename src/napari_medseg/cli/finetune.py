@@ -26,8 +26,9 @@ def _description() -> str:
         "hash, settings, metrics). As in the Fine-tune widget, samples from earlier rounds on "
         f"the same weights are mixed in ({d.replay:.0%} of each batch), these images are kept "
         "for the next round, and weights that beat their parent become the active ones of "
-        "their line (user data folder, NAPARI_MEDSEG_HOME). Images whose metadata give a pixel "
-        "size other than the weights' are resampled to it. Ctrl-C stops and keeps the best "
+        "their line (user data folder, NAPARI_MEDSEG_HOME). For a 2D network on the input "
+        "grid, images whose metadata give a pixel size other than the weights' are resampled "
+        "to it (--native-pixels keeps their own). Ctrl-C stops and keeps the best "
         "weights so far (exit 130); the best weights are also written to CKPT every minute, so "
         "a killed run loses at most a minute and --resume continues it.")
 
@@ -40,6 +41,7 @@ def _finetune_config(args: argparse.Namespace):
         "batch_size": args.batch_size, "patch": args.patch, "val_fraction": args.val_fraction,
         "max_minutes": args.max_minutes, "seed": args.seed,
         "freeze_encoder": args.freeze_encoder,
+        "native_pixels": args.native_pixels or None,
         "freeze_norm_stats": False if args.update_norm_stats else None,
         "resume": True if args.resume else None,
     })
@@ -154,6 +156,9 @@ def add_finetune(sub) -> argparse.ArgumentParser:
     p.add_argument("--update-norm-stats", action="store_true",
                    help="re-estimate batch-norm statistics from the new images (default: "
                         "keep the base model's; only worth it with many images)")
+    p.add_argument("--native-pixels", action="store_true",
+                   help="train on the images' own pixels even when their metadata give a pixel "
+                        "size other than the weights' (default: resample to the weights')")
     p.add_argument("--patch", help="patch side in pixels (default: the one the weights "
                    "were trained with)")
     p.add_argument("--val-fraction", help=f"fraction held out (default {d.val_fraction:g}: of "

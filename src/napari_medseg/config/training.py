@@ -219,6 +219,9 @@ class FinetuneConfig(ConfigBase):
             run continues from) are written at most this many seconds apart, so a killed run
             loses at most that much.
         resume: continue a killed run from the state written beside the output.
+        native_pixels: train on the image's own pixels even when its metadata give a pixel
+            size other than the weights' (by default the corrections of a 2D network on the
+            input grid are resampled to the weights' pixel size, as ``predict`` does).
     """
 
     steps: int = 300
@@ -250,6 +253,7 @@ class FinetuneConfig(ConfigBase):
     checkpoint_dtype: str = field(default="float32", metadata=choices("float16", "float32"))
     save_every_s: float = 60.0
     resume: bool = False
+    native_pixels: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "steps", "val_every"):

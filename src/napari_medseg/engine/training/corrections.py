@@ -47,8 +47,8 @@ class RegionSample(Sample):
         valid: H x W float32, 1 where the loss and the validation Dice count (the corrected
             box), 0 on the context around it. None means every pixel counts.
         plane: the plane index of the crop.
-        crop: ``(y0, x0, y1, x1)`` of the crop in the plane (target resolution), in the
-            image's pixels even where the arrays were resampled to the weights' pixel size.
+        crop: ``(y0, x0, y1, x1)`` of the crop in the labels' pixels (before any
+            resampling to the weights' pixel size).
     """
 
     valid: np.ndarray | None = None
@@ -158,7 +158,9 @@ class _Cropper:
     def sample(self, region: CorrectionRegion, group: int) -> RegionSample:
         """The sample of ``region``, in split group ``group``."""
         scale = self.scale
-        y0, x0, y1, x1 = region.grown(self.context, self.labels.shape[-2:])
+        # the context is the network's own pixels: more of the image's when it shrinks
+        context = self.context if self.zoom is None else round(self.context / min(self.zoom))
+        y0, x0, y1, x1 = region.grown(context, self.labels.shape[-2:])
         if scale > 1:  # crop on whole input pixels
             y0, x0 = y0 // scale * scale, x0 // scale * scale
             y1, x1 = -(-y1 // scale) * scale, -(-x1 // scale) * scale
@@ -189,11 +191,13 @@ class _Cropper:
             valid=valid, plane=region.plane, crop=(y0, x0, y1, x1))
 
 
-def _at_weights_pixels(zoom: tuple[float, float], image: np.ndarray, *maps: np.ndarray | None
-                       ) -> tuple[Any, ...]:
-    """A crop (``C x h x w``) and its maps (``h x w``) resampled by ``zoom``: the image as the
-    network sees it at prediction (:func:`~napari_medseg.models.working_resolution.
-    resize_image`), the labels, boundary and ``valid`` maps by nearest neighbour."""
+def _at_weights_pixels(zoom: tuple[float, float], image: np.ndarray, labels: np.ndarray,
+                       boundary: np.ndarray | None, valid: np.ndarray) -> tuple[Any, ...]:
+    """A crop (``C x h x w``) and its maps (``h x w``: labels, boundary, ``valid``) resampled
+    by ``zoom``: the image as the network sees it at prediction
+    (:func:`~napari_medseg.models.working_resolution.resize_image`), the labels and
+    ``valid`` by nearest neighbour, the boundary so that a line one pixel wide stays
+    unbroken when it shrinks (a pixel is boundary where any of the area it covers is)."""
     import torch
     import torch.nn.functional as F
 
@@ -209,7 +213,12 @@ def _at_weights_pixels(zoom: tuple[float, float], image: np.ndarray, *maps: np.n
         t = torch.from_numpy(np.ascontiguousarray(a, np.float64))[None, None]  # exact labels
         return F.interpolate(t, size=size, mode="nearest-exact")[0, 0].numpy().astype(a.dtype)
 
-    return (out, *(nearest(m) for m in maps))
+    if boundary is not None and (size[0] < h or size[1] < w):
+        t = torch.from_numpy(np.ascontiguousarray(boundary > 0, np.float32))[None, None]
+        line = (F.adaptive_max_pool2d(t, size)[0, 0].numpy() > 0).astype(boundary.dtype)
+    else:
+        line = nearest(boundary)
+    return out, nearest(labels), line, nearest(valid)
 
 
 def samples_from_corrections(
@@ -269,6 +278,7 @@ def samples_from_corrections(
     config = config or FinetuneConfig()
     labels = np.asarray(corrected)
     scale = int(output_scale)
+    zoom = None if config.native_pixels else zoom
     axes, lead = _checked_axes(image, labels, axes, scale)
     task = task or SegTask()
     bnd = None
@@ -330,7 +340,7 @@ def prepare_corrections_iter(
     info = getattr(model, "checkpoint_info", None)
     norm = info.normalization_config() if info is not None else None
     task = task_of(model)
-    zoom, words = image_zoom(model, meta) or (None, None)
+    zoom, words = (None if config.native_pixels else image_zoom(model, meta)) or (None, None)
     if words:
         yield NoticeEvent(words)
     predicted_boundary = None
@@ -431,7 +441,8 @@ def samples_from_folders(
             mask = np.take(mask, 0, axis=mmeta.axes.index("C"))
         axes = meta.axes
         stem = _stem(img_path)
-        zoom = meta_zoom(meta, pixel_size) if output_scale == 1 else None
+        zoom = (meta_zoom(meta, pixel_size)
+                if output_scale == 1 and not (config and config.native_pixels) else None)
         found = samples_from_corrections(
             image, mask, num_classes=num_classes, in_channels=in_channels, axes=axes,
             normalization=normalization, config=config, output_scale=output_scale, name=stem,
