@@ -383,7 +383,9 @@ def _card(args, ds: dict, cfg, info, task, classes, shipped, tuning, wall: float
                       f"({platform.processor() or platform.machine()})",
             "wall_time_min": round(wall / 60, 1),
             "stopped": getattr(result, "stopped", None),
-            **({"init": f"{args.init} (sha256 {info.parent})"} if args.init else {}),
+            **({"init": f"{args.init} (sha256 {getattr(args, 'init_sha', None) or info.parent})"
+                        + (", its weights trained on the normalisation above (--renormalize)"
+                           if args.renormalize else "")} if args.init else {}),
             **({"watershed_tuning": tuning} if tuning else {}),
         },
         "metrics": shipped.metrics,
@@ -407,8 +409,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _config(args, ds)
     work = Path(args.work or tempfile.mkdtemp(prefix=f"train_{tag}_"))
     t0 = time.perf_counter()
-    if args.renormalize and not (args.init and args.normalization):
-        raise SystemExit("--renormalize needs --init and --normalization.")
+    if args.renormalize:
+        if not (args.init and args.normalization):
+            raise SystemExit("--renormalize needs --init and --normalization.")
+        from napari_medseg.engine.checkpoints import read_checkpoint_info
+
+        # the lineage names the starting weights, not their re-described copy
+        args.init_sha = read_checkpoint_info(_init_path(args.init)).sha256
     result = _train(root, work / tag, cfg, args.init, args.renormalize)
     wall = time.perf_counter() - t0
 
