@@ -757,3 +757,9 @@ def test_the_plans_time_per_pass_leaves_the_warm_up_out():
     assert len(calls) == 8 and len(plans) == 2  # the probe's plan, then the steady one
     assert plans[0].seconds_per_pass > 0.2  # the probe: 0.5 s over 2 tiles
     assert plans[1].seconds_per_pass < 0.1  # later batches: ~0.001 s a tile
+
+
+def test_the_automatic_tile_clamped_to_a_small_image_is_not_news():
+    result = predict(_img((20, 30)), make_analytic(), **FP32)
+    assert result.plan.grid.tile[0] < make_analytic().spec.preferred_tile
+    assert not any("larger than the image" in n for n in result.notices)

@@ -266,9 +266,10 @@ class _Run:
             requested)
         if len(asked) == 1:
             asked = asked * len(self.grid.tile)
-        # Only a side clamped to a smaller image is news; balanced tiles shrink by design.
-        if any(t < a and p < a
-               for t, a, p in zip(self.grid.tile, asked, self.layout.plane_shape)):
+        # Only the user's tile clamped to a smaller image is news; balanced tiles and the
+        # automatic one (a resampled network's grows by the zoom) shrink by design.
+        if cfg.tiling.tile is not None and any(
+                t < a and p < a for t, a, p in zip(self.grid.tile, asked, self.layout.plane_shape)):
             yield self.notice(
                 f"The tile {'x'.join(map(str, asked))} is larger than the image "
                 f"({'x'.join(map(str, self.layout.plane_shape))}); using "
