@@ -107,7 +107,7 @@ def test_folders_are_resampled_per_file_and_strips_keep_image_pixels(tmp_path):
                                       in_channels=1, pixel_size=PixelSize(2.0, "millimeter"),
                                       notes=notes)
     [s] = samples
-    assert s.image.shape[-2:] == (48, 48) and notes and notes[0].startswith("ct: Resampling")
+    assert s.image.shape[-2:] == (48, 48) and notes and notes[0].startswith("Resampling")
     strip = _crop(s, 0, slice(24, None))  # the lower half of the 2 mm sample ...
     assert strip.crop[0] == pytest.approx(fine.shape[0] // 2, abs=1)  # ... in 0.7 mm pixels
     same, _ = samples_from_folders(tmp_path / "im", tmp_path / "gt", num_classes=2,

@@ -104,7 +104,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         normalization=info.normalization_config(), config=config,
         output_scale=spec.output_scale, pattern=args.pattern or "*", task=task_of(model),
         pixel_size=pixel_size_of(model) if spec.spatial_dims == 2 else None, notes=notes)
-    for note in notes if not args.quiet else ():
+    for note in dict.fromkeys(notes) if not args.quiet else ():  # the same sentence once
         print(f"napari-medseg: {note}", file=sys.stderr)
     if not args.quiet:
         print(f"napari-medseg: fine-tuning {info.network}/{info.variant} "

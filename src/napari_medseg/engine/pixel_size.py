@@ -145,11 +145,8 @@ def resample_to_weights(model, meta, axes: str, planes: Sequence[str]):
     if (weights is None or not isinstance(meta, ImageMeta) or model.spec.spatial_dims != 2
             or meta.axes.replace("C", "") != axes.replace("C", "")):
         return model, None, None
-    spatial = [a for a in meta.axes if a in "ZYX"]
-
     def along(plane: str) -> tuple[list[float], list[str | None]]:
-        idx = [spatial.index(a) for a in plane]
-        return [meta.spacing[j] for j in idx], [meta.units[j] for j in idx]
+        return _plane_geometry(meta, plane) or ([], [])
 
     zooms = [plane_zoom(*along(plane), weights) for plane in planes]
     if all(z is None for z in zooms):
@@ -183,16 +180,23 @@ def meta_zoom(meta, weights: PixelSize | None) -> tuple[tuple[float, float], str
     """``(zoom, sentence)`` taking the Y and X pixels of an image with ``meta`` (an
     :class:`~napari_medseg.io.ImageMeta`, or None) to ``weights``; None when either gives no
     physical pixel size or they agree."""
-    if weights is None or meta is None:
+    geometry = None if weights is None or meta is None else _plane_geometry(meta, "YX")
+    if geometry is None:
         return None
-    spatial = meta.spatial_axes
-    if "Y" not in spatial or "X" not in spatial or len(meta.spacing) != len(spatial) or (
-            len(meta.units) != len(spatial)):
-        return None
-    idx = [spatial.index("Y"), spatial.index("X")]
-    spacing, units = [meta.spacing[j] for j in idx], [meta.units[j] for j in idx]
+    spacing, units = geometry
     zoom = plane_zoom(spacing, units, weights)
     if zoom is None:
         return None
     return (zoom[0], zoom[1]), zoom_words(spacing, units, weights, zoom,
                                           "the corrections train at the weights' pixel size")
+
+
+def _plane_geometry(meta, plane: str) -> tuple[list[float], list[str | None]] | None:
+    """(pixel sizes, units) of ``meta`` along the axes of ``plane`` (e.g. ``"YX"``), or None
+    when the metadata lack one of them (the one place the spatial order is read)."""
+    spatial = [a for a in meta.axes if a in "ZYX"]
+    if any(a not in spatial for a in plane) or len(meta.spacing) != len(spatial) or (
+            len(meta.units) != len(spatial)):
+        return None
+    idx = [spatial.index(a) for a in plane]
+    return [meta.spacing[j] for j in idx], [meta.units[j] for j in idx]

@@ -448,7 +448,7 @@ def samples_from_folders(
             normalization=normalization, config=config, output_scale=output_scale, name=stem,
             task=task, zoom=zoom and zoom[0])
         if zoom and notes is not None:
-            notes.append(f"{stem}: {zoom[1]}")
+            notes.append(zoom[1])
         for s in found:  # whole images: every labelled plane of a file is one group
             s.group = stem
         samples.extend(found)
