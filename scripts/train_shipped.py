@@ -196,6 +196,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--exclude-type", choices=("fluorescence", "bright-field", "H&E"),
                    help="train a base that never sees this acquisition type (left out of "
                         "training and validation; the fine-tuning benchmark's bases)")
+    p.add_argument("--object-diameter", type=float, metavar="PX",
+                   help="instance task: train every image with its objects resized to this "
+                        "median diameter (prediction resamples images to it)")
     p.add_argument("--out-dir", help="write the weights and card here instead of weights/ "
                    "and models/ (weights that are not shipped)")
     p.add_argument("--retune", action="store_true",
@@ -210,7 +213,7 @@ def _retune(args: argparse.Namespace, ds: dict, root: Path, tag: str) -> int:
     normalisation and pixel size (:data:`DATASETS`) and re-scored; their card keeps the rest."""
     from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
     from napari_medseg.engine.pixel_size import with_pixel_size
-    from napari_medseg.engine.seg_task import task_of
+    from napari_medseg.engine.seg_task import task_of, with_task
 
     card_path = ROOT / "models" / f"{tag}.yaml"
     model, info = load_checkpoint(ROOT / "weights" / tag)
@@ -218,6 +221,8 @@ def _retune(args: argparse.Namespace, ds: dict, root: Path, tag: str) -> int:
     weights_dir.mkdir(parents=True, exist_ok=True)
     model = with_pixel_size(model, ds.get("pixel_size"))
     model.checkpoint_info = info = dataclasses.replace(info, normalization=ds["normalization"])
+    if task_of(model).instances:  # the object size of the training images (not validation)
+        model = with_task(model, _trained_diameter(task_of(model), root, info.training_data))
     model, metrics, tuning = _score(model, root, info.training_data.get("val_files", []),
                                     info.training_data.get("val_planes") or [])
     task = task_of(model)
@@ -237,6 +242,18 @@ def _retune(args: argparse.Namespace, ds: dict, root: Path, tag: str) -> int:
     out_card.write_text(yaml.safe_dump(card, sort_keys=False))
     print(json.dumps({"tag": tag, "metrics": metrics}))
     return 0
+
+
+def _trained_diameter(task, root: Path, training_data: dict):
+    """``task`` recording the median object diameter of the training images (every pair of
+    ``root`` not held out)."""
+    from napari_medseg.engine.object_size import training_diameter
+    from napari_medseg.engine.training.datasets import _stem, find_pairs
+
+    pairs = find_pairs(root / "images", root / "masks")
+    held_out = set(training_data.get("val_files") or [])
+    trained = {_stem(img) for img, _ in pairs} - held_out
+    return dataclasses.replace(task, object_diameter=training_diameter(pairs, trained))
 
 
 def _keep_facts(card: dict, ds: dict) -> None:
@@ -266,6 +283,7 @@ def _config(args: argparse.Namespace, ds: dict):
         "steps": args.steps, "lr": args.lr, "val_every": args.val_every,
         "max_minutes": args.minutes, "task": args.task or ds["task"],
         "boundary_width": args.boundary_width, "contact_weight": args.contact_weight,
+        "object_diameter": args.object_diameter,
         "normalization": args.normalization or ds["normalization"], "dataset": args.dataset,
         "patience": 0,
         "model_overrides": overrides, "resume": True, "precision": args.precision,
@@ -379,6 +397,9 @@ def _card(args, ds: dict, cfg, info, task, classes, shipped, tuning, wall: float
             "lr": cfg.lr, "precision": info.settings.get("precision"),
             **({"task": cfg.task, "boundary_width": cfg.boundary_width,
                 "contact_weight": cfg.contact_weight} if cfg.task == "instances" else {}),
+            **({"object_diameter": f"every image trained with its objects resized to "
+                                   f"{cfg.object_diameter:g} px"}
+               if cfg.object_diameter else {}),
             "device": f"{info.settings.get('device')} "
                       f"({platform.processor() or platform.machine()})",
             "wall_time_min": round(wall / 60, 1),

@@ -73,6 +73,17 @@ class RunPanel(QGroupBox):
             "Super-resolution networks (SASR-Net): the outputs at twice the image's size "
             "instead of on the image's grid.")
         form.addRow("Options", row_widget(self.tta_check, self.sr_check, stretch=1))
+        self.diameter_spin = QDoubleSpinBox()
+        self.diameter_spin.setRange(0.0, 1000.0)
+        self.diameter_spin.setDecimals(1)
+        self.diameter_spin.setSingleStep(1.0)
+        self.diameter_spin.setSpecialValueText("auto")
+        self.diameter_spin.setSuffix(" px")
+        self.diameter_spin.setToolTip(
+            "Typical object diameter in the image, for weights that learnt objects: the "
+            "image is resampled so they reach the network at the size it learnt. auto "
+            "measures them with a first pass on the image's centre.")
+        form.addRow("Diameter", self.diameter_spin)
         form.addRow("Show", row_widget(self.probs_check, self.variance_check, stretch=1))
         self.threshold_slider = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
         self.threshold_slider.setRange(0.01, 0.99)

@@ -158,7 +158,7 @@ class SegmentWidget(ImagePickerMixin, QWidget):
                                       "device_combo")),
                 (self.run_panel, ("scope_combo", "tile_spin", "overlap_spin", "blend_combo",
                                   "tta_check", "sr_check", "probs_check", "variance_check",
-                                  "threshold_slider")),
+                                  "threshold_slider", "diameter_spin")),
                 (self.plan_panel, ("plan_label", "measure_button", "tiles_button")),
                 (self.tools_panel, ("boundary_button", "instances_button")),
                 (self.metrics_panel, ("reference_combo", "metrics_button", "metrics_table",
@@ -191,7 +191,8 @@ class SegmentWidget(ImagePickerMixin, QWidget):
         for signal in (self.device_combo.currentIndexChanged,
                        self.scope_combo.currentIndexChanged,
                        self.tile_spin.valueChanged, self.overlap_spin.valueChanged,
-                       self.blend_combo.currentIndexChanged, self.tta_check.toggled):
+                       self.blend_combo.currentIndexChanged, self.tta_check.toggled,
+                       self.diameter_spin.valueChanged):
             signal.connect(self.plan_panel.schedule)
         self.tta_check.toggled.connect(self.refresh_enabled)
         self.run_button.clicked.connect(self._on_run_clicked)
@@ -228,6 +229,7 @@ class SegmentWidget(ImagePickerMixin, QWidget):
             w.setEnabled(not running)
         choice = self.current_weights()
         self.variant_combo.setEnabled(not running and choice is not None and choice.untrained)
+        self.diameter_spin.setEnabled(not running and choice is not None and choice.instances)
         self.variance_check.setEnabled(not running and self.tta_check.isChecked())
         self.run_button.setText("Cancel" if running else "Run")
         self.run_button.setEnabled(running or has_image)
@@ -257,7 +259,8 @@ class SegmentWidget(ImagePickerMixin, QWidget):
             threshold=round(float(self.threshold_slider.value()), 4),
             tta=self.tta_check.isChecked(), show_probabilities=self.probs_check.isChecked(),
             show_variance=self.variance_check.isChecked() and self.tta_check.isChecked(),
-            axes=result_layers.image_axes(image), super_resolved=self.sr_check.isChecked())
+            axes=result_layers.image_axes(image), super_resolved=self.sr_check.isChecked(),
+            diameter=self.diameter_spin.value() or None)
 
     def region(self, image: Image) -> Region:
         """The part of ``image`` the scope covers (its non-channel axes)."""

@@ -72,6 +72,8 @@ class RunSettings:
         show_variance: add the TTA variance as an Image layer.
         axes: the image's axes (``YX``, ``ZYX``, ``YXC`` ...).
         super_resolved: a super-resolution network's outputs at its own scale (2x).
+        diameter: the objects' diameter in pixels, or None to estimate it (weights that
+            learnt objects).
     """
 
     weights: WeightsChoice
@@ -86,6 +88,7 @@ class RunSettings:
     show_variance: bool
     axes: str
     super_resolved: bool = False
+    diameter: float | None = None
 
     def outputs(self) -> tuple[str, ...]:
         """The engine outputs this run asks for.
@@ -113,7 +116,7 @@ class RunSettings:
             "tile": self.tile, "overlap": self.overlap, "blend": self.blend,
             "threshold": self.threshold, "tta": self.tta, "device": self.device,
             "axes": self.axes, "outputs": ",".join(self.outputs()),
-            "super_resolved": self.super_resolved,
+            "super_resolved": self.super_resolved, "diameter": self.diameter,
         })
 
 

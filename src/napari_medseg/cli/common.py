@@ -130,7 +130,8 @@ def compute_flags(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": args.batch_size, "precision": args.precision,
             "tta": True if getattr(args, "tta", False) else None,
             "super_resolved": True if getattr(args, "super_resolved", False) else None,
-            "native_pixels": True if getattr(args, "native_pixels", False) else None}
+            "native_pixels": True if getattr(args, "native_pixels", False) else None,
+            "diameter": getattr(args, "diameter", None)}
 
 
 def add_super_resolved_arg(p: argparse.ArgumentParser) -> None:
@@ -141,8 +142,13 @@ def add_super_resolved_arg(p: argparse.ArgumentParser) -> None:
                         "grid")
     p.add_argument("--native-pixels", action="store_true", dest="native_pixels",
                    help="run on the image's own pixels even when the weights declare another "
-                        "pixel size (by default each plane is resampled to it and the outputs "
-                        "brought back to the image's grid)")
+                        "pixel size or object size (by default each plane is resampled to it "
+                        "and the outputs brought back to the image's grid)")
+    p.add_argument("--diameter", type=float, metavar="PX",
+                   help="typical object diameter in pixels, for weights that learnt objects "
+                        "(nuclei): each plane is resampled so objects reach the network at "
+                        "the size it learnt (default: measured by a first pass on the "
+                        "image's centre)")
 
 
 def add_tiling_args(p: argparse.ArgumentParser) -> None:

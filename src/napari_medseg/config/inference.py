@@ -172,7 +172,13 @@ class PredictConfig(ConfigBase):
         native_pixels: run the network on the image's own pixels even when the weights
             declare a pixel size and the image's metadata give another (by default each
             plane is resampled to the weights' pixel size and the outputs brought back to
-            the image's grid; :mod:`napari_medseg.engine.pixel_size`).
+            the image's grid; :mod:`napari_medseg.engine.pixel_size`), and keep the objects
+            at their own size (no ``diameter`` resampling).
+        diameter: the typical diameter of the image's objects, in pixels, for weights that
+            record the object size they learnt (the instance task): each plane is resampled
+            so objects reach the network at that size, the outputs brought back to the
+            image's grid. None estimates it from a first pass on the central crop
+            (:mod:`napari_medseg.engine.object_size`).
     """
 
     tiling: TilingConfig = field(default_factory=TilingConfig)
@@ -198,6 +204,7 @@ class PredictConfig(ConfigBase):
     memory_fraction: float = 0.5
     super_resolved: bool = False
     native_pixels: bool = False
+    diameter: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.memory_fraction <= 1.0:
@@ -210,6 +217,9 @@ class PredictConfig(ConfigBase):
             )
         if not self.outputs:
             raise ConfigError(f"Ask for at least one output: {', '.join(OUTPUT_NAMES)}.")
+        if self.diameter is not None and not self.diameter > 0:
+            raise ConfigError("The object diameter is a positive number of pixels, not "
+                              f"{self.diameter}.")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, not {self.batch_size}.")
         for name in ("threshold", "boundary_threshold"):
@@ -232,8 +242,9 @@ InferenceConfig = PredictConfig
 
 
 #: Switches added after stores and batch runs were first written; off, they are left out of
-#: the settings a result is recognised by, so earlier results stay resumable.
-LATER_SWITCHES = ("super_resolved", "native_pixels")
+#: the settings a result is recognised by, so earlier results stay resumable (``diameter``
+#: is unset when None).
+LATER_SWITCHES = ("super_resolved", "native_pixels", "diameter")
 
 
 def drop_unset_switches(settings: dict) -> dict:

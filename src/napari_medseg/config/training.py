@@ -97,6 +97,10 @@ class TrainConfig(ConfigBase):
             and 0.898 with 3.
         contact_weight: ``instances``: the loss weight of boundary pixels where two objects
             touch (1 elsewhere): the line between touching nuclei is what separates them.
+        object_diameter: ``instances``: train every image with its objects resized to this
+            median diameter (pixels), as prediction then resamples an image's objects to it
+            (:mod:`napari_medseg.engine.object_size`); None trains images at their own size
+            (the weights then record the training objects' median diameter).
         pattern: glob of the files to use in the folders.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` autocast.
@@ -135,6 +139,7 @@ class TrainConfig(ConfigBase):
     task: str = field(default="classes", metadata=choices("classes", "instances"))
     boundary_width: int = 1
     contact_weight: float = 5.0
+    object_diameter: float | None = None
     pattern: str = "*"
     device: str = "auto"
     precision: str = field(default="auto", metadata=choices(*PRECISIONS))
@@ -152,6 +157,9 @@ class TrainConfig(ConfigBase):
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}.")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), not {self.val_fraction}.")
+        if self.object_diameter is not None and not self.object_diameter > 0:
+            raise ConfigError("object_diameter is a positive number of pixels, not "
+                              f"{self.object_diameter}.")
         if not self.contact_weight >= 1.0:
             raise ConfigError(f"contact_weight must be at least 1, not {self.contact_weight}.")
         if not self.lr > 0:

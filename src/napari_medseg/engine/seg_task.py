@@ -60,6 +60,9 @@ class SegTask:
         seed_threshold: interior probability from which a pixel is a watershed seed.
         min_seed: seeds smaller than this many pixels are dropped.
         foreground_threshold: foreground (1 - background probability) above this is mask.
+        object_diameter: the median diameter (pixels) of the objects the weights were
+            trained on (:mod:`.object_size`), which prediction resamples an image's objects
+            to; None when not recorded.
     """
 
     kind: str = CLASSES
@@ -67,6 +70,7 @@ class SegTask:
     seed_threshold: float = 0.5
     min_seed: int = 8
     foreground_threshold: float = 0.5
+    object_diameter: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in (CLASSES, INSTANCES):
@@ -79,6 +83,9 @@ class SegTask:
                 raise ConfigError(f"{name} must lie in (0, 1), not {getattr(self, name)}.")
         if int(self.min_seed) < 1:
             raise ConfigError(f"min_seed must be at least 1, not {self.min_seed}.")
+        if self.object_diameter is not None and not float(self.object_diameter) > 0:
+            raise ConfigError("object_diameter must be a positive number of pixels, not "
+                              f"{self.object_diameter}.")
 
     @property
     def instances(self) -> bool:
@@ -91,8 +98,12 @@ class SegTask:
         return len(INSTANCE_CLASS_NAMES) if self.instances else None
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON/YAML form (what checkpoints and cards store)."""
-        return dataclasses.asdict(self)
+        """The JSON/YAML form (what checkpoints and cards store); an unrecorded object
+        diameter is left out, so weights described before it existed keep their hash."""
+        data = dataclasses.asdict(self)
+        if data["object_diameter"] is None:
+            del data["object_diameter"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict | str | None) -> SegTask:
@@ -116,8 +127,9 @@ class SegTask:
                               f"{', '.join(sorted(names))}).")
         kwargs = {k: v for k, v in data.items() if k in names}
         for key, kind in (("boundary_width", int), ("min_seed", int),
-                          ("seed_threshold", float), ("foreground_threshold", float)):
-            if key in kwargs:
+                          ("seed_threshold", float), ("foreground_threshold", float),
+                          ("object_diameter", float)):
+            if kwargs.get(key) is not None:
                 kwargs[key] = kind(kwargs[key])
         return cls(**kwargs)
 

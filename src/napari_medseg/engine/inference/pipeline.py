@@ -77,6 +77,7 @@ from .predictor import OutOfMemory, TilePredictor, TileTooBig, model_bytes, tta_
 from .sinks import SizingSink
 from .stitching import Stitcher
 from .tiling import TileGrid, sliding_window_iter
+from ..object_size import resample_to_diameter
 from ..pixel_size import resample_to_weights
 from ..seg_task import task_of
 from .writer import Consensus, OutputWriter, store_fingerprint
@@ -151,6 +152,7 @@ class _Run:
         self._check_input(read_pixels=not plan_only)
         if not plan_only and (empty := unwritten_message(self.image, self.meta)):
             raise InputShapeError(empty)
+        yield from self._object_size(read_pixels=not plan_only)
         yield from self._device()
         yield from self._tiling()
         self._open_writer(SizingSink())  # sized before any work; nothing allocated
@@ -191,6 +193,7 @@ class _Run:
         if conv is not None:
             yield self.notice(f"The network takes {spec.in_channels} channel(s); converting the "
                               f"image from {CONVERSION_WORDS[conv]}.")
+        self.axes = axes
         yield from self._resampling(axes)
 
     def _resampling(self, axes: str) -> Generator[ProgressEvent, None, None]:
@@ -203,6 +206,22 @@ class _Run:
             self.model, self.meta, axes, [lay.plane_axes for lay in self.layouts])
         if message:
             self.model, self.spec = model, model.spec
+            yield self.notice(message)
+
+    def _object_size(self, read_pixels: bool) -> Generator[ProgressEvent, None, None]:
+        """Each plane resampled so the objects reach the network at the size its weights
+        learnt, when they record one and no pixel size resampled it already
+        (:func:`..object_size.resample_to_diameter`)."""
+        trained = task_of(self.model).object_diameter
+        if (not trained or self.zooms or self.config.native_pixels or self.scale != 1
+                or self.spec.spatial_dims != 2):
+            return
+        model, zoom, message = resample_to_diameter(
+            self.model, self.image, self.axes, self.layout.plane_axes, self.config, trained,
+            read_pixels=read_pixels)
+        if zoom is not None:
+            self.model, self.spec = model, model.spec
+        if message:
             yield self.notice(message)
 
     def _check_input(self, read_pixels: bool = True) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "Unpaired",
     "to_channels_first",
     "load_samples",
+    "at_object_size",
     "split_samples",
     "split_within",
     "counted",
@@ -199,6 +200,7 @@ def load_samples(
     num_classes: int = 2,
     notes: list[str] | None = None,
     contact_weight: float = 1.0,
+    object_diameter: float | None = None,
 ) -> list[Sample]:
     """Read image/mask pairs into 2D samples.
 
@@ -215,6 +217,8 @@ def load_samples(
             network reads as foreground (objects, or classes it merges).
         contact_weight: the instance task's loss weight on pixels where objects touch
             (:func:`~napari_medseg.engine.seg_task.contact_weights`); 1 = none.
+        object_diameter: the ``instances`` task: each plane resized so the median diameter
+            of its objects is this many pixels (:func:`at_object_size`); None keeps them.
 
     Raises:
         InputShapeError: a mask that does not fit its image, or a value with no class.
@@ -245,6 +249,8 @@ def load_samples(
             (image[:, z], mask[z], f"@{z}") for z in range(image.shape[1])
         ]
         for i, (img2d, m2d, suffix) in enumerate(planes):
+            if object_diameter and task is not None and task.instances:
+                img2d, m2d = at_object_size(img2d, m2d, object_diameter)
             try:
                 cls, boundary = training_targets(m2d, num_classes, task)
             except InputShapeError as exc:
@@ -256,6 +262,28 @@ def load_samples(
             samples.append(Sample(np.ascontiguousarray(img2d, np.float32), cls, boundary,
                                   _stem(img_path) + suffix, group, weight))
     return samples
+
+
+def at_object_size(image: np.ndarray, labels: np.ndarray, diameter: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """A C x H x W image and its H x W instance labels resized so the objects' median
+    diameter is ``diameter`` pixels (the image as prediction's resampling feeds it, the
+    labels by nearest neighbour); unchanged within the tolerance or without objects
+    (:func:`~napari_medseg.engine.object_size.diameter_zoom`)."""
+    import torch
+
+    from ...models.working_resolution import resize_image
+    from ..object_size import diameter_zoom, median_diameter
+
+    measured = median_diameter([labels])
+    zoom = None if measured is None else diameter_zoom(diameter, measured)
+    if zoom is None:
+        return image, labels
+    size = tuple(max(1, int(round(s * zoom))) for s in labels.shape)
+    resized = resize_image(torch.from_numpy(np.ascontiguousarray(image))[None], size)[0]
+    rows = np.minimum(((np.arange(size[0]) + 0.5) / zoom).astype(int), labels.shape[0] - 1)
+    cols = np.minimum(((np.arange(size[1]) + 0.5) / zoom).astype(int), labels.shape[1] - 1)
+    return resized.numpy().astype(np.float32), labels[np.ix_(rows, cols)]
 
 
 def split_samples(

@@ -144,6 +144,7 @@ def validate(model, samples: Iterable[Sample], spec, device: str, precision: str
     cfg = PredictConfig.from_mapping({
         "normalization": {"mode": "none"}, "device": device, "precision": precision,
         "axes": "CYX", "outputs": "probabilities" if instances else "mask", "overlap": 0.125,
+        "native_pixels": True,  # the pixels the patches train on
     })
     scores = []
     model.eval()

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import time
 from collections.abc import Generator
@@ -35,6 +37,7 @@ from .datasets import PatchSampler, Sample, data_hash, find_pairs, load_samples,
 from ..device import resolve_device
 from ..inference.normalization import normalize
 from ..precision import resolve_precision
+from ..object_size import training_diameter
 from ..seg_task import with_task
 from ..progress import CancelToken, FinishedEvent, NoticeEvent, ProgressEvent, StageEvent, drain
 from .loop import LoopState, _load_state, _save_state, optimise_iter
@@ -166,7 +169,8 @@ def train_iter(
     notes: list[str] = []
     samples = load_samples(pairs, in_channels, lambda img: normalize(img, norm, channel_axis=0),
                            task=task, num_classes=num_classes, notes=notes,
-                           contact_weight=config.contact_weight)
+                           contact_weight=config.contact_weight,
+                           object_diameter=config.object_diameter)
     for note in notes:
         yield NoticeEvent(note, level="warning")
     train_s, val_s = split_samples(samples, config.val_fraction, config.seed)
@@ -174,6 +178,11 @@ def train_iter(
         val_s = val_s[: config.max_val_images]
     yield NoticeEvent(f"{len(pairs)} files -> {len(train_s)} training and {len(val_s)} "
                       f"validation planes (split by {_split_kind(samples)}).")
+    if task.instances:  # the object size prediction resamples images to
+        task = dataclasses.replace(task, object_diameter=config.object_diameter or (
+            training_diameter(pairs, {s.group.split("#")[0] for s in train_s})))
+        if model is not None:
+            model = with_task(model, task)
 
     device = resolve_device(config.device)
     policy = resolve_precision(config.precision, device)

@@ -1,0 +1,150 @@
+"""Object size: weights record the diameter of the objects they learnt, and prediction
+resamples an image whose objects are larger or smaller (measured by a first pass, or given)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from skimage.transform import rescale
+
+from napari_medseg.config import PredictConfig, TrainConfig
+from napari_medseg.engine.inference.pipeline import predict
+from napari_medseg.engine.metrics import match_instances
+from napari_medseg.engine.object_size import (
+    ZOOM_RANGE,
+    diameter_zoom,
+    equivalent_diameters,
+    median_diameter,
+)
+from napari_medseg.engine.seg_task import SegTask, task_of
+from napari_medseg.errors import ConfigError
+from napari_medseg.io.samples import sample_path
+
+
+def discs(radii, shape=(200, 200)):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.int32)
+    for i, r in enumerate(radii, 1):
+        cy, cx = 40 + 60 * ((i - 1) // 3), 40 + 60 * ((i - 1) % 3)
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2] = i
+    return labels
+
+
+def ap50(pred, ref):
+    m = match_instances(np.asarray(pred), ref, 0.5)
+    return m["tp"] / (m["tp"] + m["fp"] + m["fn"])
+
+
+def test_diameters_are_those_of_discs_of_the_objects_areas():
+    d = equivalent_diameters(discs([5, 10, 20]))
+    assert d == pytest.approx([10, 20, 40], rel=0.05)
+    # pooled over images: the middle of 5 objects
+    assert median_diameter([discs([5, 10]), discs([20, 20, 20])]) == pytest.approx(40, rel=0.05)
+    assert median_diameter([np.zeros((8, 8), np.int32)]) is None
+
+
+def test_a_zoom_near_one_resamples_nothing_and_extremes_are_clipped():
+    assert diameter_zoom(20, 21) is None and diameter_zoom(20, 18) is None
+    assert diameter_zoom(20, 40) == pytest.approx(0.5)
+    assert diameter_zoom(20, 200) == ZOOM_RANGE[0] and diameter_zoom(20, 1) == ZOOM_RANGE[1]
+
+
+def test_the_diameter_travels_with_the_task_and_older_tasks_keep_their_form():
+    task = SegTask.from_dict({"kind": "instances", "object_diameter": 20.1})
+    assert task.object_diameter == 20.1 and SegTask.from_dict(task.to_dict()) == task
+    # weights described before the diameter existed keep the same description
+    assert "object_diameter" not in SegTask(kind="instances").to_dict()
+    with pytest.raises(ConfigError):
+        SegTask(kind="instances", object_diameter=0)
+    with pytest.raises(ConfigError):
+        PredictConfig(diameter=-3)
+
+
+@pytest.fixture(scope="module")
+def nuclei_weights():
+    from napari_medseg.engine.checkpoints import resolve_weights
+
+    model = resolve_weights("sa2net_lite_dsb2018")
+    return model[0] if isinstance(model, tuple) else model
+
+
+@pytest.fixture(scope="module")
+def enlarged_sample():
+    """The fluorescence nuclei sample at twice its magnification, with its labels."""
+    image = tifffile.imread(sample_path("nuclei"))
+    labels = tifffile.imread(sample_path("nuclei", mask=True))
+    big = rescale(image.astype(np.float32), 2, order=1, preserve_range=True)
+    big_labels = rescale(labels, 2, order=0, preserve_range=True,
+                         anti_aliasing=False).astype(np.int32)
+    return big.astype(np.uint8), big_labels
+
+
+def test_shipped_nuclei_weights_record_the_size_of_their_training_nuclei(nuclei_weights):
+    assert 15 < task_of(nuclei_weights).object_diameter < 25
+
+
+def test_nuclei_at_twice_the_magnification_are_measured_and_resampled(nuclei_weights,
+                                                                     enlarged_sample):
+    image, labels = enlarged_sample
+    config = PredictConfig(outputs=("instances",), axes="YX", device="cpu")
+    auto = predict(image, nuclei_weights, config)
+    native = predict(image, nuclei_weights, config.replace(native_pixels=True))
+    (notice,) = [n for n in auto.notices if "px across" in n]
+    assert "first pass" in notice and "resampled by 0.5" in notice
+    assert not any("px across" in n for n in native.notices)
+    assert np.asarray(auto["instances"]).shape == image.shape
+    # at their learnt size the nuclei come out better than at twice it
+    assert ap50(auto["instances"], labels) > ap50(native["instances"], labels) + 0.05
+
+
+def test_a_given_diameter_sets_the_zoom_and_one_near_the_learnt_size_changes_nothing(
+        nuclei_weights):
+    image = tifffile.imread(sample_path("nuclei"))
+    config = PredictConfig(outputs=("mask",), axes="YX", device="cpu")
+    given = predict(image, nuclei_weights, config.replace(diameter=40.0))
+    assert any("as given" in n and "resampled by 0.5" in n for n in given.notices)
+    learnt = task_of(nuclei_weights).object_diameter
+    same = predict(image, nuclei_weights, config.replace(diameter=learnt))
+    assert not any("px across" in n for n in same.notices)
+
+
+def test_an_image_without_objects_runs_at_its_own_pixels_and_says_why(nuclei_weights):
+    blank = np.zeros((96, 96), np.uint8)
+    out = predict(blank, nuclei_weights, PredictConfig(outputs=("mask",), axes="YX",
+                                                       device="cpu"))
+    assert any("Object size not estimated" in n for n in out.notices)
+    assert np.asarray(out["mask"]).shape == blank.shape
+
+
+def test_training_records_the_diameter_of_the_training_objects_only(tmp_path,
+                                                                     nuclei_folders):
+    from napari_medseg.engine.checkpoints import load_checkpoint
+    from napari_medseg.engine.training.train import train
+
+    images, masks = nuclei_folders
+    cfg = TrainConfig.from_mapping({
+        "network": "unet_sharp", "variant": "tiny", "in_channels": 3, "num_classes": 2,
+        "task": "instances", "steps": 1, "patch": 64, "batch_size": 1, "val_fraction": 0.5,
+        "warmup_steps": 1, "val_every": 1})
+    train(images, masks, tmp_path / "ck.safetensors", cfg)
+    _, info = load_checkpoint(tmp_path / "ck.safetensors")
+    (trained,) = info.training_data["train_files"]
+    expected = median_diameter([tifffile.imread(masks / f"{trained}.tif")])
+    assert info.task["object_diameter"] == pytest.approx(expected)
+
+
+def test_training_can_bring_every_image_to_one_object_size():
+    from napari_medseg.engine.training.datasets import at_object_size
+
+    labels = discs([20, 20, 21, 19])
+    image = np.stack([labels > 0] * 3).astype(np.float32)
+    small, small_labels = at_object_size(image, labels, 20.0)
+    assert small.shape == (3, 100, 100) and small_labels.shape == (100, 100)
+    assert median_diameter([small_labels]) == pytest.approx(20, rel=0.06)
+    assert set(np.unique(small_labels)) == {0, 1, 2, 3, 4}
+    # the image moves with its labels
+    assert ((small.mean(0) > 0.5) == (small_labels > 0)).mean() > 0.97
+    # objects already near the size stay as they are
+    same, same_labels = at_object_size(image, labels, 38.0)
+    assert same is image and same_labels is labels
