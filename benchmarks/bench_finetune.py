@@ -234,7 +234,7 @@ def _finetune(case: _Case, folders: tuple[Path, Path], config: Any) -> tuple[Any
     samples, _ = samples_from_folders(
         *folders, num_classes=spec.num_classes, in_channels=spec.in_channels,
         normalization=case.info.normalization_config(), config=config,
-        output_scale=spec.output_scale, task=task_of(case.model))
+        output_scale=spec.output_scale, task=task_of(case.model), model=case.model)
     t0 = time.perf_counter()
     result = finetune(case.model, samples, config)
     return result, (time.perf_counter() - t0) / 60

@@ -213,6 +213,7 @@ def _retune(args: argparse.Namespace, ds: dict, root: Path, tag: str) -> int:
     normalisation and pixel size (:data:`DATASETS`) and re-scored; their card keeps the rest."""
     from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
     from napari_medseg.engine.pixel_size import with_pixel_size
+    from napari_medseg.config import NormalizationConfig
     from napari_medseg.engine.seg_task import task_of, with_task
 
     card_path = ROOT / "models" / f"{tag}.yaml"
@@ -220,7 +221,8 @@ def _retune(args: argparse.Namespace, ds: dict, root: Path, tag: str) -> int:
     weights_dir = Path(args.out_dir) if args.out_dir else ROOT / "weights"
     weights_dir.mkdir(parents=True, exist_ok=True)
     model = with_pixel_size(model, ds.get("pixel_size"))
-    model.checkpoint_info = info = dataclasses.replace(info, normalization=ds["normalization"])
+    model.checkpoint_info = info = dataclasses.replace(
+        info, normalization=NormalizationConfig.from_mapping(ds["normalization"]).to_dict())
     if task_of(model).instances:  # the object size of the training images (not validation)
         model = with_task(model, _trained_diameter(task_of(model), root, info.training_data))
     model, metrics, tuning = _score(model, root, info.training_data.get("val_files", []),
@@ -312,6 +314,11 @@ def _train(root: Path, ckpt: Path, cfg, init: str | None, renormalize: bool = Fa
     return result
 
 
+#: How the instance weights that record an object size were tuned and scored.
+OBJECT_SIZE_NOTE = ("each image resampled so its nuclei (measured by a first pass) reach the "
+                    "recorded object_diameter, as predict does by default")
+
+
 def _score(model, root: Path, val_files: list[str], planes: list[str]):
     """Tune the instance task's watershed (if any) and evaluate on the held-out images.
 
@@ -334,6 +341,8 @@ def _score(model, root: Path, val_files: list[str], planes: list[str]):
             tuning = {"grid": "foreground_threshold by Dice, then seed_threshold x min_seed "
                               "by AP@0.5, on the validation split",
                       "best": max(r["ap_iou50"] for r in table)}
+            if task.object_diameter:
+                tuning["object_size"] = OBJECT_SIZE_NOTE
             print(json.dumps({"tuned": task.to_dict(), **tuning}), flush=True)
         scores = evaluate(model, vi, vm, PredictConfig(), instances=task.instances)
     print(format_table(scores))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import time
 
 import numpy as np
@@ -627,6 +630,8 @@ def test_settings_become_the_engine_config():
     s3 = RunSettings(multi, "lite", "cpu", 128, 0.25, "gaussian", 0.5, False, False, False,
                      "YX")
     assert s3.config().outputs == ("mask", "boundary")
+    assert s3.config().diameter is None  # auto: measured by a first pass
+    assert dataclasses.replace(s3, diameter=32.0).config().diameter == 32.0
     from napari_medseg.errors import ConfigError
 
     with pytest.raises(ConfigError):
@@ -839,3 +844,39 @@ def test_a_ct_opened_at_07_mm_is_segmented_at_the_weights_2_mm(make_napari_viewe
     assert mask.shape == fine.shape
     dice = region_metrics(mask, truth, "ZYX", 2)[1]["dice"]
     assert dice > 0.6, dice  # (0.34 on the 24 patches when the slices are not resampled)
+
+
+def test_nuclei_at_twice_the_size_are_measured_or_take_the_diameter_given(make_napari_viewer,
+                                                                          qtbot, env):
+    """The Diameter option: auto measures the nuclei of an image at twice the magnification
+    and shrinks it (as ``predict`` does); a diameter typed in is used as given."""
+    from skimage.transform import rescale
+
+    from napari_medseg._napari.result_layers import find_output
+    from napari_medseg.engine.checkpoints import list_shipped_weights
+    from napari_medseg.io.samples import load_sample
+
+    if "sa2net_lite_dsb2018" not in {w["tag"] for w in list_shipped_weights()}:
+        pytest.skip("the nuclei weights are not installed")
+    image, _meta, _labels = load_sample("nuclei")
+    big = rescale(np.asarray(image, np.float32), 2, order=1, preserve_range=True)
+    viewer = make_napari_viewer()
+    viewer.add_image(big.astype(np.uint8), name="big")
+    widget = _widget(viewer, qtbot)
+    widget.network_combo.setCurrentText("sa2net")
+    index = next(i for i in range(widget.weights_combo.count())
+                 if widget.weights_combo.itemData(i).source == "sa2net_lite_dsb2018")
+    widget.weights_combo.setCurrentIndex(index)
+    widget.device_combo.setCurrentIndex(widget.device_combo.findData("cpu"))
+    assert widget.diameter_spin.isEnabled() and widget.diameter_spin.text() == "auto"
+    outcome = _run(qtbot, widget)
+    assert outcome.ok, outcome.error
+    notices = outcome.value.result.notices
+    (notice,) = [n for n in notices if "first pass" in n]
+    zoom = float(re.search(r"resampled by ([0-9.]+)", notice).group(1))
+    assert 0.4 < zoom < 0.8, notice
+    assert find_output(viewer, "big", "instances").data.shape == big.shape
+    widget.diameter_spin.setValue(30.0)
+    outcome = _run(qtbot, widget)
+    assert outcome.ok, outcome.error
+    assert any("30 px across (as given)" in n for n in outcome.value.result.notices)

@@ -103,7 +103,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         args.images, args.masks, num_classes=spec.num_classes, in_channels=spec.in_channels,
         normalization=info.normalization_config(), config=config,
         output_scale=spec.output_scale, pattern=args.pattern or "*", task=task_of(model),
-        pixel_size=pixel_size_of(model) if spec.spatial_dims == 2 else None, notes=notes)
+        pixel_size=pixel_size_of(model) if spec.spatial_dims == 2 else None, notes=notes,
+        model=None if config.native_pixels else model)
     for note in dict.fromkeys(notes) if not args.quiet else ():  # the same sentence once
         print(f"napari-medseg: {note}", file=sys.stderr)
     if not args.quiet:

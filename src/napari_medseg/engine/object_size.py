@@ -28,7 +28,7 @@ import numpy as np
 
 __all__ = ["CROP", "MIN_OBJECTS", "TOLERANCE", "ZOOM_RANGE", "equivalent_diameters",
            "median_diameter", "diameter_zoom", "estimate_diameter", "resample_to_diameter",
-           "with_diameter", "training_diameter"]
+           "training_diameter", "corrections_zoom"]
 
 #: The largest side of the crop the diameter is estimated on.
 CROP = 512
@@ -139,7 +139,8 @@ def resample_to_diameter(model, image: np.ndarray, axes: str, plane_axes: str, c
                 f"Object size not estimated: a first pass found {n} object(s) in the central "
                 f"{shape[0]} x {shape[1]} pixels; running at the image's own pixels (give "
                 "the diameter to resample).")
-        how = f"median of {n} objects a first pass found in the central {shape[0]} x {shape[1]}"
+        how = (f"median of {n} objects a first pass found in the central {shape[0]} x "
+               f"{shape[1]} pixels")
     zoom = diameter_zoom(trained, measured)
     if zoom is None:
         return model, None, None
@@ -148,14 +149,6 @@ def resample_to_diameter(model, image: np.ndarray, axes: str, plane_axes: str, c
         f"Objects measure about {measured:.3g} px across ({how}); the weights learnt "
         f"{trained:.3g} px, so each plane is resampled by {zoom:.3g} and the outputs brought "
         "back to the image's grid.")
-
-
-def with_diameter(task, label_images: Iterable[np.ndarray]):
-    """``task`` (a :class:`~.seg_task.SegTask`) recording the median diameter of the objects
-    in ``label_images`` (an instance task only; others are returned as they are)."""
-    if not task.instances:
-        return task
-    return dataclasses.replace(task, object_diameter=median_diameter(label_images))
 
 
 def training_diameter(pairs, stems: Iterable[str]) -> float | None:
@@ -175,3 +168,23 @@ def training_diameter(pairs, stems: Iterable[str]) -> float | None:
             yield from labels.reshape((-1, *labels.shape[-2:]))
 
     return median_diameter(planes())
+
+
+def corrections_zoom(model, image: np.ndarray, axes: str, device: str = "auto"
+                     ) -> tuple[tuple[float, float], str] | None:
+    """``((zoom, zoom), sentence)`` resampling an image's corrections as prediction resamples
+    the image (the same first-pass estimate), so fine-tuning teaches the network objects at
+    the size it sees them; None when the weights record no object size or nothing is
+    resampled."""
+    from ..config import PredictConfig
+    from .seg_task import task_of
+
+    trained = task_of(model).object_diameter
+    if not trained or model.spec.spatial_dims != 2 or model.spec.output_scale != 1:
+        return None
+    config = PredictConfig(device=device, axes=axes)
+    _, zoom, message = resample_to_diameter(model, image, axes, "YX", config, trained)
+    if zoom is None:
+        return None
+    return (zoom, zoom), message.replace(
+        "and the outputs brought back to the image's grid", "and the corrections with it")

@@ -24,6 +24,7 @@ import numpy as np
 from ...config import FinetuneConfig, NormalizationConfig, PredictConfig
 from ...errors import ConfigError, InputShapeError
 from ...io.axes import guess_axes
+from ..object_size import corrections_zoom
 from ..pixel_size import image_zoom, meta_zoom, resampled
 from ..progress import CancelToken, NoticeEvent, ProgressEvent, StageEvent
 from ..seg_task import SegTask, task_of
@@ -340,7 +341,9 @@ def prepare_corrections_iter(
     info = getattr(model, "checkpoint_info", None)
     norm = info.normalization_config() if info is not None else None
     task = task_of(model)
-    zoom, words = (None if config.native_pixels else image_zoom(model, meta)) or (None, None)
+    zoom, words = (None if config.native_pixels else (
+        image_zoom(model, meta) or corrections_zoom(model, image, axes, config.device))) or (
+        None, None)
     if words:
         yield NoticeEvent(words)
     predicted_boundary = None
@@ -416,6 +419,7 @@ def samples_from_folders(
     task: SegTask | None = None,
     pixel_size: Any = None,
     notes: list[str] | None = None,
+    model: Any = None,
 ) -> tuple[list[RegionSample], str]:
     """Whole-image samples from image/mask folders (files matched by name), one group each.
 
@@ -423,7 +427,9 @@ def samples_from_folders(
     ``pixel_size`` is the weights' (a :class:`~napari_medseg.engine.pixel_size.PixelSize`,
     or None): a file whose metadata give another is resampled to it
     (:func:`~napari_medseg.engine.pixel_size.meta_zoom`), and ``notes`` (when given) gets
-    the sentence that says so.
+    the sentence that says so. ``model`` is the starting network: when its weights record an
+    object size and no pixel size resamples a file, the file is resampled as ``predict``
+    would resample it (:func:`~napari_medseg.engine.object_size.corrections_zoom`).
 
     Returns:
         ``(samples, data hash)``; the hash covers the files' names and bytes.
@@ -441,8 +447,12 @@ def samples_from_folders(
             mask = np.take(mask, 0, axis=mmeta.axes.index("C"))
         axes = meta.axes
         stem = _stem(img_path)
-        zoom = (meta_zoom(meta, pixel_size)
-                if output_scale == 1 and not (config and config.native_pixels) else None)
+        zoom = None
+        if output_scale == 1 and not (config and config.native_pixels):
+            zoom = meta_zoom(meta, pixel_size)
+            if zoom is None and model is not None:
+                zoom = corrections_zoom(model, np.asarray(image), axes,
+                                        config.device if config else "auto")
         found = samples_from_corrections(
             image, mask, num_classes=num_classes, in_channels=in_channels, axes=axes,
             normalization=normalization, config=config, output_scale=output_scale, name=stem,
