@@ -249,8 +249,7 @@ def _retune(args: argparse.Namespace, ds: dict, root: Path, tag: str) -> int:
 def _trained_diameter(task, root: Path, training_data: dict):
     """``task`` recording the median object diameter of the training images (every pair of
     ``root`` not held out)."""
-    from napari_medseg.engine.object_size import training_diameter
-    from napari_medseg.engine.training.datasets import _stem, find_pairs
+    from napari_medseg.engine.training.datasets import _stem, find_pairs, training_diameter
 
     pairs = find_pairs(root / "images", root / "masks")
     held_out = set(training_data.get("val_files") or [])

@@ -68,6 +68,7 @@ from ..precision import resolve_precision
 from ..progress import (CancelledEvent, CancelToken, FinishedEvent, NoticeEvent, PlaneEvent,
                         PlanEvent, ProgressEvent, StageEvent, TilesEvent, drain)
 from . import postprocess
+from .object_size import resample_to_diameter
 from .normalization import (DEFAULT_NORMALIZATION, check_pixels, fit_normalization,
                             sample_values, window_mismatch)
 from .plan import (ACTIVATION_BYTES_PER_PIXEL, TilePlan, band_bytes, memory_shortfall,
@@ -77,7 +78,6 @@ from .predictor import OutOfMemory, TilePredictor, TileTooBig, model_bytes, tta_
 from .sinks import SizingSink
 from .stitching import Stitcher
 from .tiling import TileGrid, sliding_window_iter
-from ..object_size import resample_to_diameter
 from ..pixel_size import resample_to_weights
 from ..seg_task import task_of
 from .writer import Consensus, OutputWriter, store_fingerprint
@@ -211,7 +211,7 @@ class _Run:
     def _object_size(self, read_pixels: bool) -> Generator[ProgressEvent, None, None]:
         """Each plane resampled so the objects reach the network at the size its weights
         learnt, when they record one and no pixel size resampled it already
-        (:func:`..object_size.resample_to_diameter`)."""
+        (:func:`.object_size.resample_to_diameter`)."""
         trained = task_of(self.model).object_diameter
         if (not trained or self.zooms or self.config.native_pixels or self.scale != 1
                 or self.spec.spatial_dims != 2):

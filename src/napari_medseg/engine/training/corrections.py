@@ -24,7 +24,7 @@ import numpy as np
 from ...config import FinetuneConfig, NormalizationConfig, PredictConfig
 from ...errors import ConfigError, InputShapeError
 from ...io.axes import guess_axes
-from ..object_size import corrections_zoom
+from ..inference.object_size import corrections_zoom
 from ..pixel_size import image_zoom, meta_zoom, resampled
 from ..progress import CancelToken, NoticeEvent, ProgressEvent, StageEvent
 from ..seg_task import SegTask, task_of

@@ -29,6 +29,7 @@ __all__ = [
     "to_channels_first",
     "load_samples",
     "at_object_size",
+    "training_diameter",
     "split_samples",
     "split_within",
     "counted",
@@ -284,6 +285,25 @@ def at_object_size(image: np.ndarray, labels: np.ndarray, diameter: float
     rows = np.minimum(((np.arange(size[0]) + 0.5) / zoom).astype(int), labels.shape[0] - 1)
     cols = np.minimum(((np.arange(size[1]) + 0.5) / zoom).astype(int), labels.shape[1] - 1)
     return resized.numpy().astype(np.float32), labels[np.ix_(rows, cols)]
+
+
+def training_diameter(pairs, stems: Iterable[str]) -> float | None:
+    """The median object diameter of the masks of ``pairs`` (``(image, mask)`` paths) whose
+    image's file stem is in ``stems``; each 2D plane of a stack is measured on its own."""
+    from ...io import read_image
+    from ..object_size import median_diameter
+
+    wanted = set(stems)
+
+    def planes():
+        for image_path, mask_path in pairs:
+            if _stem(Path(image_path)) not in wanted:
+                continue
+            labels, _ = read_image(mask_path)
+            labels = np.asarray(labels)
+            yield from labels.reshape((-1, *labels.shape[-2:]))
+
+    return median_diameter(planes())
 
 
 def split_samples(

@@ -33,11 +33,11 @@ from ...models import create_model
 from ...models.working_resolution import on_input_grid
 from ..checkpoints import save_checkpoint
 from .start import kept_normalization, starting_point, task_to_learn, widen_classes
-from .datasets import PatchSampler, Sample, data_hash, find_pairs, load_samples, split_samples
+from .datasets import (PatchSampler, Sample, data_hash, find_pairs, load_samples, split_samples,
+                       training_diameter)
 from ..device import resolve_device
 from ..inference.normalization import normalize
 from ..precision import resolve_precision
-from ..object_size import training_diameter
 from ..seg_task import with_task
 from ..progress import CancelToken, FinishedEvent, NoticeEvent, ProgressEvent, StageEvent, drain
 from .loop import LoopState, _load_state, _save_state, optimise_iter
