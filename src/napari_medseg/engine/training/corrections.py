@@ -341,9 +341,7 @@ def prepare_corrections_iter(
     info = getattr(model, "checkpoint_info", None)
     norm = info.normalization_config() if info is not None else None
     task = task_of(model)
-    zoom, words = (None if config.native_pixels else (
-        image_zoom(model, meta) or corrections_zoom(model, image, axes, config.device))) or (
-        None, None)
+    zoom, words = _prediction_zoom(model, image, corrected, axes, meta, config)
     if words:
         yield NoticeEvent(words)
     predicted_boundary = None
@@ -363,6 +361,21 @@ def prepare_corrections_iter(
         predicted_boundary=predicted_boundary, normalization=norm, config=config,
         output_scale=spec.output_scale, name=name, task=task, zoom=zoom)
     return samples
+
+
+def _prediction_zoom(model, image: Any, corrected: Any, axes: str | None, meta: Any,
+                     config: FinetuneConfig) -> tuple[Any, str | None]:
+    """``(zoom, sentence)`` of the resampling ``predict`` would apply to this image: to the
+    weights' pixel size (:func:`~napari_medseg.engine.pixel_size.image_zoom`), else to the
+    object size they learnt (:func:`~napari_medseg.engine.inference.object_size.
+    corrections_zoom`); ``(None, None)`` for none, or with ``native_pixels``."""
+    if config.native_pixels:
+        return None, None
+    found = image_zoom(model, meta)
+    if found is None and int(model.spec.output_scale) == 1:
+        image_axes, _ = _checked_axes(image, np.asarray(corrected), axes, 1)
+        found = corrections_zoom(model, image, image_axes, config.device)
+    return found or (None, None)
 
 
 def _predict_labelled(image, corrected, model, config, axes, want_boundary, cancel):
@@ -429,7 +442,7 @@ def samples_from_folders(
     (:func:`~napari_medseg.engine.pixel_size.meta_zoom`), and ``notes`` (when given) gets
     the sentence that says so. ``model`` is the starting network: when its weights record an
     object size and no pixel size resamples a file, the file is resampled as ``predict``
-    would resample it (:func:`~napari_medseg.engine.object_size.corrections_zoom`).
+    would resample it (:func:`~napari_medseg.engine.inference.object_size.corrections_zoom`).
 
     Returns:
         ``(samples, data hash)``; the hash covers the files' names and bytes.

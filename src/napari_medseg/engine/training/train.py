@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import time
 from collections.abc import Generator
@@ -178,7 +177,7 @@ def train_iter(
         val_s = val_s[: config.max_val_images]
     yield NoticeEvent(f"{len(pairs)} files -> {len(train_s)} training and {len(val_s)} "
                       f"validation planes (split by {_split_kind(samples)}).")
-    if task.instances:  # the object size prediction resamples images to
+    if task.instances:  # the object size that prediction resamples images to
         task = dataclasses.replace(task, object_diameter=config.object_diameter or (
             training_diameter(pairs, {s.group.split("#")[0] for s in train_s})))
         if model is not None:
