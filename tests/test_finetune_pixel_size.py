@@ -37,9 +37,10 @@ def _ct_at_07_mm():
     return patch, mask, fine, fine_mask
 
 
-def _samples(model, image, labels, meta):
-    gen = prepare_corrections_iter(image, labels, model, FinetuneConfig(context=0), axes="YX",
-                                   prediction=None, meta=meta)
+def _samples(model, image, labels, meta, config=None):
+    """(notices, samples) of fine-tuning ``model`` on ``labels`` drawn over ``image``."""
+    gen = prepare_corrections_iter(image, labels, model, config or FinetuneConfig(context=0),
+                                   axes="YX", prediction=None, meta=meta)
     notes = []
     while True:
         try:

@@ -158,30 +158,17 @@ def test_training_can_bring_every_image_to_one_object_size():
     assert same is image and same_labels is labels
 
 
-def _finetune_samples(model, image, labels, config):
-    from napari_medseg.engine.progress import NoticeEvent
-    from napari_medseg.engine.training.corrections import prepare_corrections_iter
-
-    gen = prepare_corrections_iter(image, labels, model, config, axes="YX", prediction=None)
-    notes = []
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            return notes, stop.value
-        if isinstance(event, NoticeEvent):
-            notes.append(event.message)
-
-
 def test_corrections_train_at_the_object_size_prediction_resamples_to(nuclei_weights,
                                                                       enlarged_sample):
     """Nuclei at twice the size: predict resamples them by 0.5, so the corrections of that
     image train the network at 0.5 too (not on nuclei twice the size it will see them)."""
+    from test_finetune_pixel_size import _samples
+
     from napari_medseg.config import FinetuneConfig
 
     image, labels = enlarged_sample
-    notes, samples = _finetune_samples(nuclei_weights, image, labels,
-                                       FinetuneConfig(context=0))
+    notes, samples = _samples(nuclei_weights, image, labels, None,
+                              FinetuneConfig(context=0))
     (notice,) = [n for n in notes if "px across" in n]
     assert "corrections" in notice and 0.4 < zoom_of(notice) < 0.8, notice
     (sample,) = samples
@@ -193,6 +180,6 @@ def test_corrections_train_at_the_object_size_prediction_resamples_to(nuclei_wei
     learnt = task_of(nuclei_weights).object_diameter
     assert 0.6 * learnt < median_diameter([interiors]) < 1.3 * learnt
     # --native-pixels keeps the image's own
-    notes, (native,) = _finetune_samples(nuclei_weights, image, labels,
-                                         FinetuneConfig(context=0, native_pixels=True))
+    notes, (native,) = _samples(nuclei_weights, image, labels, None,
+                                FinetuneConfig(context=0, native_pixels=True))
     assert native.image.shape[-2:] == image.shape and not notes
