@@ -124,6 +124,37 @@ def test_a_network_returning_nan_is_an_error_not_an_empty_mask():
     _one_sentence(err)
 
 
+
+class _OverflowsInHalf(torch.nn.Module):
+    """An analytic network whose outputs are NaN whenever it runs under bf16/fp16 autocast
+    (as a CPU kernel that overflows in bf16 did on one CI machine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = make_analytic(boundary=True)
+        self.spec = self.inner.spec
+        self.half_calls = 0
+
+    def forward(self, x):
+        out = self.inner(x)
+        if torch.is_autocast_enabled(x.device.type):
+            self.half_calls += 1
+            out = {k: v * float("nan") for k, v in out.items()}
+        return out
+
+
+def test_nan_in_bf16_runs_again_in_fp32_with_a_warning_and_the_fp32_result():
+    image = _image()
+    expected = predict(image, make_analytic(boundary=True), outputs="mask,boundary", **FP32)
+    net = _OverflowsInHalf().eval()
+    result = predict(image, net, outputs="mask,boundary", precision="bf16", device="cpu")
+    assert net.half_calls == 1  # one batch in bf16, then fp32 for the rest of the run
+    np.testing.assert_array_equal(result["mask"], expected["mask"])
+    np.testing.assert_allclose(result["boundary"], expected["boundary"], atol=1e-6)
+    assert result.stats["precision"] == "fp32"
+    assert any("NaN or infinite values in bf16" in n and "continues in fp32" in n
+               for n in result.notices), result.notices
+
 # --- 4: the description is verified ----------------------------------------------------------
 
 

@@ -353,6 +353,56 @@ def test_by_default_real_steps_train_only_the_decoder(nuclei, monkeypatch):
                and new[n].is_floating_point())
 
 
+def _nan_outputs(model, always: bool = False):
+    """Make ``model`` return NaN under bf16/fp16 autocast (or always): a forward hook, which
+    the fine-tuning's copy of the model keeps."""
+    def hook(_module, _inputs, out):
+        if always or torch.is_autocast_enabled("cpu"):
+            return {k: ([t * float("nan") for t in v] if isinstance(v, list)
+                        else v * float("nan")) for k, v in out.items()}
+        return None
+
+    model.register_forward_hook(hook)
+    return model
+
+
+def test_a_step_with_nan_in_bf16_is_taken_again_in_fp32_and_the_weights_stay_finite(nuclei):
+    # On one CI machine a bf16 kernel returned NaN: the step used to corrupt every weight and
+    # the validation after it failed the whole fine-tuning.
+    img, gt = nuclei
+    model = _nan_outputs(_tiny())
+    samples = samples_from_corrections(img, gt, num_classes=2, in_channels=1,
+                                       prediction=_edited(gt))
+    cfg = FinetuneConfig.from_mapping(dict(FAST, precision="bf16", steps=3, val_every=3,
+                                           lr=1e-2))
+    events = list(finetune_iter(model, samples, cfg))
+    warnings = [e.message for e in events if isinstance(e, NoticeEvent) and e.level == "warning"]
+    assert any("gave NaN or infinite values in bf16" in w and "in fp32 precision" in w
+               for w in warnings), warnings
+    steps = [e for e in events if isinstance(e, StepEvent)]
+    assert [e.step for e in steps] == [1, 2, 3] and all(np.isfinite(e.loss) for e in steps)
+    vals = [e for e in events if isinstance(e, ValidationEvent)]
+    assert [v.step for v in vals] == [0, 3] and all(np.isfinite(v.dice) for v in vals)
+    result = events[-1].result
+    assert all(torch.isfinite(v).all() for v in result.model.state_dict().values()
+               if v.is_floating_point())
+
+
+def test_nan_in_fp32_steps_in_a_row_stop_training_with_a_clear_error(nuclei, monkeypatch):
+    img, gt = nuclei
+    model = _tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _nan_outputs(model, always=True)
+    samples = samples_from_corrections(img, gt, num_classes=2, in_channels=1,
+                                       prediction=_edited(gt))
+    _scripted_validation(monkeypatch, [0.5])
+    cfg = FinetuneConfig.from_mapping(dict(FAST, steps=5, lr=1e-2))
+    with pytest.raises(MedsegError, match="NaN or infinite on 3 steps in a row") as err:
+        finetune(model, samples, cfg)
+    assert str(err.value).count(". ") == 0
+    for key, value in model.state_dict().items():  # the user's model is untouched
+        torch.testing.assert_close(value, before[key])
+
 def test_fine_tuning_learns_a_correction(monkeypatch):
     """A tiny network learns that bright squares are foreground (Dice on held-out regions)."""
     rng = np.random.default_rng(0)

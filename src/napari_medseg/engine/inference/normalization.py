@@ -27,6 +27,7 @@ __all__ = [
     "normalize",
     "FLOAT32_MAX",
     "check_pixels",
+    "NonFiniteOutputError",
     "check_network_batch",
 ]
 
@@ -73,6 +74,11 @@ def check_pixels(values) -> None:
             "represent; rescale it first.")
 
 
+class NonFiniteOutputError(MedsegError):
+    """The network returned NaN or infinite values (the tile predictor retries such a batch
+    in fp32 when it ran in a lower precision)."""
+
+
 def check_network_batch(inputs_finite: bool, outputs_finite: bool, precision: str) -> None:
     """Refuse a batch whose normalised tiles or whose network output is not finite.
 
@@ -86,15 +92,15 @@ def check_network_batch(inputs_finite: bool, outputs_finite: bool, precision: st
 
     Raises:
         InputShapeError: non-finite normalised tiles (the intensity range overflows float32).
-        MedsegError: the network returned NaN or infinite values.
+        NonFiniteOutputError: the network returned NaN or infinite values.
     """
     if not inputs_finite:
         raise InputShapeError(_NONFINITE_NORMALISED)
     if not outputs_finite:
         hint = ("run again in fp32 precision (--precision fp32)" if precision != "fp32"
                 else "the checkpoint may be broken; try other weights")
-        raise MedsegError(f"The network returned NaN or infinite values in {precision} "
-                          f"precision; {hint}.")
+        raise NonFiniteOutputError(f"The network returned NaN or infinite values in "
+                                   f"{precision} precision; {hint}.")
 
 
 @dataclass(frozen=True)

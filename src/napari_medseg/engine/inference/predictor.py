@@ -9,6 +9,8 @@ head is not read. It owns everything about the network's forward pass:
 
 * flip TTA (every subset of the spatial axes, :func:`tta_flips`), averaged in fp32;
 * autocast precision, ``torch.inference_mode`` and the channels-last memory format;
+* NaN or infinite outputs in bf16/fp16: the batch, and the rest of the run, go again in
+  fp32 (a warning); in fp32 they are an error;
 * out-of-memory recovery inside a batch: the batch is split in halves and the batch size
   kept halved (a notice); a batch of one that does not fit raises :class:`TileTooBig` for
   the caller to shrink the tile or to call :meth:`TilePredictor.fall_back_to_cpu`;
@@ -33,7 +35,7 @@ from ...errors import MedsegError
 from ...models.spec import HEAD_BOUNDARY, HEAD_MASK
 from ..device import free_memory
 from ..precision import PrecisionPolicy, autocast, resolve_precision
-from .normalization import check_network_batch
+from .normalization import NonFiniteOutputError, check_network_batch
 
 __all__ = [
     "MAX_AUTO_BATCH",
@@ -282,11 +284,32 @@ class TilePredictor:
         if prob_sq is not None:
             var = (prob_sq / m - probs * probs).clamp_min(0.0).mean(dim=1, keepdim=True)
             probs = torch.cat([probs, var], dim=1)
-        bnd = None if bnd_sum is None else (bnd_sum / m).cpu().numpy()
         finite_out = torch.isfinite(probs).all()
+        if bnd_sum is not None:
+            finite_out = finite_out & torch.isfinite(bnd_sum).all()
+        bnd = None if bnd_sum is None else (bnd_sum / m).cpu().numpy()
         probs = probs.cpu().numpy()
         check_network_batch(bool(finite), bool(finite_out), self.policy.name)
         return probs, bnd
+
+    def _forward_in_precision(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`_forward_once`; a batch with NaN or infinite outputs in bf16/fp16 runs again
+        in fp32, and so does the rest of the run (with a warning): a lower precision that
+        overflows on these weights would on other tiles too.
+
+        Raises:
+            NonFiniteOutputError: the outputs are not finite in fp32 either.
+        """
+        try:
+            return self._forward_once(batch)
+        except NonFiniteOutputError:
+            if self.policy.name == "fp32":
+                raise
+            was = self.policy.name
+            self.policy = PrecisionPolicy("fp32", f"{was} returned NaN or infinite values")
+            self._notice(f"The network returned NaN or infinite values in {was} on "
+                         f"{self.device}; the run continues in fp32 precision.", "warning")
+            return self._forward_once(batch)
 
     def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities and boundary of a batch (see the class); out of memory splits it.
@@ -301,7 +324,7 @@ class TilePredictor:
             TileTooBig: a batch of one ran out of memory.
         """
         try:
-            return self._forward_once(batch)
+            return self._forward_in_precision(batch)
         except TileTooBig:
             if len(batch) == 1:
                 raise

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from ...config import PredictConfig, TrainConfig
+from ...errors import MedsegError
 from ..metrics import dice
-from ..precision import autocast
-from ..progress import CancelToken, ProgressEvent
+from ..precision import PrecisionPolicy, autocast
+from ..progress import CancelToken, NoticeEvent, ProgressEvent
 from ..seg_task import task_of
 from .augment import augment_batch
 from .datasets import PatchSampler, Sample
@@ -213,7 +214,9 @@ def optimise_iter(
 
     Each step: learning rate from the schedule (:func:`_lr_at`), a batch from ``sampler``
     (:func:`make_batch`: augmentation, SR downsampling), the network's own loss, AdamW with
-    gradient clipping. Every ``config.val_every`` steps (and after the last) the model is
+    gradient clipping. A step whose loss or gradients are NaN or infinite changes nothing and
+    is taken again (in fp32 from then on when it ran in bf16/fp16; three in a row in fp32 stop
+    the run with an error). Every ``config.val_every`` steps (and after the last) the model is
     scored on ``val_samples`` (or by minus its recent loss when there are none); a new best
     calls ``on_best``; ``config.patience`` validations without improvement stop early.
 
@@ -251,6 +254,7 @@ def optimise_iter(
     freeze_stats = bool(getattr(config, "freeze_norm_stats", False))
     train_mode(model, freeze_stats)
     step = state.step
+    guard = _NonFiniteGuard()
     for step in range(state.step, config.steps):
         if cancel.cancelled:
             stopped = "cancelled"
@@ -262,6 +266,11 @@ def optimise_iter(
         t_step = time.perf_counter()
         loss, parts = _optimiser_step(model, sampler, config, optimizer, trainable, lr,
                                       device=device, policy=policy, generator=generator)
+        while not math.isfinite(loss):  # skipped: the weights are unchanged; take it again
+            policy = yield from _non_finite_step_iter(step + 1, policy, guard)
+            loss, parts = _optimiser_step(model, sampler, config, optimizer, trainable, lr,
+                                          device=device, policy=policy, generator=generator)
+        guard.bad = 0
         clock.stepped(time.perf_counter() - t_step)
         row = {"step": step + 1, "loss": loss, "lr": lr, "wall_s": round(clock.training_s(), 2)}
         history.append(row)
@@ -341,9 +350,47 @@ def _optimiser_step(model, sampler, config, optimizer, trainable: list, lr: floa
     loss, parts = compute_loss(out, targets, model.spec)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+    value = float(loss.detach())
+    if not (math.isfinite(value) and math.isfinite(float(norm))):
+        optimizer.zero_grad(set_to_none=True)  # the weights stay as they were
+        return math.nan, parts
     optimizer.step()
-    return float(loss.detach()), parts
+    return value, parts
+
+
+#: Steps in a row whose loss or gradients are NaN or infinite (in fp32) before training stops.
+MAX_NON_FINITE_STEPS = 3
+
+
+@dataclass
+class _NonFiniteGuard:
+    """Steps in a row that were skipped for NaN or infinite values."""
+
+    bad: int = 0
+
+
+def _non_finite_step_iter(step: int, policy, guard: _NonFiniteGuard,
+                          ) -> Generator[ProgressEvent, None, Any]:
+    """A step whose loss or gradients were not finite was skipped (the weights unchanged)
+    and is taken again with another batch; in bf16/fp16 the rest of the run goes on in fp32,
+    with a warning; returns the policy.
+
+    Raises:
+        MedsegError: :data:`MAX_NON_FINITE_STEPS` such steps in a row in fp32.
+    """
+    if policy.name != "fp32":
+        yield NoticeEvent(f"Step {step} gave NaN or infinite values in {policy.name}; it is "
+                          "taken again, and training goes on, in fp32 precision.",
+                          level="warning")
+        return PrecisionPolicy("fp32", f"{policy.name} gave NaN or infinite values")
+    guard.bad += 1
+    if guard.bad >= MAX_NON_FINITE_STEPS:
+        raise MedsegError(f"The loss or its gradients were NaN or infinite on {guard.bad} "
+                          "steps in a row; lower the learning rate or check the labels.")
+    yield NoticeEvent(f"Step {step} gave NaN or infinite values; it is taken again with "
+                      "another batch.", level="warning")
+    return policy
 
 
 def _record_validation_iter(
