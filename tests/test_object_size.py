@@ -117,6 +117,16 @@ def test_a_given_diameter_sets_the_zoom_and_one_near_the_learnt_size_changes_not
     assert not any("px across" in n for n in same.notices)
 
 
+def test_the_cli_says_the_resampling_once(tmp_path, capsys):
+    from napari_medseg.cli import main
+
+    rc = main(["predict", str(sample_path("nuclei")), "-o", str(tmp_path),
+               "--weights", "sa2net_lite_dsb2018", "--diameter", "40", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert err.count("resampled by 0.5") == 1, err  # was: as a notice and again in the plan
+    assert "plan" in err and (tmp_path / "nuclei_mask.tif").exists()
+
 def test_an_image_without_objects_runs_at_its_own_pixels_and_says_why(nuclei_weights):
     blank = np.zeros((96, 96), np.uint8)
     out = predict(blank, nuclei_weights, PredictConfig(outputs=("mask",), axes="YX",

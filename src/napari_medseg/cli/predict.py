@@ -189,17 +189,18 @@ def _show(events, name: str, quiet: bool):
     from ..engine.inference.plan import format_seconds
     from ..engine.progress import FinishedEvent, NoticeEvent, PlaneEvent, PlanEvent, TilesEvent
 
-    result = None
+    result, said = None, set()
     with Progress("tile", desc=name[:24], quiet=quiet, leave=False) as bar:
         for event in events:
             if isinstance(event, PlanEvent) and not quiet:
-                if not event.probed:
-                    bar.say(f"napari-medseg: {name}: plan\n  "
-                            + event.plan.describe().replace("\n", "\n  "))
+                if not event.probed:  # the plan's notes, less the notices already printed
+                    lines = [x for x in event.plan.describe().split("\n") if x not in said]
+                    bar.say(f"napari-medseg: {name}: plan\n  " + "\n  ".join(lines))
                 elif event.plan.seconds is not None:
                     bar.say(f"  estimated time {format_seconds(event.plan.seconds)} "
                             "(one-batch probe)")
             elif isinstance(event, NoticeEvent):
+                said.add(event.message)
                 bar.say(notice_line(event))
             elif isinstance(event, TilesEvent):
                 bar.advance(event.done, event.total)
