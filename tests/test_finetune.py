@@ -386,6 +386,7 @@ def test_a_step_with_nan_in_bf16_is_taken_again_in_fp32_and_the_weights_stay_fin
     result = events[-1].result
     assert all(torch.isfinite(v).all() for v in result.model.state_dict().values()
                if v.is_floating_point())
+    assert result.precision == "fp32"  # what the checkpoint records
 
 
 def test_nan_in_fp32_steps_in_a_row_stop_training_with_a_clear_error(nuclei, monkeypatch):

@@ -107,6 +107,7 @@ class FinetuneResult:
         n_replay: replayed samples.
         data_hash: hash of the training data.
         seconds: wall time.
+        precision: the precision the steps ran in (``fp32`` once a step gave NaN in bf16).
     """
 
     model: Any
@@ -123,6 +124,7 @@ class FinetuneResult:
     n_replay: int = 0
     data_hash: str = ""
     seconds: float = 0.0
+    precision: str = ""
 
     @property
     def improved(self) -> bool:
@@ -273,7 +275,8 @@ def _write_checkpoint(work: Any, output: str | Path, parent_info: Any, config: F
     if parent_info is not None and parent_info.training_data.get("dataset"):
         training_data["dataset"] = parent_info.training_data["dataset"]
     training_data.update(dict(data or {}))
-    settings = dict(config.to_dict(), device=str(setup.device), precision=setup.policy.name,
+    settings = dict(config.to_dict(), device=str(setup.device),
+                    precision=result.precision or setup.policy.name,
                     steps_done=result.steps_done, stopped=result.stopped,
                     wall_time_s=round(result.seconds, 1))
     metrics = {"val_dice": _round(result.best_dice),
@@ -391,7 +394,7 @@ def finetune_iter(
         best_dice=state.best if val_s else float("nan"), best_step=state.best_step,
         steps_done=steps_done, stopped=stopped, history=state.history, n_train=len(train_s),
         n_val=len(val_s), n_replay=len(replay), data_hash=samples_hash(samples),
-        seconds=time.perf_counter() - t_start)
+        seconds=time.perf_counter() - t_start, precision=state.precision or setup.policy.name)
     if output is not None:
         result.checkpoint, result.info = _write_checkpoint(
             work, output, parent_info, config, result, setup, val_s, train_s, data)
@@ -467,7 +470,8 @@ def _partial(model: Any, baseline: float, state: Any, t_start: float,
     return FinetuneResult(model=model, checkpoint=None, info=None, baseline_dice=baseline,
                           best_dice=state.best, best_step=state.best_step,
                           steps_done=state.step, stopped="running", history=state.history,
-                          data_hash=data_hash, seconds=time.perf_counter() - t_start)
+                          data_hash=data_hash, seconds=time.perf_counter() - t_start,
+                          precision=state.precision)
 
 
 def _round(value: float) -> float | None:

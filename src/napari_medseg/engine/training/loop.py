@@ -183,6 +183,8 @@ class LoopState:
         best_step: the step it was reached at (0: not yet, or the starting weights).
         bad: validations since the last improvement.
         history: one row per step (``step``, ``loss``, ``lr``, ``wall_s``, ``val_dice``).
+        precision: the precision the steps run in (set by the loop: ``fp32`` once a step
+            gave NaN in bf16/fp16); what the checkpoint records.
     """
 
     step: int = 0
@@ -190,6 +192,7 @@ class LoopState:
     best_step: int = 0
     bad: int = 0
     history: list[dict] = field(default_factory=list)
+    precision: str = ""
 
 
 def optimise_iter(
@@ -255,6 +258,7 @@ def optimise_iter(
     train_mode(model, freeze_stats)
     step = state.step
     guard = _NonFiniteGuard()
+    state.precision = policy.name
     for step in range(state.step, config.steps):
         if cancel.cancelled:
             stopped = "cancelled"
@@ -268,6 +272,7 @@ def optimise_iter(
                                       device=device, policy=policy, generator=generator)
         while not math.isfinite(loss):  # skipped: the weights are unchanged; take it again
             policy = yield from _non_finite_step_iter(step + 1, policy, guard)
+            state.precision = policy.name
             loss, parts = _optimiser_step(model, sampler, config, optimizer, trainable, lr,
                                           device=device, policy=policy, generator=generator)
         guard.bad = 0

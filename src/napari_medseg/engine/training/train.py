@@ -200,8 +200,9 @@ def train_iter(
     training_data = _training_data(config, images, masks, pairs, samples, train_s, val_s)
 
     def save_best(step: int, score: float, wall: float) -> None:
-        settings = dict(config.to_dict(), device=str(device), precision=policy.name,
-                        steps_done=step, wall_time_s=round(wall, 1))
+        settings = dict(config.to_dict(), device=str(device),
+                        precision=state.precision or policy.name, steps_done=step,
+                        wall_time_s=round(wall, 1))
         save_checkpoint(
             model, output, normalization=norm, training_data=training_data,
             settings=settings, metrics={"val_dice": round(score, 4), "step": step},
