@@ -720,6 +720,26 @@ def test_prewarm_imports_what_the_first_labels_layer_needs():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_the_unit_registry_is_built_before_the_prewarm_thread_starts():
+    """pint builds its registry lazily and not thread-safely: the pre-warm thread's layer and
+    the viewer's first image layer building it at once left one without the unit "pixel"
+    (the journey test failed 2 runs in 3). It is built in the caller's thread first."""
+    import subprocess
+    import sys
+
+    code = ("import pint\n"
+            "from pint.registry import LazyRegistry\n"
+            "from napari_medseg._napari.result_layers import prewarm_layer_code\n"
+            "assert isinstance(pint.get_application_registry().get(), LazyRegistry)\n"
+            "thread = prewarm_layer_code()\n"
+            "registry = pint.get_application_registry().get()\n"
+            "assert not isinstance(registry, LazyRegistry), 'built by the thread, racing'\n"
+            "assert 'pixel' in registry._units\n"
+            "thread.join()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
 def test_viewer_state_shares_the_choice_the_cache_and_weights_requests():
     """The widgets of one viewer share one state: the Segment widget's choice (with a
     signal), one network cache, and a handler for "segment with these weights"."""

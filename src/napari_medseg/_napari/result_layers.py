@@ -311,6 +311,16 @@ def prewarm_layer_code() -> threading.Thread | None:
     if _prewarm_started.is_set():
         return None
     _prewarm_started.set()
+    # pint builds its unit registry lazily on first use, and not thread-safely: a layer made
+    # in the thread below while the viewer makes its first image layer left one of them
+    # without the unit "pixel" (UndefinedUnitError). Built here first, in the caller's
+    # thread; every layer needs it, so the first image would pay the same moments.
+    try:
+        import pint  # napari's units (a dependency of napari's, not ours)
+    except ImportError:
+        pass
+    else:
+        pint.get_application_registry().pixel  # noqa: B018 - the access builds the registry
 
     def work() -> None:
         import importlib
