@@ -222,6 +222,9 @@ def test_the_demo_window_shows_the_weights_it_ran_and_each_output_in_its_colour(
         qtbot.waitUntil(lambda: segment.ready, timeout=TIMEOUT)
         # the demo's weights, not the proposal for the image
         assert segment.current_weights().source == "unet_sharp_lite_dsb2018"
+        # and the line under them speaks of that choice, not of the proposal's reasons
+        why = segment.weights_panel.match_label.text()
+        assert why.startswith("Your choice (") and "unet_sharp_lite_dsb2018" in why, why
         mask, boundary = viewer.layers["nuclei mask"], viewer.layers["nuclei boundary"]
         assert not np.allclose(mask.colormap.map(np.array([1]))[0],
                                boundary.colormap.map(np.array([1]))[0])

@@ -537,7 +537,7 @@ class SegmentWidget(ImagePickerMixin, QWidget):
             return None
         if not self.weights_panel.select_source(str(source)):
             return None
-        self.weights_panel.explicit = True  # fine-tuned weights stay chosen
+        self.weights_panel.keep_user_choice()  # fine-tuned weights stay chosen
         if image_name and image_name in [self.image_combo.itemText(i)
                                          for i in range(self.image_combo.count())]:
             self.image_combo.setCurrentText(image_name)
@@ -564,7 +564,8 @@ class SegmentWidget(ImagePickerMixin, QWidget):
             return True
         self._pending_weights = None
         chosen = self.weights_panel.select_source(str(source))
-        self.weights_panel.explicit = self.weights_panel.explicit or chosen
+        if chosen:
+            self.weights_panel.keep_user_choice()
         return chosen
 
     # ------------------------------------------------------------- messages -----------

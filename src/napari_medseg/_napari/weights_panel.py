@@ -154,8 +154,8 @@ class WeightsPanel(QGroupBox):
         self.weights_combo.currentIndexChanged.connect(self._on_weights_changed)
         self.variant_combo.currentIndexChanged.connect(self._on_variant_changed)
         self.browse_button.clicked.connect(self._browse_checkpoint)
-        self.network_combo.activated.connect(self._on_user_choice)
-        self.weights_combo.activated.connect(self._on_user_choice)
+        self.network_combo.activated.connect(self.keep_user_choice)
+        self.weights_combo.activated.connect(self.keep_user_choice)
 
     # -- lists -------------------------------------------------------------------------
     def set_catalog(self, networks: dict[str, list[str]], devices: list[dict]) -> None:
@@ -233,13 +233,15 @@ class WeightsPanel(QGroupBox):
         self.changed.emit()
 
     # -- matching the image ------------------------------------------------------------
-    def _on_user_choice(self, *_: Any) -> None:
-        """The user picked from the network or weights list: keep it from now on."""
+    def keep_user_choice(self, *_: Any) -> None:
+        """The user picked the weights (from the lists, or through a request such as the
+        Fine-tune widget's or the demo's ``--weights``): keep them from now on and say so
+        (no proposal's reason stays shown for weights it did not propose)."""
         self.explicit = True
         choice = self.current_weights()
         if choice is not None:
-            self.match_label.setStyleSheet("")
-            self.match_label.setText(f"Your choice ({choice.label}) is kept for every image.")
+            self._show_match(f"Your choice ({choice.label}) is kept for every image.",
+                             warn=False)
 
     def propose(self, traits: Any) -> Any:
         """Select the shipped weights that best match an image (``ImageTraits``), unless the
@@ -254,11 +256,14 @@ class WeightsPanel(QGroupBox):
             return None
         current = self.current_weights()
         if self.explicit:
-            text = ""
-            if current is not None and current.source != match.tag and not match.guess:
-                text = (f"Your choice ({current.label}) is kept; {match.tag} matches this "
-                        "image better.")
-            self._show_match(text, warn=bool(text))
+            if current is None:
+                self._show_match("", warn=False)
+            elif current.source != match.tag and not match.guess:
+                self._show_match(f"Your choice ({current.label}) is kept; {match.tag} matches "
+                                 "this image better.", warn=True)
+            else:
+                self._show_match(f"Your choice ({current.label}) is kept for every image.",
+                                 warn=False)
             return match
         if current is None or current.source != match.tag:
             self.select_source(match.tag)
