@@ -96,11 +96,10 @@ def check_network_batch(inputs_finite: bool, outputs_finite: bool, precision: st
     """
     if not inputs_finite:
         raise InputShapeError(_NONFINITE_NORMALISED)
-    if not outputs_finite:
-        hint = ("run again in fp32 precision (--precision fp32)" if precision != "fp32"
-                else "the checkpoint may be broken; try other weights")
+    if not outputs_finite:  # in bf16/fp16 the tile predictor runs the batch again in fp32
         raise NonFiniteOutputError(f"The network returned NaN or infinite values in "
-                                   f"{precision} precision; {hint}.")
+                                   f"{precision} precision; the checkpoint may be broken, "
+                                   "try other weights.")
 
 
 @dataclass(frozen=True)

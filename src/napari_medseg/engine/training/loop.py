@@ -257,7 +257,6 @@ def optimise_iter(
     freeze_stats = bool(getattr(config, "freeze_norm_stats", False))
     train_mode(model, freeze_stats)
     step = state.step
-    guard = _NonFiniteGuard()
     state.precision = policy.name
     for step in range(state.step, config.steps):
         if cancel.cancelled:
@@ -270,12 +269,13 @@ def optimise_iter(
         t_step = time.perf_counter()
         loss, parts = _optimiser_step(model, sampler, config, optimizer, trainable, lr,
                                       device=device, policy=policy, generator=generator)
+        failed = 0  # tries of this step that were not finite in fp32
         while not math.isfinite(loss):  # skipped: the weights are unchanged; take it again
-            policy = yield from _non_finite_step_iter(step + 1, policy, guard)
+            failed += policy.name == "fp32"
+            policy = yield from _non_finite_step_iter(step + 1, policy, failed)
             state.precision = policy.name
             loss, parts = _optimiser_step(model, sampler, config, optimizer, trainable, lr,
                                           device=device, policy=policy, generator=generator)
-        guard.bad = 0
         clock.stepped(time.perf_counter() - t_step)
         row = {"step": step + 1, "loss": loss, "lr": lr, "wall_s": round(clock.training_s(), 2)}
         history.append(row)
@@ -364,34 +364,26 @@ def _optimiser_step(model, sampler, config, optimizer, trainable: list, lr: floa
     return value, parts
 
 
-#: Steps in a row whose loss or gradients are NaN or infinite (in fp32) before training stops.
+#: Tries of one step whose loss or gradients are NaN or infinite in fp32 before training stops.
 MAX_NON_FINITE_STEPS = 3
 
 
-@dataclass
-class _NonFiniteGuard:
-    """Steps in a row that were skipped for NaN or infinite values."""
-
-    bad: int = 0
-
-
-def _non_finite_step_iter(step: int, policy, guard: _NonFiniteGuard,
-                          ) -> Generator[ProgressEvent, None, Any]:
+def _non_finite_step_iter(step: int, policy, failed: int) -> Generator[ProgressEvent, None, Any]:
     """A step whose loss or gradients were not finite was skipped (the weights unchanged)
     and is taken again with another batch; in bf16/fp16 the rest of the run goes on in fp32,
-    with a warning; returns the policy.
+    with a warning; returns the policy. ``failed`` counts the tries of this step that were
+    not finite in fp32.
 
     Raises:
-        MedsegError: :data:`MAX_NON_FINITE_STEPS` such steps in a row in fp32.
+        MedsegError: :data:`MAX_NON_FINITE_STEPS` such tries in fp32.
     """
     if policy.name != "fp32":
         yield NoticeEvent(f"Step {step} gave NaN or infinite values in {policy.name}; it is "
                           "taken again, and training goes on, in fp32 precision.",
                           level="warning")
         return PrecisionPolicy("fp32", f"{policy.name} gave NaN or infinite values")
-    guard.bad += 1
-    if guard.bad >= MAX_NON_FINITE_STEPS:
-        raise MedsegError(f"The loss or its gradients were NaN or infinite on {guard.bad} "
+    if failed >= MAX_NON_FINITE_STEPS:
+        raise MedsegError(f"The loss or its gradients were NaN or infinite on {failed} "
                           "steps in a row; lower the learning rate or check the labels.")
     yield NoticeEvent(f"Step {step} gave NaN or infinite values; it is taken again with "
                       "another batch.", level="warning")
