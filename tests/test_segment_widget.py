@@ -702,12 +702,19 @@ def test_weights_choices_list_cards_checkpoints_and_random(env):
     assert len(session.cached_models()) == 1  # least recently used dropped
 
 
-def test_prewarm_imports_what_the_first_labels_layer_needs():
-    """The pre-warm thread loads the lazily imported colour conversions napari's label
-    colormap uses (otherwise the first Labels layer imports them on the GUI thread)."""
+def _runs_in_a_fresh_process(code: str) -> None:
+    """Run ``code`` in a new Python (imports and pint's registry start empty there)."""
     import subprocess
     import sys
 
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_prewarm_imports_what_the_first_labels_layer_needs():
+    """The pre-warm thread loads the lazily imported colour conversions napari's label
+    colormap uses (otherwise the first Labels layer imports them on the GUI thread)."""
     code = ("import sys\n"
             "from napari_medseg._napari.result_layers import prewarm_layer_code\n"
             "assert 'skimage.color.colorconv' not in sys.modules\n"
@@ -715,18 +722,13 @@ def test_prewarm_imports_what_the_first_labels_layer_needs():
             "missing = [m for m in ('skimage.color.colorconv', 'pandas', "
             "'napari._vispy.layers.labels') if m not in sys.modules]\n"
             "assert not missing, missing\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _runs_in_a_fresh_process(code)
 
 
 def test_the_unit_registry_is_built_before_the_prewarm_thread_starts():
     """pint builds its registry lazily and not thread-safely: the pre-warm thread's layer and
     the viewer's first image layer building it at once left one without the unit "pixel"
     (the journey test failed 2 runs in 3). It is built in the caller's thread first."""
-    import subprocess
-    import sys
-
     code = ("import pint\n"
             "from pint.registry import LazyRegistry\n"
             "from napari_medseg._napari.result_layers import prewarm_layer_code\n"
@@ -736,9 +738,8 @@ def test_the_unit_registry_is_built_before_the_prewarm_thread_starts():
             "assert not isinstance(registry, LazyRegistry), 'built by the thread, racing'\n"
             "assert 'pixel' in registry._units\n"
             "thread.join()\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _runs_in_a_fresh_process(code)
+
 
 def test_viewer_state_shares_the_choice_the_cache_and_weights_requests():
     """The widgets of one viewer share one state: the Segment widget's choice (with a
