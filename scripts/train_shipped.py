@@ -199,6 +199,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--object-diameter", type=float, metavar="PX",
                    help="instance task: train every image with its objects resized to this "
                         "median diameter (prediction resamples images to it)")
+    p.add_argument("--oversample", action="append", default=[], metavar="TYPE=FACTOR",
+                   help="draw the training planes of an acquisition type FACTOR times as often "
+                        "(e.g. H&E=3)")
     p.add_argument("--out-dir", help="write the weights and card here instead of weights/ "
                    "and models/ (weights that are not shipped)")
     p.add_argument("--retune", action="store_true",
@@ -285,6 +288,7 @@ def _config(args: argparse.Namespace, ds: dict):
         "max_minutes": args.minutes, "task": args.task or ds["task"],
         "boundary_width": args.boundary_width, "contact_weight": args.contact_weight,
         "object_diameter": args.object_diameter,
+        "oversample": {k: float(v) for k, v in (o.split("=", 1) for o in args.oversample)},
         "normalization": args.normalization or ds["normalization"], "dataset": args.dataset,
         "patience": 0,
         "model_overrides": overrides, "resume": True, "precision": args.precision,
@@ -408,6 +412,7 @@ def _card(args, ds: dict, cfg, info, task, classes, shipped, tuning, wall: float
             **({"object_diameter": f"every image trained with its objects resized to "
                                    f"{cfg.object_diameter:g} px"}
                if cfg.object_diameter else {}),
+            **({"oversample": dict(cfg.oversample)} if cfg.oversample else {}),
             "device": f"{info.settings.get('device')} "
                       f"({platform.processor() or platform.machine()})",
             "wall_time_min": round(wall / 60, 1),
@@ -464,15 +469,17 @@ def main(argv: list[str] | None = None) -> int:
         dtype="float16")
     card = _card(args, ds, cfg, info, task, classes, shipped, tuning, wall, result)
     card["tag"] = tag
-    old_card = models_dir / f"{tag}.yaml"
-    if old_card.is_file():  # what a person wrote about the weights stays
+    out_card = models_dir / f"{tag}.yaml"
+    # what a person wrote about the weights stays (from the shipped card when writing elsewhere)
+    written = next((c for c in (out_card, ROOT / "models" / f"{tag}.yaml") if c.is_file()), None)
+    if written is not None:
         for key in ("intended_for",):
-            kept = (yaml.safe_load(old_card.read_text()) or {}).get(key)
+            kept = (yaml.safe_load(written.read_text()) or {}).get(key)
             if kept is not None:
                 card[key] = kept
     _keep_facts(card, ds)
     models_dir.mkdir(exist_ok=True)
-    old_card.write_text(yaml.safe_dump(card, sort_keys=False))
+    out_card.write_text(yaml.safe_dump(card, sort_keys=False))
     print(json.dumps({"tag": tag, "metrics": metrics, "wall_min": round(wall / 60, 1)}))
     return 0
 

@@ -94,3 +94,41 @@ def test_budget_counts_the_setup_and_ends_before_a_step_and_validation_would_ove
     assert clock.up()  # 40 + 10 + 15 > 60: validate this step and stop
     assert loop._Budget(minutes=0.0, before=0.0, spent=1e9).up() is False  # no limit
     assert loop._Budget(minutes=1.0, before=61.0, spent=0.0).spent_before()
+
+
+def test_oversampling_draws_the_named_acquisition_type_as_often_as_asked(nuclei_folders):
+    """The bundled fluorescence and H&E samples: H&E drawn 3x as often gives it 3 patches
+    in 4 (every other type keeps weight 1); no weights gives 1 in 2."""
+    import numpy as np
+
+    from napari_medseg.engine.training.datasets import (PatchSampler, find_pairs, load_samples,
+                                                        oversampling_weights)
+
+    images, masks = nuclei_folders
+    samples = load_samples(find_pairs(images, masks), 3, lambda x: x.astype(np.float32) / 255)
+    weights, counts = oversampling_weights(samples, {"H&E": 3})
+    assert counts == {"fluorescence": 1, "H&E": 1}
+    colour = [bool(np.ptp(s.image, axis=0).max() > 0) for s in samples]
+    assert list(weights) == [3.0 if c else 1.0 for c in colour]
+
+    def he_share(sampler: PatchSampler) -> float:
+        patches = sampler.draw(600)[0]
+        return float(np.mean([np.ptp(p, axis=0).max() > 0 for p in patches]))
+
+    assert abs(he_share(PatchSampler(samples, 32, seed=1, weights=weights)) - 0.75) < 0.06
+    assert abs(he_share(PatchSampler(samples, 32, seed=1)) - 0.5) < 0.06
+
+
+def test_oversampling_a_type_that_does_not_exist_or_by_zero_is_refused(nuclei_folders):
+    import numpy as np
+
+    from napari_medseg.engine.training.datasets import (find_pairs, load_samples,
+                                                        oversampling_weights)
+    from napari_medseg.errors import ConfigError
+
+    images, masks = nuclei_folders
+    samples = load_samples(find_pairs(images, masks), 3, lambda x: x.astype(np.float32) / 255)
+    with pytest.raises(ConfigError, match="not an acquisition type"):
+        oversampling_weights(samples, {"HE": 3})
+    with pytest.raises(ConfigError, match="positive factor"):
+        _config(oversample={"H&E": 0})

@@ -101,6 +101,9 @@ class TrainConfig(ConfigBase):
             median diameter (pixels), as prediction then resamples an image's objects to it
             (:mod:`napari_medseg.engine.object_size`); None trains images at their own size
             (the weights then record the training objects' median diameter).
+        oversample: acquisition type -> how many times as often its training planes are
+            drawn as the others' (e.g. ``{"H&E": 3}``; the type read from the pixels,
+            :mod:`napari_medseg.engine.acquisition`); empty: every plane equally often.
         pattern: glob of the files to use in the folders.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` autocast.
@@ -140,6 +143,7 @@ class TrainConfig(ConfigBase):
     boundary_width: int = 1
     contact_weight: float = 5.0
     object_diameter: float | None = None
+    oversample: dict = field(default_factory=dict)
     pattern: str = "*"
     device: str = "auto"
     precision: str = field(default="auto", metadata=choices(*PRECISIONS))
@@ -164,6 +168,10 @@ class TrainConfig(ConfigBase):
             raise ConfigError(f"contact_weight must be at least 1, not {self.contact_weight}.")
         if not self.lr > 0:
             raise ConfigError(f"The learning rate must be positive, not {self.lr}.")
+        for kind, factor in self.oversample.items():
+            if not (isinstance(factor, (int, float)) and factor > 0):
+                raise ConfigError(f"oversample needs a positive factor for {kind!r}, not "
+                                  f"{factor!r}.")
 
 
 @dataclass(frozen=True)

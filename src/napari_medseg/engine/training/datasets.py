@@ -18,7 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ...errors import ImageReadError, InputShapeError
+from ...errors import ConfigError, ImageReadError, InputShapeError
+from ..acquisition import ACQUISITION_TYPES, acquisition_type
 from ..seg_task import SegTask, contact_weights, training_targets
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "split_samples",
     "split_within",
     "counted",
+    "oversampling_weights",
     "PatchSampler",
     "data_hash",
 ]
@@ -421,6 +423,23 @@ def _crop(s: Sample, axis: int, sl: slice) -> Sample:
     return dataclasses.replace(s, name=f"{s.name} (held-out strip)", **changes)
 
 
+def oversampling_weights(samples: Sequence[Sample], factors: dict[str, float]
+                         ) -> tuple[np.ndarray, dict[str, int]]:
+    """How often each sample is drawn (relative weights) when the planes of some acquisition
+    types are drawn ``factors[type]`` times as often as the others; and the planes per type.
+
+    Raises:
+        ConfigError: a key of ``factors`` is not an acquisition type.
+    """
+    unknown = sorted(set(factors) - set(ACQUISITION_TYPES))
+    if unknown:
+        raise ConfigError(f"oversample names {', '.join(map(repr, unknown))}, which is not an "
+                          f"acquisition type ({', '.join(ACQUISITION_TYPES)}).")
+    kinds = [acquisition_type(s.image, "CYX") for s in samples]
+    counts = {k: kinds.count(k) for k in ACQUISITION_TYPES if kinds.count(k)}
+    return np.array([float(factors.get(k, 1.0)) for k in kinds]), counts
+
+
 class PatchSampler:
     """Random patches with foreground balance, padded (reflect) when an image is smaller.
 
@@ -429,10 +448,11 @@ class PatchSampler:
         patch: patch side (input resolution x ``scale`` = the target's side).
         fg_fraction: probability that a patch is centred on a foreground pixel.
         seed: random seed.
+        weights: how often each sample is drawn, relative to the others (None: equally).
     """
 
     def __init__(self, samples: Sequence[Sample], patch: int, fg_fraction: float = 0.5,
-                 seed: int = 0):
+                 seed: int = 0, weights: Sequence[float] | None = None):
         if not samples:
             raise InputShapeError("There are no training samples.")
         self.samples = list(samples)
@@ -440,6 +460,13 @@ class PatchSampler:
         self.fg_fraction = fg_fraction
         self.rng = np.random.default_rng(seed)
         self._fg = [np.argwhere(s.mask > 0) for s in self.samples]
+        self._p = None
+        if weights is not None:
+            w = np.asarray(weights, np.float64)
+            if w.shape != (len(self.samples),) or not (w >= 0).all() or not w.sum() > 0:
+                raise ConfigError("The sampling weights need one non-negative number per "
+                                  "sample, not all zero.")
+            self._p = w / w.sum()
 
     def _pad(self, s: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
                                        np.ndarray | None]:
@@ -463,7 +490,8 @@ class PatchSampler:
         imgs, masks, bnds, valids = [], [], [], []
         any_boundary = any(s.boundary is not None for s in self.samples)
         for _ in range(n):
-            i = int(self.rng.integers(len(self.samples)))
+            i = int(self.rng.integers(len(self.samples)) if self._p is None
+                    else self.rng.choice(len(self.samples), p=self._p))
             s = self.samples[i]
             img, mask, bnd, weight = self._pad(s)
             h, w = mask.shape

@@ -32,7 +32,8 @@ from ...models import create_model
 from ...models.working_resolution import on_input_grid
 from ..checkpoints import save_checkpoint
 from .start import kept_normalization, starting_point, task_to_learn, widen_classes
-from .datasets import (PatchSampler, Sample, data_hash, find_pairs, load_samples, split_samples,
+from .datasets import (PatchSampler, Sample, data_hash, find_pairs, load_samples,
+                       oversampling_weights, split_samples,
                        training_diameter)
 from ..device import resolve_device
 from ..inference.normalization import normalize
@@ -193,7 +194,13 @@ def train_iter(
     if min(min(s.mask.shape) for s in samples) < 2:
         raise InputShapeError("Training images must be at least 2 pixels on each side.")
     patch = spec.valid_size(config.patch // spec.output_scale) * spec.output_scale
-    sampler = PatchSampler(train_s, patch, config.fg_fraction, seed=config.seed)
+    weights = None
+    if config.oversample:
+        weights, counts = oversampling_weights(train_s, config.oversample)
+        yield NoticeEvent("Training planes per acquisition type: " + ", ".join(
+            f"{k} {n}" + (f" (drawn {config.oversample[k]:g}x as often)"
+                          if k in config.oversample else "") for k, n in counts.items()) + ".")
+    sampler = PatchSampler(train_s, patch, config.fg_fraction, seed=config.seed, weights=weights)
     trainable, optimizer = _optimizer(model, config, device)
     state = yield from _resume_iter(output, model, optimizer, sampler, config)
     norm = norm or NormalizationConfig()
