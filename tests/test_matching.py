@@ -58,6 +58,28 @@ def test_without_metadata_the_choice_is_a_guess_and_says_so():
         ranked[0].reason
 
 
+def _nuclei(tag, dice, ap, by_type):
+    card = _card(tag, channels=(1, 3), dice=dice, kind="nuclei", modality=["fluorescence", "H&E"])
+    card.data["task"] = {"kind": "instances"}
+    card.metrics = {"dice": dice, "ap_iou50": ap,
+                    "by_type": {k: {"ap_iou50": v} for k, v in by_type.items()}}
+    return card
+
+
+def test_between_nuclei_weights_the_objects_score_of_the_image_type_decides():
+    """Object weights are judged by AP@0.5 (not foreground Dice), on the image's declared
+    acquisition type where the cards report one."""
+    cards = [_nuclei("best_dice", 0.93, 0.75, {"fluorescence": 0.82, "H&E": 0.42}),
+             _nuclei("best_overall", 0.92, 0.78, {"fluorescence": 0.84, "H&E": 0.44}),
+             _nuclei("best_fluo", 0.91, 0.76, {"fluorescence": 0.86, "H&E": 0.23})]
+    assert rank_weights(ImageTraits(1, modality="fluorescence"), cards)[0].tag == "best_fluo"
+    assert rank_weights(ImageTraits(3, modality="H&E"), cards)[0].tag == "best_overall"
+    assert rank_weights(ImageTraits(1, False, "micrometer", 0.3), cards)[0].tag == \
+        "best_overall"  # no type declared: the overall AP@0.5
+    assert rank_weights(ImageTraits(1, modality="bright-field"), cards)[0].tag == \
+        "best_overall"  # a type no card reports: the overall AP@0.5
+
+
 def test_a_contradicted_card_says_check_the_result():
     ranked = rank_weights(ImageTraits(1, modality="MRI"), CARDS)
     assert all(m.score < 1 for m in ranked)

@@ -14,8 +14,11 @@ Each model card declares what its weights were trained for::
 metadata and dtype, never its pixels, so it is instant on any size) and says why in one line.
 Evidence counts in this order: a declared modality, the pixel unit's family (nanometres:
 electron microscopy; micrometres: light microscopy; millimetres: radiology) and size, the
-channel count, floating-point intensities; the card's validation Dice breaks ties. A match
-with no evidence beyond the channel count is a guess, and says so.
+channel count, floating-point intensities; the card's validation figure breaks ties: for
+weights that give objects (the instance task) their AP@0.5, on the image's declared
+acquisition type (fluorescence, bright-field, H&E) where the card reports one, since that is
+what a user counting nuclei judges; Dice for the others. A match with no evidence beyond the
+channel count is a guess, and says so.
 """
 
 from __future__ import annotations
@@ -171,8 +174,22 @@ def _score(card: Any, facts: dict[str, Any],
     if traits.floating and facts["floating"]:
         score, evidence = score + 2, True
         good.append("floating-point intensities")
-    dice = float((card.metrics or {}).get("dice", 0.0) or 0.0)
-    return score + 0.5 * dice, not evidence, good, bad
+    return score + 0.5 * _validation_figure(card, traits), not evidence, good, bad
+
+
+def _validation_figure(card: Any, traits: ImageTraits) -> float:
+    """What breaks ties between cards (0-1): AP@0.5 for instance weights, of the image's
+    declared acquisition type where the card reports it; validation Dice otherwise."""
+    metrics = card.metrics or {}
+    task = (getattr(card, "data", None) or {}).get("task")
+    if isinstance(task, dict) and task.get("kind") == "instances" and metrics.get("ap_iou50"):
+        def key(name: str) -> str:
+            return name.lower().replace("-", "").replace(" ", "")
+
+        by_type = {key(k): v for k, v in (metrics.get("by_type") or {}).items()}
+        row = by_type.get(key(traits.modality or "")) or {}
+        return float(row.get("ap_iou50") or metrics["ap_iou50"])
+    return float(metrics.get("dice", 0.0) or 0.0)
 
 
 def _reason(card: Any, facts: dict[str, Any], guess: bool, good: Sequence[str],
