@@ -60,7 +60,7 @@ def test_without_metadata_the_choice_is_a_guess_and_says_so():
 
 def _nuclei(tag, dice, ap, by_type):
     card = _card(tag, channels=(1, 3), dice=dice, kind="nuclei", modality=["fluorescence", "H&E"])
-    card.data["task"] = {"kind": "instances"}
+    card.task = {"kind": "instances"}  # as ModelCard.task gives the instance task
     card.metrics = {"dice": dice, "ap_iou50": ap,
                     "by_type": {k: {"ap_iou50": v} for k, v in by_type.items()}}
     return card

@@ -119,16 +119,38 @@ def test_oversampling_draws_the_named_acquisition_type_as_often_as_asked(nuclei_
     assert abs(he_share(PatchSampler(samples, 32, seed=1)) - 0.5) < 0.06
 
 
-def test_oversampling_a_type_that_does_not_exist_or_by_zero_is_refused(nuclei_folders):
-    import numpy as np
-
-    from napari_medseg.engine.training.datasets import (find_pairs, load_samples,
-                                                        oversampling_weights)
+def test_oversampling_a_type_that_does_not_exist_or_by_zero_is_refused():
+    """Refused with the settings, before any image is read."""
     from napari_medseg.errors import ConfigError
 
-    images, masks = nuclei_folders
-    samples = load_samples(find_pairs(images, masks), 3, lambda x: x.astype(np.float32) / 255)
-    with pytest.raises(ConfigError, match="not an acquisition type"):
-        oversampling_weights(samples, {"HE": 3})
+    with pytest.raises(ConfigError, match="'HE', which is not an acquisition type"):
+        _config(oversample={"HE": 3})
     with pytest.raises(ConfigError, match="positive factor"):
         _config(oversample={"H&E": 0})
+
+
+def test_training_planes_are_typed_from_the_pixels_as_stored(tmp_path):
+    """The type evaluation reports: a dim grey 8-bit image whose percentile-stretched copy
+    looks light (its median is its 99th percentile) stays fluorescence (the bug: one DSB2018
+    fluorescence image was counted as bright-field)."""
+    import numpy as np
+    import tifffile
+
+    from napari_medseg.engine.acquisition import acquisition_type
+    from napari_medseg.engine.training.datasets import find_pairs, load_samples
+
+    image = np.full((64, 64), 60, np.uint8)  # a dim field (mean < 100: fluorescence) ...
+    image[:26] = 10  # ... darker at the top ...
+    image[:4, :4] = 250  # ... with one small bright nucleus (0.4 % of the pixels)
+    (tmp_path / "i").mkdir(), (tmp_path / "m").mkdir()
+    tifffile.imwrite(tmp_path / "i" / "a.tif", image)
+    tifffile.imwrite(tmp_path / "m" / "a.tif", (image == 250).astype(np.uint8))
+
+    def stretch(x):
+        lo, hi = np.percentile(x, (1, 99.8))
+        return ((x - lo) / (hi - lo)).astype(np.float32)
+
+    (s,) = load_samples(find_pairs(tmp_path / "i", tmp_path / "m"), 1, stretch)
+    assert acquisition_type(image, "YX") == "fluorescence"
+    assert acquisition_type(s.image, "CYX") == "bright-field"  # what typing it there gave
+    assert s.acquisition == "fluorescence"

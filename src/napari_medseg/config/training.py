@@ -8,6 +8,10 @@ from ..errors import ConfigError
 from .base import ConfigBase, choices
 from .inference import PRECISIONS, NormalizationConfig
 
+#: The acquisition types of light-microscopy images (read from the pixels by
+#: :func:`napari_medseg.engine.acquisition.acquisition_type`), e.g. for ``oversample``.
+ACQUISITION_TYPES = ("fluorescence", "bright-field", "H&E")
+
 __all__ = ["AugmentConfig", "FinetuneConfig", "TrainConfig"]
 
 
@@ -168,6 +172,10 @@ class TrainConfig(ConfigBase):
             raise ConfigError(f"contact_weight must be at least 1, not {self.contact_weight}.")
         if not self.lr > 0:
             raise ConfigError(f"The learning rate must be positive, not {self.lr}.")
+        unknown = sorted(set(self.oversample) - set(ACQUISITION_TYPES))
+        if unknown:
+            raise ConfigError(f"oversample names {', '.join(map(repr, unknown))}, which is not "
+                              f"an acquisition type ({', '.join(ACQUISITION_TYPES)}).")
         for kind, factor in self.oversample.items():
             if not (isinstance(factor, (int, float)) and factor > 0):
                 raise ConfigError(f"oversample needs a positive factor for {kind!r}, not "

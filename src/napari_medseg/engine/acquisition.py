@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["ACQUISITION_TYPES", "LIGHT_MEAN_8BIT", "acquisition_type"]
+from ..config.training import ACQUISITION_TYPES  # the types acquisition_type returns
 
-#: The types :func:`acquisition_type` returns.
-ACQUISITION_TYPES = ("fluorescence", "bright-field", "H&E")
+__all__ = ["ACQUISITION_TYPES", "LIGHT_MEAN_8BIT", "acquisition_type"]
 
 #: An 8-bit grey image whose mean is above this has a light background.
 LIGHT_MEAN_8BIT = 100.0

@@ -178,18 +178,20 @@ def _score(card: Any, facts: dict[str, Any],
 
 
 def _validation_figure(card: Any, traits: ImageTraits) -> float:
-    """What breaks ties between cards (0-1): AP@0.5 for instance weights, of the image's
-    declared acquisition type where the card reports it; validation Dice otherwise."""
+    """What breaks ties between cards (0-1): AP@0.5 for weights with the instance task (the
+    card's ``task``), of the image's declared acquisition type where the card reports it;
+    validation Dice otherwise."""
     metrics = card.metrics or {}
-    task = (getattr(card, "data", None) or {}).get("task")
-    if isinstance(task, dict) and task.get("kind") == "instances" and metrics.get("ap_iou50"):
-        def key(name: str) -> str:
-            return name.lower().replace("-", "").replace(" ", "")
-
-        by_type = {key(k): v for k, v in (metrics.get("by_type") or {}).items()}
-        row = by_type.get(key(traits.modality or "")) or {}
+    if getattr(card, "task", None) and metrics.get("ap_iou50"):
+        by_type = {_spelling(k): v for k, v in (metrics.get("by_type") or {}).items()}
+        row = by_type.get(_spelling(traits.modality or "")) or {}
         return float(row.get("ap_iou50") or metrics["ap_iou50"])
     return float(metrics.get("dice", 0.0) or 0.0)
+
+
+def _spelling(name: str) -> str:
+    """A type's name as compared: ``Bright-field`` and ``brightfield`` are one."""
+    return name.lower().replace("-", "").replace(" ", "")
 
 
 def _reason(card: Any, facts: dict[str, Any], guess: bool, good: Sequence[str],

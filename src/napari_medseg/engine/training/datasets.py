@@ -53,6 +53,8 @@ class Sample:
         group: split unit (a file, or a block of neighbouring slices).
         weight: H x W float32 pixel weights of the loss (the instance task's contact
             weights), or None (every pixel 1).
+        acquisition: the file's acquisition type (fluorescence, bright-field, H&E) read from
+            its pixels as stored, as evaluation reads it; None for a stack or another kind.
     """
 
     image: np.ndarray
@@ -61,6 +63,7 @@ class Sample:
     name: str
     group: str
     weight: np.ndarray | None = None
+    acquisition: str | None = None
 
 
 class Unpaired(NamedTuple):
@@ -233,6 +236,7 @@ def load_samples(
         image, meta = read_image(img_path)
         mask, mmeta = read_image(mask_path)
         image, axes = to_channels_first(np.asarray(image), meta.axes)
+        kind = acquisition_type(image, axes)  # before normalising, as evaluation types it
         mask = np.asarray(mask)
         if mask.ndim == image.ndim:  # a mask stored with a channel axis
             mask = mask[..., 0] if mmeta.axes.endswith("C") else mask[0]
@@ -263,7 +267,7 @@ def load_samples(
             if task is not None and task.instances and contact_weight != 1.0:
                 weight = contact_weights(m2d, task.boundary_width, contact_weight)
             samples.append(Sample(np.ascontiguousarray(img2d, np.float32), cls, boundary,
-                                  _stem(img_path) + suffix, group, weight))
+                                  _stem(img_path) + suffix, group, weight, kind))
     return samples
 
 
@@ -426,17 +430,10 @@ def _crop(s: Sample, axis: int, sl: slice) -> Sample:
 def oversampling_weights(samples: Sequence[Sample], factors: dict[str, float]
                          ) -> tuple[np.ndarray, dict[str, int]]:
     """How often each sample is drawn (relative weights) when the planes of some acquisition
-    types are drawn ``factors[type]`` times as often as the others; and the planes per type.
-
-    Raises:
-        ConfigError: a key of ``factors`` is not an acquisition type.
-    """
-    unknown = sorted(set(factors) - set(ACQUISITION_TYPES))
-    if unknown:
-        raise ConfigError(f"oversample names {', '.join(map(repr, unknown))}, which is not an "
-                          f"acquisition type ({', '.join(ACQUISITION_TYPES)}).")
-    kinds = [acquisition_type(s.image, "CYX") for s in samples]
-    counts = {k: kinds.count(k) for k in ACQUISITION_TYPES if kinds.count(k)}
+    types (``TrainConfig.oversample``) are drawn ``factors[type]`` times as often as the
+    others; and the planes per type."""
+    kinds = [s.acquisition for s in samples]
+    counts = {k: kinds.count(k) for k in ACQUISITION_TYPES if k in kinds}
     return np.array([float(factors.get(k, 1.0)) for k in kinds]), counts
 
 
