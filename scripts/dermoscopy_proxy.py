@@ -102,14 +102,15 @@ def build_proxy(folder: Path, names: list[str], out: Path, seed: int = 0) -> dic
     return folders
 
 
-def score(model, folders: dict[str, Path], diagnosis: dict[str, str]) -> dict:
-    """Mean Dice per folder, over the proxy, per diagnosis, and the gap PH2 - proxy."""
+def score(model, folders: dict[str, Path], diagnosis: dict[str, str], config=None) -> dict:
+    """Mean Dice per folder, over the proxy, per diagnosis, and the gap PH2 - proxy
+    (``config``: the prediction settings, a :class:`PredictConfig`; the defaults if None)."""
     from napari_medseg.engine.training.evaluate import evaluate
 
     out: dict = {"dice": {}, "by_diagnosis": {}}
     proxy_rows = []
     for device, folder in folders.items():
-        rows = evaluate(model, folder / "images", folder / "masks").rows
+        rows = evaluate(model, folder / "images", folder / "masks", config).rows
         dice = [r.scores["dice"] for r in rows if r.scores]
         out["dice"][device] = round(float(np.mean(dice)), 4)
         if device != "ph2":
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=DEFAULT_TAG, help="a tag or a checkpoint path")
     p.add_argument("--out", help="keep the proxy images in this folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tta", action="store_true", help="predict with flip test-time augmentation")
     args = p.parse_args(argv)
     folder = Path(args.data_root) / "ph2_dermoscopy"
     model, info = resolve_weights(args.weights)
@@ -144,11 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or tmp.name)
     try:
         folders = build_proxy(folder, names, out, args.seed)
-        result = score(model, folders, diagnosis)
+        from napari_medseg.config import PredictConfig
+
+        result = score(model, folders, diagnosis, PredictConfig(tta=args.tta))
     finally:
         if tmp is not None:
             tmp.cleanup()
-    print(json.dumps({"weights": args.weights, "images": len(names),
+    print(json.dumps({"weights": args.weights, "images": len(names), "tta": args.tta,
                       "devices": sorted(DEVICES), **result}))
     return 0
 

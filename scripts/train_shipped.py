@@ -47,6 +47,10 @@ DATASETS = {
         "in_channels": 3, "task": "classes", "patch": 256,
         # per channel, as the shipped weights were first trained (a warm start keeps it)
         "normalization": {"mode": "percentile", "low": 1.0, "high": 99.8},
+        # A lesion is judged against its surroundings: a photograph is predicted in one tile
+        # (up to 1536 px a side). With the network's own 768 px tiles, a 1.35x larger
+        # camera's photographs (the proxy's clinic device) fell to Dice 0.878 against 0.927.
+        "tile": 1536,
         "licence": "PH2: free for research and benchmarking (Mendonca et al. 2013); non-commercial",
         "target": "skin lesion",
     },
@@ -214,7 +218,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def _retune(args: argparse.Namespace, ds: dict, root: Path, tag: str) -> int:
     """``--retune``: the shipped weights re-tuned, re-described with the data set's current
     normalisation and pixel size (:data:`DATASETS`) and re-scored; their card keeps the rest."""
-    from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
+    from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint, with_tile
     from napari_medseg.engine.pixel_size import with_pixel_size
     from napari_medseg.config import NormalizationConfig
     from napari_medseg.engine.seg_task import task_of, with_task
@@ -223,7 +227,7 @@ def _retune(args: argparse.Namespace, ds: dict, root: Path, tag: str) -> int:
     model, info = load_checkpoint(ROOT / "weights" / tag)
     weights_dir = Path(args.out_dir) if args.out_dir else ROOT / "weights"
     weights_dir.mkdir(parents=True, exist_ok=True)
-    model = with_pixel_size(model, ds.get("pixel_size"))
+    model = with_tile(with_pixel_size(model, ds.get("pixel_size")), ds.get("tile"))
     model.checkpoint_info = info = dataclasses.replace(
         info, normalization=NormalizationConfig.from_mapping(ds["normalization"]).to_dict())
     if task_of(model).instances:  # the object size of the training images (not validation)
@@ -261,7 +265,10 @@ def _trained_diameter(task, root: Path, training_data: dict):
 
 
 def _keep_facts(card: dict, ds: dict) -> None:
-    """The card states the data set's pixel size and stored window (what the weights take)."""
+    """The card states the data set's pixel size, stored window (what the weights take) and
+    prediction tile."""
+    if ds.get("tile"):
+        card["tile"] = int(ds["tile"])
     if ds.get("pixel_size"):
         card.setdefault("intended_for", {})["pixel_size"] = dict(ds["pixel_size"])
     if ds.get("stored_window"):
@@ -427,7 +434,7 @@ def _card(args, ds: dict, cfg, info, task, classes, shipped, tuning, wall: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
+    from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint, with_tile
     from napari_medseg.engine.pixel_size import with_pixel_size
     from napari_medseg.engine.seg_task import INSTANCE_CLASS_NAMES, task_of
 
@@ -454,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
 
     model, info = load_checkpoint(work / tag)
-    model = with_pixel_size(model, ds.get("pixel_size"))
+    model = with_tile(with_pixel_size(model, ds.get("pixel_size")), ds.get("tile"))
     model, metrics, tuning = _score(model, root, info.training_data.get("val_files", []),
                                     info.training_data.get("val_planes") or [])
     task = task_of(model)

@@ -156,3 +156,18 @@ def test_mask_saved_as_a_one_plane_stack_is_scored(folders, capsys):
     rc, out, err = _eval(images, masks, capsys, "--json")
     assert rc == 0, err
     assert _rows(out)["good.tif"]["dice"] > 0.8
+
+
+def test_a_dermoscopy_photograph_has_no_microscopy_acquisition_type(tmp_path, capsys):
+    """Acquisition types (fluorescence, bright-field, H&E) describe nuclei images; the
+    lesion photograph (an RGB image with a one-object mask) was reported as 'H&E' before."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    shutil.copy(sample_path("dermoscopy"), images / "lesion.tif")
+    shutil.copy(sample_path("dermoscopy", mask=True), masks / "lesion.tif")
+    capsys.readouterr()
+    rc = main(["eval", "--weights", "sa2net_lite_ph2", "--images", str(images), "--masks",
+               str(masks), "-q", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report["mean"]["dice"] > 0.9
+    assert not report.get("by_type")

@@ -164,3 +164,57 @@ def test_a_small_tile_for_a_downsampled_network_gets_a_warning():
     plan = plan_prediction(big, model, device="cpu", precision="fp32", probe=False)
     assert max(plan.grid.tile) < model.spec.preferred_tile
     assert not any("resolution" in m or "larger than the image" in m for m in notices(big))
+
+
+def test_a_recorded_tile_travels_with_the_weights_and_sets_the_default_tile(tmp_path):
+    from napari_medseg.engine.checkpoints import CheckpointInfo, with_tile
+    from napari_medseg.engine.inference.planning import plan_prediction
+    from napari_medseg.errors import CheckpointError
+
+    model = with_tile(WorkingResolution(_net(1), 2), 160)
+    info = save_checkpoint(model, tmp_path / "wide", dtype="float32")
+    assert info.tile == 160
+    loaded, linfo = load_checkpoint(tmp_path / "wide")
+    assert loaded.spec.preferred_tile == 160 and linfo.tile == 160
+    image = np.zeros((300, 300), np.float32)
+    assert plan_prediction(image, loaded, device="cpu").grid.tile == (160, 160)
+    assert plan_prediction(image, loaded, device="cpu", tile=96).grid.tile == (96, 96)
+    # weights saved from the loaded ones (a fine-tune, a re-save) keep it
+    assert save_checkpoint(loaded, tmp_path / "child", dtype="float32").tile == 160
+    # without one: the network's preferred tile, and no key in the description
+    plain = save_checkpoint(WorkingResolution(_net(1), 2), tmp_path / "plain")
+    assert "tile" not in plain.to_dict()
+    assert load_checkpoint(tmp_path / "plain")[0].spec.preferred_tile == 512
+    # an edited tile is an edited description; a tile that is no side is refused
+    described = json.loads((tmp_path / "wide.json").read_text())
+    described["tile"] = 320
+    (tmp_path / "wide.json").write_text(json.dumps(described))
+    with pytest.raises(CheckpointError, match="do not match|changed|edited|differ"):
+        load_checkpoint(tmp_path / "wide")
+    for bad in (8, 100.5, "whole", True):
+        with pytest.raises(CheckpointError, match="invalid tile"):
+            CheckpointInfo.from_dict({**plain.to_dict(), "tile": bad})
+
+
+def test_a_larger_cameras_photograph_is_judged_whole_with_the_lesion_weights():
+    """The bundled photograph enlarged 1.35x, as a camera with more pixels gives it: the
+    lesion weights record a 1536 px tile, so the photograph is predicted in one piece. Cut
+    into the network's own 768 px tiles, each part misses the lesion's surroundings."""
+    from skimage.transform import rescale
+
+    from napari_medseg.engine.checkpoints import list_shipped_weights, resolve_weights
+    from napari_medseg.engine.metrics import dice
+    from napari_medseg.io.samples import load_sample
+
+    if "sa2net_lite_ph2" not in {w["tag"] for w in list_shipped_weights()}:
+        pytest.skip("the PH2 weights are not installed")
+    model, info = resolve_weights("sa2net_lite_ph2")
+    assert info.tile == 1536 and model.spec.preferred_tile == 1536
+    image, meta, truth = load_sample("dermoscopy")
+    big = rescale(image, 1.35, channel_axis=-1, anti_aliasing=True,
+                  preserve_range=True).astype(np.uint8)
+    ref = rescale(truth.astype(np.float32), 1.35, order=0) > 0.5
+    whole = predict(big, model, device="cpu", axes=meta.axes)["mask"] > 0
+    cut = predict(big, model, device="cpu", axes=meta.axes, tile=768)["mask"] > 0
+    assert dice(whole, ref) > 0.95
+    assert dice(cut, ref) < dice(whole, ref) - 0.1

@@ -181,8 +181,8 @@ def add_train_eval_demo(sub, commands: dict[str, Command]) -> None:
                     "in MASKS (a.png <-> a.* or a_mask.*). An image that cannot be scored (no "
                     "mask, unreadable, a mask of another size) is reported and the rest go on. "
                     "A reference with instance labels is also scored per object (F1 and AP at "
-                    "IoU 0.5, DSB 2018 score, AJI), and the means are repeated per acquisition "
-                    "type (fluorescence, bright-field, H&E) of the 2D images.",
+                    "IoU 0.5, DSB 2018 score, AJI), and for such 2D images the means are repeated "
+                    "per acquisition type (fluorescence, bright-field, H&E).",
         epilog="Exit status: 0 every image scored, 1 some could not be, 2 the run could not "
                "start.")
     p.add_argument("--weights", required=True, help="model-card tag or checkpoint path")

@@ -140,7 +140,7 @@ class ModelCard:
             in_channels=self.in_channels, num_classes=self.num_classes,
             classes=tuple(self.data.get("classes") or ()), normalization=self.normalization,
             input_downsample=int(self.data.get("input_downsample") or 1),
-            task=self.task, pixel_size=self.pixel_size,
+            task=self.task, pixel_size=self.pixel_size, tile=self.data.get("tile"),
             training_data={"dataset": self.dataset, **dict(self.data.get("training_data") or {})},
             settings=dict(self.data.get("settings") or {}), metrics=self.metrics,
             parent=self.data.get("parent"), weights=self.weights, sha256=self.sha256,

@@ -49,6 +49,7 @@ __all__ = [
     "save_checkpoint",
     "read_checkpoint_info",
     "load_checkpoint",
+    "with_tile",
     "list_model_cards",
     "list_shipped_weights",
     "default_weights",
@@ -79,6 +80,10 @@ class CheckpointInfo:
         pixel_size: the in-plane pixel size the weights were trained at (``{"value",
             "unit"}``, :class:`~.pixel_size.PixelSize`); images whose metadata give another
             are resampled to it. None: the weights do not depend on one.
+        tile: the tile side (image pixels) prediction uses when none is asked, where the
+            weights need more of an image at once than their network's preferred tile (a
+            whole dermoscopy photograph: one lesion judged in its surroundings); measured,
+            see the model card. None: the network's preferred tile.
         training_data: ``dataset`` (folder name), ``images``, ``split`` ... (free form).
         settings: training settings (epochs, optimizer, device, wall time ...).
         metrics: validation metrics, e.g. ``{"dice": 0.91, "split": "val"}``.
@@ -104,6 +109,7 @@ class CheckpointInfo:
     input_downsample: int = 1
     task: dict | None = None
     pixel_size: dict | None = None
+    tile: int | None = None
     training_data: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
@@ -123,7 +129,7 @@ class CheckpointInfo:
         out: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("task", "pixel_size") and value is None:
+            if f.name in ("task", "pixel_size", "tile") and value is None:
                 continue  # weights without them keep the description (and hash) they had
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return json.loads(json.dumps(out, default=_json_default))
@@ -170,6 +176,8 @@ class CheckpointInfo:
 
             size = PixelSize.from_mapping(kwargs["pixel_size"], source)
             kwargs["pixel_size"] = size.to_dict() if size else None
+        if kwargs.get("tile") is not None:
+            kwargs["tile"] = _tile(kwargs["tile"], source)
         if kwargs["input_downsample"] < 1:
             raise CheckpointError(f"The {source} has an invalid input_downsample "
                                   f"({kwargs['input_downsample']}).")
@@ -185,6 +193,30 @@ class CheckpointInfo:
             return NormalizationConfig.from_mapping(self.normalization)
         except ConfigError as exc:
             raise CheckpointError(f"The checkpoint's normalization is invalid: {exc}") from None
+
+
+def _tile(value: Any, source: str) -> int:
+    """A recorded tile side as an int (>= 16 pixels).
+
+    Raises:
+        CheckpointError: it is not a whole number of at least 16.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+            or value < 16:
+        raise CheckpointError(f"The {source} has an invalid tile ({value!r}); it is a side in "
+                              "pixels, at least 16.")
+    return int(value)
+
+
+def with_tile(model, tile: int | None):
+    """``model`` predicting with tiles of ``tile`` pixels when none is asked (its spec's
+    ``preferred_tile``), the side recorded in ``extra["tile"]`` for saving; None keeps the
+    network's own. Returns ``model``."""
+    if tile is None:
+        return model
+    model.spec = dataclasses.replace(model.spec, preferred_tile=int(tile),
+                                     extra={**model.spec.extra, "tile": int(tile)})
+    return model
 
 
 def _json_default(value: Any) -> Any:
@@ -254,6 +286,7 @@ def save_checkpoint(
         normalization = normalization.to_dict()
     factor = input_downsample(model)
     pixel_size = model.spec.extra.get("pixel_size")
+    tile = model.spec.extra.get("tile")
     model = unwrap(model)  # the file holds the network's own tensors
     spec = model.spec
     info = CheckpointInfo(
@@ -267,6 +300,7 @@ def save_checkpoint(
         input_downsample=factor,
         task=stored_task(spec.extra.get("task")),
         pixel_size=dict(pixel_size) if pixel_size else None,
+        tile=int(tile) if tile else None,
         training_data=dict(training_data or {}),
         settings=dict(settings or {}),
         metrics=dict(metrics or {}),
@@ -442,7 +476,7 @@ def _load(info: CheckpointInfo, weights_path: Path, device, verify: bool, source
     _load_state(model, weights_path, source)
     # a super-resolution network works on the image's grid (older checkpoints recorded 1)
     model = with_task(on_input_grid(with_downsample(model, info.input_downsample)), info.task)
-    model = with_pixel_size(model, info.pixel_size)
+    model = with_tile(with_pixel_size(model, info.pixel_size), info.tile)
     info = dataclasses.replace(info, input_downsample=input_downsample(model))
     model.eval()
     model.to(device)

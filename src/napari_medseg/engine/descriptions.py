@@ -42,7 +42,7 @@ HEADER_HASH_KEY = "napari_medseg_description_sha256"
 UNHASHED = ("sha256", "weights", "tag", "description_sha256")
 #: Fields that change what the network computes; they must equal the header's copy.
 OUTPUT_FIELDS = ("network", "variant", "in_channels", "num_classes", "config",
-                 "normalization", "input_downsample", "task", "pixel_size")
+                 "normalization", "input_downsample", "task", "pixel_size", "tile")
 
 
 def sha256_file(path: str | Path) -> str:

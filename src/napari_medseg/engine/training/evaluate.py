@@ -133,7 +133,9 @@ def _score_pair(model, img_path: Path, mask_path: Path, config: PredictConfig,
     """Predict one image and score it against its mask.
 
     Returns:
-        The scores, and the image's acquisition type (or None).
+        The scores, and the image's acquisition type when its reference holds objects
+        (fluorescence, bright-field or H&E nuclei), else None (a dermoscopy photograph is
+        no H&E section).
 
     Raises:
         InputShapeError: the mask's size is not the image's.
@@ -175,8 +177,9 @@ def _score_pair(model, img_path: Path, mask_path: Path, config: PredictConfig,
         "hd95": hd95(pred > 0, ref > 0, spacing),
         "boundary_f1": boundary_f1(pred > 0, ref > 0),
     }
-    if is_instance:
-        scores.update(instance_scores(np.asarray(result["instances"]), ref))
+    if not is_instance:  # the acquisition types are those of nuclei images (microscopy)
+        return scores, None
+    scores.update(instance_scores(np.asarray(result["instances"]), ref))
     return scores, acquisition_type(image, meta.axes)
 
 
