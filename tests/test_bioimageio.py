@@ -251,3 +251,11 @@ def test_every_shipped_weight_exports_and_passes_bioimageio_test(tag, tmp_path):
         assert len(space) == 2
         for axis in space:
             assert (axis.get("scale", 1.0), axis.get("unit")) == (value / per, unit), axis
+    # the prediction tile the weights record reaches other tools in words and in the config
+    lineage = rdf["config"]["napari_medseg"]
+    if info.tile:
+        assert lineage["tile"] == info.tile
+        with zipfile.ZipFile(package) as z:
+            assert f"prediction tile: {info.tile} px" in z.read("README.md").decode()
+    else:
+        assert "tile" not in lineage

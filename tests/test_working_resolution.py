@@ -4,6 +4,7 @@ arithmetic, its checkpoints, prediction at full resolution and training with it.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,9 @@ from napari_medseg.models.working_resolution import (
     unwrap,
     with_downsample,
 )
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _net(channels: int = 3):
@@ -218,3 +222,28 @@ def test_a_larger_cameras_photograph_is_judged_whole_with_the_lesion_weights():
     cut = predict(big, model, device="cpu", axes=meta.axes, tile=768)["mask"] > 0
     assert dice(whole, ref) > 0.95
     assert dice(cut, ref) < dice(whole, ref) - 0.1
+
+
+def test_the_tile_reaches_the_wrapped_network_a_widened_start_and_a_card(tmp_path):
+    import yaml
+
+    from napari_medseg.engine.cards import ModelCard
+    from napari_medseg.engine.checkpoints import with_tile
+    from napari_medseg.engine.pixel_size import pixel_size_of, with_pixel_size
+    from napari_medseg.engine.training.start import widen_classes
+    from napari_medseg.errors import CheckpointError
+
+    model = with_tile(with_pixel_size(WorkingResolution(_net(1), 2), {
+        "value": 0.5, "unit": "micrometer"}), 160)
+    assert model.net.spec.preferred_tile == 80 and model.net.spec.extra["tile"] == 160
+    # a foreground network widened to the instance task's three classes keeps both facts
+    wide = widen_classes(model, 3)
+    assert wide.spec.num_classes == 3 and wide.spec.preferred_tile == 160
+    assert pixel_size_of(wide) is not None and pixel_size_of(wide).value == 0.5
+    # a card's tile is checked as the card's, in one sentence
+    card = yaml.safe_load(next(ROOT.glob("models/sa2net_lite_ph2.yaml")).read_text())
+    card["tile"] = 4
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(card))
+    with pytest.raises(CheckpointError, match="model card bad.yaml has an invalid tile"):
+        ModelCard.from_file(path).info()

@@ -107,8 +107,9 @@ class RunPanel(QGroupBox):
         self.tile_spin.setSingleStep(32)
         self.tile_spin.setSpecialValueText("auto")
         self.tile_spin.setSuffix(" px")
-        self.tile_spin.setToolTip("Tile side; auto uses the network's preferred tile. Rounded "
-                                  "to what the network accepts, clamped to the image.")
+        self.tile_spin.setToolTip("Tile side; auto uses the tile the weights' card records, "
+                                  "else the network's preferred tile. Rounded to what the "
+                                  "network accepts, clamped to the image.")
         self.overlap_spin = QDoubleSpinBox()
         self.overlap_spin.setRange(0.0, 0.9)
         self.overlap_spin.setSingleStep(0.05)

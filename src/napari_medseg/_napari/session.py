@@ -63,7 +63,8 @@ class RunSettings:
         weights: the chosen weights.
         variant: the variant for untrained networks.
         device: ``cpu``, ``cuda:N`` or ``mps``.
-        tile: tile side, or None for the network's preferred tile.
+        tile: tile side, or None for the weights' recorded tile (else the network's
+            preferred tile).
         overlap: tile overlap fraction.
         blend: merge of overlapping tiles (``gaussian``, ``constant``, ``crop``).
         threshold: foreground threshold (one-class networks).

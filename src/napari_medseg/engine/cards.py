@@ -122,6 +122,18 @@ class ModelCard:
         size = PixelSize.from_mapping(facts.get("pixel_size"), f"model card {self.path.name}")
         return size.to_dict() if size else None
 
+    @property
+    def tile(self) -> int | None:
+        """The prediction tile the weights record (``tile``), or None.
+
+        Raises:
+            CheckpointError: it is not a whole number of at least 16 pixels.
+        """
+        from .checkpoints import tile_side
+
+        value = self.data.get("tile")
+        return None if value is None else tile_side(value, f"model card {self.path.name}")
+
     def weights_path(self) -> Path | None:
         """The weights file, searched in ``resources.weights_dirs()``; None if absent."""
         for folder in resources.weights_dirs():
@@ -140,7 +152,7 @@ class ModelCard:
             in_channels=self.in_channels, num_classes=self.num_classes,
             classes=tuple(self.data.get("classes") or ()), normalization=self.normalization,
             input_downsample=int(self.data.get("input_downsample") or 1),
-            task=self.task, pixel_size=self.pixel_size, tile=self.data.get("tile"),
+            task=self.task, pixel_size=self.pixel_size, tile=self.tile,
             training_data={"dataset": self.dataset, **dict(self.data.get("training_data") or {})},
             settings=dict(self.data.get("settings") or {}), metrics=self.metrics,
             parent=self.data.get("parent"), weights=self.weights, sha256=self.sha256,

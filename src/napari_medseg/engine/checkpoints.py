@@ -50,6 +50,7 @@ __all__ = [
     "read_checkpoint_info",
     "load_checkpoint",
     "with_tile",
+    "tile_side",
     "list_model_cards",
     "list_shipped_weights",
     "default_weights",
@@ -177,7 +178,7 @@ class CheckpointInfo:
             size = PixelSize.from_mapping(kwargs["pixel_size"], source)
             kwargs["pixel_size"] = size.to_dict() if size else None
         if kwargs.get("tile") is not None:
-            kwargs["tile"] = _tile(kwargs["tile"], source)
+            kwargs["tile"] = tile_side(kwargs["tile"], source)
         if kwargs["input_downsample"] < 1:
             raise CheckpointError(f"The {source} has an invalid input_downsample "
                                   f"({kwargs['input_downsample']}).")
@@ -195,7 +196,7 @@ class CheckpointInfo:
             raise CheckpointError(f"The checkpoint's normalization is invalid: {exc}") from None
 
 
-def _tile(value: Any, source: str) -> int:
+def tile_side(value: Any, source: str) -> int:
     """A recorded tile side as an int (>= 16 pixels).
 
     Raises:
@@ -211,11 +212,18 @@ def _tile(value: Any, source: str) -> int:
 def with_tile(model, tile: int | None):
     """``model`` predicting with tiles of ``tile`` pixels when none is asked (its spec's
     ``preferred_tile``), the side recorded in ``extra["tile"]`` for saving; None keeps the
-    network's own. Returns ``model``."""
+    network's own. A working-resolution wrapper's network gets the same tile at its own
+    scale (what ``super_resolved`` and a bare save see). Returns ``model``."""
     if tile is None:
         return model
-    model.spec = dataclasses.replace(model.spec, preferred_tile=int(tile),
-                                     extra={**model.spec.extra, "tile": int(tile)})
+    tile = int(tile)
+    inner = getattr(model, "net", None)
+    if inner is not None and hasattr(inner, "spec"):
+        side = max(int(inner.spec.divisor), tile // int(getattr(model, "factor", 1)))
+        inner.spec = dataclasses.replace(inner.spec, preferred_tile=side,
+                                         extra={**inner.spec.extra, "tile": tile})
+    model.spec = dataclasses.replace(model.spec, preferred_tile=tile,
+                                     extra={**model.spec.extra, "tile": tile})
     return model
 
 

@@ -199,6 +199,7 @@ def _lineage(info) -> dict:
         "weights_sha256": info.sha256, "parent": info.parent,
         "data_hash": data.get("data_hash"), "dataset": data.get("dataset"),
         "input_downsample": info.input_downsample,
+        **({"tile": info.tile} if info.tile else {}),
         "plugin_version": info.plugin_version, "created": info.created,
     }
 

@@ -44,6 +44,8 @@ def documentation(info, name: str, sample: str, source) -> str:
         "- data terms: those of the user's own images",
         f"- working resolution: the image average-pooled by {info.input_downsample}"
         if info.input_downsample > 1 else "- full resolution",
+        *([f"- prediction tile: {info.tile} px a side (recorded with the weights: their "
+           "validation figures were measured with it)"] if info.tile else []),
         f"- test tensors: cut from napari-medseg's shipped sample `{sample}`",
         "",
         "## Validation metrics",

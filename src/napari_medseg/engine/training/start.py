@@ -11,7 +11,8 @@ import torch
 from ...config import NormalizationConfig, TrainConfig
 from ...models import config_to_dict
 from ...models.working_resolution import with_downsample
-from ..checkpoints import load_checkpoint
+from ..checkpoints import load_checkpoint, with_tile
+from ..pixel_size import with_pixel_size
 from ..seg_task import SegTask
 
 __all__ = ["starting_point", "task_to_learn", "widen_classes", "kept_normalization"]
@@ -85,7 +86,10 @@ def widen_classes(model, num_classes: int):
                               f"{key} is {tuple(value.shape)}, not a class output.")
         target[key] = grown.clone().to(want.dtype)
     new.load_state_dict(target)
-    return with_downsample(new, input_downsample(model))
+    # what the parent's description carries beyond its tensors: pixel size and tile
+    widened = with_pixel_size(with_downsample(new, input_downsample(model)),
+                              model.spec.extra.get("pixel_size"))
+    return with_tile(widened, model.spec.extra.get("tile"))
 
 
 def kept_normalization(config, parent_info, norm) -> str | None:
