@@ -153,7 +153,8 @@ def add_super_resolved_arg(p: argparse.ArgumentParser) -> None:
 
 def add_tiling_args(p: argparse.ArgumentParser) -> None:
     """``--tile``, ``--overlap`` and ``--exact-tiles``."""
-    p.add_argument("--tile", help="tile side in pixels (default: the weights' card's tile, else the network's)")
+    p.add_argument("--tile", help="tile side in pixels (default: the tile the weights' card "
+                                  "records, else the network's)")
     p.add_argument("--overlap", help="tile overlap fraction (default 0.125)")
     p.add_argument("--exact-tiles", action="store_true",
                    help="keep the tile side as given instead of shrinking it to cover the "

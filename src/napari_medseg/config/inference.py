@@ -87,8 +87,9 @@ class TilingConfig(ConfigBase):
     Attributes:
         tile: tile side in pixels (one int for every spatial axis, or one per axis); None
             uses the network's ``preferred_tile`` (the weights' ``tile`` where their card
-            records one, e.g. 1536 for the dermoscopy weights). Rounded down to the network's divisor and
-            clamped to the image (a tile larger than the image is simply made smaller).
+            records one, e.g. 1536 for the dermoscopy weights). Rounded down to the network's
+            divisor and clamped to the image (a tile larger than the image is simply made
+            smaller).
         overlap: fraction of a tile shared with its neighbour, in [0, 1). 0.125 (32 px of a
             256 px tile; Cellpose uses 0.1) with ``balance`` scored within 0.004 Dice of
             MONAI's usual 0.25 on the held-out nuclei and EM images for 56-65 % of the

@@ -202,8 +202,8 @@ def tile_side(value: Any, source: str) -> int:
     Raises:
         CheckpointError: it is not a whole number of at least 16.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
-            or value < 16:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not float(value).is_integer() or value < 16):  # inf and NaN are no integers
         raise CheckpointError(f"The {source} has an invalid tile ({value!r}); it is a side in "
                               "pixels, at least 16.")
     return int(value)

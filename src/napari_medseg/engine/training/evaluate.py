@@ -5,10 +5,11 @@ compares with the reference mask, and returns per-image rows plus their means. O
 (:func:`~napari_medseg.engine.metrics.instance_scores`: F1 and AP at IoU 0.5, the DSB 2018
 score, AJI) are computed when the reference holds instance labels; the object counts of each
 image (``tp``, ``fp``, ``fn`` at IoU 0.5) stay in its row and are summed into
-:attr:`EvalResult.totals`, never averaged. An image whose reference holds instance labels (nuclei) also gets its
-acquisition type (:func:`~napari_medseg.engine.acquisition.acquisition_type`: fluorescence,
-bright-field, H&E, or None for anything but a 2D plane of 1 or 3 channels), and
-:attr:`EvalResult.by_type` holds the means per type.
+:attr:`EvalResult.totals`, never averaged. An image whose reference holds instance labels
+(nuclei) also gets its acquisition type
+(:func:`~napari_medseg.engine.acquisition.acquisition_type`: fluorescence, bright-field, H&E,
+or None for anything but a 2D plane of 1 or 3 channels), and :attr:`EvalResult.by_type` holds
+the means per type.
 
 :func:`reference_scores` scores a mask layer against a reference layer in the viewer (the
 Segment widget's metrics table): per class, and per object (the same object scores, per
