@@ -184,8 +184,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="run the network on the image shrunk by this factor")
     p.add_argument("--task", choices=("classes", "instances"),
                    help="what the masks hold (default: the data set's, instances for nuclei)")
-    p.add_argument("--boundary-width", type=int, default=1,
-                   help="boundary band width of the instance task, in pixels")
+    p.add_argument("--boundary-width", type=int,
+                   help="boundary band width of the instance task, in pixels (default: the "
+                        "--init weights' own, else 1)")
     p.add_argument("--contact-weight", type=float, default=5.0,
                    help="instance task: loss weight where two objects touch")
     p.add_argument("--normalization", type=yaml.safe_load, metavar="YAML",
@@ -414,7 +415,7 @@ def _card(args, ds: dict, cfg, info, task, classes, shipped, tuning, wall: float
             "patch": cfg.patch, "optimizer": "AdamW, linear warm-up, cosine decay",
             **({"augment": cfg.augment.to_dict()} if args.augment else {}),
             "lr": cfg.lr, "precision": info.settings.get("precision"),
-            **({"task": cfg.task, "boundary_width": cfg.boundary_width,
+            **({"task": cfg.task, "boundary_width": (info.task or {}).get("boundary_width"),
                 "contact_weight": cfg.contact_weight} if cfg.task == "instances" else {}),
             **({"object_diameter": f"every image trained with its objects resized to "
                                    f"{cfg.object_diameter:g} px"}

@@ -252,3 +252,26 @@ def test_objects_of_a_second_region_are_numbered_after_the_first():
     part = np.array([[0, 1, 1], [2, 0, 0]], np.int32)
     shifted = offset_labels(part, 40)
     assert shifted.tolist() == [[0, 41, 41], [42, 0, 0]] and shifted.dtype == np.int32
+
+
+def test_a_warm_start_keeps_its_parents_boundary_width_unless_another_is_asked():
+    from types import SimpleNamespace
+
+    from napari_medseg.config import TrainConfig
+    from napari_medseg.engine.training.start import task_to_learn
+
+    parent = SimpleNamespace(task={"kind": "instances", "boundary_width": 1,
+                                   "seed_threshold": 0.8, "min_seed": 32,
+                                   "object_diameter": 20.4})
+    kept = task_to_learn(TrainConfig(task="instances"), parent)
+    assert (kept.boundary_width, kept.seed_threshold, kept.min_seed) == (1, 0.8, 32)
+    same = task_to_learn(TrainConfig(task="instances", boundary_width=1), parent)
+    assert same == kept
+    wider = task_to_learn(TrainConfig(task="instances", boundary_width=2), parent)
+    assert wider.instances and wider.boundary_width == 2
+    assert wider.object_diameter == 20.4  # the data's nuclei, not the band's
+    assert wider.seed_threshold == SegTask().seed_threshold  # tuned again after training
+    fresh = task_to_learn(TrainConfig(task="instances"), None)
+    assert fresh.boundary_width == 1
+    with pytest.raises(ConfigError):
+        TrainConfig(task="instances", boundary_width=0)

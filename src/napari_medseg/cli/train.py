@@ -152,7 +152,8 @@ def _add_train(sub) -> None:
                         "object (instances: the network learns background, interior and "
                         "boundary, 3 classes, and predicts separate objects)")
     p.add_argument("--boundary-width", type=int, dest="boundary_width",
-                   help="instances: the boundary band's width inside each object (default 1)")
+                   help="instances: the boundary band's width inside each object (default: the "
+                        "--init weights' own, else 1)")
     p.add_argument("--input-downsample", type=int, dest="input_downsample",
                    help="run the network on the image shrunk by this integer factor (large "
                         "objects such as skin lesions; default 1)")

@@ -41,12 +41,20 @@ def starting_point(parent: str | Path | None, config: TrainConfig, pairs: list
 
 
 def task_to_learn(config: TrainConfig, parent_info: Any) -> SegTask:
-    """The task to learn: an instance parent's own, else the settings' (``--task``)."""
+    """The task to learn: an instance parent's own, else the settings' (``--task``).
+
+    An explicit ``boundary_width`` replaces an instance parent's (the thresholds it was tuned
+    with go back to the defaults: they are tuned again after training).
+    """
     if parent_info is not None and parent_info.task is not None:
         parent_task = SegTask.from_dict(parent_info.task)
         if parent_task.instances:
-            return parent_task
-    return SegTask(kind=config.task, boundary_width=config.boundary_width)
+            width = config.boundary_width
+            if width is None or width == parent_task.boundary_width:
+                return parent_task
+            return SegTask(kind=parent_task.kind, boundary_width=width,
+                           object_diameter=parent_task.object_diameter)
+    return SegTask(kind=config.task, boundary_width=config.boundary_width or 1)
 
 
 def widen_classes(model, num_classes: int):
