@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> None:
             "zoom_window": [y, x, 96], "status": segment.status_label.text(),
         })
     print(json.dumps(report, indent=1, default=str))
+    from napari._qt.qthreading import wait_for_workers_to_quit
+
     viewer.close()
+    wait_for_workers_to_quit()  # the widgets' last jobs (napari.run() waits on quit)
 
 
 if __name__ == "__main__":

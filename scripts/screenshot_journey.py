@@ -105,7 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     viewer.screenshot(str(out / "journey_three_docks.png"), canvas_only=False)
     report.append({"window": [window.width(), window.height()]})
     print(json.dumps(report, indent=1))
+    from napari._qt.qthreading import wait_for_workers_to_quit
+
     viewer.close()
+    wait_for_workers_to_quit()  # the widgets' last jobs (napari.run() waits on quit)
 
 
 if __name__ == "__main__":

@@ -133,7 +133,10 @@ def main() -> None:
     report["damaged_file"] = seen
 
     print(json.dumps(report, indent=2))
+    from napari._qt.qthreading import wait_for_workers_to_quit
+
     viewer.close()
+    wait_for_workers_to_quit()  # the widgets' last jobs (napari.run() waits on quit)
 
 
 if __name__ == "__main__":
