@@ -96,10 +96,11 @@ class TrainConfig(ConfigBase):
             number per object; the network learns background, interior and boundary, so
             ``num_classes`` is 3): :mod:`napari_medseg.engine.seg_task`.
         boundary_width: the boundary band's width inside each object (``instances``); None
-            for a warm start's own width, else 1, by measurement: perfect three-class targets give back the DSB2018 nuclei at AP@0.5
-            0.986 with width 1, 0.961 with 2 (178 of 6,960 small nuclei lose their interior)
-            and 0.898 with 3; a trained network (SA2-Net nuclei, warm start) scores the same
-            with 2 as with 1 (AP@0.5 0.779 and 0.778 on the validation split).
+            for a warm start's own width, else 1, by measurement: perfect three-class targets
+            give back the DSB2018 nuclei at AP@0.5 0.986 with width 1, 0.961 with 2 (178 of
+            6,960 small nuclei lose their interior) and 0.898 with 3; a trained network
+            (SA2-Net nuclei, warm start) scores the same with 2 as with 1 (AP@0.5 0.779 and
+            0.778 on the validation split).
         contact_weight: ``instances``: the loss weight of boundary pixels where two objects
             touch (1 elsewhere): the line between touching nuclei is what separates them.
         object_diameter: ``instances``: train every image with its objects resized to this
