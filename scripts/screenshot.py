@@ -141,10 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     run_sample("dermoscopy", "sa2net_lite_ph2")
     viewer.screenshot(str(out / "5_result_dermoscopy.png"), canvas_only=False)
     print("\n".join(str(p) for p in sorted(out.glob("*.png"))))
-    from napari._qt.qthreading import wait_for_workers_to_quit
+    from screenshot_journey import close_viewer
 
-    viewer.close()
-    wait_for_workers_to_quit()  # the widgets' last jobs (napari.run() waits on quit)
+    close_viewer(viewer)
 
 
 if __name__ == "__main__":

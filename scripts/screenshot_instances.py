@@ -17,7 +17,7 @@ import json
 
 import numpy as np
 
-from screenshot_journey import _frame, _wait, out_folder, run_sample, segment_viewer
+from screenshot_journey import _frame, _wait, close_viewer, out_folder, run_sample, segment_viewer
 
 __all__ = ["main", "touching_window"]
 
@@ -73,10 +73,7 @@ def main(argv: list[str] | None = None) -> None:
             "zoom_window": [y, x, 96], "status": segment.status_label.text(),
         })
     print(json.dumps(report, indent=1, default=str))
-    from napari._qt.qthreading import wait_for_workers_to_quit
-
-    viewer.close()
-    wait_for_workers_to_quit()  # the widgets' last jobs (napari.run() waits on quit)
+    close_viewer(viewer)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "close_viewer"]
 
 SAMPLES = ("nuclei", "nuclei_he", "em_stack", "dermoscopy", "ct_patches")
 
@@ -49,6 +49,15 @@ def out_folder(argv: list[str] | None, description: str) -> Path:
     out = Path(parser.parse_args(argv).out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def close_viewer(viewer) -> None:
+    """Close napari and wait for the widgets' last jobs (closing starts some): a script has no
+    ``napari.run()`` to wait for them on quit, and exiting under one aborts the process."""
+    from napari._qt.qthreading import wait_for_workers_to_quit
+
+    viewer.close()
+    wait_for_workers_to_quit()
 
 
 def segment_viewer():
@@ -105,10 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     viewer.screenshot(str(out / "journey_three_docks.png"), canvas_only=False)
     report.append({"window": [window.width(), window.height()]})
     print(json.dumps(report, indent=1))
-    from napari._qt.qthreading import wait_for_workers_to_quit
-
-    viewer.close()
-    wait_for_workers_to_quit()  # the widgets' last jobs (napari.run() waits on quit)
+    close_viewer(viewer)
 
 
 if __name__ == "__main__":

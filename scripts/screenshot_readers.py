@@ -133,10 +133,9 @@ def main() -> None:
     report["damaged_file"] = seen
 
     print(json.dumps(report, indent=2))
-    from napari._qt.qthreading import wait_for_workers_to_quit
+    from screenshot_journey import close_viewer
 
-    viewer.close()
-    wait_for_workers_to_quit()  # the widgets' last jobs (napari.run() waits on quit)
+    close_viewer(viewer)
 
 
 if __name__ == "__main__":
