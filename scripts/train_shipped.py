@@ -350,7 +350,8 @@ def _score(model, root: Path, val_files: list[str], planes: list[str]):
             task, table = tune_watershed(model, held_out_probabilities(model, find_pairs(vi, vm)))
             model = with_task(model, task)
             tuning = {"grid": "foreground_threshold by Dice, then seed_threshold x min_seed "
-                              "by AP@0.5, on the validation split",
+                              "by AP@0.5, then min_object_fraction by AP@0.5, on the "
+                              "validation split",
                       "best": max(r["ap_iou50"] for r in table)}
             if task.object_diameter:
                 tuning["object_size"] = OBJECT_SIZE_NOTE

@@ -10,6 +10,7 @@ import torch
 from napari_medseg.engine.metrics import instance_scores
 from napari_medseg.engine.seg_task import (
     SegTask,
+    drop_fragments,
     instance_target,
     seeded_watershed,
     task_of,
@@ -104,6 +105,53 @@ def test_small_seeds_are_dropped_by_min_seed():
     assert seeded_watershed(fg, interior, boundary, task).max() == 1
     task = SegTask(kind="instances", min_seed=2)
     assert seeded_watershed(fg, interior, boundary, task).max() == 2
+
+
+def test_fragments_below_a_fraction_of_the_median_object_go_unless_on_the_edge():
+    labels = np.zeros((60, 60), np.int32)
+    labels[10:20, 10:20] = 1  # three nuclei of 100 pixels
+    labels[10:20, 30:40] = 2
+    labels[30:40, 10:20] = 3
+    labels[35:37, 35:37] = 4  # a 4-pixel speck inside the image: 0.04 of the median
+    labels[0:2, 50:52] = 5  # a 4-pixel nucleus cut by the image's top edge
+    kept = drop_fragments(labels, 0.15)
+    assert set(np.unique(kept)) == {0, 1, 2, 3, 5}
+    assert np.array_equal(drop_fragments(labels, 0.0), labels)  # 0 keeps all
+    assert labels[35, 35] == 4  # the input is not changed
+    # the same rule inside the watershed: the speck, seeded on its own, is removed
+    interior = (labels > 0).astype(np.float32)
+    task = SegTask(kind="instances", min_seed=1, min_object_fraction=0.15)
+    objects = seeded_watershed(labels > 0, interior, 1.0 - interior, task, min_size=1)
+    assert objects.max() == 4 and objects[35, 35] == 0 and objects[0, 50] > 0
+    with pytest.raises(ConfigError, match="min_object_fraction"):
+        SegTask(kind="instances", min_object_fraction=1.0)
+    # stored only when set, so weights described before it keep their description
+    assert "min_object_fraction" not in SegTask(kind="instances").to_dict()
+    assert SegTask.from_dict(task.to_dict()) == task
+
+
+def test_tuning_picks_the_fragment_fraction_that_scores_best():
+    from napari_medseg.engine.training.instance_tuning import tune_watershed
+
+    labels = np.zeros((60, 60), np.int32)
+    for i, (y, x) in enumerate([(8, 8), (8, 30), (30, 8), (30, 30)], start=1):
+        labels[y:y + 12, x:x + 12] = i
+    probs = perfect_probabilities(labels)
+    noisy = probs.copy()
+    noisy[:, 50:52, 48:50] = np.array([0.0, 1.0, 0.0])[:, None, None]  # a spurious speck
+    from napari_medseg.models import create_model
+
+    model = with_task(create_model("unet_sharp", "tiny", 1, 3), SegTask(kind="instances"))
+    task, table = tune_watershed(model, [(noisy, labels)], seed_thresholds=(0.5,),
+                                 min_seeds=(1,), min_size=1, foreground_thresholds=(0.5,),
+                                 fragment_fractions=(0.0, 0.15))
+    assert task.min_object_fraction == 0.15
+    assert [r["ap_iou50"] for r in table[-2:]] == [0.8, 1.0]
+    # nothing to remove: a tie, and the first listed (0, keep everything) wins
+    task, _ = tune_watershed(model, [(probs, labels)], seed_thresholds=(0.5,), min_seeds=(1,),
+                             min_size=1, foreground_thresholds=(0.5,),
+                             fragment_fractions=(0.0, 0.15))
+    assert task.min_object_fraction == 0.0
 
 
 def test_a_class_mask_is_never_read_as_instances():

@@ -12,7 +12,8 @@ Two tasks exist:
   boundary class, and ``instances`` = a seeded watershed (:func:`seeded_watershed`): seeds
   are where the interior probability reaches ``seed_threshold`` (seeds smaller than
   ``min_seed`` pixels dropped), flooded over the boundary probability within the
-  foreground.
+  foreground; fragments smaller than ``min_object_fraction`` of the image's median object
+  are then removed (:func:`drop_fragments`).
 
 The task travels with the weights (the checkpoint description's ``task`` and the model
 card's), and is attached to the network's spec when it is loaded (:func:`with_task`): the
@@ -42,6 +43,7 @@ __all__ = [
     "contact_weights",
     "training_targets",
     "seeded_watershed",
+    "drop_fragments",
 ]
 
 CLASSES = "classes"
@@ -63,6 +65,9 @@ class SegTask:
         object_diameter: the median diameter (pixels) of the objects the weights were
             trained on (:mod:`.object_size`), which prediction resamples an image's objects
             to; None when not recorded.
+        min_object_fraction: objects smaller than this fraction of the median object's
+            size (in their image, or stack) are removed, unless they touch the image's
+            edge (nuclei cut by the edge are small); 0 keeps every object.
     """
 
     kind: str = CLASSES
@@ -71,6 +76,7 @@ class SegTask:
     min_seed: int = 8
     foreground_threshold: float = 0.5
     object_diameter: float | None = None
+    min_object_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in (CLASSES, INSTANCES):
@@ -83,6 +89,9 @@ class SegTask:
                 raise ConfigError(f"{name} must lie in (0, 1), not {getattr(self, name)}.")
         if int(self.min_seed) < 1:
             raise ConfigError(f"min_seed must be at least 1, not {self.min_seed}.")
+        if not 0.0 <= float(self.min_object_fraction) < 1.0:
+            raise ConfigError("min_object_fraction must lie in [0, 1), not "
+                              f"{self.min_object_fraction}.")
         if self.object_diameter is not None and not float(self.object_diameter) > 0:
             raise ConfigError("object_diameter must be a positive number of pixels, not "
                               f"{self.object_diameter}.")
@@ -99,10 +108,13 @@ class SegTask:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON/YAML form (what checkpoints and cards store); an unrecorded object
-        diameter is left out, so weights described before it existed keep their hash."""
+        diameter and a zero fragment fraction are left out, so weights described before
+        they existed keep their hash."""
         data = dataclasses.asdict(self)
         if data["object_diameter"] is None:
             del data["object_diameter"]
+        if not data["min_object_fraction"]:
+            del data["min_object_fraction"]
         return data
 
     @classmethod
@@ -128,7 +140,7 @@ class SegTask:
         kwargs = {k: v for k, v in data.items() if k in names}
         for key, kind in (("boundary_width", int), ("min_seed", int),
                           ("seed_threshold", float), ("foreground_threshold", float),
-                          ("object_diameter", float)):
+                          ("object_diameter", float), ("min_object_fraction", float)):
             if kwargs.get(key) is not None:
                 kwargs[key] = kind(kwargs[key])
         return cls(**kwargs)
@@ -302,7 +314,8 @@ def seeded_watershed(
     (smaller than ``min_seed`` pixels dropped); each grows over the boundary probability
     (lowest first) until the foreground is filled or it meets another. A part of the
     foreground that holds no seed becomes an object of its own. Objects smaller than
-    ``min_size`` pixels are removed. In a ZYX stack seeds and objects are connected across
+    ``min_size`` pixels are removed, then fragments (:func:`drop_fragments` with the task's
+    ``min_object_fraction``). In a ZYX stack seeds and objects are connected across
     slices, so a nucleus keeps one number through the planes it spans.
 
     Args:
@@ -337,5 +350,35 @@ def seeded_watershed(
         small = sizes < min_size
         small[0] = False
         labels[small[labels]] = 0
+    if task.min_object_fraction > 0:
+        labels = drop_fragments(labels, task.min_object_fraction)
     return relabel_sequential(labels)[0].astype(np.int32)
+
+
+def drop_fragments(labels: np.ndarray, fraction: float) -> np.ndarray:
+    """``labels`` without the objects smaller than ``fraction`` x the median object's size.
+
+    The median is over the objects of ``labels`` itself (an image, or a stack), so the rule
+    holds at any magnification. Objects that touch the array's edge are kept whatever their
+    size: a nucleus cut by the image's border is small and real.
+
+    Args:
+        labels: integer objects (0 = background), YX or ZYX.
+        fraction: in [0, 1); 0 keeps every object.
+
+    Returns:
+        A new label array (numbers kept, dropped objects set to 0).
+    """
+    labels = np.array(labels, copy=True)
+    sizes = np.bincount(labels.ravel())
+    present = np.flatnonzero(sizes[1:]) + 1
+    if fraction <= 0 or present.size < 2:
+        return labels
+    small = sizes < fraction * float(np.median(sizes[present]))
+    small[0] = False
+    for axis in range(labels.ndim):  # objects on any face of the array stay
+        for index in (0, -1):
+            small[np.take(labels, index, axis=axis)] = False
+    labels[small[labels]] = 0
+    return labels
 

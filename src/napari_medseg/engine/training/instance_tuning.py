@@ -4,8 +4,9 @@ The network is run once per image for its three class probabilities. The foregro
 threshold is chosen first, by the mean foreground Dice; then every seed threshold and
 smallest seed of the grid only re-runs the watershed
 (:func:`~napari_medseg.engine.seg_task.seeded_watershed`) and is scored by AP@0.5 against the
-reference instances (mean over images). The best setting is what the model card and the
-checkpoint store.
+reference instances (mean over images); last, with the best seeds, the smallest fragment kept
+(a fraction of each image's median object) is chosen the same way. The best setting is what
+the model card and the checkpoint store.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from ...config import PredictConfig
 from ..metrics import match_instances
 from ..seg_task import SegTask, seeded_watershed, task_of
 
-__all__ = ["FOREGROUND_THRESHOLDS", "SEED_THRESHOLDS", "MIN_SEEDS", "held_out_probabilities",
-           "tune_watershed"]
+__all__ = ["FOREGROUND_THRESHOLDS", "SEED_THRESHOLDS", "MIN_SEEDS", "FRAGMENT_FRACTIONS",
+           "held_out_probabilities", "tune_watershed"]
 
 FOREGROUND_THRESHOLDS = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
 SEED_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 MIN_SEEDS = (8, 16, 32, 64, 128)
+FRAGMENT_FRACTIONS = (0.0, 0.1, 0.15, 0.2, 0.3)
 
 
 def held_out_probabilities(model, pairs: Iterable[tuple[Path, Path]],
@@ -58,9 +60,11 @@ def tune_watershed(
     min_seeds: Sequence[int] = MIN_SEEDS,
     min_size: int = 8,
     foreground_thresholds: Sequence[float] = FOREGROUND_THRESHOLDS,
+    fragment_fractions: Sequence[float] = FRAGMENT_FRACTIONS,
 ) -> tuple[SegTask, list[dict]]:
     """The foreground threshold with the best mean Dice, then the watershed setting with the
-    best mean AP@0.5 on ``held_out``.
+    best mean AP@0.5 on ``held_out``, then the fragment fraction with the best AP@0.5 (the
+    first tried wins a tie, so list 0 first to prefer keeping every object).
 
     Args:
         model: a network with the instance task (its other settings are kept).
@@ -69,10 +73,11 @@ def tune_watershed(
         min_seeds: smallest seeds tried, in pixels.
         min_size: smallest object kept (the prediction default).
         foreground_thresholds: foreground thresholds tried.
+        fragment_fractions: ``min_object_fraction`` values tried with the best seeds.
 
     Returns:
         ``(task, table)``: the tuned task, and one row per setting (``seed_threshold``,
-        ``min_seed``, ``ap_iou50``) in the order tried.
+        ``min_seed``, ``min_object_fraction``, ``ap_iou50``) in the order tried.
     """
     from ..metrics import dice
 
@@ -80,18 +85,26 @@ def tune_watershed(
                for t in foreground_thresholds}
     base = dataclasses.replace(task_of(model),
                                foreground_threshold=max(fg_dice, key=fg_dice.get))
-    table = []
-    for threshold in seed_thresholds:
-        for seed in min_seeds:
-            task = dataclasses.replace(base, seed_threshold=float(threshold),
-                                       min_seed=int(seed))
-            scores = []
-            for probs, ref in held_out:
-                fg = probs[0] < 1.0 - task.foreground_threshold
-                pred = seeded_watershed(fg, probs[1], probs[2], task, min_size)
-                scores.append(_ap50(pred, ref))
-            table.append({"seed_threshold": float(threshold), "min_seed": int(seed),
-                          "ap_iou50": round(float(np.mean(scores)), 4)})
-    best = max(table, key=lambda row: row["ap_iou50"])
-    return dataclasses.replace(base, seed_threshold=best["seed_threshold"],
-                               min_seed=best["min_seed"]), table
+
+    def ap(task: SegTask) -> float:
+        scores = []
+        for probs, ref in held_out:
+            fg = probs[0] < 1.0 - task.foreground_threshold
+            scores.append(_ap50(seeded_watershed(fg, probs[1], probs[2], task, min_size), ref))
+        return round(float(np.mean(scores)), 4)
+
+    def row(task: SegTask) -> dict:
+        return {"seed_threshold": task.seed_threshold, "min_seed": task.min_seed,
+                "min_object_fraction": task.min_object_fraction, "ap_iou50": ap(task)}
+
+    base = dataclasses.replace(base, min_object_fraction=0.0)
+    table = [row(dataclasses.replace(base, seed_threshold=float(threshold), min_seed=int(seed)))
+             for threshold in seed_thresholds for seed in min_seeds]
+    best = max(table, key=lambda r: r["ap_iou50"])
+    seeded = dataclasses.replace(base, seed_threshold=best["seed_threshold"],
+                                 min_seed=best["min_seed"])
+    fragments = [row(dataclasses.replace(seeded, min_object_fraction=float(f)))
+                 for f in fragment_fractions]
+    table += fragments
+    best = max(fragments, key=lambda r: r["ap_iou50"]) if fragments else best
+    return dataclasses.replace(seeded, min_object_fraction=best["min_object_fraction"]), table
