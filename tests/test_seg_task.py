@@ -12,6 +12,7 @@ from napari_medseg.engine.seg_task import (
     SegTask,
     drop_fragments,
     instance_target,
+    object_region,
     seeded_watershed,
     task_of,
     training_targets,
@@ -152,6 +153,38 @@ def test_tuning_picks_the_fragment_fraction_that_scores_best():
                              min_size=1, foreground_thresholds=(0.5,),
                              fragment_fractions=(0.0, 0.15))
     assert task.min_object_fraction == 0.0
+
+
+def test_objects_grow_to_their_own_threshold_apart_from_the_mask():
+    from napari_medseg.engine.training.instance_tuning import tune_watershed
+    from napari_medseg.models import create_model
+
+    labels = np.zeros((40, 40), np.int32)
+    labels[5:17, 5:17] = 1
+    probs = perfect_probabilities(labels)
+    # a faint nucleus: the network gives it foreground 0.45 (interior 0.3 + boundary 0.15)
+    probs[:, 22:34, 22:34] = np.array([0.55, 0.3, 0.15])[:, None, None]
+    labels[22:34, 22:34] = 2
+    mask = probs[0] < 0.5  # the mask (by Dice) leaves it out
+    task = SegTask(kind="instances", seed_threshold=0.25, min_seed=1)
+    assert np.array_equal(object_region(mask, probs[1], probs[2], task), mask)
+    grown = SegTask(kind="instances", seed_threshold=0.25, min_seed=1, object_threshold=0.4)
+    region = object_region(mask, probs[1], probs[2], grown)
+    assert region[28, 28] and not mask[28, 28]
+    assert seeded_watershed(region, probs[1], probs[2], grown).max() == 2
+    with pytest.raises(ConfigError, match="object_threshold"):
+        SegTask(kind="instances", object_threshold=1.0)
+    assert "object_threshold" not in task.to_dict()
+    assert SegTask.from_dict(grown.to_dict()) == grown
+    # tuning finds it: the mask's threshold stays where Dice puts it
+    model = with_task(create_model("unet_sharp", "tiny", 1, 3), SegTask(kind="instances"))
+    tuned, table = tune_watershed(model, [(probs, labels)], seed_thresholds=(0.25,),
+                                  min_seeds=(1,), min_size=1, foreground_thresholds=(0.5,),
+                                  fragment_fractions=(0.0,),
+                                  object_thresholds=(None, 0.4, 0.6))
+    assert tuned.object_threshold == 0.4 and tuned.foreground_threshold == 0.5
+    assert [r["ap_iou50"] for r in table if r["min_object_fraction"] == 0.0][-4:-1] == [
+        0.5, 1.0, 0.5]
 
 
 def test_a_class_mask_is_never_read_as_instances():

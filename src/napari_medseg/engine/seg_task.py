@@ -12,7 +12,8 @@ Two tasks exist:
   boundary class, and ``instances`` = a seeded watershed (:func:`seeded_watershed`): seeds
   are where the interior probability reaches ``seed_threshold`` (seeds smaller than
   ``min_seed`` pixels dropped), flooded over the boundary probability within the
-  foreground; fragments smaller than ``min_object_fraction`` of the image's median object
+  foreground (or, with an ``object_threshold``, where interior + boundary probability
+  exceeds it: :func:`object_region`); fragments smaller than ``min_object_fraction`` of the image's median object
   are then removed (:func:`drop_fragments`).
 
 The task travels with the weights (the checkpoint description's ``task`` and the model
@@ -44,6 +45,7 @@ __all__ = [
     "training_targets",
     "seeded_watershed",
     "drop_fragments",
+    "object_region",
 ]
 
 CLASSES = "classes"
@@ -65,6 +67,9 @@ class SegTask:
         object_diameter: the median diameter (pixels) of the objects the weights were
             trained on (:mod:`.object_size`), which prediction resamples an image's objects
             to; None when not recorded.
+        object_threshold: foreground probability (interior + boundary) above which pixels
+            belong to objects, tuned for the objects (AP) apart from the mask's
+            ``foreground_threshold`` (Dice); None: the mask itself.
         min_object_fraction: objects smaller than this fraction of the median object's
             size (in their image, or stack) are removed, unless they touch the image's
             edge (nuclei cut by the edge are small); 0 keeps every object.
@@ -77,6 +82,7 @@ class SegTask:
     foreground_threshold: float = 0.5
     object_diameter: float | None = None
     min_object_fraction: float = 0.0
+    object_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in (CLASSES, INSTANCES):
@@ -89,6 +95,8 @@ class SegTask:
                 raise ConfigError(f"{name} must lie in (0, 1), not {getattr(self, name)}.")
         if int(self.min_seed) < 1:
             raise ConfigError(f"min_seed must be at least 1, not {self.min_seed}.")
+        if self.object_threshold is not None and not 0.0 < float(self.object_threshold) < 1.0:
+            raise ConfigError(f"object_threshold must lie in (0, 1), not {self.object_threshold}.")
         if not 0.0 <= float(self.min_object_fraction) < 1.0:
             raise ConfigError("min_object_fraction must lie in [0, 1), not "
                               f"{self.min_object_fraction}.")
@@ -108,13 +116,12 @@ class SegTask:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON/YAML form (what checkpoints and cards store); an unrecorded object
-        diameter and a zero fragment fraction are left out, so weights described before
-        they existed keep their hash."""
+        diameter, a zero fragment fraction and an unset object threshold are left out, so
+        weights described before they existed keep their hash."""
         data = dataclasses.asdict(self)
-        if data["object_diameter"] is None:
-            del data["object_diameter"]
-        if not data["min_object_fraction"]:
-            del data["min_object_fraction"]
+        for key in ("object_diameter", "min_object_fraction", "object_threshold"):
+            if not data[key]:
+                del data[key]
         return data
 
     @classmethod
@@ -140,7 +147,8 @@ class SegTask:
         kwargs = {k: v for k, v in data.items() if k in names}
         for key, kind in (("boundary_width", int), ("min_seed", int),
                           ("seed_threshold", float), ("foreground_threshold", float),
-                          ("object_diameter", float), ("min_object_fraction", float)):
+                          ("object_diameter", float), ("min_object_fraction", float),
+                          ("object_threshold", float)):
             if kwargs.get(key) is not None:
                 kwargs[key] = kind(kwargs[key])
         return cls(**kwargs)
@@ -353,6 +361,17 @@ def seeded_watershed(
     if task.min_object_fraction > 0:
         labels = drop_fragments(labels, task.min_object_fraction)
     return relabel_sequential(labels)[0].astype(np.int32)
+
+
+def object_region(mask: np.ndarray, interior: np.ndarray, boundary: np.ndarray,
+                  task: SegTask) -> np.ndarray:
+    """Where a boundary-aware prediction's objects grow: ``mask`` > 0, or, when the task has
+    an ``object_threshold``, where the interior and boundary probabilities (the foreground
+    probability) sum above it."""
+    if task.object_threshold is None:
+        return np.asarray(mask) > 0
+    total = np.asarray(interior, np.float32) + np.asarray(boundary, np.float32)
+    return total > float(task.object_threshold)
 
 
 def drop_fragments(labels: np.ndarray, fraction: float) -> np.ndarray:

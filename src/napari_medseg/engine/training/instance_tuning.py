@@ -4,8 +4,9 @@ The network is run once per image for its three class probabilities. The foregro
 threshold is chosen first, by the mean foreground Dice; then every seed threshold and
 smallest seed of the grid only re-runs the watershed
 (:func:`~napari_medseg.engine.seg_task.seeded_watershed`) and is scored by AP@0.5 against the
-reference instances (mean over images); last, with the best seeds, the smallest fragment kept
-(a fraction of each image's median object) is chosen the same way. The best setting is what
+reference instances (mean over images); then, with the best seeds, the foreground probability
+objects grow into (apart from the mask's threshold, which Dice decides) and last the smallest
+fragment kept (a fraction of each image's median object) are chosen the same way. The best setting is what
 the model card and the checkpoint store.
 """
 
@@ -19,14 +20,15 @@ import numpy as np
 
 from ...config import PredictConfig
 from ..metrics import match_instances
-from ..seg_task import SegTask, seeded_watershed, task_of
+from ..seg_task import SegTask, object_region, seeded_watershed, task_of
 
-__all__ = ["FOREGROUND_THRESHOLDS", "SEED_THRESHOLDS", "MIN_SEEDS", "FRAGMENT_FRACTIONS",
-           "held_out_probabilities", "tune_watershed"]
+__all__ = ["FOREGROUND_THRESHOLDS", "SEED_THRESHOLDS", "MIN_SEEDS", "OBJECT_THRESHOLDS",
+           "FRAGMENT_FRACTIONS", "held_out_probabilities", "tune_watershed"]
 
 FOREGROUND_THRESHOLDS = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
 SEED_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 MIN_SEEDS = (8, 16, 32, 64, 128)
+OBJECT_THRESHOLDS = (None, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
 FRAGMENT_FRACTIONS = (0.0, 0.1, 0.15, 0.2, 0.3)
 
 
@@ -61,10 +63,12 @@ def tune_watershed(
     min_size: int = 8,
     foreground_thresholds: Sequence[float] = FOREGROUND_THRESHOLDS,
     fragment_fractions: Sequence[float] = FRAGMENT_FRACTIONS,
+    object_thresholds: Sequence[float | None] = OBJECT_THRESHOLDS,
 ) -> tuple[SegTask, list[dict]]:
     """The foreground threshold with the best mean Dice, then the watershed setting with the
-    best mean AP@0.5 on ``held_out``, then the fragment fraction with the best AP@0.5 (the
-    first tried wins a tie, so list 0 first to prefer keeping every object).
+    best mean AP@0.5 on ``held_out``, then the object threshold and last the fragment
+    fraction with the best AP@0.5 (the first tried wins a tie, so list None and 0 first to
+    prefer the mask itself and keeping every object).
 
     Args:
         model: a network with the instance task (its other settings are kept).
@@ -74,10 +78,13 @@ def tune_watershed(
         min_size: smallest object kept (the prediction default).
         foreground_thresholds: foreground thresholds tried.
         fragment_fractions: ``min_object_fraction`` values tried with the best seeds.
+        object_thresholds: ``object_threshold`` values tried with the best seeds (None: the
+            mask).
 
     Returns:
         ``(task, table)``: the tuned task, and one row per setting (``seed_threshold``,
-        ``min_seed``, ``min_object_fraction``, ``ap_iou50``) in the order tried.
+        ``min_seed``, ``object_threshold``, ``min_object_fraction``, ``ap_iou50``) in the
+        order tried.
     """
     from ..metrics import dice
 
@@ -89,22 +96,29 @@ def tune_watershed(
     def ap(task: SegTask) -> float:
         scores = []
         for probs, ref in held_out:
-            fg = probs[0] < 1.0 - task.foreground_threshold
+            fg = object_region(probs[0] < 1.0 - task.foreground_threshold, probs[1], probs[2],
+                               task)
             scores.append(_ap50(seeded_watershed(fg, probs[1], probs[2], task, min_size), ref))
         return round(float(np.mean(scores)), 4)
 
     def row(task: SegTask) -> dict:
         return {"seed_threshold": task.seed_threshold, "min_seed": task.min_seed,
+                "object_threshold": task.object_threshold,
                 "min_object_fraction": task.min_object_fraction, "ap_iou50": ap(task)}
 
-    base = dataclasses.replace(base, min_object_fraction=0.0)
+    def best_of(rows: list[dict], task: SegTask, key: str) -> SegTask:
+        table.extend(rows)
+        if not rows:
+            return task
+        return dataclasses.replace(task, **{key: max(rows, key=lambda r: r["ap_iou50"])[key]})
+
+    base = dataclasses.replace(base, min_object_fraction=0.0, object_threshold=None)
     table = [row(dataclasses.replace(base, seed_threshold=float(threshold), min_seed=int(seed)))
              for threshold in seed_thresholds for seed in min_seeds]
     best = max(table, key=lambda r: r["ap_iou50"])
     seeded = dataclasses.replace(base, seed_threshold=best["seed_threshold"],
                                  min_seed=best["min_seed"])
-    fragments = [row(dataclasses.replace(seeded, min_object_fraction=float(f)))
-                 for f in fragment_fractions]
-    table += fragments
-    best = max(fragments, key=lambda r: r["ap_iou50"]) if fragments else best
-    return dataclasses.replace(seeded, min_object_fraction=best["min_object_fraction"]), table
+    grown = best_of([row(dataclasses.replace(seeded, object_threshold=t))
+                     for t in object_thresholds], seeded, "object_threshold")
+    return best_of([row(dataclasses.replace(grown, min_object_fraction=float(f)))
+                    for f in fragment_fractions], grown, "min_object_fraction"), table
