@@ -231,7 +231,9 @@ def _retune(args: argparse.Namespace, ds: dict, root: Path, tag: str) -> int:
     model = with_tile(with_pixel_size(model, ds.get("pixel_size")), ds.get("tile"))
     model.checkpoint_info = info = dataclasses.replace(
         info, normalization=NormalizationConfig.from_mapping(ds["normalization"]).to_dict())
-    if task_of(model).instances:  # the object size of the training images (not validation)
+    if task_of(model).instances and not task_of(model).object_diameter:
+        # the object size of the training images (not validation); one the training run
+        # recorded (it knows how often each image was drawn) is kept
         model = with_task(model, _trained_diameter(task_of(model), root, info.training_data))
     model, metrics, tuning = _score(model, root, info.training_data.get("val_files", []),
                                     info.training_data.get("val_planes") or [])
@@ -349,9 +351,9 @@ def _score(model, root: Path, val_files: list[str], planes: list[str]):
         if task.instances:  # thresholds and smallest seed from the validation split
             task, table = tune_watershed(model, held_out_probabilities(model, find_pairs(vi, vm)))
             model = with_task(model, task)
-            tuning = {"grid": "foreground_threshold by Dice, then seed_threshold x min_seed "
-                              "by AP@0.5, then min_object_fraction by AP@0.5, on the "
-                              "validation split",
+            tuning = {"grid": "foreground_threshold by Dice, then seed_threshold x min_seed, "
+                              "object_threshold and min_object_fraction in turn by AP@0.5, "
+                              "on the validation split",
                       "best": max(r["ap_iou50"] for r in table)}
             if task.object_diameter:
                 tuning["object_size"] = OBJECT_SIZE_NOTE
