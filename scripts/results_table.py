@@ -43,9 +43,15 @@ def _task_text(task) -> str:
     if not isinstance(task, dict):
         return str(task or "")
     if task.get("kind") == "instances":
+        extra = ""
+        if task.get("object_threshold"):
+            extra += f"; objects at foreground > {task['object_threshold']}"
+        if task.get("min_object_fraction"):
+            extra += (f"; specks under {task['min_object_fraction']} of the median object "
+                      "dropped")
         return (f"nuclei as objects (instance task: interior + {task.get('boundary_width')} px "
                 f"boundary; seeds at interior >= {task.get('seed_threshold')}, >= "
-                f"{task.get('min_seed')} px)")
+                f"{task.get('min_seed')} px{extra})")
     return str(task.get("description") or task.get("kind", ""))
 
 

@@ -185,6 +185,14 @@ def test_objects_grow_to_their_own_threshold_apart_from_the_mask():
     assert tuned.object_threshold == 0.4 and tuned.foreground_threshold == 0.5
     assert [r["ap_iou50"] for r in table if r["min_object_fraction"] == 0.0][-4:-1] == [
         0.5, 1.0, 0.5]
+    # and prediction's path (the stored uint8 helpers, per block) draws the same objects
+    from napari_medseg.engine.inference.postprocess import (quantize_probabilities,
+                                                            seeded_instances_per_block)
+
+    inner, line = (quantize_probabilities(probs[k], "uint8") for k in (1, 2))
+    for setting, count in ((task, 1), (grown, 2)):
+        objects = seeded_instances_per_block(mask, inner, line, "YX", setting, min_size=1)
+        assert objects.max() == count
 
 
 def test_a_class_mask_is_never_read_as_instances():

@@ -13,8 +13,8 @@ Two tasks exist:
   are where the interior probability reaches ``seed_threshold`` (seeds smaller than
   ``min_seed`` pixels dropped), flooded over the boundary probability within the
   foreground (or, with an ``object_threshold``, where interior + boundary probability
-  exceeds it: :func:`object_region`); fragments smaller than ``min_object_fraction`` of the image's median object
-  are then removed (:func:`drop_fragments`).
+  exceeds it: :func:`object_region`); fragments smaller than ``min_object_fraction`` of the
+  image's median object are then removed (:func:`drop_fragments`).
 
 The task travels with the weights (the checkpoint description's ``task`` and the model
 card's), and is attached to the network's spec when it is loaded (:func:`with_task`): the
@@ -400,4 +400,3 @@ def drop_fragments(labels: np.ndarray, fraction: float) -> np.ndarray:
             small[np.take(labels, index, axis=axis)] = False
     labels[small[labels]] = 0
     return labels
-

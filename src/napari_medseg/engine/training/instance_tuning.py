@@ -6,8 +6,8 @@ smallest seed of the grid only re-runs the watershed
 (:func:`~napari_medseg.engine.seg_task.seeded_watershed`) and is scored by AP@0.5 against the
 reference instances (mean over images); then, with the best seeds, the foreground probability
 objects grow into (apart from the mask's threshold, which Dice decides) and last the smallest
-fragment kept (a fraction of each image's median object) are chosen the same way. The best setting is what
-the model card and the checkpoint store.
+fragment kept (a fraction of each image's median object) are chosen the same way. The best
+setting is what the model card and the checkpoint store.
 """
 
 from __future__ import annotations
@@ -90,8 +90,8 @@ def tune_watershed(
 
     fg_dice = {t: float(np.mean([dice(p[0] < 1.0 - t, ref > 0) for p, ref in held_out]))
                for t in foreground_thresholds}
-    base = dataclasses.replace(task_of(model),
-                               foreground_threshold=max(fg_dice, key=fg_dice.get))
+    base = dataclasses.replace(task_of(model), foreground_threshold=max(fg_dice, key=fg_dice.get),
+                               min_object_fraction=0.0, object_threshold=None)
 
     def ap(task: SegTask) -> float:
         scores = []
@@ -106,19 +106,21 @@ def tune_watershed(
                 "object_threshold": task.object_threshold,
                 "min_object_fraction": task.min_object_fraction, "ap_iou50": ap(task)}
 
-    def best_of(rows: list[dict], task: SegTask, key: str) -> SegTask:
+    table: list[dict] = []
+
+    def best_of(task: SegTask, variants: list[SegTask], *keys: str) -> SegTask:
+        """``task`` with ``keys`` from the best-scoring variant (the first on a tie)."""
+        rows = [row(v) for v in variants]
         table.extend(rows)
         if not rows:
             return task
-        return dataclasses.replace(task, **{key: max(rows, key=lambda r: r["ap_iou50"])[key]})
+        best = max(rows, key=lambda r: r["ap_iou50"])
+        return dataclasses.replace(task, **{k: best[k] for k in keys})
 
-    base = dataclasses.replace(base, min_object_fraction=0.0, object_threshold=None)
-    table = [row(dataclasses.replace(base, seed_threshold=float(threshold), min_seed=int(seed)))
-             for threshold in seed_thresholds for seed in min_seeds]
-    best = max(table, key=lambda r: r["ap_iou50"])
-    seeded = dataclasses.replace(base, seed_threshold=best["seed_threshold"],
-                                 min_seed=best["min_seed"])
-    grown = best_of([row(dataclasses.replace(seeded, object_threshold=t))
-                     for t in object_thresholds], seeded, "object_threshold")
-    return best_of([row(dataclasses.replace(grown, min_object_fraction=float(f)))
-                    for f in fragment_fractions], grown, "min_object_fraction"), table
+    seeded = best_of(base, [dataclasses.replace(base, seed_threshold=float(t), min_seed=int(m))
+                            for t in seed_thresholds for m in min_seeds],
+                     "seed_threshold", "min_seed")
+    grown = best_of(seeded, [dataclasses.replace(seeded, object_threshold=t)
+                             for t in object_thresholds], "object_threshold")
+    return best_of(grown, [dataclasses.replace(grown, min_object_fraction=float(f))
+                           for f in fragment_fractions], "min_object_fraction"), table
