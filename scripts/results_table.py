@@ -49,6 +49,8 @@ def _task_text(task) -> str:
         if task.get("min_object_fraction"):
             extra += (f"; specks under {task['min_object_fraction']} of the median object "
                       "dropped")
+        if task.get("tta"):
+            extra += "; tuned and predicted with flip TTA"
         return (f"nuclei as objects (instance task: interior + {task.get('boundary_width')} px "
                 f"boundary; seeds at interior >= {task.get('seed_threshold')}, >= "
                 f"{task.get('min_seed')} px{extra})")

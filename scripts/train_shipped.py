@@ -209,6 +209,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "(e.g. H&E=3)")
     p.add_argument("--out-dir", help="write the weights and card here instead of weights/ "
                    "and models/ (weights that are not shipped)")
+    p.add_argument("--tta", action="store_true",
+                   help="instance task: tune the thresholds on flip-averaged (TTA) "
+                        "probabilities and score with them; the weights then predict with "
+                        "flip TTA by default")
     p.add_argument("--retune", action="store_true",
                    help="do not train: tune the shipped weights' instance thresholds again on "
                         "their validation split, re-score them and rewrite their card (in "
@@ -236,7 +240,7 @@ def _retune(args: argparse.Namespace, ds: dict, root: Path, tag: str) -> int:
         # recorded (it knows how often each image was drawn) is kept
         model = with_task(model, _trained_diameter(task_of(model), root, info.training_data))
     model, metrics, tuning = _score(model, root, info.training_data.get("val_files", []),
-                                    info.training_data.get("val_planes") or [])
+                                    info.training_data.get("val_planes") or [], args.tta)
     task = task_of(model)
     shipped = save_checkpoint(
         model, weights_dir / tag, normalization=info.normalization, classes=info.classes,
@@ -332,8 +336,11 @@ OBJECT_SIZE_NOTE = ("each image resampled so its nuclei (measured by a first pas
                     "recorded object_diameter, as predict does by default")
 
 
-def _score(model, root: Path, val_files: list[str], planes: list[str]):
+def _score(model, root: Path, val_files: list[str], planes: list[str], tta: bool = False):
     """Tune the instance task's watershed (if any) and evaluate on the held-out images.
+
+    With ``tta`` the thresholds are tuned on flip-averaged probabilities and the task says so
+    (prediction then flip-averages by default).
 
     Returns:
         ``(model with the tuned task, metrics for the card, tuning summary or None)``.
@@ -349,11 +356,14 @@ def _score(model, root: Path, val_files: list[str], planes: list[str]):
     with tempfile.TemporaryDirectory() as tmp:
         vi, vm = held_out_folders(root, val_files, planes, Path(tmp))
         if task.instances:  # thresholds and smallest seed from the validation split
-            task, table = tune_watershed(model, held_out_probabilities(model, find_pairs(vi, vm)))
+            probs = held_out_probabilities(model, find_pairs(vi, vm), PredictConfig(tta=tta))
+            task, table = tune_watershed(model, probs)
+            task = dataclasses.replace(task, tta=tta)
             model = with_task(model, task)
             tuning = {"grid": "foreground_threshold by Dice, then seed_threshold x min_seed, "
                               "object_threshold and min_object_fraction in turn by AP@0.5, "
-                              "on the validation split",
+                              "on the validation split" + (
+                                  " (flip-averaged probabilities)" if tta else ""),
                       "best": max(r["ap_iou50"] for r in table)}
             if task.object_diameter:
                 tuning["object_size"] = OBJECT_SIZE_NOTE
@@ -467,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     model, info = load_checkpoint(work / tag)
     model = with_tile(with_pixel_size(model, ds.get("pixel_size")), ds.get("tile"))
     model, metrics, tuning = _score(model, root, info.training_data.get("val_files", []),
-                                    info.training_data.get("val_planes") or [])
+                                    info.training_data.get("val_planes") or [], args.tta)
     task = task_of(model)
     weights_dir = models_dir = Path(args.out_dir) if args.out_dir else None
     if weights_dir is None:

@@ -517,3 +517,25 @@ def test_scheduler_address_submits_to_an_existing_cluster(local_run, tmp_path, c
         np.testing.assert_array_equal(a[name], b[name])
     # Two worker threads, one model each at most.
     assert 1 <= summary.model_loads <= 2
+
+
+def test_weights_tuned_with_tta_run_with_it_and_the_manifest_says_so(tmp_path):
+    from napari_medseg.engine.seg_task import SegTask, with_task
+    from napari_medseg.models import create_model
+
+    torch.manual_seed(0)
+    model = with_task(create_model("unet_sharp", "tiny", 1, 3), SegTask("instances", tta=True))
+    save_checkpoint(model, tmp_path / "ck" / "tta", dtype="float32",
+                    classes=("background", "interior", "boundary"))
+    ckpt = str(tmp_path / "ck" / "tta.safetensors")
+    src = _good_images(tmp_path / "in")
+    out = tmp_path / "out"
+    first = run_folder(src, out, weights=ckpt, **FAST)
+    assert first.done == 3
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["settings"]["predict"]["tta"] is True  # decided by the weights, recorded
+    assert run_folder(src, out, weights=ckpt, **FAST).skipped == 3  # the same run again
+    # flip TTA turned off is another run: nothing is taken from the flip-averaged one
+    off = run_folder(src, out, weights=ckpt, tta=False, **FAST)
+    assert off.skipped == 0 and off.done == 3
+    assert json.loads((out / MANIFEST_NAME).read_text())["settings"]["predict"]["tta"] is False

@@ -136,6 +136,21 @@ def test_plan_only_prints_the_plan(images, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_tta_follows_the_weights_unless_the_user_says_otherwise(images, tmp_path, capsys):
+    from napari_medseg.engine.seg_task import SegTask, with_task
+    from napari_medseg.models import create_model
+
+    model = with_task(create_model("unet_sharp", "tiny", 1, 3), SegTask("instances", tta=True))
+    save_checkpoint(model, tmp_path / "ck" / "tta", classes=("background", "interior",
+                                                              "boundary"))
+    base = ("predict", images / "a.tif", "-o", tmp_path / "o", "--weights",
+            tmp_path / "ck" / "tta.safetensors", "--tile", "16", "--plan-only")
+    rc, out, err = _run(capsys, *base)
+    assert rc == 0 and "x4 TTA" in out, err  # tuned with flip TTA: on by default
+    rc, out, err = _run(capsys, *base, "--no-tta")
+    assert rc == 0 and "TTA" not in out, err
+
+
 def test_tile_larger_than_the_image_is_clamped(images, tmp_path, capsys):
     rc, _, err = _run(capsys, "predict", images / "a.tif", "-o", tmp_path / "o", "--model",
                       "analytic", "--tile", "4096")

@@ -98,12 +98,44 @@ def test_nuclei_at_twice_the_magnification_are_measured_and_resampled(nuclei_wei
     native = predict(image, nuclei_weights, config.replace(native_pixels=True))
     (notice,) = [n for n in auto.notices if "px across" in n]
     assert "first pass" in notice
-    assert 0.4 < zoom_of(notice) < 0.8, notice  # (the first pass measures 30 px, not 40)
+    assert 0.4 < zoom_of(notice) < 0.8, notice
     assert not any("px across" in n for n in native.notices)
     assert np.asarray(auto["instances"]).shape == image.shape
     # at their learnt size the nuclei come out better than at twice it
     # (measured: AP@0.5 0.783 against 0.761)
     assert ap50(auto["instances"], labels) > ap50(native["instances"], labels) + 0.01
+
+
+def test_a_second_pass_at_the_first_estimate_gives_the_size(nuclei_weights, monkeypatch):
+    """The first pass at the image's own pixels is biased toward the learnt size (big nuclei
+    cut in pieces); where it calls for resampling, the objects of a second pass at its zoom
+    are measured, and a second pass that finds too few keeps the first estimate."""
+    from napari_medseg.engine.inference import object_size as inference_size
+
+    learnt = task_of(nuclei_weights).object_diameter
+    seen = []
+
+    def measure(model, crop, crop_axes, config, zoom=None):
+        seen.append(zoom)
+        if zoom is None:  # at the image's pixels: 40 px nuclei found as 30 px pieces
+            return 30.0, 12
+        return (40.0, 9) if found_again else (None, 1)
+
+    monkeypatch.setattr(inference_size, "_measure", measure)
+    image = np.zeros((64, 64), np.uint8)
+    config = PredictConfig(axes="YX", device="cpu")
+    found_again = True
+    assert inference_size.estimate_diameter(nuclei_weights, image, "YX", "YX", config) == \
+        (40.0, 9, 2, (64, 64))
+    assert seen == [None, pytest.approx(learnt / 30.0)]
+    found_again = False
+    assert inference_size.estimate_diameter(nuclei_weights, image, "YX", "YX", config)[:3] == \
+        (30.0, 12, 1)
+    seen.clear()
+    monkeypatch.setattr(inference_size, "_measure", lambda *a, **k: (seen.append(1) or
+                                                                      (learnt * 1.05, 20)))
+    assert inference_size.estimate_diameter(nuclei_weights, image, "YX", "YX", config)[2] == 1
+    assert seen == [1]  # near the learnt size: one pass only
 
 
 def test_a_given_diameter_sets_the_zoom_and_one_near_the_learnt_size_changes_nothing(

@@ -236,6 +236,37 @@ def test_task_validation_and_round_trip():
         SegTask.from_dict({"kind": "instances", "seed_threshold": 1.5})
     with pytest.raises(ConfigError):
         SegTask.from_dict({"kind": "instances", "unknown": 1})
+    # tuned on flip-averaged probabilities: recorded when on, left out when off (weights
+    # described before keep their hash), and a yes/no only
+    assert "tta" not in INSTANCES.to_dict()
+    tta = SegTask.from_dict({"kind": "instances", "tta": True})
+    assert tta.tta and tta.to_dict()["tta"] is True and SegTask.from_dict(tta.to_dict()) == tta
+    with pytest.raises(ConfigError, match="tta"):
+        SegTask.from_dict({"kind": "instances", "tta": "sometimes"})
+
+
+def test_weights_tuned_with_tta_predict_with_it_unless_told_otherwise(tmp_path):
+    from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
+    from napari_medseg.engine.inference.pipeline import predict, with_weights_defaults
+    from napari_medseg.config import PredictConfig
+    from napari_medseg.models import create_model
+
+    torch.manual_seed(0)
+    model = with_task(create_model("unet_sharp", "tiny", 1, 3), SegTask("instances", tta=True))
+    save_checkpoint(model, tmp_path / "tta", classes=("background", "interior", "boundary"))
+    loaded, info = load_checkpoint(tmp_path / "tta")
+    assert info.task["tta"] is True and task_of(loaded).tta
+    assert with_weights_defaults(PredictConfig(), loaded).tta is True
+    assert with_weights_defaults(PredictConfig(tta=False), loaded).tta is False
+    plain = with_task(create_model("unet_sharp", "tiny", 1, 3), INSTANCES)
+    assert with_weights_defaults(PredictConfig(), plain).tta is False
+    image = np.random.default_rng(0).random((32, 40)).astype(np.float32)
+    settings = {"outputs": "instances", "device": "cpu", "tile": 32}
+    default = predict(image, loaded, settings)
+    assert default.plan.tta_flips == 4  # flip-averaged, as the thresholds were tuned
+    assert default.stats["forward_passes"] == 4 * default.plan.tiles_per_plane
+    assert predict(image, loaded, {**settings, "tta": False}).plan.tta_flips == 1
+    assert predict(image, plain, settings).plan.tta_flips == 1
 
 
 def test_the_task_travels_with_the_checkpoint_into_the_outputs(tmp_path):

@@ -702,6 +702,38 @@ def test_weights_choices_list_cards_checkpoints_and_random(env):
     assert len(session.cached_models()) == 1  # least recently used dropped
 
 
+def test_flip_tta_starts_as_the_chosen_weights_say(make_napari_viewer, qtbot, env):
+    import torch
+
+    from napari_medseg._napari.session import RANDOM_INIT
+    from napari_medseg.engine.checkpoints import save_checkpoint
+    from napari_medseg.engine.seg_task import SegTask, with_task
+    from napari_medseg.models import create_model
+
+    torch.manual_seed(0)
+    classes = ("background", "interior", "boundary")
+    for name, task in (("tuned_tta", SegTask("instances", tta=True)),
+                       ("plain", SegTask("instances"))):
+        save_checkpoint(with_task(create_model(NETWORK, "tiny", 1, 3), task),
+                        env / "home" / "checkpoints" / name, classes=classes)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32), np.float32), name="img")
+    widget = _widget(viewer, qtbot)
+    widget.network_combo.setCurrentText(NETWORK)
+
+    def choose(prefix):
+        index = next(i for i in range(widget.weights_combo.count())
+                     if widget.weights_combo.itemText(i).startswith(prefix))
+        widget.weights_combo.setCurrentIndex(index)
+        return widget.tta_check.isChecked()
+
+    assert choose("tuned_tta") and not choose("plain") and choose("tuned_tta")
+    assert widget.settings(viewer.layers["img"]).config().tta is True
+    widget.tta_check.setChecked(False)  # the user's word stands for these weights
+    assert widget.settings(viewer.layers["img"]).config().tta is False
+    assert not choose(RANDOM_INIT)
+
+
 def _runs_in_a_fresh_process(code: str) -> None:
     """Run ``code`` in a new Python (imports and pint's registry start empty there)."""
     import subprocess

@@ -210,6 +210,9 @@ class SegmentWidget(ImagePickerMixin, QWidget):
 
     # ------------------------------------------------------------- weights -----------
     def _on_weights_changed(self) -> None:
+        choice = self.current_weights()
+        # flip TTA starts as the weights say (on where their thresholds were tuned with it)
+        self.tta_check.setChecked(choice is not None and choice.tta)
         self.refresh_enabled()
         self.plan_panel.schedule()
 

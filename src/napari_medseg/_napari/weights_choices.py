@@ -42,6 +42,8 @@ class WeightsChoice:
         installed: False for a card whose weights file is missing.
         detail: a line for the tooltip (dataset, metrics, parent).
         instances: the weights learnt the instance task (a run also gives separate objects).
+        tta: the weights' thresholds were tuned on flip-averaged probabilities (the run's
+            flip TTA starts on for them).
     """
 
     kind: str
@@ -54,6 +56,7 @@ class WeightsChoice:
     installed: bool = True
     detail: str = ""
     instances: bool = False
+    tta: bool = False
 
     @property
     def untrained(self) -> bool:
@@ -68,8 +71,10 @@ def user_checkpoint_dir() -> Path:
     return user_data_dir() / "checkpoints"
 
 
-def _is_instance_task(task: dict | None) -> bool:
-    return bool(task) and task.get("kind") == "instances"
+def _task_flags(task: dict | None) -> tuple[bool, bool]:
+    """``(instances, tta)`` of a stored task."""
+    task = task or {}
+    return task.get("kind") == "instances", task.get("tta") is True
 
 
 def _metric_text(metrics: dict) -> str:
@@ -101,7 +106,7 @@ def list_weight_choices(network: str) -> list[WeightsChoice]:
             detail += f"; {_metric_text(card.metrics)}"
         choices.append(WeightsChoice("card", label, card.network, card.variant, card.tag,
                                      card.in_channels, card.num_classes, installed, detail,
-                                     _is_instance_task(card.task)))
+                                     *_task_flags(card.task)))
     folder = user_checkpoint_dir()
     if folder.is_dir():
         for path in sorted(folder.rglob("*.json")):
@@ -120,7 +125,7 @@ def list_weight_choices(network: str) -> list[WeightsChoice]:
             choices.append(WeightsChoice(
                 "checkpoint", f"{name} ({info.variant}, yours)", info.network, info.variant,
                 str(path), info.in_channels, info.num_classes, True, detail,
-                _is_instance_task(info.task)))
+                *_task_flags(info.task)))
     choices.append(WeightsChoice("random", RANDOM_INIT, network, "", None, None,
                                  RANDOM_INIT_CLASSES, True,
                                  "Random weights: the masks are meaningless; for trying the "
@@ -140,4 +145,4 @@ def checkpoint_choice(path: str | Path) -> WeightsChoice:
     name = Path(path).with_suffix("").name
     return WeightsChoice("checkpoint", f"{name} ({info.variant}, file)", info.network,
                          info.variant, str(path), info.in_channels, info.num_classes, True,
-                         f"Checkpoint {path}", _is_instance_task(info.task))
+                         f"Checkpoint {path}", *_task_flags(info.task))

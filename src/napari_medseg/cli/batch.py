@@ -99,7 +99,8 @@ def add_batch(sub) -> argparse.ArgumentParser:
                        help="start a local Dask cluster of N worker processes (loopback)")
     add_tiling_args(p)
     add_compute_args(p)
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip test-time augmentation; default: as the weights say")
     add_super_resolved_arg(p)
     p.add_argument("--force", action="store_true",
                    help="predict every file again, even those finished earlier")

@@ -128,7 +128,7 @@ def compute_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {"tile": args.tile, "overlap": args.overlap,
             "balance": False if args.exact_tiles else None, "device": args.device,
             "batch_size": args.batch_size, "precision": args.precision,
-            "tta": True if getattr(args, "tta", False) else None,
+            "tta": getattr(args, "tta", None),
             "super_resolved": True if getattr(args, "super_resolved", False) else None,
             "native_pixels": True if getattr(args, "native_pixels", False) else None,
             "diameter": getattr(args, "diameter", None)}

@@ -359,8 +359,9 @@ def add_predict(sub) -> argparse.ArgumentParser:
     p.add_argument("--axis", help="axis a 2D network slices volumes along (Z, Y or X)")
     p.add_argument("--orthogonal", action="store_true",
                    help="average YX, ZX and ZY slicing (volumes, 3x the time)")
-    p.add_argument("--tta", action="store_true",
-                   help="flip test-time augmentation (4x the time in 2D)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip test-time augmentation (4x the time in 2D); default: as the "
+                        "weights say (on for those tuned with it, see `models`)")
     add_super_resolved_arg(p)
     p.add_argument("--outputs", help=f"comma-separated, from {','.join(OUTPUT_NAMES)} "
                                      "(default mask)")

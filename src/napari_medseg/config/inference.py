@@ -152,7 +152,9 @@ class PredictConfig(ConfigBase):
         channels: ``auto`` converts grey <-> RGB when the network needs it (with a notice);
             ``grey``/``rgb`` force the conversion first.
         tta: flip test-time augmentation (4 passes in 2D, 8 for 3D networks); also gives the
-            ``variance`` output.
+            ``variance`` output. None: as the weights say (on for weights whose instance
+            thresholds were tuned on flip-averaged probabilities, the task's ``tta``; off
+            otherwise).
         outputs: any of ``mask``, ``boundary``, ``probabilities``, ``instances``, ``variance``.
         probabilities_dtype: ``float16``, or ``uint8`` scaled to 0..255.
         threshold: foreground threshold on the probability of a one-class (sigmoid) network.
@@ -193,7 +195,7 @@ class PredictConfig(ConfigBase):
     axis: str = field(default="Z", metadata=choices("Z", "Y", "X"))
     volume_mode: str = field(default="slices", metadata=choices("slices", "orthogonal"))
     channels: str = field(default="auto", metadata=choices("auto", "grey", "rgb"))
-    tta: bool = False
+    tta: bool | None = None
     outputs: tuple[str, ...] = ("mask",)
     probabilities_dtype: str = field(default="float16", metadata=choices("float16", "uint8"))
     threshold: float = 0.5

@@ -19,8 +19,13 @@ The measured diameter is the user's (``PredictConfig.diameter``) or estimated
 (:func:`~napari_medseg.engine.inference.object_size.estimate_diameter`): the network runs
 once at the image's own pixels on the central crop (at most :data:`CROP` pixels a side) of
 the middle plane, its objects are found with fixed watershed settings
-(:data:`ESTIMATE_TASK`), and their median diameter is taken. Fewer than :data:`MIN_OBJECTS`
-objects give no estimate. A zoom within :data:`TOLERANCE` of 1 resamples nothing; zooms are
+(:data:`ESTIMATE_TASK`), and their median diameter is taken. Where that calls for resampling,
+the network sees the crop a second time, resampled by the zoom the first pass gave, and the
+median of the objects it finds then (measured on the crop's own grid) is the estimate: nuclei
+far from the learnt size are cut into pieces or merged at the image's own pixels, which biases
+the first pass toward the learnt size, and the second sees them nearer it (as Cellpose refines
+its size model's estimate with a segmentation). Fewer than :data:`MIN_OBJECTS` objects give no
+estimate (a second pass that finds too few keeps the first pass's). A zoom within :data:`TOLERANCE` of 1 resamples nothing; zooms are
 clipped to :data:`ZOOM_RANGE`.
 """
 

@@ -14,7 +14,9 @@ Two tasks exist:
   ``min_seed`` pixels dropped), flooded over the boundary probability within the
   foreground (or, with an ``object_threshold``, where interior + boundary probability
   exceeds it: :func:`object_region`); fragments smaller than ``min_object_fraction`` of the
-  image's median object are then removed (:func:`drop_fragments`).
+  image's median object are then removed (:func:`drop_fragments`). Weights whose
+  thresholds were tuned on flip-averaged probabilities say so (``tta``), and prediction then
+  flip-averages by default.
 
 The task travels with the weights (the checkpoint description's ``task`` and the model
 card's), and is attached to the network's spec when it is loaded (:func:`with_task`): the
@@ -73,6 +75,8 @@ class SegTask:
         min_object_fraction: objects smaller than this fraction of the median object's
             size (in their image, or stack) are removed, unless they touch the image's
             edge (nuclei cut by the edge are small); 0 keeps every object.
+        tta: the thresholds were tuned on flip-averaged (TTA) probabilities, so prediction
+            averages the flipped passes unless told otherwise (``PredictConfig.tta``).
     """
 
     kind: str = CLASSES
@@ -83,6 +87,7 @@ class SegTask:
     object_diameter: float | None = None
     min_object_fraction: float = 0.0
     object_threshold: float | None = None
+    tta: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in (CLASSES, INSTANCES):
@@ -116,10 +121,10 @@ class SegTask:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON/YAML form (what checkpoints and cards store); an unrecorded object
-        diameter, a zero fragment fraction and an unset object threshold are left out, so
-        weights described before they existed keep their hash."""
+        diameter, a zero fragment fraction, an unset object threshold and ``tta`` off are left
+        out, so weights described before they existed keep their hash."""
         data = dataclasses.asdict(self)
-        for key in ("object_diameter", "min_object_fraction", "object_threshold"):
+        for key in ("object_diameter", "min_object_fraction", "object_threshold", "tta"):
             if not data[key]:
                 del data[key]
         return data
@@ -151,6 +156,8 @@ class SegTask:
                           ("object_threshold", float)):
             if kwargs.get(key) is not None:
                 kwargs[key] = kind(kwargs[key])
+        if not isinstance(kwargs.get("tta", False), bool):
+            raise ConfigError(f"The task's tta is true or false, not {kwargs['tta']!r}.")
         return cls(**kwargs)
 
 

@@ -30,6 +30,7 @@ Each image's outputs are held in memory until written (one image at a time per w
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 import uuid
@@ -347,7 +348,12 @@ def _open_iter(
 ) -> Generator[ProgressEvent, None, tuple[_Ledger, Any]]:
     """Load the weights, take the output folder's ``lock``, read the manifest and enter every
     file; returns the ledger and the driver's model."""
+    from ..inference.pipeline import with_weights_defaults
+
     weights, model, notices = resolve_run_weights(config)
+    # what the weights decide (flip TTA) is recorded as decided, so the manifest says what
+    # every file got and a run with other settings is not taken for this one
+    config = dataclasses.replace(config, predict=with_weights_defaults(config.predict, model))
     yield from notices
     # Before anything is made: a file or an unwritable folder, or a folder inside an input
     # (a zarr store, a DICOM series), which the manifest, an output, would be written into.

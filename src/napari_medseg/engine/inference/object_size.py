@@ -30,8 +30,13 @@ def _central_plane(image: np.ndarray, axes: str, plane_axes: str) -> tuple[np.nd
 
 
 def estimate_diameter(model, image: np.ndarray, axes: str, plane_axes: str, config
-                      ) -> tuple[float | None, int, tuple[int, int]]:
+                      ) -> tuple[float | None, int, int, tuple[int, int]]:
     """The median object diameter the network finds in the central crop of the middle plane.
+
+    Two passes: the network first sees the crop at the image's own pixels; when the objects it
+    finds call for resampling, it sees the crop again resampled so those objects reach the
+    size it learnt, and the objects of that pass give the estimate (see
+    :mod:`napari_medseg.engine.object_size`).
 
     Args:
         model: an instance-task network.
@@ -41,27 +46,45 @@ def estimate_diameter(model, image: np.ndarray, axes: str, plane_axes: str, conf
         config: the run's :class:`~napari_medseg.config.PredictConfig` (device, precision).
 
     Returns:
-        ``(diameter or None, objects found, crop shape)``.
+        ``(diameter or None, objects it is the median of, passes, crop shape)``.
     """
-    from ..seg_task import seeded_watershed, task_of
-    from .pipeline import predict
+    from ..seg_task import task_of
 
     crop, crop_axes = _central_plane(image, axes, plane_axes)
     # the plane is what the network sees: its two axes read as Y and X
     crop_axes = crop_axes.replace(plane_axes[0], "y").replace(plane_axes[1], "x").upper()
-    first = config.replace(outputs=("probabilities",), native_pixels=True, tta=False,
-                           store=None, axes=crop_axes, volume_mode="slices", diameter=None,
-                           probabilities_dtype="float16")
-    probs = np.asarray(predict(crop, model, first)["probabilities"], np.float32)
-    # fixed thresholds, so that tuning the task's own does not move the estimate
+    shape = (int(crop.shape[crop_axes.index("Y")]), int(crop.shape[crop_axes.index("X")]))
+    first, n = _measure(model, crop, crop_axes, config)
+    trained = task_of(model).object_diameter
+    zoom = diameter_zoom(trained, first) if first is not None and trained else None
+    if zoom is None:
+        return first, n, 1, shape
+    second, n2 = _measure(model, crop, crop_axes, config, zoom)
+    return (second, n2, 2, shape) if second is not None else (first, n, 1, shape)
+
+
+def _measure(model, crop: np.ndarray, crop_axes: str, config, zoom: float | None = None
+             ) -> tuple[float | None, int]:
+    """``(median diameter or None, objects found)`` of one pass over ``crop`` (resampled by
+    ``zoom`` for the network, the objects measured on the crop's own grid)."""
+    from ..pixel_size import resampled
+    from ..seg_task import seeded_watershed, task_of
+    from .pipeline import predict
+
+    settings = config.replace(outputs=("probabilities",), native_pixels=True, tta=False,
+                              store=None, axes=crop_axes, volume_mode="slices", diameter=None,
+                              probabilities_dtype="float16")
+    net = model if zoom is None else resampled(model, (zoom, zoom))
+    probs = np.asarray(predict(crop, net, settings)["probabilities"], np.float32)
+    # fixed thresholds, so that tuning the task's own does not move the estimate; the
+    # smallest seed is the network's (objects are measured on the crop's grid)
     task = dataclasses.replace(task_of(model), **ESTIMATE_TASK)
+    if zoom is not None:
+        task = dataclasses.replace(task, min_seed=max(1, round(task.min_seed / zoom ** 2)))
     labels = seeded_watershed(probs[0] < 1.0 - task.foreground_threshold, probs[1], probs[2],
                               task)
     n = int(labels.max())
-    shape = (int(crop.shape[crop_axes.index("Y")]), int(crop.shape[crop_axes.index("X")]))
-    if n < MIN_OBJECTS:
-        return None, n, shape
-    return median_diameter([labels]), n, shape
+    return (median_diameter([labels]) if n >= MIN_OBJECTS else None), n
 
 
 def resample_to_diameter(model, image: np.ndarray, axes: str, plane_axes: str, config,
@@ -78,14 +101,14 @@ def resample_to_diameter(model, image: np.ndarray, axes: str, plane_axes: str, c
     if measured is None:
         if not read_pixels:
             return model, None, None
-        measured, n, shape = estimate_diameter(model, image, axes, plane_axes, config)
+        measured, n, passes, shape = estimate_diameter(model, image, axes, plane_axes, config)
         if measured is None:
             return model, None, (
                 f"Object size not estimated: a first pass found {n} object(s) in the central "
                 f"{shape[0]} x {shape[1]} pixels; running at the image's own pixels (give "
                 "the diameter to resample).")
-        how = (f"median of {n} objects a first pass found in the central {shape[0]} x "
-               f"{shape[1]} pixels")
+        by = "a second pass, at the size a first pass gave," if passes == 2 else "a first pass"
+        how = f"median of {n} objects {by} found in the central {shape[0]} x {shape[1]} pixels"
     zoom = diameter_zoom(trained, measured)
     if zoom is None:
         return model, None, None

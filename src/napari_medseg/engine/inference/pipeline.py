@@ -82,10 +82,20 @@ from ..pixel_size import resample_to_weights
 from ..seg_task import task_of
 from .writer import Consensus, OutputWriter, store_fingerprint
 
-__all__ = ["PredictionResult", "OutOfMemory", "predict_iter", "predict", "tta_flips"]
+__all__ = ["PredictionResult", "OutOfMemory", "predict_iter", "predict", "tta_flips",
+           "with_weights_defaults"]
 
 #: Out-of-memory recovery halves the tile while it stays at least this big.
 MIN_OOM_TILE = 32
+
+
+def with_weights_defaults(config: PredictConfig, model) -> PredictConfig:
+    """``config`` with the settings it leaves to the weights decided by ``model``: flip TTA
+    (None) on where the weights' task was tuned with it (:class:`~..seg_task.SegTask`)."""
+    if config.tta is None:
+        config = config.replace(tta=task_of(model).tta)
+    return config
+
 
 class _Run:
     """One prediction: setup, plan, the plane loop over the tile loop, and the result."""
@@ -97,7 +107,7 @@ class _Run:
             model = super_resolved(model)
         self.image = image
         self.model = model
-        self.config = config
+        self.config = config = with_weights_defaults(config, model)
         self.meta = meta
         self.cancel = cancel
         self.notices: list[str] = []
