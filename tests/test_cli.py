@@ -230,6 +230,18 @@ def test_models_json_lists_networks_and_weights(tmp_path, monkeypatch, capsys):
     assert rc == 0 and "RANDOMLY" not in err, err
 
 
+def test_models_says_which_weights_give_objects_and_flip_average(capsys):
+    from napari_medseg.engine.checkpoints import list_shipped_weights
+
+    rc, out, _ = _run(capsys, "models")
+    assert rc == 0
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    for w in list_shipped_weights():
+        task = w["task"] or {}
+        assert ("flip TTA by default" in lines[w["tag"]]) == bool(task.get("tta")), w["tag"]
+        assert ("objects" in lines[w["tag"]]) == (task.get("kind") == "instances"), w["tag"]
+
+
 def test_a_real_network_on_the_bundled_sample(tmp_path, capsys):
     from napari_medseg.models import list_models
 

@@ -68,7 +68,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"  {net['network']:<11} {','.join(net['variants']):<16} {net['summary']}")
     print("Shipped weights:" if weights else "Shipped weights: none installed yet.")
     for w in weights:
-        print(f"  {w['tag']:<28} {w['network']}/{w['variant']} on {w['dataset']}")
+        task = w.get("task") or {}
+        notes = ("; objects (instance task)" if task.get("kind") == "instances" else "") + (
+            "; flip TTA by default (--no-tta turns it off)" if task.get("tta") else "")
+        print(f"  {w['tag']:<28} {w['network']}/{w['variant']} on {w['dataset']}{notes}")
     return 0
 
 
