@@ -107,8 +107,9 @@ def resample_to_diameter(model, image: np.ndarray, axes: str, plane_axes: str, c
                 f"Object size not estimated: a first pass found {n} object(s) in the central "
                 f"{shape[0]} x {shape[1]} pixels; running at the image's own pixels (give "
                 "the diameter to resample).")
-        by = "a second pass, at the size a first pass gave," if passes == 2 else "a first pass"
-        how = f"median of {n} objects {by} found in the central {shape[0]} x {shape[1]} pixels"
+        how = (f"median of {n} objects found in the central {shape[0]} x {shape[1]} pixels by "
+               + ("a second pass at the size a first pass gave" if passes == 2
+                  else "a first pass"))
     zoom = diameter_zoom(trained, measured)
     if zoom is None:
         return model, None, None
