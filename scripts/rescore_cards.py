@@ -29,7 +29,7 @@ from train_shipped import DATASETS, ROOT, held_out_folders  # noqa: E402
 
 
 def rescore(card_path: Path, data_root: Path, keys: list[str], dry_run: bool,
-            tta: bool = False) -> dict:
+            tta: bool | None = None) -> dict:
     """Re-score one card; returns ``{metric: (old, new)}`` and writes ``keys`` unless dry."""
     from napari_medseg.config import PredictConfig
     from napari_medseg.engine.checkpoints import resolve_weights
@@ -64,12 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keys", nargs="*", default=["hd95", "aji"],
                    help="metrics to write (default: the two whose definitions changed)")
     p.add_argument("--dry-run", action="store_true", help="print, do not write")
-    p.add_argument("--tta", action="store_true",
-                   help="score with flip test-time augmentation (measure it with --dry-run: "
-                        "the cards state the figures without it)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="score with (or without) flip test-time augmentation; default: as the "
+                        "weights say, which is how their cards state the figures (measure "
+                        "the other with --dry-run)")
     args = p.parse_args(argv)
-    if args.tta and not args.dry_run:
-        p.error("--tta measures only (with --dry-run): the cards state the figures without it")
+    if args.tta is not None and not args.dry_run:
+        p.error("--tta/--no-tta measure only (with --dry-run): the cards state the figures "
+                "as the weights predict by default")
     for path in sorted((ROOT / "models").glob("*.yaml")):
         if args.only and path.stem not in args.only:
             continue

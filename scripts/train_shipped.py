@@ -209,10 +209,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "(e.g. H&E=3)")
     p.add_argument("--out-dir", help="write the weights and card here instead of weights/ "
                    "and models/ (weights that are not shipped)")
-    p.add_argument("--tta", action="store_true",
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="instance task: tune the thresholds on flip-averaged (TTA) "
                         "probabilities and score with them; the weights then predict with "
-                        "flip TTA by default")
+                        "flip TTA by default (default: off for new weights, as before for "
+                        "--retune)")
     p.add_argument("--retune", action="store_true",
                    help="do not train: tune the shipped weights' instance thresholds again on "
                         "their validation split, re-score them and rewrite their card (in "
@@ -239,8 +240,9 @@ def _retune(args: argparse.Namespace, ds: dict, root: Path, tag: str) -> int:
         # the object size of the training images (not validation); one the training run
         # recorded (it knows how often each image was drawn) is kept
         model = with_task(model, _trained_diameter(task_of(model), root, info.training_data))
+    tta = task_of(model).tta if args.tta is None else args.tta
     model, metrics, tuning = _score(model, root, info.training_data.get("val_files", []),
-                                    info.training_data.get("val_planes") or [], args.tta)
+                                    info.training_data.get("val_planes") or [], tta)
     task = task_of(model)
     shipped = save_checkpoint(
         model, weights_dir / tag, normalization=info.normalization, classes=info.classes,
@@ -332,8 +334,9 @@ def _train(root: Path, ckpt: Path, cfg, init: str | None, renormalize: bool = Fa
 
 
 #: How the instance weights that record an object size were tuned and scored.
-OBJECT_SIZE_NOTE = ("each image resampled so its nuclei (measured by a first pass) reach the "
-                    "recorded object_diameter, as predict does by default")
+OBJECT_SIZE_NOTE = ("each image resampled so its nuclei (measured by a first pass and, where "
+                    "that calls for resampling, a second at its zoom) reach the recorded "
+                    "object_diameter, as predict does by default")
 
 
 def _score(model, root: Path, val_files: list[str], planes: list[str], tta: bool = False):
@@ -477,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     model, info = load_checkpoint(work / tag)
     model = with_tile(with_pixel_size(model, ds.get("pixel_size")), ds.get("tile"))
     model, metrics, tuning = _score(model, root, info.training_data.get("val_files", []),
-                                    info.training_data.get("val_planes") or [], args.tta)
+                                    info.training_data.get("val_planes") or [], bool(args.tta))
     task = task_of(model)
     weights_dir = models_dir = Path(args.out_dir) if args.out_dir else None
     if weights_dir is None:

@@ -535,6 +535,8 @@ def test_weights_tuned_with_tta_run_with_it_and_the_manifest_says_so(tmp_path):
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["settings"]["predict"]["tta"] is True  # decided by the weights, recorded
     assert run_folder(src, out, weights=ckpt, **FAST).skipped == 3  # the same run again
+    # asking for what the weights decide anyway is the same run too
+    assert run_folder(src, out, weights=ckpt, tta=True, **FAST).skipped == 3
     # flip TTA turned off is another run: nothing is taken from the flip-averaged one
     off = run_folder(src, out, weights=ckpt, tta=False, **FAST)
     assert off.skipped == 0 and off.done == 3

@@ -64,8 +64,8 @@ class RunPanel(QGroupBox):
         self.tta_check = QCheckBox("flip TTA")
         self.tta_check.setToolTip("Average over flipped copies: 4x the time in 2D; gives the "
                                   "TTA variance (where to correct first). Starts on for "
-                                  "weights whose thresholds were tuned with it (the nuclei "
-                                  "weights).")
+                                  "weights whose thresholds were tuned with it (`napari-medseg "
+                                  "models` lists them).")
         self.probs_check = QCheckBox("probabilities")
         self.probs_check.setToolTip("Add the probabilities as an Image layer.")
         self.variance_check = QCheckBox("TTA variance")

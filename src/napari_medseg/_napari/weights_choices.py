@@ -73,8 +73,10 @@ def user_checkpoint_dir() -> Path:
 
 def _task_flags(task: dict | None) -> tuple[bool, bool]:
     """``(instances, tta)`` of a stored task."""
-    task = task or {}
-    return task.get("kind") == "instances", task.get("tta") is True
+    from ..engine.seg_task import SegTask
+
+    parsed = SegTask.from_dict(task)
+    return parsed.instances, parsed.tta
 
 
 def _metric_text(metrics: dict) -> str:

@@ -53,6 +53,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     """``napari-medseg models``: the networks with their variants, and the shipped weights."""
     from ..engine.checkpoints import list_shipped_weights
+    from ..engine.seg_task import SegTask
     from ..models import get_entry, list_models, list_variants
 
     networks = [
@@ -68,9 +69,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"  {net['network']:<11} {','.join(net['variants']):<16} {net['summary']}")
     print("Shipped weights:" if weights else "Shipped weights: none installed yet.")
     for w in weights:
-        task = w.get("task") or {}
-        notes = ("; objects (instance task)" if task.get("kind") == "instances" else "") + (
-            "; flip TTA by default (--no-tta turns it off)" if task.get("tta") else "")
+        task = SegTask.from_dict(w.get("task"))
+        notes = ("; objects (instance task)" if task.instances else "") + (
+            "; flip TTA by default (--no-tta turns it off)" if task.tta else "")
         print(f"  {w['tag']:<28} {w['network']}/{w['variant']} on {w['dataset']}{notes}")
     return 0
 

@@ -70,7 +70,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model, _info = resolve_weights(args.weights, device=args.device or "cpu")
     config = load_config(PredictConfig, args, None,
-                         {"tile": args.tile, "device": args.device, "precision": args.precision})
+                         {"tile": args.tile, "device": args.device, "precision": args.precision,
+                          "tta": args.tta})
     result = None
     for event in evaluate_iter(model, args.images, args.masks, config, pattern=args.pattern):
         if getattr(event, "error", ""):
@@ -193,6 +194,8 @@ def add_train_eval_demo(sub, commands: dict[str, Command]) -> None:
     p.add_argument("--tile", type=int)
     p.add_argument("--device")
     p.add_argument("--precision")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip test-time augmentation; default: as the weights say")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("-q", "--quiet", action="store_true")
     commands["eval"] = cmd_eval

@@ -25,8 +25,8 @@ median of the objects it finds then (measured on the crop's own grid) is the est
 far from the learnt size are cut into pieces or merged at the image's own pixels, which biases
 the first pass toward the learnt size, and the second sees them nearer it (as Cellpose refines
 its size model's estimate with a segmentation). Fewer than :data:`MIN_OBJECTS` objects give no
-estimate (a second pass that finds too few keeps the first pass's). A zoom within :data:`TOLERANCE` of 1 resamples nothing; zooms are
-clipped to :data:`ZOOM_RANGE`.
+estimate (a second pass that finds too few keeps the first pass's). A zoom within
+:data:`TOLERANCE` of 1 resamples nothing; zooms are clipped to :data:`ZOOM_RANGE`.
 """
 
 from __future__ import annotations
