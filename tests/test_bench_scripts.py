@@ -70,6 +70,15 @@ def test_bench_memory_measures_each_format(tmp_path):
                for c in cases.values())
 
 
+def test_bench_weights_defaults_times_the_default_run_against_no_flips(tmp_path):
+    proc = _script("bench_weights_defaults.py", "--data-root", str(tmp_path), "--repeats", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    (row,) = report["images"].values()  # no data under tmp_path: the bundled sample
+    assert report["weights"] == "sa2net_lite_dsb2018" and row["shape"] == [256, 256]
+    assert row["tta"] is True and row["default_s"] > 0 and row["no_tta_s"] > 0
+
+
 def _fake_data_root(root: Path) -> None:
     """Three H&E crops and one fluorescence image as ``<root>/dsb2018_nuclei``."""
     import tifffile

@@ -116,28 +116,50 @@ def test_a_second_pass_at_the_first_estimate_gives_the_size(nuclei_weights, monk
 
     learnt = task_of(nuclei_weights).object_diameter
     seen = []
+    found_again = [True]
 
     def measure(model, crop, crop_axes, config, zoom=None):
         seen.append(zoom)
         if zoom is None:  # at the image's pixels: 40 px nuclei found as 30 px pieces
             return 30.0, 12
-        return (40.0, 9) if found_again else (None, 1)
+        return (40.0, 9) if found_again[0] else (None, 1)
+
+    def estimate():
+        return inference_size.estimate_diameter(nuclei_weights, np.zeros((64, 64), np.uint8),
+                                                "YX", "YX", PredictConfig(axes="YX"), learnt)
 
     monkeypatch.setattr(inference_size, "_measure", measure)
-    image = np.zeros((64, 64), np.uint8)
-    config = PredictConfig(axes="YX", device="cpu")
-    found_again = True
-    assert inference_size.estimate_diameter(nuclei_weights, image, "YX", "YX", config) == \
-        (40.0, 9, 2, (64, 64))
+    assert estimate() == (40.0, 9, 2, (64, 64))
     assert seen == [None, pytest.approx(learnt / 30.0)]
-    found_again = False
-    assert inference_size.estimate_diameter(nuclei_weights, image, "YX", "YX", config)[:3] == \
-        (30.0, 12, 1)
+    found_again[0] = False
+    assert estimate()[:3] == (30.0, 12, 1)
     seen.clear()
-    monkeypatch.setattr(inference_size, "_measure", lambda *a, **k: (seen.append(1) or
-                                                                      (learnt * 1.05, 20)))
-    assert inference_size.estimate_diameter(nuclei_weights, image, "YX", "YX", config)[2] == 1
-    assert seen == [1]  # near the learnt size: one pass only
+    monkeypatch.setattr(inference_size, "_measure",
+                        lambda *a, **k: seen.append(1) or (learnt * 1.05, 20))
+    assert estimate()[2] == 1 and seen == [1]  # near the learnt size: one pass only
+
+
+def test_the_second_pass_keeps_the_smallest_seed_at_the_networks_scale(nuclei_weights,
+                                                                        monkeypatch):
+    """Objects of a resampled pass are measured on the crop's grid, so the smallest seed
+    (32 px as the network sees it) is divided by the zoom's area there."""
+    from napari_medseg.engine import seg_task
+    from napari_medseg.engine.inference import object_size as inference_size
+
+    seeds = []
+    real = seg_task.seeded_watershed
+
+    def spy(foreground, interior, boundary, task, *rest):
+        seeds.append((task.min_seed, task.object_threshold))
+        return real(foreground, interior, boundary, task, *rest)
+
+    monkeypatch.setattr(seg_task, "seeded_watershed", spy)
+    crop = tifffile.imread(sample_path("nuclei"))[:64, :64]
+    config = PredictConfig(axes="YX", device="cpu")
+    for zoom in (None, 2.0, 0.5):
+        inference_size._measure(nuclei_weights, crop, "YX", config, zoom)
+    # fixed settings: the weights' own object threshold is not used for the estimate
+    assert seeds == [(32, None), (8, None), (128, None)]
 
 
 def test_a_given_diameter_sets_the_zoom_and_one_near_the_learnt_size_changes_nothing(

@@ -50,7 +50,7 @@ ZOOM_RANGE = (0.25, 4.0)
 #: The watershed settings of the first pass (not the task's tuned ones, which are tuned on
 #: results of this estimate).
 ESTIMATE_TASK = {"seed_threshold": 0.5, "min_seed": 32, "foreground_threshold": 0.5,
-                 "min_object_fraction": 0.0}
+                 "min_object_fraction": 0.0, "object_threshold": None}
 
 
 def equivalent_diameters(labels: np.ndarray) -> np.ndarray:

@@ -325,8 +325,10 @@ def seeded_watershed(
 ) -> np.ndarray:
     """Objects of a boundary-aware prediction.
 
-    Seeds are the connected parts of ``interior >= seed_threshold`` inside the foreground
-    (smaller than ``min_seed`` pixels dropped); each grows over the boundary probability
+    Objects grow within :func:`object_region` (the mask, or where the foreground probability
+    passes the task's ``object_threshold``). Seeds are the connected parts of
+    ``interior >= seed_threshold`` inside it (smaller than ``min_seed`` pixels dropped); each
+    grows over the boundary probability
     (lowest first) until the foreground is filled or it meets another. A part of the
     foreground that holds no seed becomes an object of its own. Objects smaller than
     ``min_size`` pixels are removed, then fragments (:func:`drop_fragments` with the task's
@@ -334,7 +336,8 @@ def seeded_watershed(
     slices, so a nucleus keeps one number through the planes it spans.
 
     Args:
-        foreground: the mask (> 0 is foreground), YX or ZYX.
+        foreground: the mask (> 0 is foreground), YX or ZYX; with an ``object_threshold``
+            the probabilities decide instead.
         interior: interior probability of the same shape (float in [0, 1]).
         boundary: boundary probability (float in [0, 1]).
         task: the thresholds.
@@ -346,11 +349,11 @@ def seeded_watershed(
     from scipy import ndimage as ndi
     from skimage.segmentation import relabel_sequential, watershed
 
-    fg = np.asarray(foreground) > 0
-    if not fg.any():
-        return np.zeros(fg.shape, np.int32)
     interior = np.asarray(interior, np.float32)
     elevation = np.asarray(boundary, np.float32)
+    fg = object_region(foreground, interior, elevation, task)
+    if not fg.any():
+        return np.zeros(fg.shape, np.int32)
     seeds, n = ndi.label(fg & (interior >= task.seed_threshold))
     if n:
         sizes = np.bincount(seeds.ravel())

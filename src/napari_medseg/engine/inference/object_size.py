@@ -29,7 +29,8 @@ def _central_plane(image: np.ndarray, axes: str, plane_axes: str) -> tuple[np.nd
     return np.asarray(image[tuple(index)]), kept
 
 
-def estimate_diameter(model, image: np.ndarray, axes: str, plane_axes: str, config
+def estimate_diameter(model, image: np.ndarray, axes: str, plane_axes: str, config,
+                      trained: float | None = None
                       ) -> tuple[float | None, int, int, tuple[int, int]]:
     """The median object diameter the network finds in the central crop of the middle plane.
 
@@ -44,18 +45,17 @@ def estimate_diameter(model, image: np.ndarray, axes: str, plane_axes: str, conf
         axes: its axes.
         plane_axes: the axes of the planes the network sees (e.g. ``"YX"``).
         config: the run's :class:`~napari_medseg.config.PredictConfig` (device, precision).
+        trained: the diameter the weights learnt (the zoom of the second pass); None: one
+            pass only.
 
     Returns:
         ``(diameter or None, objects it is the median of, passes, crop shape)``.
     """
-    from ..seg_task import task_of
-
     crop, crop_axes = _central_plane(image, axes, plane_axes)
     # the plane is what the network sees: its two axes read as Y and X
     crop_axes = crop_axes.replace(plane_axes[0], "y").replace(plane_axes[1], "x").upper()
     shape = (int(crop.shape[crop_axes.index("Y")]), int(crop.shape[crop_axes.index("X")]))
     first, n = _measure(model, crop, crop_axes, config)
-    trained = task_of(model).object_diameter
     zoom = diameter_zoom(trained, first) if first is not None and trained else None
     if zoom is None:
         return first, n, 1, shape
@@ -101,7 +101,8 @@ def resample_to_diameter(model, image: np.ndarray, axes: str, plane_axes: str, c
     if measured is None:
         if not read_pixels:
             return model, None, None
-        measured, n, passes, shape = estimate_diameter(model, image, axes, plane_axes, config)
+        measured, n, passes, shape = estimate_diameter(model, image, axes, plane_axes, config,
+                                                       trained)
         if measured is None:
             return model, None, (
                 f"Object size not estimated: a first pass found {n} object(s) in the central "

@@ -189,8 +189,7 @@ def seeded_instances_per_block(mask, interior, boundary, axes: str, task, min_si
     """Objects of a boundary-aware prediction (int32), one spatial block at a time.
 
     :func:`~napari_medseg.engine.seg_task.seeded_watershed` of each ``T``/``I`` block (a
-    ``Z`` stack is one block: objects are connected and numbered across its slices), within
-    :func:`~napari_medseg.engine.seg_task.object_region`.
+    ``Z`` stack is one block: objects are connected and numbered across its slices).
 
     Args:
         mask: the foreground (numpy or zarr), axes ``axes``.
@@ -205,16 +204,16 @@ def seeded_instances_per_block(mask, interior, boundary, axes: str, task, min_si
     Returns:
         ``out``.
     """
-    from ..seg_task import object_region, seeded_watershed
+    from ..seg_task import seeded_watershed
 
     shape = tuple(mask.shape)
     if out is None:
         out = np.zeros(shape, np.int32)
     for key in stack_blocks(axes, shape):
-        inner = dequantize_probabilities(np.asarray(interior[key]))
-        line = dequantize_probabilities(np.asarray(boundary[key]))
-        region = object_region(np.asarray(mask[key]), inner, line, task)
-        out[key] = seeded_watershed(region, inner, line, task, min_size)
+        out[key] = seeded_watershed(np.asarray(mask[key]),
+                                    dequantize_probabilities(np.asarray(interior[key])),
+                                    dequantize_probabilities(np.asarray(boundary[key])),
+                                    task, min_size)
     return out
 
 

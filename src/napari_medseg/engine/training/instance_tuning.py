@@ -20,7 +20,7 @@ import numpy as np
 
 from ...config import PredictConfig
 from ..metrics import match_instances
-from ..seg_task import SegTask, object_region, seeded_watershed, task_of
+from ..seg_task import SegTask, seeded_watershed, task_of
 
 __all__ = ["FOREGROUND_THRESHOLDS", "SEED_THRESHOLDS", "MIN_SEEDS", "OBJECT_THRESHOLDS",
            "FRAGMENT_FRACTIONS", "held_out_probabilities", "tune_watershed"]
@@ -96,8 +96,7 @@ def tune_watershed(
     def ap(task: SegTask) -> float:
         scores = []
         for probs, ref in held_out:
-            fg = object_region(probs[0] < 1.0 - task.foreground_threshold, probs[1], probs[2],
-                               task)
+            fg = probs[0] < 1.0 - task.foreground_threshold
             scores.append(_ap50(seeded_watershed(fg, probs[1], probs[2], task, min_size), ref))
         return round(float(np.mean(scores)), 4)
 
